@@ -1,0 +1,212 @@
+//! The `vendgate` command line: `serve`, `config`, and the provisioning
+//! commands that work against the running gateway's database (no restart).
+//! `--config` and `--data-dir` are accepted anywhere on the command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vendgate_proto::machine::MachineNo;
+
+use crate::config::{Overrides, Settings};
+use crate::startup::Gateway;
+use crate::{provision, storage, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(name = "vendgate", version, about = "Device gateway for vending machines")]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, env = "VENDGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database and state).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the gateway.
+    Serve {
+        /// Machine-facing MQTT listener, e.g. 0.0.0.0:1883.
+        #[arg(long)]
+        mqtt_addr: Option<SocketAddr>,
+        /// HTTP listener, e.g. 0.0.0.0:8080.
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
+    /// Print the effective settings (secrets redacted).
+    Config,
+    /// Merchants (API credentials).
+    #[command(subcommand)]
+    Merchant(MerchantCmd),
+    /// Machines (MQTT credentials).
+    #[command(subcommand)]
+    Machine(MachineCmd),
+    /// Service accounts (trusted MQTT integrations, read-only under vend/v1/).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MerchantCmd {
+    /// Create a merchant; prints appid and appsecret once.
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        notify_url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCmd {
+    /// Provision a machine (prints its secret once), or `--count N --first M
+    /// --secrets-out FILE` for many.
+    Add {
+        #[arg(long)]
+        merchant: String,
+        #[arg(long, conflicts_with_all = ["count", "first", "secrets_out"])]
+        machine_no: Option<MachineNo>,
+        #[arg(long, requires_all = ["first", "secrets_out"])]
+        count: Option<u32>,
+        #[arg(long)]
+        first: Option<MachineNo>,
+        #[arg(long)]
+        secrets_out: Option<PathBuf>,
+    },
+    /// One line per machine: machine_no, merchant, online|offline, last seen.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service account; prints username and password once.
+    Add {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vendgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vendgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut overrides = Overrides {
+        data_dir: cli.data_dir.clone(),
+        ..Overrides::default()
+    };
+    if let Cmd::Serve { mqtt_addr, http_addr } = &cli.command {
+        overrides.mqtt_addr = *mqtt_addr;
+        overrides.http_addr = *http_addr;
+    }
+    let settings = Settings::load(cli.config.as_deref(), &overrides)?;
+    match cli.command {
+        Cmd::Serve { .. } => serve(settings).await,
+        Cmd::Config => {
+            print!("{}", settings.redacted_toml());
+            Ok(())
+        }
+        Cmd::Merchant(MerchantCmd::Add { name, notify_url }) => {
+            let store = open(&settings).await?;
+            let mut out = std::io::stdout();
+            provision::merchant_add(store.as_ref(), &name, notify_url, &mut out).await?;
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::Add {
+            merchant,
+            machine_no,
+            count,
+            first,
+            secrets_out,
+        }) => {
+            let store = open(&settings).await?;
+            let mut out = std::io::stdout();
+            match (machine_no, count, first, secrets_out) {
+                (Some(m), None, None, None) => {
+                    provision::machine_add(store.as_ref(), &merchant, m, &mut out).await?
+                }
+                (None, Some(n), Some(first), Some(path)) => {
+                    provision::machine_add_bulk(store.as_ref(), &merchant, first, n, &path, &mut out).await?
+                }
+                _ => anyhow::bail!("give --machine-no, or --count with --first and --secrets-out"),
+            }
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::List) => {
+            let store = open(&settings).await?;
+            let mut out = std::io::stdout();
+            provision::machine_list(store.as_ref(), &mut out).await?;
+            Ok(())
+        }
+        Cmd::Service(ServiceCmd::Add { name }) => {
+            let store = open(&settings).await?;
+            let mut out = std::io::stdout();
+            provision::service_add(store.as_ref(), &name, &mut out).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn open(settings: &Settings) -> anyhow::Result<std::sync::Arc<dyn storage::Storage>> {
+    let path = settings
+        .sqlite_path()
+        .context("only sqlite:// databases are supported")?;
+    Ok(storage::open_sqlite(&path).await?)
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    telemetry::init(&settings.log);
+    let gateway = Gateway::build(settings).await?;
+    eprintln!(
+        "vendgate listening: mqtt={} http={}",
+        gateway.mqtt_addr(),
+        gateway.http_addr()
+    );
+    let shutdown = gateway.handle().shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        shutdown.cancel();
+    });
+    gateway.run().await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

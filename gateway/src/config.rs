@@ -1,0 +1,309 @@
+//! Typed settings: built-in defaults, then an optional TOML file, then
+//! `VENDGATE_…` environment variables (`__` separates nested keys), then
+//! command-line flags. Secrets in here are never printed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Every setting of the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Directory for the embedded database and other state.
+    pub data_dir: PathBuf,
+    /// Database location; empty means `sqlite://{data_dir}/vendgate.db`.
+    pub database_url: String,
+    pub mqtt: MqttSettings,
+    pub http: HttpSettings,
+    pub orders: OrderSettings,
+    pub log: LogSettings,
+    /// Service accounts from configuration (in addition to those provisioned
+    /// with `vendgate service add`).
+    pub services: Vec<ServiceCredential>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Machine-facing MQTT 3.1.1 listener. Port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Largest MQTT packet accepted (remaining length), bytes.
+    pub max_packet_size: usize,
+    /// A CONNECT must arrive this soon after the TCP accept.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle limit for a client that asked for keep alive 0 (MQTT allows it for
+    /// service clients; a machine must not be able to hide its death).
+    #[serde(with = "humantime_serde")]
+    pub machine_max_idle: Duration,
+    /// Outbound messages waiting for one connection before it is treated as a
+    /// slow consumer and closed.
+    pub outbound_queue: usize,
+    /// Unacknowledged QoS 1 messages in flight to one client.
+    pub max_inflight: u16,
+    /// Retained messages the hub keeps (oldest topics are not evicted: new ones
+    /// beyond the cap are refused and counted).
+    pub max_retained: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: SocketAddr,
+    /// `ok` (default): every enveloped answer is HTTP 200, as the published
+    /// PHP/Guzzle example needs; `mirror`: 400/401/404/409/429/503 by code.
+    pub http_status: HttpStatusMode,
+    /// Largest request body accepted, bytes.
+    pub max_body: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpStatusMode {
+    Ok,
+    Mirror,
+}
+
+/// Order handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrderSettings {
+    /// How long a machine has to `ack` a dispense command; also the command's
+    /// `ttl_ms`, so a machine never acts on a command we stopped waiting for.
+    #[serde(with = "humantime_serde")]
+    pub accept_timeout: Duration,
+    /// An accepted order with no `result` by then becomes `unknown`.
+    #[serde(with = "humantime_serde")]
+    pub dispense_timeout: Duration,
+    /// Orders waiting behind the one in flight, per machine (30003 beyond).
+    pub queue_depth: usize,
+    /// Most lines in one order (20003 beyond).
+    pub max_lines: usize,
+    /// Largest quantity of one line (20003 beyond).
+    pub max_quantity: u32,
+}
+
+impl Default for OrderSettings {
+    fn default() -> Self {
+        Self {
+            accept_timeout: Duration::from_secs(3),
+            dispense_timeout: Duration::from_secs(60),
+            queue_depth: 8,
+            max_lines: 20,
+            max_quantity: 99,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Default filter when `RUST_LOG` is unset.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A service (integration / operator tool) MQTT credential from config.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCredential {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for ServiceCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceCredential")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            database_url: String::new(),
+            mqtt: MqttSettings::default(),
+            http: HttpSettings::default(),
+            orders: OrderSettings::default(),
+            log: LogSettings::default(),
+            services: Vec::new(),
+        }
+    }
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_packet_size: 64 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            machine_max_idle: Duration::from_secs(90),
+            outbound_queue: 1024,
+            max_inflight: 100,
+            max_retained: 200_000,
+        }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            http_status: HttpStatusMode::Ok,
+            max_body: 64 * 1024,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Command-line overrides, applied last.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub mqtt_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+}
+
+impl Settings {
+    /// Defaults ← `file` ← `VENDGATE_*` env ← `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::MissingFile(f.to_path_buf()));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(Env::prefixed("VENDGATE_").split("__"));
+        let mut s: Settings = fig.extract().map_err(Box::new)?;
+        if let Some(d) = &overrides.data_dir {
+            s.data_dir = d.clone();
+        }
+        if let Some(a) = overrides.mqtt_addr {
+            s.mqtt.addr = a;
+        }
+        if let Some(a) = overrides.http_addr {
+            s.http.addr = a;
+        }
+        Ok(s)
+    }
+
+    /// Settings for tests: everything on loopback port 0, state in `dir`.
+    pub fn for_tests(dir: &Path) -> Self {
+        let mut s = Settings {
+            data_dir: dir.to_path_buf(),
+            ..Settings::default()
+        };
+        s.mqtt.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        s.http.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        s
+    }
+
+    /// The SQLite file when `database_url` is empty or `sqlite://…`.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        if self.database_url.is_empty() {
+            return Some(self.data_dir.join("vendgate.db"));
+        }
+        self.database_url
+            .strip_prefix("sqlite://")
+            .map(PathBuf::from)
+    }
+
+    /// The effective settings as TOML with every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut s = self.clone();
+        for c in &mut s.services {
+            c.password = "<redacted>".into();
+        }
+        if let Some((scheme, rest)) = s.database_url.split_once("://") {
+            // postgres://user:password@host → keep the host, drop the password.
+            if let Some((cred, host)) = rest.rsplit_once('@') {
+                let user = cred.split(':').next().unwrap_or("");
+                s.database_url = format!("{scheme}://{user}:<redacted>@{host}");
+            }
+        }
+        toml::to_string_pretty(&s).unwrap_or_else(|e| format!("# cannot render settings: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_env_and_flags_layer_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "v.toml",
+                r#"
+                data_dir = "/from/file"
+                [mqtt]
+                addr = "127.0.0.1:1999"
+                connect_timeout = "2s"
+                [[services]]
+                username = "ops"
+                password = "hunter2hunter2"
+                "#,
+            )?;
+            jail.set_env("VENDGATE_MQTT__MAX_PACKET_SIZE", "1024");
+            jail.set_env("VENDGATE_DATA_DIR", "/from/env");
+            let s = Settings::load(
+                Some(Path::new("v.toml")),
+                &Overrides {
+                    http_addr: Some("127.0.0.1:9".parse().unwrap()),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(s.data_dir, PathBuf::from("/from/env"));
+            assert_eq!(s.mqtt.addr.port(), 1999);
+            assert_eq!(s.mqtt.max_packet_size, 1024);
+            assert_eq!(s.mqtt.connect_timeout, Duration::from_secs(2));
+            assert_eq!(s.http.addr.port(), 9);
+            let shown = s.redacted_toml();
+            assert!(!shown.contains("hunter2"), "{shown}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("v.toml", "mqtt_adr = \"x\"\n")?;
+            assert!(Settings::load(Some(Path::new("v.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+}

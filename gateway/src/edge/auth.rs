@@ -1,0 +1,133 @@
+//! CONNECT authentication: decides whether a client is a machine (client id =
+//! username = machine_no, password = its secret) or a service account, and
+//! answers with the MQTT 3.1.1 CONNACK code otherwise. Secrets are compared
+//! in constant time and never logged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Login};
+use vendgate_proto::machine::MachineNo;
+
+use super::router::ClientClass;
+use crate::secrets::{verify_or_dummy, SecretHash};
+use crate::storage::Storage;
+
+/// Looks credentials up in storage (provisioned with the CLI while the
+/// gateway runs, so no cache that would need invalidating) and in config.
+pub struct Authenticator {
+    store: Arc<dyn Storage>,
+    config_services: HashMap<String, SecretHash>,
+}
+
+/// Why a CONNECT was refused, for logs and metrics (never the secret).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NoCredentials,
+    UnknownMachine,
+    WrongSecret,
+    ClientIdMismatch,
+    BadClientId,
+    UnknownService,
+    StorageUnavailable,
+}
+
+impl Refusal {
+    pub fn code(self) -> ConnectReturnCode {
+        match self {
+            Self::BadClientId => ConnectReturnCode::BadClientId,
+            Self::StorageUnavailable => ConnectReturnCode::ServiceUnavailable,
+            // An unknown account and a wrong secret look the same from outside.
+            _ => ConnectReturnCode::NotAuthorized,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoCredentials => "no_credentials",
+            Self::UnknownMachine => "unknown_machine",
+            Self::WrongSecret => "wrong_secret",
+            Self::ClientIdMismatch => "client_id_mismatch",
+            Self::BadClientId => "bad_client_id",
+            Self::UnknownService => "unknown_service",
+            Self::StorageUnavailable => "storage_unavailable",
+        }
+    }
+}
+
+impl Authenticator {
+    /// `config_services` are (username, password) pairs from settings; they are
+    /// hashed here so the plaintext does not stay in memory longer than needed.
+    pub fn new(store: Arc<dyn Storage>, config_services: &[(String, String)]) -> Self {
+        let config_services = config_services
+            .iter()
+            .map(|(u, p)| (u.clone(), SecretHash::new(p)))
+            .collect();
+        Self {
+            store,
+            config_services,
+        }
+    }
+
+    pub async fn authenticate(
+        &self,
+        client_id: &str,
+        login: Option<&Login>,
+    ) -> Result<ClientClass, Refusal> {
+        let Some(login) = login else {
+            return Err(Refusal::NoCredentials);
+        };
+        // A username that is a machine number is a machine; service usernames
+        // can never take that shape (refused at provisioning and in config).
+        if let Ok(machine_no) = login.username.parse::<MachineNo>() {
+            let stored = self
+                .store
+                .machine(&machine_no)
+                .await
+                .map_err(|_| Refusal::StorageUnavailable)?;
+            let ok = verify_or_dummy(stored.as_ref().map(|m| &m.secret_hash), &login.password);
+            if stored.is_none() {
+                return Err(Refusal::UnknownMachine);
+            }
+            if !ok {
+                return Err(Refusal::WrongSecret);
+            }
+            if client_id != login.username {
+                return Err(Refusal::ClientIdMismatch);
+            }
+            return Ok(ClientClass::Machine(machine_no));
+        }
+        if looks_like_machine_id(&login.username) {
+            // Digits but not exactly eight: a malformed machine number.
+            verify_or_dummy(None, &login.password);
+            return Err(Refusal::UnknownMachine);
+        }
+        // A service must not be able to take over a machine's session.
+        if client_id.parse::<MachineNo>().is_ok() {
+            return Err(Refusal::BadClientId);
+        }
+        let ok = if let Some(h) = self.config_services.get(&login.username) {
+            h.verify(&login.password)
+        } else {
+            let stored = self
+                .store
+                .service(&login.username)
+                .await
+                .map_err(|_| Refusal::StorageUnavailable)?;
+            let ok = verify_or_dummy(stored.as_ref().map(|s| &s.password_hash), &login.password);
+            if stored.is_none() {
+                return Err(Refusal::UnknownService);
+            }
+            ok
+        };
+        if ok {
+            Ok(ClientClass::Service)
+        } else {
+            Err(Refusal::WrongSecret)
+        }
+    }
+}
+
+fn looks_like_machine_id(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}

@@ -1,0 +1,589 @@
+//! One client connection, from TCP accept to close: CONNECT and
+//! authentication, then the packet loop (ACL on every PUBLISH and SUBSCRIBE,
+//! QoS 0/1/2 inbound, QoS 0/1 outbound with a bounded in-flight window), keep
+//! alive enforced on what the client *sends*, and the will, presence and
+//! session clean-up at the end.
+//!
+//! Idle connections hold no buffers: bytes are read into a stack buffer only
+//! once the socket is readable, and kept only while a packet is incomplete.
+//! That keeps a connected, idle machine at a few hundred bytes of heap.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
+    SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::{debug, info, warn};
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::topic::{self, Topic};
+
+use super::router::{min_qos, ClientClass, KickReason, Outbound, Session};
+use super::Hub;
+use crate::presence::OfflineReason;
+
+/// Bytes read per readiness event.
+const READ_CHUNK: usize = 4096;
+/// Outbound packets can be large (service clients); the codec wants a cap.
+const MAX_OUTGOING: usize = 16 * 1024 * 1024;
+/// A write that cannot complete in this time means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Clean,
+    SocketClosed,
+    KeepAlive,
+    Protocol(&'static str),
+    Acl,
+    TakeOver,
+    SlowConsumer,
+    Shutdown,
+}
+
+impl End {
+    fn presence_reason(self) -> OfflineReason {
+        match self {
+            End::Clean => OfflineReason::Clean,
+            End::SocketClosed | End::TakeOver | End::SlowConsumer => OfflineReason::SocketClosed,
+            End::KeepAlive => OfflineReason::KeepAliveTimeout,
+            End::Protocol(_) | End::Acl => OfflineReason::ProtocolViolation,
+            End::Shutdown => OfflineReason::Shutdown,
+        }
+    }
+
+    /// MQTT 3.1.1 §3.1.2.5: the will goes out when the connection ends
+    /// without DISCONNECT. A take-over hands the session to the new
+    /// connection, and a shutting-down gateway is not the machine failing, so
+    /// neither publishes it.
+    fn publishes_will(self) -> bool {
+        !matches!(self, End::Clean | End::TakeOver | End::Shutdown)
+    }
+}
+
+enum ReadError {
+    Eof,
+    Malformed(&'static str),
+}
+
+/// Serve one accepted TCP connection until it ends.
+pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
+    // Without NODELAY every QoS 1 round trip pays Nagle + delayed ACK (~40 ms).
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn {
+        stream,
+        rbuf: BytesMut::new(),
+        max_packet: hub.settings.max_packet_size,
+    };
+
+    let connect = match timeout(hub.settings.connect_timeout, conn.read_connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(ConnectError::Refuse(code))) => {
+            let _ = conn.write_packets(&[Packet::ConnAck(ConnAck::new(code, false))]).await;
+            hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Ok(Err(ConnectError::Drop(why))) => {
+            debug!(%peer, why, "connection dropped before CONNECT");
+            hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no CONNECT within the connect timeout");
+            return;
+        }
+    };
+
+    let class = match hub.auth.authenticate(&connect.client_id, connect.login.as_ref()).await {
+        Ok(c) => c,
+        Err(refusal) => {
+            // The username is not a secret; the password is never logged.
+            let user = connect.login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
+            warn!(%peer, client_id = %connect.client_id, username = user, reason = refusal.as_str(), "MQTT CONNECT refused");
+            hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
+            let _ = conn
+                .write_packets(&[Packet::ConnAck(ConnAck::new(refusal.code(), false))])
+                .await;
+            return;
+        }
+    };
+
+    // Client id rules (§3.1.3.1): an empty id is allowed only with a clean
+    // session, and then the server assigns one.
+    let conn_id = hub.next_conn_id();
+    let client_id = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            let _ = conn
+                .write_packets(&[Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))])
+                .await;
+            return;
+        }
+        format!("vendgate-auto-{conn_id}")
+    } else {
+        connect.client_id.clone()
+    };
+
+    // The will is published by the hub on the client's behalf, so it must obey
+    // the same ACL as the client's own publishes.
+    if let Some(will) = &connect.last_will {
+        if !topic::valid_publish_topic(&will.topic) || !may_publish(class, &will.topic) {
+            warn!(%peer, %client_id, "MQTT CONNECT refused: will topic not allowed");
+            hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+            let _ = conn
+                .write_packets(&[Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))])
+                .await;
+            return;
+        }
+    }
+
+    let keep_alive = match (connect.keep_alive, class) {
+        (0, ClientClass::Service) => None,
+        // A machine must not be able to disable dead-peer detection.
+        (0, ClientClass::Machine(_)) => Some(hub.settings.machine_max_idle),
+        (s, _) => Some(Duration::from_millis(u64::from(s) * 1500)),
+    };
+
+    let (tx, rx) = mpsc::channel(hub.settings.outbound_queue.max(1));
+    let session = Arc::new(Session::new(conn_id, client_id.clone(), class, tx));
+    let took_over = hub.router.register(session.clone());
+    let epoch = match class {
+        ClientClass::Machine(m) => Some((m, hub.presence.connected(m))),
+        ClientClass::Service => None,
+    };
+    hub.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    info!(%peer, %client_id, machine_no = machine_label(class), took_over, "MQTT client connected");
+
+    // Persistent sessions are not kept yet: always answer session_present = 0
+    // so a client knows to resubscribe (§3.2.2.2).
+    let mut state = Loop {
+        hub: hub.clone(),
+        session: session.clone(),
+        class,
+        epoch,
+        keep_alive,
+        last_rx: Instant::now(),
+        inflight: HashSet::new(),
+        next_pkid: 1,
+        qos2_in: HashSet::new(),
+        backlog: VecDeque::new(),
+        out: Vec::new(),
+    };
+    state
+        .out
+        .push(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
+    let end = state.run(&mut conn, rx).await;
+
+    hub.router.unregister(&session);
+    if end.publishes_will() {
+        if let Some(will) = connect.last_will {
+            publish_will(&hub, will);
+        }
+    }
+    if let Some((m, e)) = epoch {
+        hub.presence.disconnected(m, e, end.presence_reason());
+    }
+    match end {
+        End::KeepAlive => {
+            hub.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        End::Protocol(_) => {
+            hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+    info!(%peer, %client_id, machine_no = machine_label(class), end = ?end, "MQTT client disconnected");
+}
+
+fn machine_label(class: ClientClass) -> String {
+    match class {
+        ClientClass::Machine(m) => m.to_string(),
+        ClientClass::Service => String::new(),
+    }
+}
+
+fn publish_will(hub: &Hub, will: LastWill) {
+    hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+    hub.router.publish(&will.topic, will.message, will.qos, will.retain);
+}
+
+/// The publish ACL: machines under their own prefix, services anywhere but
+/// under `vend/v1/` (read-only there: only machines and the gateway write it).
+fn may_publish(class: ClientClass, topic_name: &str) -> bool {
+    match class {
+        ClientClass::Machine(m) => topic::machine_of(topic_name) == Some(m),
+        ClientClass::Service => !topic_name.starts_with(topic::PREFIX),
+    }
+}
+
+/// The subscribe ACL: machines only within their own prefix; services any
+/// valid filter.
+fn may_subscribe(class: ClientClass, filter: &str) -> bool {
+    match class {
+        ClientClass::Machine(m) => topic::filter_within_prefix(filter, &topic::machine_prefix(&m)),
+        ClientClass::Service => true,
+    }
+}
+
+enum ConnectError {
+    /// Answer with this CONNACK code, then close.
+    Refuse(ConnectReturnCode),
+    /// Close without CONNACK (§3.1.4: not a CONNECT, or malformed).
+    Drop(&'static str),
+}
+
+struct Conn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    max_packet: usize,
+}
+
+impl Conn {
+    async fn read_connect(&mut self) -> Result<Connect, ConnectError> {
+        loop {
+            // Refuse a first packet that is not CONNECT before reading its body,
+            // whatever length it announces.
+            if let Some(b) = self.rbuf.first() {
+                if b >> 4 != 1 {
+                    return Err(ConnectError::Drop("first packet is not CONNECT"));
+                }
+            }
+            match Packet::read(&mut self.rbuf, self.max_packet) {
+                Ok(Packet::Connect(c)) => return Ok(c),
+                Ok(_) => return Err(ConnectError::Drop("first packet is not CONNECT")),
+                Err(CodecError::InsufficientBytes(_)) => {}
+                Err(CodecError::InvalidProtocolLevel(_)) => {
+                    return Err(ConnectError::Refuse(ConnectReturnCode::RefusedProtocolVersion))
+                }
+                Err(_) => return Err(ConnectError::Drop("malformed CONNECT")),
+            }
+            match self.fill().await {
+                Ok(()) => {}
+                Err(ReadError::Eof) => return Err(ConnectError::Drop("closed before CONNECT")),
+                Err(ReadError::Malformed(w)) => return Err(ConnectError::Drop(w)),
+            }
+        }
+    }
+
+    /// Wait for readability and append what is there to `rbuf`.
+    async fn fill(&mut self) -> Result<(), ReadError> {
+        loop {
+            if self.stream.readable().await.is_err() {
+                return Err(ReadError::Eof);
+            }
+            match self.try_fill() {
+                Ok(true) => return Ok(()),
+                Ok(false) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Non-blocking read; Ok(false) on a spurious wake-up.
+    fn try_fill(&mut self) -> Result<bool, ReadError> {
+        let mut chunk = [0u8; READ_CHUNK];
+        match self.stream.try_read(&mut chunk) {
+            Ok(0) => Err(ReadError::Eof),
+            Ok(n) => {
+                self.rbuf.extend_from_slice(&chunk[..n]);
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(_) => Err(ReadError::Eof),
+        }
+    }
+
+    /// Next complete packet already buffered, if any.
+    fn next_packet(&mut self) -> Result<Option<Packet>, ReadError> {
+        if self.rbuf.is_empty() {
+            return Ok(None);
+        }
+        match Packet::read(&mut self.rbuf, self.max_packet) {
+            Ok(p) => {
+                if self.rbuf.is_empty() {
+                    // Drop the (now shared) allocation so an idle connection
+                    // holds no buffer.
+                    self.rbuf = BytesMut::new();
+                }
+                Ok(Some(p))
+            }
+            Err(CodecError::InsufficientBytes(_)) => Ok(None),
+            Err(CodecError::PayloadSizeLimitExceeded(_)) => Err(ReadError::Malformed("packet too large")),
+            Err(_) => Err(ReadError::Malformed("malformed packet")),
+        }
+    }
+
+    async fn write_packets(&mut self, packets: &[Packet]) -> Result<usize, ()> {
+        let mut buf = BytesMut::with_capacity(128);
+        for p in packets {
+            if p.write(&mut buf, MAX_OUTGOING).is_err() {
+                return Err(());
+            }
+        }
+        let n = buf.len();
+        match timeout(WRITE_TIMEOUT, self.stream.write_all(&buf)).await {
+            Ok(Ok(())) => Ok(n),
+            _ => Err(()),
+        }
+    }
+}
+
+/// Per-connection protocol state after a successful CONNECT.
+struct Loop {
+    hub: Arc<Hub>,
+    session: Arc<Session>,
+    class: ClientClass,
+    epoch: Option<(MachineNo, u64)>,
+    keep_alive: Option<Duration>,
+    last_rx: Instant,
+    /// Packet ids of our QoS 1 publishes awaiting PUBACK.
+    inflight: HashSet<u16>,
+    next_pkid: u16,
+    /// Packet ids of the client's QoS 2 publishes between PUBREC and PUBREL;
+    /// a duplicate id in that window is not routed again (exactly once).
+    qos2_in: HashSet<u16>,
+    /// Messages waiting for room in the in-flight window (retained messages on
+    /// subscribe, and what the channel delivered beyond the window).
+    backlog: VecDeque<Outbound>,
+    /// Packets to write at the end of this turn.
+    out: Vec<Packet>,
+}
+
+impl Loop {
+    async fn run(&mut self, conn: &mut Conn, mut rx: mpsc::Receiver<Outbound>) -> End {
+        let shutdown = self.hub.shutdown.clone();
+        let kicked = self.session.kicked().clone();
+        let max_inflight = usize::from(self.hub.settings.max_inflight.max(1));
+        loop {
+            if !self.out.is_empty() {
+                let packets = std::mem::take(&mut self.out);
+                match conn.write_packets(&packets).await {
+                    Ok(n) => {
+                        self.hub.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(()) => return End::SocketClosed,
+                }
+            }
+            let ka_deadline = self.keep_alive.map(|k| self.last_rx + k);
+            let window_open = self.inflight.len() < max_inflight;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = kicked.cancelled() => {
+                    return match self.session.kick_reason() {
+                        Some(KickReason::TakeOver) => End::TakeOver,
+                        _ => End::SlowConsumer,
+                    };
+                }
+                r = conn.stream.readable() => {
+                    if r.is_err() {
+                        return End::SocketClosed;
+                    }
+                    match conn.try_fill() {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(ReadError::Eof) => return End::SocketClosed,
+                        Err(ReadError::Malformed(w)) => return End::Protocol(w),
+                    }
+                    self.last_rx = Instant::now();
+                    loop {
+                        match conn.next_packet() {
+                            Ok(Some(p)) => {
+                                if let Some(end) = self.on_packet(p) {
+                                    // Flush acknowledgements already queued (e.g. a
+                                    // PUBACK before a clean DISCONNECT).
+                                    if !self.out.is_empty() {
+                                        let packets = std::mem::take(&mut self.out);
+                                        let _ = conn.write_packets(&packets).await;
+                                    }
+                                    return end;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(ReadError::Malformed(w)) => return End::Protocol(w),
+                            Err(ReadError::Eof) => return End::SocketClosed,
+                        }
+                    }
+                    if let Some((m, _)) = self.epoch {
+                        self.hub.presence.touch(&m);
+                    }
+                    self.pump(max_inflight);
+                }
+                Some(msg) = rx.recv(), if window_open && self.backlog.is_empty() => {
+                    self.backlog.push_back(msg);
+                    // Batch what is already queued into one write.
+                    while self.backlog.len() < max_inflight {
+                        match rx.try_recv() {
+                            Ok(m) => self.backlog.push_back(m),
+                            Err(_) => break,
+                        }
+                    }
+                    self.pump(max_inflight);
+                }
+                _ = sleep_opt(ka_deadline) => {
+                    if ka_deadline.is_some_and(|d| Instant::now() >= d) {
+                        return End::KeepAlive;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Move backlog messages into outgoing packets while the window allows.
+    fn pump(&mut self, max_inflight: usize) {
+        while let Some(msg) = self.backlog.front() {
+            if msg.qos != QoS::AtMostOnce && self.inflight.len() >= max_inflight {
+                break;
+            }
+            let Some(msg) = self.backlog.pop_front() else {
+                break;
+            };
+            let mut p = Publish::new(msg.topic.as_ref(), msg.qos, Vec::new());
+            p.payload = msg.payload;
+            p.retain = msg.retain;
+            if msg.qos != QoS::AtMostOnce {
+                p.pkid = self.alloc_pkid();
+                self.inflight.insert(p.pkid);
+            }
+            self.hub.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+            self.out.push(Packet::Publish(p));
+        }
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.inflight.contains(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Handle one packet; Some(end) closes the connection.
+    fn on_packet(&mut self, packet: Packet) -> Option<End> {
+        match packet {
+            Packet::Publish(p) => return self.on_publish(p),
+            Packet::PubAck(a) => {
+                self.inflight.remove(&a.pkid);
+            }
+            Packet::PubRel(r) => {
+                self.qos2_in.remove(&r.pkid);
+                self.out.push(Packet::PubComp(PubComp::new(r.pkid)));
+            }
+            Packet::Subscribe(s) => {
+                if s.filters.is_empty() {
+                    return Some(End::Protocol("SUBSCRIBE without filters"));
+                }
+                let mut codes = Vec::with_capacity(s.filters.len());
+                let mut retained = Vec::new();
+                for f in &s.filters {
+                    if !topic::valid_filter(&f.path) {
+                        codes.push(SubscribeReasonCode::Failure);
+                        continue;
+                    }
+                    if !may_subscribe(self.class, &f.path) {
+                        self.hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+                        warn!(client_id = %self.session.client_id, filter = %f.path, "SUBSCRIBE refused by ACL");
+                        codes.push(SubscribeReasonCode::Failure);
+                        continue;
+                    }
+                    // Outbound QoS 2 is not offered; granting a lower QoS is
+                    // allowed (§3.9.3).
+                    let granted = min_qos(f.qos, QoS::AtLeastOnce);
+                    self.session.subscribe(&f.path, granted);
+                    retained.extend(self.hub.router.retained_for(&f.path, granted));
+                    codes.push(SubscribeReasonCode::Success(granted));
+                }
+                self.hub.router.service_subscriptions_changed(&self.session);
+                self.out.push(Packet::SubAck(SubAck::new(s.pkid, codes)));
+                self.backlog.extend(retained);
+            }
+            Packet::Unsubscribe(u) => {
+                for f in &u.topics {
+                    self.session.unsubscribe(f);
+                }
+                self.hub.router.service_subscriptions_changed(&self.session);
+                self.out.push(Packet::UnsubAck(UnsubAck::new(u.pkid)));
+            }
+            Packet::PingReq => self.out.push(Packet::PingResp),
+            Packet::Disconnect => return Some(End::Clean),
+            Packet::Connect(_) => return Some(End::Protocol("second CONNECT")),
+            // Server-to-client packets, or replies to QoS 2 we never send.
+            Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp
+            | Packet::PubRec(_)
+            | Packet::PubComp(_) => return Some(End::Protocol("unexpected packet type")),
+        }
+        None
+    }
+
+    fn on_publish(&mut self, p: Publish) -> Option<End> {
+        self.hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.hub
+            .stats
+            .bytes_in
+            .fetch_add((p.topic.len() + p.payload.len()) as u64, Ordering::Relaxed);
+        // §4.7.3: a topic name is non-empty and has no wildcards. The codec has
+        // already checked UTF-8; routing never byte-slices topics.
+        if !topic::valid_publish_topic(&p.topic) {
+            return Some(End::Protocol("invalid topic name"));
+        }
+        if !may_publish(self.class, &p.topic) {
+            self.hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+            warn!(client_id = %self.session.client_id, topic = %p.topic, "PUBLISH refused by ACL; closing");
+            return Some(End::Acl);
+        }
+        match p.qos {
+            QoS::AtMostOnce => self.route(p),
+            QoS::AtLeastOnce => {
+                let pkid = p.pkid;
+                self.route(p);
+                self.out.push(Packet::PubAck(PubAck::new(pkid)));
+            }
+            QoS::ExactlyOnce => {
+                let pkid = p.pkid;
+                if !self.qos2_in.contains(&pkid) {
+                    if self.qos2_in.len() >= usize::from(self.hub.settings.max_inflight.max(1)) {
+                        return Some(End::Protocol("too many unreleased QoS 2 publishes"));
+                    }
+                    self.qos2_in.insert(pkid);
+                    self.route(p);
+                }
+                self.out.push(Packet::PubRec(PubRec::new(pkid)));
+            }
+        }
+        None
+    }
+
+    fn route(&mut self, p: Publish) {
+        if let Some((m, epoch)) = self.epoch {
+            if let Some(Topic::Uplink(tm, kind)) = topic::parse(&p.topic) {
+                if tm == m {
+                    self.hub.uplinks.on_uplink(m, epoch, kind, &p.payload);
+                }
+            }
+        }
+        let payload: Bytes = p.payload;
+        self.hub.router.publish(&p.topic, payload, p.qos, p.retain);
+    }
+}
+
+async fn sleep_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,179 @@
+//! The device edge: the gateway's own MQTT 3.1.1 server for machines and
+//! service clients. It owns the listener, authentication, the topic ACL,
+//! keep alive and routing, and hands machine uplinks to the gateway's
+//! handlers. See ARCHITECTURE.md for why the edge is ours rather than
+//! rumqttd's network layer.
+//!
+//! - `conn`: one connection's protocol state machine.
+//! - `router`: sessions, subscriptions, retained messages, fan-out.
+//! - `auth`: CONNECT credentials.
+
+pub mod auth;
+mod conn;
+pub mod router;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::topic::{self, Command, Uplink};
+
+use crate::config::MqttSettings;
+use crate::presence::PresenceRegistry;
+use auth::Authenticator;
+use router::{MachineDelivery, Router};
+
+/// Receives every uplink a machine publishes on one of its protocol topics,
+/// after the ACL. Called on the connection's task: implementations must not
+/// block (hand work to a channel or a spawned task).
+pub trait UplinkHandler: Send + Sync + 'static {
+    fn on_uplink(&self, machine_no: MachineNo, epoch: u64, kind: Uplink, payload: &Bytes);
+}
+
+/// Counters of the edge (exported as Prometheus metrics by the metrics module).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    pub connections_accepted: AtomicU64,
+    pub connect_refused: AtomicU64,
+    pub acl_violations: AtomicU64,
+    pub malformed: AtomicU64,
+    pub keep_alive_timeouts: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// A copy of the counters, for tests and the CLI.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct EdgeStatsSnapshot {
+    pub connections_accepted: u64,
+    pub connect_refused: u64,
+    pub acl_violations: u64,
+    pub malformed: u64,
+    pub keep_alive_timeouts: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub slow_consumers: u64,
+    pub sessions: u64,
+}
+
+/// State shared by every connection of the edge.
+pub struct Hub {
+    pub(crate) settings: MqttSettings,
+    pub router: Router,
+    pub presence: Arc<PresenceRegistry>,
+    pub(crate) auth: Authenticator,
+    pub(crate) uplinks: Arc<dyn UplinkHandler>,
+    pub stats: EdgeStats,
+    conn_ids: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Hub {
+    pub fn new(
+        settings: MqttSettings,
+        presence: Arc<PresenceRegistry>,
+        auth: Authenticator,
+        uplinks: Arc<dyn UplinkHandler>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            router: Router::new(settings.max_retained),
+            settings,
+            presence,
+            auth,
+            uplinks,
+            stats: EdgeStats::default(),
+            conn_ids: AtomicU64::new(1),
+            shutdown,
+        }
+    }
+
+    fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Publish a message from the gateway itself (commands, gateway topics).
+    pub fn publish(&self, topic_name: &str, payload: Bytes, qos: QoS, retain: bool) -> MachineDelivery {
+        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.router.publish(topic_name, payload, qos, retain)
+    }
+
+    /// Send a command to a machine at QoS 1. Service clients subscribed to the
+    /// command topic see it too (read-only observers).
+    pub fn send_command(&self, machine_no: &MachineNo, command: Command, payload: Bytes) -> MachineDelivery {
+        self.publish(&topic::command(machine_no, command), payload, QoS::AtLeastOnce, false)
+    }
+
+    pub fn stats(&self) -> EdgeStatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EdgeStatsSnapshot {
+            connections_accepted: l(&self.stats.connections_accepted),
+            connect_refused: l(&self.stats.connect_refused),
+            acl_violations: l(&self.stats.acl_violations),
+            malformed: l(&self.stats.malformed),
+            keep_alive_timeouts: l(&self.stats.keep_alive_timeouts),
+            messages_in: l(&self.stats.messages_in),
+            messages_out: l(&self.stats.messages_out),
+            slow_consumers: l(&self.router.stats.slow_consumers),
+            sessions: self.router.session_count() as u64,
+        }
+    }
+}
+
+/// The bound listener; `run` accepts until shutdown.
+pub struct Edge {
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    tasks: TaskTracker,
+}
+
+impl Edge {
+    pub async fn bind(addr: SocketAddr, hub: Arc<Hub>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self {
+            listener,
+            hub,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accept connections until the hub's shutdown token fires, then wait for
+    /// every connection task to finish (they observe the same token).
+    pub async fn run(self) {
+        let shutdown = self.hub.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let hub = self.hub.clone();
+                        self.tasks.spawn(conn::serve(hub, stream, peer));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        drop(self.listener);
+        self.tasks.close();
+        self.tasks.wait().await;
+        info!("MQTT edge stopped");
+    }
+}

@@ -1,0 +1,360 @@
+//! The merchant open API (API.md): authentication by `Appid`/`AppSecret`,
+//! request validation with the documented codes, and the handlers. Bodies are
+//! parsed as JSON whatever their Content-Type says (the published Go and PHP
+//! examples send none).
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, Method, Uri};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Map, Value};
+use tracing::{debug, info};
+use vendgate_proto::codes::ErrorCode;
+use vendgate_proto::machine::MachineNo;
+
+use super::envelope::Envelope;
+use super::AppState;
+use crate::orders::PlaceRequest;
+use crate::secrets::verify_or_dummy;
+
+pub fn routes(state: &AppState) -> Router<AppState> {
+    let limit = state.gw.settings.http.max_body;
+    Router::new()
+        .route("/orders", post(place_order))
+        .route("/orders/{order_id}", get(get_order))
+        .route("/machines", get(list_machines))
+        .route("/machines/{machine_no}", get(get_machine))
+        .layer(DefaultBodyLimit::max(limit))
+}
+
+type Answer = Envelope;
+
+fn err(s: &AppState, code: ErrorCode) -> Answer {
+    Envelope::err(code, s.gw.settings.http.http_status)
+}
+
+fn ok(s: &AppState, data: Value) -> Answer {
+    Envelope::ok(data, s.gw.settings.http.http_status)
+}
+
+pub async fn not_found(State(s): State<AppState>, method: Method, uri: Uri) -> Answer {
+    debug!(%method, %uri, "no such route");
+    err(&s, ErrorCode::InvalidParams)
+}
+
+/// The caller's appid when `Appid`/`AppSecret` match (constant-time; an
+/// unknown appid costs the same as a wrong secret).
+async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, ErrorCode> {
+    let appid = headers.get("appid").and_then(|v| v.to_str().ok()).map(str::trim);
+    let secret = headers.get("appsecret").and_then(|v| v.to_str().ok()).map(str::trim);
+    let (Some(appid), Some(secret)) = (appid, secret) else {
+        return Err(ErrorCode::MissingCredentials);
+    };
+    if appid.is_empty() || secret.is_empty() {
+        return Err(ErrorCode::MissingCredentials);
+    }
+    let merchant = s.gw.store.merchant(appid).await.map_err(|_| ErrorCode::Internal)?;
+    let ok = verify_or_dummy(merchant.as_ref().map(|m| &m.appsecret_hash), secret);
+    match merchant {
+        Some(m) if ok => Ok(m.appid),
+        _ => Err(ErrorCode::AuthFailed),
+    }
+}
+
+/// A validated `POST /orders` body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OrderBody {
+    pub machine_no: MachineNo,
+    pub lines: Vec<(i64, u32)>,
+    pub out_trade_no: Option<String>,
+    pub pay_later: bool,
+}
+
+/// Validate a body against API.md: 20001 for JSON and types, 20002 for the
+/// machine number, 20003 for the products.
+pub fn parse_order_body(body: &[u8], max_lines: usize, max_quantity: u32) -> Result<OrderBody, ErrorCode> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| ErrorCode::InvalidParams)?;
+    let Value::Object(o) = v else {
+        return Err(ErrorCode::InvalidParams);
+    };
+    let machine_no = match (o.get("machine_no"), o.get("imei")) {
+        (Some(a), Some(b)) if a != b => return Err(ErrorCode::InvalidParams),
+        (Some(v), _) | (None, Some(v)) => v,
+        (None, None) => return Err(ErrorCode::InvalidParams),
+    };
+    let Value::String(machine_no) = machine_no else {
+        return Err(ErrorCode::InvalidParams);
+    };
+    let Some(Value::Array(products)) = o.get("products") else {
+        return Err(ErrorCode::InvalidParams);
+    };
+    let out_trade_no = match o.get("out_trade_no") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= 64 => Some(s.clone()),
+        Some(_) => return Err(ErrorCode::InvalidParams),
+    };
+    let pay_later = match o.get("pay_later") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ErrorCode::InvalidParams),
+    };
+    // Types first (20001), then values (20002, 20003).
+    let mut raw = Vec::with_capacity(products.len());
+    for p in products {
+        let Value::Object(p) = p else {
+            return Err(ErrorCode::InvalidParams);
+        };
+        let (Some(Value::Number(pid)), Some(Value::Number(q))) = (p.get("product_id"), p.get("quantity")) else {
+            return Err(ErrorCode::InvalidParams);
+        };
+        // Integers only; 1.5 is a type error. Out-of-range integers are
+        // product errors (they can only be invalid ids or quantities).
+        if !(pid.is_i64() || pid.is_u64()) || !(q.is_i64() || q.is_u64()) {
+            return Err(ErrorCode::InvalidParams);
+        }
+        raw.push((pid.as_i64(), q.as_i64()));
+    }
+    let machine_no: MachineNo = machine_no.parse().map_err(|_| ErrorCode::InvalidMachineNo)?;
+    if raw.is_empty() || raw.len() > max_lines {
+        return Err(ErrorCode::InvalidProducts);
+    }
+    let mut lines = Vec::with_capacity(raw.len());
+    for (pid, q) in raw {
+        let (Some(pid), Some(q)) = (pid, q) else {
+            return Err(ErrorCode::InvalidProducts);
+        };
+        if pid <= 0 || q <= 0 || q > i64::from(max_quantity) {
+            return Err(ErrorCode::InvalidProducts);
+        }
+        lines.push((pid, u32::try_from(q).map_err(|_| ErrorCode::InvalidProducts)?));
+    }
+    Ok(OrderBody { machine_no, lines, out_trade_no, pay_later })
+}
+
+async fn place_order(State(s): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Answer {
+    let merchant = match authenticate(&s, &headers).await {
+        Ok(m) => m,
+        Err(c) => return err(&s, c),
+    };
+    let Ok(body) = body else {
+        // Oversized or unreadable body.
+        return err(&s, ErrorCode::InvalidParams);
+    };
+    let orders = &s.gw.settings.orders;
+    let mut parsed = match parse_order_body(&body, orders.max_lines, orders.max_quantity) {
+        Ok(b) => b,
+        Err(c) => return err(&s, c),
+    };
+    if parsed.out_trade_no.is_none() {
+        if let Some(k) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+            if k.is_empty() || k.chars().count() > 64 {
+                return err(&s, ErrorCode::InvalidParams);
+            }
+            parsed.out_trade_no = Some(k.to_string());
+        }
+    }
+    let req = PlaceRequest {
+        merchant: merchant.clone(),
+        machine_no: parsed.machine_no,
+        lines: parsed.lines,
+        out_trade_no: parsed.out_trade_no,
+        pay_later: parsed.pay_later,
+    };
+    let m = req.machine_no;
+    match s.orders.place(req).await {
+        Ok(order_id) => {
+            info!(appid = %merchant, machine_no = %m, order_id, "order accepted");
+            ok(&s, json!({ "order_id": order_id }))
+        }
+        Err(e) => {
+            info!(appid = %merchant, machine_no = %m, code = e.code().code(), error = %e, "order not accepted");
+            err(&s, e.code())
+        }
+    }
+}
+
+fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
+    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))).unwrap_or(Value::Null)
+}
+
+async fn get_order(State(s): State<AppState>, headers: HeaderMap, Path(order_id): Path<String>) -> Answer {
+    let merchant = match authenticate(&s, &headers).await {
+        Ok(m) => m,
+        Err(c) => return err(&s, c),
+    };
+    let Ok(order_id) = order_id.parse::<u64>() else {
+        return err(&s, ErrorCode::OrderNotFound);
+    };
+    let (o, events) = match s.orders.get(&merchant, order_id).await {
+        Ok(Some(x)) => x,
+        Ok(None) => return err(&s, ErrorCode::OrderNotFound),
+        Err(e) => return err(&s, e.code()),
+    };
+    let items: Vec<Value> = o
+        .lines
+        .iter()
+        .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed, "unit_price": l.unit_price }))
+        .collect();
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| json!({ "at": rfc3339(Some(e.at)), "type": e.kind, "detail": e.detail }))
+        .collect();
+    ok(
+        &s,
+        json!({
+            "order_id": o.order_id,
+            "machine_no": o.machine_no.as_str(),
+            "status": o.status.as_str(),
+            "out_trade_no": o.out_trade_no,
+            "items": items,
+            "amount": o.amount,
+            "refund_amount": o.refund_amount,
+            "created_at": rfc3339(Some(o.created_at)),
+            "updated_at": rfc3339(Some(o.updated_at)),
+            "error": o.error,
+            "events": events,
+        }),
+    )
+}
+
+fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
+    let p = s.gw.presence.get(&m.machine_no);
+    let stock: Vec<Value> = s
+        .orders
+        .inventory
+        .view(&m.machine_no)
+        .into_iter()
+        .map(|st| json!({ "product_id": st.product_id, "stock": st.stock, "reserved": st.reserved, "price": st.price }))
+        .collect();
+    // This process's registry is the truth for presence; storage has the
+    // last seen time of machines that have not connected since start.
+    let online = p.as_ref().is_some_and(|p| p.online);
+    json!({
+        "machine_no": m.machine_no.as_str(),
+        "online": online,
+        "last_seen": rfc3339(p.as_ref().and_then(|p| p.last_seen).or(m.last_seen)),
+        "online_since": rfc3339(p.as_ref().and_then(|p| p.online_since)),
+        "firmware": p.as_ref().and_then(|p| p.firmware.clone()),
+        "last_rtt_ms": p.as_ref().and_then(|p| p.last_rtt_ms),
+        "flaps": p.as_ref().map(|p| p.flaps).unwrap_or(0),
+        "stock": stock,
+    })
+}
+
+async fn list_machines(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Answer {
+    let merchant = match authenticate(&s, &headers).await {
+        Ok(m) => m,
+        Err(c) => return err(&s, c),
+    };
+    let page = match q.get("page").map(|p| p.parse::<usize>()) {
+        None => 1,
+        Some(Ok(p)) if p >= 1 => p,
+        _ => return err(&s, ErrorCode::InvalidParams),
+    };
+    let page_size = match q.get("page_size").map(|p| p.parse::<usize>()) {
+        None => 20,
+        Some(Ok(p)) if (1..=100).contains(&p) => p,
+        _ => return err(&s, ErrorCode::InvalidParams),
+    };
+    let online_filter = match q.get("online").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return err(&s, ErrorCode::InvalidParams),
+    };
+    let machines = match s.gw.store.list_machines(Some(&merchant)).await {
+        Ok(m) => m,
+        Err(_) => return err(&s, ErrorCode::Internal),
+    };
+    let filtered: Vec<_> = machines
+        .iter()
+        .filter(|m| online_filter.is_none_or(|want| s.gw.presence.is_online(&m.machine_no) == want))
+        .collect();
+    let total = filtered.len();
+    let list: Vec<Value> = filtered
+        .into_iter()
+        .skip((page - 1).saturating_mul(page_size))
+        .take(page_size)
+        .map(|m| machine_json(&s, m))
+        .collect();
+    let mut data = Map::new();
+    data.insert("machines".into(), Value::Array(list));
+    data.insert("total".into(), json!(total));
+    data.insert("page".into(), json!(page));
+    data.insert("page_size".into(), json!(page_size));
+    ok(&s, Value::Object(data))
+}
+
+async fn get_machine(State(s): State<AppState>, headers: HeaderMap, Path(machine_no): Path<String>) -> Answer {
+    let merchant = match authenticate(&s, &headers).await {
+        Ok(m) => m,
+        Err(c) => return err(&s, c),
+    };
+    let Ok(m) = machine_no.parse::<MachineNo>() else {
+        return err(&s, ErrorCode::InvalidMachineNo);
+    };
+    match s.gw.store.machine(&m).await {
+        Ok(Some(machine)) if machine.merchant_appid == merchant => ok(&s, machine_json(&s, &machine)),
+        Ok(_) => err(&s, ErrorCode::MachineNotFound),
+        Err(_) => err(&s, ErrorCode::Internal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<OrderBody, ErrorCode> {
+        parse_order_body(s.as_bytes(), 20, 99)
+    }
+
+    #[test]
+    fn published_bodies_parse() {
+        let go = r#"{"imei": "12345678","products": [{"product_id": 1,"quantity": 1}]}"#;
+        let php = "{\"products\":[{\"product_id\":1,\"quantity\":1}],\"imei\":\"12345678\"}";
+        let doc = r#"{ "machine_no": "12345678", "products": [ { "product_id": 1, "quantity": 1 } ] }"#;
+        for b in [go, php, doc] {
+            assert_eq!(parse(b).unwrap().lines, vec![(1, 1)]);
+        }
+    }
+
+    #[test]
+    fn codes_for_bad_bodies() {
+        use ErrorCode::*;
+        let cases = [
+            ("not json", InvalidParams),
+            ("[]", InvalidParams),
+            (r#"{"products":[]}"#, InvalidParams),
+            (r#"{"machine_no":12345678,"products":[{"product_id":1,"quantity":1}]}"#, InvalidParams),
+            (r#"{"machine_no":"12345678","imei":"87654321","products":[{"product_id":1,"quantity":1}]}"#, InvalidParams),
+            (r#"{"machine_no":"12345678","products":{}}"#, InvalidParams),
+            (r#"{"machine_no":"12345678","products":[{"product_id":"1","quantity":1}]}"#, InvalidParams),
+            (r#"{"machine_no":"12345678","products":[{"product_id":1.5,"quantity":1}]}"#, InvalidParams),
+            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":1}],"pay_later":"yes"}"#, InvalidParams),
+            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":1}],"out_trade_no":""}"#, InvalidParams),
+            (r#"{"machine_no":"1234567","products":[{"product_id":1,"quantity":1}]}"#, InvalidMachineNo),
+            (r#"{"machine_no":"1234567a","products":[{"product_id":1,"quantity":1}]}"#, InvalidMachineNo),
+            (r#"{"machine_no":"12345678","products":[]}"#, InvalidProducts),
+            (r#"{"machine_no":"12345678","products":[{"product_id":0,"quantity":1}]}"#, InvalidProducts),
+            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":0}]}"#, InvalidProducts),
+            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":100}]}"#, InvalidProducts),
+            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":-1}]}"#, InvalidProducts),
+            (r#"{"machine_no":"12345678","products":[{"product_id":18446744073709551615,"quantity":1}]}"#, InvalidProducts),
+        ];
+        for (body, want) in cases {
+            assert_eq!(parse(body), Err(want), "{body}");
+        }
+        let many: Vec<String> = (1..=21).map(|i| format!(r#"{{"product_id":{i},"quantity":1}}"#)).collect();
+        let body = format!(r#"{{"machine_no":"12345678","products":[{}]}}"#, many.join(","));
+        assert_eq!(parse(&body), Err(InvalidProducts));
+    }
+}

@@ -1,0 +1,34 @@
+//! Vendgate: a device gateway for vending machines.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed settings (defaults ← file ← `VENDGATE_*` env ← flags).
+//! - [`telemetry`]: tracing set-up.
+//! - [`startup`]: `Gateway::build` binds everything, `Gateway::run` until shutdown.
+//! - [`edge`]: the machine-facing MQTT 3.1.1 server (auth, ACL, keep alive, routing).
+//! - [`presence`]: who is online, with connection epochs.
+//! - [`uplink`]: what the gateway does with each machine uplink.
+//! - [`orders`]: the order service around a pure state machine, inventory and reservations.
+//! - [`commands`]: the command-delivery seam (local connection now, NATS later).
+//! - [`storage`]: the storage trait and its SQLite implementation.
+//! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
+//! - [`provision`]: the `vendgate merchant|machine|service add/list` commands.
+//! - [`http`]: the HTTP listener.
+//! - [`cli`]: the `vendgate` command line.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod edge;
+pub mod http;
+pub mod orders;
+pub mod presence;
+pub mod provision;
+pub mod secrets;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;
+pub mod uplink;
+
+pub use config::Settings;
+pub use startup::{Gateway, GatewayHandle};

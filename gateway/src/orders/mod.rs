@@ -1,0 +1,666 @@
+//! Orders: the product's main job. A merchant's order is validated, checked
+//! against ownership, presence and stock, queued per machine (one order in
+//! flight per machine), **persisted**, then sent as `cmd/dispense`; the
+//! machine's `ack` answers the merchant and its `result` settles the order.
+//!
+//! - `state`: the pure state machine every change goes through.
+//! - `inventory`: reported stock and reservations.
+//! - `ids`: order id generation.
+//!
+//! Ordering rules: an order row is committed before its command leaves; every
+//! later change is a compare-and-set on the stored status, so a duplicate or
+//! racing ack/result/deadline applies at most once.
+
+pub mod ids;
+pub mod inventory;
+pub mod state;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+use dashmap::DashMap;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use vendgate_proto::codes::ErrorCode;
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::msg::{self, AckMsg, CancelCmd, DispenseCmd, InventoryMsg, OrderLine, ResultMsg};
+use vendgate_proto::topic::{Command, Uplink};
+
+use crate::commands::CommandBus;
+use crate::config::OrderSettings;
+use crate::edge::UplinkHandler;
+use crate::presence::PresenceRegistry;
+use crate::storage::{NewOrder, OrderChange, OrderEvent, Storage, StorageError, StoredOrder};
+use ids::OrderIds;
+use inventory::{Inventory, Shortfall};
+use state::{apply, Event, Line, Order, Status, Transition, TransitionError};
+
+/// Why an order was not accepted; each maps to one API code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrderError {
+    #[error("machine not found")]
+    MachineNotFound,
+    #[error("machine offline")]
+    Offline,
+    #[error("machine did not accept in time")]
+    NotAccepted,
+    #[error("machine queue full")]
+    Busy,
+    #[error("insufficient stock")]
+    InsufficientStock,
+    #[error("machine refused: {0}")]
+    Refused(String),
+    #[error("order not found")]
+    OrderNotFound,
+    #[error("order state conflict")]
+    StateConflict,
+    #[error("internal error")]
+    Internal,
+}
+
+impl OrderError {
+    /// The one place order errors meet API codes.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::MachineNotFound => ErrorCode::MachineNotFound,
+            // API.md: "offline, or did not accept within accept_timeout".
+            Self::Offline | Self::NotAccepted => ErrorCode::MachineOffline,
+            Self::Busy => ErrorCode::MachineBusy,
+            Self::InsufficientStock => ErrorCode::InsufficientStock,
+            Self::Refused(_) => ErrorCode::MachineRefused,
+            Self::OrderNotFound => ErrorCode::OrderNotFound,
+            Self::StateConflict => ErrorCode::OrderStateConflict,
+            Self::Internal => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<StorageError> for OrderError {
+    fn from(e: StorageError) -> Self {
+        error!(error = %e, "storage failed in the order path");
+        Self::Internal
+    }
+}
+
+/// A validated order request.
+#[derive(Debug, Clone)]
+pub struct PlaceRequest {
+    pub merchant: String,
+    pub machine_no: MachineNo,
+    pub lines: Vec<(i64, u32)>,
+    pub out_trade_no: Option<String>,
+    pub pay_later: bool,
+}
+
+/// Counters (exported by the metrics module).
+#[derive(Debug, Default)]
+pub struct OrderStats {
+    pub placed: AtomicU64,
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub not_accepted: AtomicU64,
+    pub busy: AtomicU64,
+    pub unknown: AtomicU64,
+    pub results_applied: AtomicU64,
+    pub duplicate_device_messages: AtomicU64,
+    pub rejected_device_messages: AtomicU64,
+    pub malformed_device_messages: AtomicU64,
+}
+
+struct Job {
+    order_id: u64,
+    req: PlaceRequest,
+    lines: Vec<Line>,
+    reply: oneshot::Sender<Result<u64, OrderError>>,
+}
+
+/// The order service. Build with [`OrderService::new`], then [`OrderService::recover`].
+pub struct OrderService {
+    store: Arc<dyn Storage>,
+    presence: Arc<PresenceRegistry>,
+    commands: Arc<dyn CommandBus>,
+    pub inventory: Inventory,
+    settings: OrderSettings,
+    queues: DashMap<MachineNo, mpsc::Sender<Job>>,
+    /// The in-flight order's ack waiter, by order id.
+    acks: DashMap<u64, (MachineNo, oneshot::Sender<AckMsg>)>,
+    /// The in-flight order's "result applied" waiter, by order id.
+    settled: DashMap<u64, oneshot::Sender<()>>,
+    inventory_writes: mpsc::UnboundedSender<(MachineNo, Vec<msg::InventoryItem>)>,
+    ids: OrderIds,
+    pub stats: OrderStats,
+    shutdown: CancellationToken,
+    me: Weak<OrderService>,
+}
+
+fn event(kind: &str, detail: serde_json::Value) -> OrderEvent {
+    OrderEvent { at: Utc::now(), kind: kind.to_string(), detail }
+}
+
+impl OrderService {
+    pub fn new(
+        store: Arc<dyn Storage>,
+        presence: Arc<PresenceRegistry>,
+        commands: Arc<dyn CommandBus>,
+        settings: OrderSettings,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let (inventory_writes, rx) = mpsc::unbounded_channel();
+        let svc = Arc::new_cyclic(|me| Self {
+            store,
+            presence,
+            commands,
+            inventory: Inventory::default(),
+            settings,
+            queues: DashMap::new(),
+            acks: DashMap::new(),
+            settled: DashMap::new(),
+            inventory_writes,
+            ids: OrderIds::default(),
+            stats: OrderStats::default(),
+            shutdown,
+            me: me.clone(),
+        });
+        tokio::spawn(inventory_writer(svc.store.clone(), rx));
+        svc
+    }
+
+    /// Start-up: load stock snapshots, re-hold reservations of open orders,
+    /// give up on orders that were dispatching when the process stopped
+    /// (their merchant never got an answer), and re-arm dispense deadlines.
+    pub async fn recover(&self) -> Result<(), StorageError> {
+        for (m, items) in self.store.inventories().await? {
+            self.inventory.set_snapshot(m, &items);
+        }
+        let open = self
+            .store
+            .orders_in_status(&[Status::AwaitingPayment, Status::Dispatching, Status::Dispensing])
+            .await?;
+        for o in open {
+            match o.status {
+                Status::AwaitingPayment => self.inventory.restore(o.machine_no, &o.lines),
+                Status::Dispatching => {
+                    let applied = self
+                        .transition(&o, &Event::NotAccepted("gateway_restart".into()), json!({}))
+                        .await;
+                    if matches!(applied, Ok(Some(_))) {
+                        // The command may have left: make sure it is never executed.
+                        let _ = self.send_cancel(o.machine_no, o.order_id).await;
+                    }
+                }
+                Status::Dispensing => {
+                    self.inventory.restore(o.machine_no, &o.lines);
+                    if let Some(me) = self.me.upgrade() {
+                        tokio::spawn(async move { me.watch_deadline(o.order_id).await });
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Place an order and wait for the machine's acceptance.
+    pub async fn place(&self, req: PlaceRequest) -> Result<u64, OrderError> {
+        self.stats.placed.fetch_add(1, Ordering::Relaxed);
+        let machine = self.store.machine(&req.machine_no).await?;
+        // Another merchant's machine answers exactly like an absent one.
+        if machine.is_none_or(|m| m.merchant_appid != req.merchant) {
+            return Err(OrderError::MachineNotFound);
+        }
+        if !self.presence.is_online(&req.machine_no) {
+            return Err(OrderError::Offline);
+        }
+        let lines = self
+            .inventory
+            .reserve(req.machine_no, &req.lines)
+            .map_err(|s| {
+                debug!(machine_no = %req.machine_no, shortfall = ?s, "insufficient stock");
+                match s {
+                    Shortfall::NotCarried(_) | Shortfall::Insufficient(_) => OrderError::InsufficientStock,
+                }
+            })?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job { order_id: self.ids.next(), req, lines, reply };
+        let m = job.req.machine_no;
+        let queue = self.queue(m);
+        if let Err(e) = queue.try_send(job) {
+            let job = match e {
+                mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+            };
+            self.inventory.release(m, &job.lines);
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(OrderError::Busy);
+        }
+        // The worker always answers; a dropped sender means shutdown.
+        answer.await.unwrap_or(Err(OrderError::Internal))
+    }
+
+    fn queue(&self, m: MachineNo) -> mpsc::Sender<Job> {
+        self.queues
+            .entry(m)
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(self.settings.queue_depth.max(1));
+                if let Some(me) = self.me.upgrade() {
+                    tokio::spawn(async move { me.worker(m, rx).await });
+                }
+                tx
+            })
+            .clone()
+    }
+
+    /// One machine's orders, one at a time, in arrival order.
+    async fn worker(self: Arc<Self>, m: MachineNo, mut rx: mpsc::Receiver<Job>) {
+        loop {
+            let job = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                j = rx.recv() => match j { Some(j) => j, None => break },
+            };
+            self.dispatch(job).await;
+        }
+        // Orders still queued were never persisted; their callers get 50000.
+        while let Ok(job) = rx.try_recv() {
+            self.inventory.release(m, &job.lines);
+            let _ = job.reply.send(Err(OrderError::Internal));
+        }
+    }
+
+    async fn dispatch(&self, job: Job) {
+        let Job { order_id, req, lines, reply } = job;
+        let m = req.machine_no;
+        let order_id = match self.dispatch_inner(order_id, &req, &lines).await {
+            Ok(Accepted { order_id, settled }) => {
+                let _ = reply.send(Ok(order_id));
+                // Stay on this order until it settles or reaches its deadline:
+                // one order at a time per machine.
+                let deadline = self.settings.dispense_timeout;
+                let got = tokio::select! {
+                    r = tokio::time::timeout(deadline, settled) => r.is_ok(),
+                    _ = self.shutdown.cancelled() => return,
+                };
+                if !got {
+                    self.deadline_passed(order_id).await;
+                }
+                order_id
+            }
+            Err((order_id, e)) => {
+                self.inventory.release(m, &lines);
+                let _ = reply.send(Err(e));
+                order_id
+            }
+        };
+        self.settled.remove(&order_id);
+        self.acks.remove(&order_id);
+    }
+
+    async fn dispatch_inner(
+        &self,
+        mut order_id: u64,
+        req: &PlaceRequest,
+        lines: &[Line],
+    ) -> Result<Accepted, (u64, OrderError)> {
+        let m = req.machine_no;
+        if !self.presence.is_online(&m) {
+            return Err((order_id, OrderError::Offline));
+        }
+        let order = Order::new(lines.to_vec(), false);
+        // Durable before anything leaves.
+        let mut attempts = 0;
+        loop {
+            let new = NewOrder {
+                order_id,
+                merchant_appid: req.merchant.clone(),
+                machine_no: m,
+                out_trade_no: req.out_trade_no.clone(),
+                request_fingerprint: None,
+                pay_later: false,
+                status: order.status,
+                lines: lines.to_vec(),
+                amount: order.amount(),
+                created_at: Utc::now(),
+                pay_deadline: None,
+            };
+            let ev = event("created", json!({ "amount": order.amount(), "lines": lines }));
+            match self.store.insert_order(&new, &ev).await {
+                Ok(()) => break,
+                Err(StorageError::Duplicate("order")) if attempts < 5 => {
+                    attempts += 1;
+                    order_id = self.ids.next();
+                }
+                Err(e) => {
+                    error!(machine_no = %m, error = %e, "could not persist order");
+                    return Err((order_id, OrderError::Internal));
+                }
+            }
+        }
+        let (ack_tx, ack_rx) = oneshot::channel();
+        let (settled_tx, settled_rx) = oneshot::channel();
+        self.acks.insert(order_id, (m, ack_tx));
+        self.settled.insert(order_id, settled_tx);
+        let ttl_ms = u64::try_from(self.settings.accept_timeout.as_millis()).unwrap_or(u64::MAX);
+        let cmd = DispenseCmd {
+            order_id,
+            items: lines.iter().map(|l| OrderLine { product_id: l.product_id, quantity: l.quantity }).collect(),
+            ttl_ms,
+        };
+        let sent = self.commands.send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd))).await;
+        let stored = self.load(order_id).await.map_err(|e| (order_id, e))?;
+        if let Err(e) = sent {
+            let _ = self
+                .transition(&stored, &Event::NotAccepted(format!("not_delivered: {e}")), json!({}))
+                .await;
+            return Err((order_id, OrderError::Offline));
+        }
+        let _ = self.store.append_order_event(order_id, &event("sent", json!({ "ttl_ms": ttl_ms }))).await;
+
+        let ack = tokio::time::timeout(self.settings.accept_timeout, ack_rx).await;
+        match ack {
+            Ok(Ok(a)) if a.accepted => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                match self.transition(&stored, &Event::Accepted, json!({})).await {
+                    Ok(_) => Ok(Accepted { order_id, settled: settled_rx }),
+                    Err(e) => Err((order_id, e)),
+                }
+            }
+            Ok(Ok(a)) => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                let reason = a.reason.unwrap_or_else(|| "refused".into());
+                let _ = self.transition(&stored, &Event::Refused(reason.clone()), json!({})).await;
+                Err((order_id, OrderError::Refused(reason)))
+            }
+            _ => {
+                self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
+                self.acks.remove(&order_id);
+                // Record first, then cancel: the machine must never act on it
+                // (the command's TTL and the machine's dedup are the other guards).
+                let _ = self
+                    .transition(&stored, &Event::NotAccepted("accept_timeout".into()), json!({}))
+                    .await;
+                if let Err(e) = self.send_cancel(m, order_id).await {
+                    debug!(machine_no = %m, order_id, error = %e, "cancel not delivered");
+                }
+                Err((order_id, OrderError::NotAccepted))
+            }
+        }
+    }
+
+    async fn send_cancel(&self, m: MachineNo, order_id: u64) -> Result<(), crate::commands::DeliveryError> {
+        let r = self
+            .commands
+            .send(&m, Command::Cancel, Bytes::from(msg::encode(&CancelCmd { order_id })))
+            .await;
+        let _ = self
+            .store
+            .append_order_event(order_id, &event("cancel_sent", json!({ "delivered": r.is_ok() })))
+            .await;
+        r
+    }
+
+    async fn load(&self, order_id: u64) -> Result<StoredOrder, OrderError> {
+        self.store.order(order_id).await?.ok_or(OrderError::Internal)
+    }
+
+    /// Apply `ev` to the stored order with a compare-and-set on its status,
+    /// retrying on a lost race. Returns the new order when this call changed
+    /// it, None when the event was a no-op (duplicate).
+    async fn transition(
+        &self,
+        stored: &StoredOrder,
+        ev: &Event,
+        detail: serde_json::Value,
+    ) -> Result<Option<Order>, OrderError> {
+        let mut current = stored.clone();
+        for _ in 0..8 {
+            let before = current.as_state();
+            let next = match apply(&before, ev) {
+                Ok(Transition::Changed(n)) => n,
+                Ok(Transition::Unchanged) => return Ok(None),
+                Err(TransitionError::Conflict(_)) => return Err(OrderError::StateConflict),
+                Err(TransitionError::BadResult(_)) => return Err(OrderError::StateConflict),
+            };
+            let now = Utc::now();
+            let dispense_deadline = if next.status == Status::Dispensing {
+                chrono::Duration::from_std(self.settings.dispense_timeout).ok().map(|d| now + d)
+            } else {
+                current.dispense_deadline
+            };
+            let change = OrderChange {
+                status: next.status,
+                lines: next.lines.clone(),
+                error: next.error.clone(),
+                result_applied: next.result_applied,
+                refund_amount: next.refund_amount(),
+                dispense_deadline,
+                at: now,
+            };
+            let mut d = detail.clone();
+            if let Some(obj) = d.as_object_mut() {
+                obj.insert("status".into(), json!(next.status.as_str()));
+                if let Some(e) = &next.error {
+                    obj.insert("error".into(), json!(e));
+                }
+            }
+            let kind = match ev {
+                Event::Paid => "paid",
+                Event::PaymentExpired => "expired",
+                Event::Accepted => "accepted",
+                Event::Refused(_) => "refused",
+                Event::NotAccepted(_) => "not_accepted",
+                Event::Result { .. } => "result",
+                Event::DispenseDeadline => "deadline",
+            };
+            if self
+                .store
+                .update_order(current.order_id, current.status, &change, &event(kind, d))
+                .await?
+            {
+                return Ok(Some(next));
+            }
+            // Lost a race (a result overtook the ack, say): reload and retry.
+            current = self.load(current.order_id).await?;
+        }
+        Err(OrderError::StateConflict)
+    }
+
+    async fn deadline_passed(&self, order_id: u64) {
+        let Ok(o) = self.load(order_id).await else { return };
+        if o.status != Status::Dispensing {
+            return;
+        }
+        match self.transition(&o, &Event::DispenseDeadline, json!({})).await {
+            Ok(Some(_)) => {
+                self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                warn!(machine_no = %o.machine_no, order_id, "no result before the dispense deadline: unknown");
+                self.inventory.release(o.machine_no, &o.lines);
+            }
+            Ok(None) | Err(_) => {}
+        }
+    }
+
+    /// For orders restored at start-up: wait out the stored deadline.
+    async fn watch_deadline(self: Arc<Self>, order_id: u64) {
+        let Ok(o) = self.load(order_id).await else { return };
+        let left = o
+            .dispense_deadline
+            .and_then(|d| (d - Utc::now()).to_std().ok())
+            .unwrap_or(Duration::ZERO);
+        let (tx, rx) = oneshot::channel();
+        self.settled.insert(order_id, tx);
+        let got = tokio::select! {
+            r = tokio::time::timeout(left, rx) => r.is_ok(),
+            _ = self.shutdown.cancelled() => return,
+        };
+        self.settled.remove(&order_id);
+        if !got {
+            self.deadline_passed(order_id).await;
+        }
+    }
+
+    /// A merchant's view of one order: None when absent or another merchant's.
+    pub async fn get(&self, merchant: &str, order_id: u64) -> Result<Option<(StoredOrder, Vec<OrderEvent>)>, OrderError> {
+        let Some(o) = self.store.order(order_id).await? else { return Ok(None) };
+        if o.merchant_appid != merchant {
+            return Ok(None);
+        }
+        let events = self.store.order_events(order_id).await?;
+        Ok(Some((o, events)))
+    }
+
+    fn on_ack(&self, m: MachineNo, payload: &Bytes) {
+        let Ok(ack) = msg::decode::<AckMsg>(payload) else {
+            self.stats.malformed_device_messages.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        // Only the machine the order was sent to can answer for it.
+        let waiting = self.acks.remove_if(&ack.order_id, |_, (mm, _)| *mm == m);
+        match waiting {
+            Some((_, (_, tx))) => {
+                let _ = tx.send(ack);
+            }
+            None => {
+                self.stats.duplicate_device_messages.fetch_add(1, Ordering::Relaxed);
+                debug!(machine_no = %m, order_id = ack.order_id, "ack for no waiting order (late, duplicate or foreign)");
+                if ack.accepted {
+                    // A late acceptance of an order we gave up on: repeat the cancel.
+                    if let Some(me) = self.me.upgrade() {
+                        tokio::spawn(async move { me.late_accept(m, ack.order_id).await });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn late_accept(&self, m: MachineNo, order_id: u64) {
+        let Ok(Some(o)) = self.store.order(order_id).await else { return };
+        if o.machine_no == m && o.status == Status::Rejected {
+            warn!(machine_no = %m, order_id, "machine accepted an order after it was given up; cancelling again");
+            let _ = self.send_cancel(m, order_id).await;
+        }
+    }
+
+    async fn on_result(&self, m: MachineNo, payload: Bytes) {
+        let Ok(r) = msg::decode::<ResultMsg>(&payload) else {
+            self.stats.malformed_device_messages.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Ok(Some(o)) = self.store.order(r.order_id).await else {
+            self.stats.rejected_device_messages.fetch_add(1, Ordering::Relaxed);
+            warn!(machine_no = %m, order_id = r.order_id, "result for an unknown order dropped");
+            return;
+        };
+        if o.machine_no != m {
+            self.stats.rejected_device_messages.fetch_add(1, Ordering::Relaxed);
+            warn!(machine_no = %m, order_id = r.order_id, "result for another machine's order dropped");
+            return;
+        }
+        let ev = Event::Result {
+            items: r.items.iter().map(|i| (i.product_id, i.quantity, i.dispensed)).collect(),
+            error: r.error.clone(),
+        };
+        // A result implies acceptance: it can overtake the ack's bookkeeping.
+        let mut o = o;
+        if o.status == Status::Dispatching {
+            match self.transition(&o, &Event::Accepted, json!({ "implied_by": "result" })).await {
+                Ok(_) => match self.load(o.order_id).await {
+                    Ok(n) => o = n,
+                    Err(_) => return,
+                },
+                Err(_) => return,
+            }
+        }
+        let held = o.status.holds_reservation();
+        match self.transition(&o, &ev, json!({ "items": r.items })).await {
+            Ok(Some(next)) => {
+                self.stats.results_applied.fetch_add(1, Ordering::Relaxed);
+                info!(machine_no = %m, order_id = o.order_id, status = next.status.as_str(), "order settled");
+                if held {
+                    self.inventory.release(m, &next.lines);
+                } else {
+                    // Reservation already released (unknown): only the
+                    // dispensed counts leave the reported stock.
+                    let only_dispensed: Vec<Line> =
+                        next.lines.iter().map(|l| Line { quantity: 0, ..l.clone() }).collect();
+                    self.inventory.release(m, &only_dispensed);
+                }
+                if let Some((_, tx)) = self.settled.remove(&o.order_id) {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(None) => {
+                self.stats.duplicate_device_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.rejected_device_messages.fetch_add(1, Ordering::Relaxed);
+                warn!(machine_no = %m, order_id = o.order_id, status = o.status.as_str(), "result does not fit the order; dropped");
+                let _ = self
+                    .store
+                    .append_order_event(o.order_id, &event("result_rejected", json!({ "items": r.items, "error": r.error })))
+                    .await;
+            }
+        }
+    }
+
+    fn on_inventory(&self, m: MachineNo, payload: &Bytes) {
+        match msg::decode::<InventoryMsg>(payload) {
+            Ok(inv) => {
+                self.inventory.set_snapshot(m, &inv.items);
+                let _ = self.inventory_writes.send((m, inv.items));
+            }
+            Err(_) => {
+                self.stats.malformed_device_messages.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct Accepted {
+    order_id: u64,
+    settled: oneshot::Receiver<()>,
+}
+
+/// Persists inventory snapshots in arrival order, off the edge's tasks.
+async fn inventory_writer(
+    store: Arc<dyn Storage>,
+    mut rx: mpsc::UnboundedReceiver<(MachineNo, Vec<msg::InventoryItem>)>,
+) {
+    while let Some((m, items)) = rx.recv().await {
+        if let Err(e) = store.put_inventory(&m, &items, Utc::now()).await {
+            warn!(machine_no = %m, error = %e, "inventory snapshot not persisted");
+        }
+    }
+}
+
+/// Uplinks routed to the order side.
+pub struct OrderUplinks(pub Arc<OrderService>);
+
+impl UplinkHandler for OrderUplinks {
+    fn on_uplink(&self, machine_no: MachineNo, _epoch: u64, kind: Uplink, payload: &Bytes) {
+        match kind {
+            Uplink::Inventory => self.0.on_inventory(machine_no, payload),
+            Uplink::Ack => self.0.on_ack(machine_no, payload),
+            Uplink::Result => {
+                let svc = self.0.clone();
+                let payload = payload.clone();
+                tokio::spawn(async move { svc.on_result(machine_no, payload).await });
+            }
+            Uplink::State | Uplink::Pong => {}
+        }
+    }
+}
+
+impl StoredOrder {
+    /// The state-machine view of a stored order.
+    pub fn as_state(&self) -> Order {
+        Order {
+            status: self.status,
+            lines: self.lines.clone(),
+            error: self.error.clone(),
+            result_applied: self.result_applied,
+        }
+    }
+}

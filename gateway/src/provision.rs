@@ -1,0 +1,674 @@
+//! Provisioning commands (`vendgate merchant add`, `machine add`, `machine
+//! list`, `service add`): create accounts with fresh secrets in the same
+//! database the running gateway reads, so no restart is needed. Each secret
+//! is shown exactly once, on `out` or in the secrets file; only its hash is
+//! stored.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::SecondsFormat;
+use vendgate_proto::machine::MachineNo;
+
+use crate::secrets::{generate_appid, generate_secret, random_lower_alnum, SecretHash};
+use crate::storage::{NewMachine, NewMerchant, NewService, Storage, StorageError};
+
+/// Random characters after "svc-" in a service username.
+const SERVICE_SUFFIX_LEN: usize = 12;
+
+/// Why a provisioning command failed. Messages are meant for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("unknown merchant {0:?}")]
+    UnknownMerchant(String),
+    #[error("machine {0} is already provisioned")]
+    DuplicateMachine(MachineNo),
+    #[error("at least one machine in {first}..={last} is already provisioned; nothing was added")]
+    DuplicateMachines { first: MachineNo, last: MachineNo },
+    #[error("invalid notify url {0:?}: expected http://host/... or https://host/...")]
+    InvalidNotifyUrl(String),
+    #[error("the name must not be empty or contain control characters")]
+    InvalidName,
+    #[error("count must be at least 1")]
+    ZeroCount,
+    #[error("{count} machines starting at {first} would go past 99999999")]
+    RangeOverflow { first: MachineNo, count: u32 },
+    #[error("secrets file {} already exists; refusing to overwrite secrets issued before", .0.display())]
+    SecretsFileExists(PathBuf),
+    #[error("writing the secrets file {}", .path.display())]
+    SecretsFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the output (the account was stored, but its secret may not have been shown)")]
+    Output(#[source] io::Error),
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
+/// Create a merchant; prints `appid=…` and `appsecret=…`, one per line.
+pub async fn merchant_add(
+    store: &dyn Storage,
+    name: &str,
+    notify_url: Option<String>,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let name = valid_name(name)?;
+    if let Some(url) = &notify_url {
+        if !is_http_url(url) {
+            return Err(ProvisionError::InvalidNotifyUrl(url.clone()));
+        }
+    }
+    let appsecret = generate_secret();
+    let merchant = store
+        .create_merchant(NewMerchant {
+            name,
+            notify_url,
+            appid: generate_appid(),
+            appsecret_hash: SecretHash::new(&appsecret),
+        })
+        .await
+        .map_err(ProvisionError::Storage)?;
+    writeln!(out, "appid={}", merchant.appid).map_err(ProvisionError::Output)?;
+    writeln!(out, "appsecret={appsecret}").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// Provision one machine for `merchant_appid`; prints `secret=…`.
+pub async fn machine_add(
+    store: &dyn Storage,
+    merchant_appid: &str,
+    machine_no: MachineNo,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let secret = generate_secret();
+    store
+        .create_machine(NewMachine {
+            machine_no,
+            merchant_appid: merchant_appid.to_owned(),
+            secret_hash: SecretHash::new(&secret),
+        })
+        .await
+        .map_err(|e| match e {
+            StorageError::UnknownMerchant => {
+                ProvisionError::UnknownMerchant(merchant_appid.to_owned())
+            }
+            StorageError::Duplicate(_) => ProvisionError::DuplicateMachine(machine_no),
+            e => ProvisionError::Storage(e),
+        })?;
+    writeln!(out, "secret={secret}").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// Provision `count` machines numbered from `first` upwards for
+/// `merchant_appid`, all or nothing. Their secrets go to `secrets_out` as
+/// `machine_no,secret` lines (mode 0600 on unix); `out` gets one summary line
+/// `added=N first=… last=…`.
+///
+/// Order matters here: the secrets file is written and synced *before* the
+/// machines are committed, so a committed machine always has its secret on
+/// disk; if the commit fails the file is removed again. An existing file is
+/// never overwritten, since it may hold the only copy of earlier secrets.
+pub async fn machine_add_bulk(
+    store: &dyn Storage,
+    merchant_appid: &str,
+    first: MachineNo,
+    count: u32,
+    secrets_out: &Path,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    if count == 0 {
+        return Err(ProvisionError::ZeroCount);
+    }
+    let last = first
+        .to_u32()
+        .checked_add(count - 1)
+        .and_then(MachineNo::from_u32)
+        .ok_or(ProvisionError::RangeOverflow { first, count })?;
+    // Checked up front so a typo does not leave a secrets file behind; the
+    // foreign key still guards the insert itself.
+    if store
+        .merchant(merchant_appid)
+        .await
+        .map_err(ProvisionError::Storage)?
+        .is_none()
+    {
+        return Err(ProvisionError::UnknownMerchant(merchant_appid.to_owned()));
+    }
+
+    let mut lines = String::with_capacity(count as usize * 42);
+    let mut machines = Vec::with_capacity(count as usize);
+    for n in first.to_u32()..=last.to_u32() {
+        // n runs from first to last, and `last` was built by from_u32, so
+        // every n in between fits as well; skipping is unreachable.
+        let Some(machine_no) = MachineNo::from_u32(n) else {
+            continue;
+        };
+        let secret = generate_secret();
+        lines.push_str(machine_no.as_str());
+        lines.push(',');
+        lines.push_str(&secret);
+        lines.push('\n');
+        machines.push(NewMachine {
+            machine_no,
+            merchant_appid: merchant_appid.to_owned(),
+            secret_hash: SecretHash::new(&secret),
+        });
+    }
+    let added = machines.len();
+
+    let path = secrets_out.to_path_buf();
+    let written = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || write_secrets_file(&path, lines.as_bytes())).await
+    };
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(ProvisionError::SecretsFileExists(path));
+        }
+        Ok(Err(source)) => return Err(ProvisionError::SecretsFile { path, source }),
+        Err(join) => {
+            return Err(ProvisionError::SecretsFile {
+                path,
+                source: io::Error::other(join),
+            })
+        }
+    }
+
+    if let Err(e) = store.create_machines(machines).await {
+        // Nothing was committed, so these secrets are worthless; removing the
+        // file is best effort (the error below is what the operator needs).
+        let _ = std::fs::remove_file(&path);
+        return Err(match e {
+            StorageError::UnknownMerchant => {
+                ProvisionError::UnknownMerchant(merchant_appid.to_owned())
+            }
+            StorageError::Duplicate(_) => ProvisionError::DuplicateMachines { first, last },
+            e => ProvisionError::Storage(e),
+        });
+    }
+    writeln!(out, "added={added} first={first} last={last}").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// One tab-separated line per machine, ordered by number:
+/// `machine_no merchant online|offline last_seen` (RFC 3339, or `-`).
+pub async fn machine_list(store: &dyn Storage, out: &mut impl Write) -> Result<(), ProvisionError> {
+    let machines = store
+        .list_machines(None)
+        .await
+        .map_err(ProvisionError::Storage)?;
+    let mut buf = io::BufWriter::new(out);
+    for m in machines {
+        let last_seen = m
+            .last_seen
+            .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+            .unwrap_or_else(|| "-".to_owned());
+        let state = if m.online { "online" } else { "offline" };
+        writeln!(
+            buf,
+            "{}\t{}\t{state}\t{last_seen}",
+            m.machine_no, m.merchant_appid
+        )
+        .map_err(ProvisionError::Output)?;
+    }
+    buf.flush().map_err(ProvisionError::Output)
+}
+
+/// Create a service account; prints `username=svc-…` and `password=…`.
+pub async fn service_add(
+    store: &dyn Storage,
+    name: &str,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let name = valid_name(name)?;
+    let password = generate_secret();
+    // The "svc-" prefix keeps a service username from ever looking like a
+    // machine number (all digits), which the edge would take for a machine.
+    let account = store
+        .create_service(NewService {
+            name,
+            username: format!("svc-{}", random_lower_alnum(SERVICE_SUFFIX_LEN)),
+            password_hash: SecretHash::new(&password),
+        })
+        .await
+        .map_err(ProvisionError::Storage)?;
+    writeln!(out, "username={}", account.username).map_err(ProvisionError::Output)?;
+    writeln!(out, "password={password}").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// Trimmed; not empty and free of control characters (tabs and newlines would
+/// break line-oriented output).
+fn valid_name(name: &str) -> Result<String, ProvisionError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().any(char::is_control) {
+        return Err(ProvisionError::InvalidName);
+    }
+    Ok(name.to_owned())
+}
+
+/// A deliberately small check, enough to catch typos: `http://` or
+/// `https://` (any case), a non-empty host, an optional numeric port, no
+/// whitespace or control characters anywhere.
+fn is_http_url(url: &str) -> bool {
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let lower = url.to_ascii_lowercase();
+    let rest = if lower.starts_with("http://") {
+        &url["http://".len()..]
+    } else if lower.starts_with("https://") {
+        &url["https://".len()..]
+    } else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((host, after)) => match after {
+                "" => (host, None),
+                p => match p.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return false,
+                },
+            },
+            None => return false,
+        }
+    } else {
+        match host_port.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port, None),
+        }
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.parse::<u16>().is_ok());
+    !host.is_empty() && port_ok
+}
+
+/// Create (never overwrite) `path` with owner-only permissions, write
+/// `contents` and sync it to disk.
+fn write_secrets_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    let result = file.write_all(contents).and_then(|()| file.sync_all());
+    if result.is_err() {
+        // A partial secrets file is useless; the machines are not created.
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::storage::open_sqlite;
+
+    async fn store() -> (TempDir, Arc<dyn Storage>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_sqlite(&dir.path().join("vendgate.db")).await.unwrap();
+        (dir, store)
+    }
+
+    fn no(s: &str) -> MachineNo {
+        s.parse().unwrap()
+    }
+
+    /// Parse `key=value` lines.
+    fn kv(out: &[u8]) -> Vec<(String, String)> {
+        String::from_utf8(out.to_vec())
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (k, v) = l.split_once('=').unwrap();
+                (k.to_owned(), v.to_owned())
+            })
+            .collect()
+    }
+
+    async fn add_merchant(store: &dyn Storage) -> (String, String) {
+        let mut out = Vec::new();
+        merchant_add(store, "Acme", None, &mut out).await.unwrap();
+        let kv = kv(&out);
+        (kv[0].1.clone(), kv[1].1.clone())
+    }
+
+    #[tokio::test]
+    async fn merchant_add_prints_credentials_that_verify() {
+        let (_dir, store) = store().await;
+        let mut out = Vec::new();
+        merchant_add(
+            store.as_ref(),
+            " Acme Vending ",
+            Some("https://merchant.example/hook?x=1".into()),
+            &mut out,
+        )
+        .await
+        .unwrap();
+        let kv = kv(&out);
+        assert_eq!(kv.len(), 2);
+        assert_eq!(kv[0].0, "appid");
+        assert_eq!(kv[1].0, "appsecret");
+        let (appid, secret) = (&kv[0].1, &kv[1].1);
+        assert!(appid.starts_with("vg") && appid.len() == 16);
+        assert_eq!(secret.len(), 32);
+
+        let m = store.merchant(appid).await.unwrap().unwrap();
+        assert_eq!(m.name, "Acme Vending");
+        assert_eq!(
+            m.notify_url.as_deref(),
+            Some("https://merchant.example/hook?x=1")
+        );
+        assert!(m.appsecret_hash.verify(secret));
+        assert!(!m.appsecret_hash.as_str().contains(secret.as_str()));
+    }
+
+    #[tokio::test]
+    async fn merchant_add_rejects_bad_input() {
+        let (_dir, store) = store().await;
+        for url in [
+            "ftp://x.example/",
+            "http://",
+            "https:///path",
+            "example.com/hook",
+            "http://host:port/",
+            "http://host:99999/",
+            "http://ho st/",
+            "http://[::1/",
+            "",
+        ] {
+            let mut out = Vec::new();
+            let err = merchant_add(store.as_ref(), "Acme", Some(url.into()), &mut out)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, ProvisionError::InvalidNotifyUrl(_)),
+                "{url}: {err}"
+            );
+            assert!(out.is_empty());
+        }
+        for name in ["", "  ", "a\tb"] {
+            let err = merchant_add(store.as_ref(), name, None, &mut Vec::new())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ProvisionError::InvalidName), "{name:?}");
+        }
+        assert!(store.list_merchants().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn http_url_check() {
+        for ok in [
+            "http://a",
+            "https://hooks.example.com",
+            "HTTPS://hooks.example.com:8443/v1/notify",
+            "http://user:pw@10.0.0.1:80/x#frag",
+            "http://[::1]:8080/",
+            "http://[::1]",
+        ] {
+            assert!(is_http_url(ok), "{ok}");
+        }
+        for bad in [
+            "http://:80/",
+            "http://host:/",
+            "http://[::1]x/",
+            "https://\u{7}x",
+        ] {
+            assert!(!is_http_url(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn machine_add_prints_a_secret_that_verifies() {
+        let (_dir, store) = store().await;
+        let (appid, _) = add_merchant(store.as_ref()).await;
+        let mut out = Vec::new();
+        machine_add(store.as_ref(), &appid, no("00000001"), &mut out)
+            .await
+            .unwrap();
+        let kv = kv(&out);
+        assert_eq!(kv.len(), 1);
+        assert_eq!(kv[0].0, "secret");
+        let m = store.machine(&no("00000001")).await.unwrap().unwrap();
+        assert_eq!(m.merchant_appid, appid);
+        assert!(m.secret_hash.verify(&kv[0].1));
+        assert!(!m.online);
+    }
+
+    #[tokio::test]
+    async fn machine_add_errors() {
+        let (_dir, store) = store().await;
+        let err = machine_add(
+            store.as_ref(),
+            "vgnosuchmerchant",
+            no("00000001"),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::UnknownMerchant(ref a) if a == "vgnosuchmerchant"));
+        assert_eq!(err.to_string(), "unknown merchant \"vgnosuchmerchant\"");
+
+        let (appid, _) = add_merchant(store.as_ref()).await;
+        machine_add(store.as_ref(), &appid, no("00000001"), &mut Vec::new())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let err = machine_add(store.as_ref(), &appid, no("00000001"), &mut out)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProvisionError::DuplicateMachine(m) if m == no("00000001")));
+        assert_eq!(err.to_string(), "machine 00000001 is already provisioned");
+        assert!(
+            out.is_empty(),
+            "no secret printed for a machine that was not added"
+        );
+    }
+
+    fn read_secrets(path: &Path) -> Vec<(MachineNo, String)> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (m, s) = l.split_once(',').unwrap();
+                (no(m), s.to_owned())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn machine_add_bulk_writes_a_private_secrets_file() {
+        let (dir, store) = store().await;
+        let (appid, _) = add_merchant(store.as_ref()).await;
+        let path = dir.path().join("secrets.csv");
+        let mut out = Vec::new();
+        machine_add_bulk(store.as_ref(), &appid, no("00000998"), 5, &path, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "added=5 first=00000998 last=00001002\n"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let secrets = read_secrets(&path);
+        let nos: Vec<&str> = secrets.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(
+            nos,
+            ["00000998", "00000999", "00001000", "00001001", "00001002"]
+        );
+        for (m, secret) in &secrets {
+            let stored = store.machine(m).await.unwrap().unwrap();
+            assert_eq!(stored.merchant_appid, appid);
+            assert!(stored.secret_hash.verify(secret));
+        }
+    }
+
+    #[tokio::test]
+    async fn machine_add_bulk_is_all_or_nothing() {
+        let (dir, store) = store().await;
+        let (appid, _) = add_merchant(store.as_ref()).await;
+        machine_add(store.as_ref(), &appid, no("00000105"), &mut Vec::new())
+            .await
+            .unwrap();
+        let path = dir.path().join("secrets.csv");
+        let mut out = Vec::new();
+        let err = machine_add_bulk(store.as_ref(), &appid, no("00000100"), 10, &path, &mut out)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProvisionError::DuplicateMachines { .. }),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "at least one machine in 00000100..=00000109 is already provisioned; nothing was added"
+        );
+        assert!(out.is_empty());
+        assert!(!path.exists(), "secrets of machines not added are removed");
+        let machines = store.list_machines(None).await.unwrap();
+        assert_eq!(machines.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn machine_add_bulk_rejects_bad_arguments() {
+        let (dir, store) = store().await;
+        let (appid, _) = add_merchant(store.as_ref()).await;
+        let path = dir.path().join("secrets.csv");
+
+        let err = machine_add_bulk(
+            store.as_ref(),
+            &appid,
+            no("00000001"),
+            0,
+            &path,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::ZeroCount));
+
+        let err = machine_add_bulk(
+            store.as_ref(),
+            &appid,
+            no("99999998"),
+            3,
+            &path,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::RangeOverflow { .. }), "{err}");
+        // The very last numbers are fine.
+        machine_add_bulk(
+            store.as_ref(),
+            &appid,
+            no("99999998"),
+            2,
+            &path,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
+
+        // An existing secrets file is never overwritten.
+        let before = std::fs::read(&path).unwrap();
+        let err = machine_add_bulk(
+            store.as_ref(),
+            &appid,
+            no("00000001"),
+            1,
+            &path,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::SecretsFileExists(_)), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(store.machine(&no("00000001")).await.unwrap().is_none());
+
+        let other = dir.path().join("other.csv");
+        let err = machine_add_bulk(
+            store.as_ref(),
+            "vgnope",
+            no("00000001"),
+            1,
+            &other,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::UnknownMerchant(_)), "{err}");
+        assert!(!other.exists());
+    }
+
+    #[tokio::test]
+    async fn machine_list_shows_presence() {
+        let (_dir, store) = store().await;
+        let (appid, _) = add_merchant(store.as_ref()).await;
+        let mut out = Vec::new();
+        machine_list(store.as_ref(), &mut out).await.unwrap();
+        assert!(out.is_empty());
+
+        for m in ["00000002", "00000001"] {
+            machine_add(store.as_ref(), &appid, no(m), &mut Vec::new())
+                .await
+                .unwrap();
+        }
+        let at = chrono::DateTime::parse_from_rfc3339("2025-03-01T12:34:56.789Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        store
+            .record_presence(&no("00000002"), true, 7, at)
+            .await
+            .unwrap();
+        machine_list(store.as_ref(), &mut out).await.unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(
+                "00000001\t{appid}\toffline\t-\n\
+                 00000002\t{appid}\tonline\t2025-03-01T12:34:56Z\n"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn service_add_prints_credentials_that_verify() {
+        let (_dir, store) = store().await;
+        let mut out = Vec::new();
+        service_add(store.as_ref(), "billing bridge", &mut out)
+            .await
+            .unwrap();
+        let kv = kv(&out);
+        assert_eq!(kv[0].0, "username");
+        assert_eq!(kv[1].0, "password");
+        let (username, password) = (&kv[0].1, &kv[1].1);
+        assert!(username.starts_with("svc-"));
+        assert_eq!(username.len(), 4 + SERVICE_SUFFIX_LEN);
+        assert!(username.parse::<MachineNo>().is_err());
+        let s = store.service(username).await.unwrap().unwrap();
+        assert_eq!(s.name, "billing bridge");
+        assert!(s.password_hash.verify(password));
+
+        let err = service_add(store.as_ref(), "", &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProvisionError::InvalidName));
+    }
+}

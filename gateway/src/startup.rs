@@ -1,0 +1,222 @@
+//! Start-up and shutdown: `Gateway::build` opens storage and binds every
+//! listener (port 0 allowed, bound addresses reported); `Gateway::run` drives
+//! the gateway until its cancellation token fires, then stops intake, closes
+//! machine connections, flushes presence to storage and returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::commands::{CommandBus, LocalCommands, PingTable};
+use crate::config::Settings;
+use crate::edge::auth::Authenticator;
+use crate::edge::{Edge, Hub};
+use crate::orders::{OrderService, OrderUplinks};
+use crate::presence::PresenceRegistry;
+use crate::storage::{self, Storage};
+use crate::uplink::DeviceUplinks;
+
+/// Longest a shutdown step may take before we give up on it.
+const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
+
+/// Handles to the running parts, for the HTTP layer, tests and tools.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn Storage>,
+    pub hub: Arc<Hub>,
+    pub presence: Arc<PresenceRegistry>,
+    pub commands: Arc<dyn CommandBus>,
+    pub uplinks: Arc<DeviceUplinks>,
+    pub orders: Arc<OrderService>,
+    pub shutdown: CancellationToken,
+}
+
+/// A built, bound, not yet running gateway.
+pub struct Gateway {
+    handle: GatewayHandle,
+    edge: Edge,
+    http: tokio::net::TcpListener,
+    mqtt_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl Gateway {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = open_storage(&settings).await?;
+        // Nothing is connected to a process that is just starting.
+        store
+            .reset_presence()
+            .await
+            .context("resetting presence in storage")?;
+
+        let shutdown = CancellationToken::new();
+        let presence = Arc::new(PresenceRegistry::new());
+        let pings = Arc::new(PingTable::default());
+        let uplinks = Arc::new(DeviceUplinks::new(presence.clone(), pings.clone()));
+        let services: Vec<(String, String)> = settings
+            .services
+            .iter()
+            .map(|c| (c.username.clone(), c.password.clone()))
+            .collect();
+        if let Some(bad) = services.iter().find(|(u, _)| u.bytes().all(|b| b.is_ascii_digit())) {
+            anyhow::bail!("service username {:?} is all digits: it would be taken for a machine", bad.0);
+        }
+        let auth = Authenticator::new(store.clone(), &services);
+        let hub = Arc::new(Hub::new(
+            settings.mqtt.clone(),
+            presence.clone(),
+            auth,
+            uplinks.clone(),
+            shutdown.clone(),
+        ));
+        let edge = Edge::bind(settings.mqtt.addr, hub.clone())
+            .await
+            .with_context(|| format!("binding the MQTT listener on {}", settings.mqtt.addr))?;
+        let mqtt_addr = edge.local_addr()?;
+        let http = tokio::net::TcpListener::bind(settings.http.addr)
+            .await
+            .with_context(|| format!("binding the HTTP listener on {}", settings.http.addr))?;
+        let http_addr = http.local_addr()?;
+        let commands: Arc<dyn CommandBus> =
+            Arc::new(LocalCommands::new(hub.clone(), presence.clone(), pings));
+        let orders = OrderService::new(
+            store.clone(),
+            presence.clone(),
+            commands.clone(),
+            settings.orders.clone(),
+            shutdown.clone(),
+        );
+        orders.recover().await.context("recovering open orders")?;
+        uplinks.set_order_handler(Arc::new(OrderUplinks(orders.clone())));
+        let handle = GatewayHandle {
+            settings: Arc::new(settings),
+            store,
+            hub,
+            presence,
+            commands,
+            uplinks,
+            orders,
+            shutdown,
+        };
+        Ok(Self {
+            handle,
+            edge,
+            http,
+            mqtt_addr,
+            http_addr,
+        })
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn handle(&self) -> GatewayHandle {
+        self.handle.clone()
+    }
+
+    /// Run until `handle().shutdown` is cancelled.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let h = self.handle;
+        info!(mqtt = %self.mqtt_addr, http = %self.http_addr, "vendgate running");
+
+        let persist_stop = CancellationToken::new();
+        let persister = spawn_presence_persister(h.clone(), persist_stop.clone());
+        let edge_task = tokio::spawn(self.edge.run());
+        let http_task = {
+            let shutdown = h.shutdown.clone();
+            let app = crate::http::router(h.clone(), h.orders.clone());
+            let listener = self.http;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await
+            })
+        };
+
+        h.shutdown.cancelled().await;
+        info!("shutting down: closing listeners and machine connections");
+        // Intake first: the edge stops accepting and closes every connection;
+        // each close is a presence event the persister still writes.
+        if tokio::time::timeout(SHUTDOWN_STEP, edge_task).await.is_err() {
+            warn!("MQTT edge did not stop in time");
+        }
+        match tokio::time::timeout(SHUTDOWN_STEP, http_task).await {
+            Ok(Ok(Err(e))) => error!(error = %e, "HTTP server failed"),
+            Err(_) => warn!("HTTP server did not stop in time"),
+            _ => {}
+        }
+        persist_stop.cancel();
+        if tokio::time::timeout(SHUTDOWN_STEP, persister).await.is_err() {
+            warn!("presence writer did not stop in time");
+        }
+        // Every connection of this process is gone.
+        if let Err(e) = h.store.reset_presence().await {
+            warn!(error = %e, "could not mark machines offline at shutdown");
+        }
+        h.store.close().await;
+        info!("vendgate stopped");
+        Ok(())
+    }
+}
+
+async fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
+    let Some(path) = settings.sqlite_path() else {
+        anyhow::bail!("unsupported database_url {:?} (sqlite://PATH)", settings.database_url);
+    };
+    storage::open_sqlite(&path)
+        .await
+        .with_context(|| format!("opening the database {}", path.display()))
+}
+
+/// Writes presence changes to storage so other processes (the CLI, later other
+/// nodes) see who is online. Storage lags the registry by one write; the
+/// registry stays the source of truth for this process.
+fn spawn_presence_persister(h: GatewayHandle, stop: CancellationToken) -> JoinHandle<()> {
+    let mut rx = h.presence.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                biased;
+                ev = rx.recv() => ev,
+                _ = stop.cancelled() => {
+                    // Drain what is already queued, then stop.
+                    match rx.try_recv() {
+                        Ok(ev) => Ok(ev),
+                        Err(_) => return,
+                    }
+                }
+            };
+            match ev {
+                Ok(ev) => {
+                    if let Err(e) = h
+                        .store
+                        .record_presence(&ev.machine_no, ev.online, ev.epoch, ev.at)
+                        .await
+                    {
+                        warn!(machine_no = %ev.machine_no, error = %e, "presence write failed");
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    warn!(missed = n, "presence writer lagged; resynchronising");
+                    for p in h.presence.snapshot() {
+                        let at = p.last_seen.unwrap_or_else(chrono::Utc::now);
+                        let _ = h.store.record_presence(&p.machine_no, p.online, p.epoch, at).await;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    })
+}

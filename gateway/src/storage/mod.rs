@@ -1,0 +1,155 @@
+//! Storage: what the gateway keeps across restarts and shares with other
+//! processes (the `vendgate` CLI provisions into the same database while the
+//! gateway runs), behind a backend-neutral trait.
+//!
+//! # What do we store?
+//!
+//! - merchants: appid, name, webhook URL, hashed AppSecret;
+//! - machines: owner merchant, hashed secret, and presence as last written by
+//!   the gateway (online, since when, last seen, connection epoch);
+//! - service accounts: username, name, hashed password.
+//!
+//! Secrets are only ever stored hashed ([`SecretHash`]). Orders join later.
+//!
+//! The trait speaks plain Rust types only: SQLite is the one backend today
+//! ([`sqlite`]); a PostgreSQL backend is meant to implement the same trait.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use vendgate_proto::machine::MachineNo;
+
+use crate::secrets::SecretHash;
+
+pub mod orders;
+pub mod sqlite;
+mod sqlite_orders;
+
+pub use orders::{NewOrder, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+
+pub use sqlite::SqliteStorage;
+
+/// A merchant to create.
+#[derive(Debug, Clone)]
+pub struct NewMerchant {
+    pub name: String,
+    pub notify_url: Option<String>,
+    pub appid: String,
+    pub appsecret_hash: SecretHash,
+}
+
+/// A stored merchant.
+#[derive(Debug, Clone)]
+pub struct Merchant {
+    pub appid: String,
+    pub name: String,
+    pub notify_url: Option<String>,
+    pub appsecret_hash: SecretHash,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A machine to provision.
+#[derive(Debug, Clone)]
+pub struct NewMachine {
+    pub machine_no: MachineNo,
+    pub merchant_appid: String,
+    pub secret_hash: SecretHash,
+}
+
+/// A stored machine with its persisted presence. The presence fields lag the
+/// running gateway's in-memory registry by at most one write; in the gateway
+/// process itself the registry is the source of truth.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub machine_no: MachineNo,
+    pub merchant_appid: String,
+    pub secret_hash: SecretHash,
+    pub online: bool,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub online_since: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A service account to create.
+#[derive(Debug, Clone)]
+pub struct NewService {
+    pub name: String,
+    pub username: String,
+    pub password_hash: SecretHash,
+}
+
+/// A stored service account.
+#[derive(Debug, Clone)]
+pub struct ServiceAccount {
+    pub username: String,
+    pub name: String,
+    pub password_hash: SecretHash,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Errors of every storage backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A unique key is taken; names what ("merchant", "machine", "service").
+    #[error("{0} already exists")]
+    Duplicate(&'static str),
+    /// A machine refers to a merchant that does not exist.
+    #[error("unknown merchant")]
+    UnknownMerchant,
+    /// A stored value failed to parse (a bug or a hand-edited database).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The backend failed (I/O, locked for too long, closed pool, ...).
+    #[error("storage backend error")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The storage operations the gateway and the provisioning commands need.
+#[async_trait::async_trait]
+pub trait Storage: OrderStorage + Send + Sync + 'static {
+    /// Err(Duplicate("merchant")) if the appid is taken.
+    async fn create_merchant(&self, m: NewMerchant) -> Result<Merchant, StorageError>;
+    async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError>;
+    /// All merchants, ordered by appid.
+    async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError>;
+    /// Err(UnknownMerchant) if the merchant does not exist,
+    /// Err(Duplicate("machine")) if the machine number is taken (by any merchant).
+    async fn create_machine(&self, m: NewMachine) -> Result<Machine, StorageError>;
+    /// Bulk provisioning: one transaction, all or nothing; same errors as
+    /// [`Storage::create_machine`] (a repeated machine_no within `ms` is a
+    /// duplicate too).
+    async fn create_machines(&self, ms: Vec<NewMachine>) -> Result<(), StorageError>;
+    async fn machine(&self, m: &MachineNo) -> Result<Option<Machine>, StorageError>;
+    /// Machines ordered by machine_no; only `merchant`'s when given.
+    async fn list_machines(&self, merchant: Option<&str>) -> Result<Vec<Machine>, StorageError>;
+    /// Err(Duplicate("service")) if the username is taken.
+    async fn create_service(&self, s: NewService) -> Result<ServiceAccount, StorageError>;
+    async fn service(&self, username: &str) -> Result<Option<ServiceAccount>, StorageError>;
+    /// Persist presence so other processes (the CLI) see it. `epoch` guards
+    /// against stale writes: a write (offline or online) with an older epoch
+    /// than the stored one is ignored; an equal epoch is the same connection
+    /// and updates `last_seen`. An unknown machine is ignored.
+    async fn record_presence(
+        &self,
+        m: &MachineNo,
+        online: bool,
+        epoch: u64,
+        at: DateTime<Utc>,
+    ) -> Result<(), StorageError>;
+    /// At start-up nothing is connected yet: mark every machine offline (a
+    /// crash leaves stale online flags) and reset the stored epochs, so the
+    /// new process's epochs always win whatever the clock did meanwhile.
+    /// `last_seen` is kept.
+    async fn reset_presence(&self) -> Result<(), StorageError>;
+    /// Readiness: succeeds when the database can take a write right now.
+    async fn ping(&self) -> Result<(), StorageError>;
+    /// Close the connections, waiting for in-flight operations.
+    async fn close(&self);
+}
+
+/// Open (creating if missing) the SQLite database at `path` and bring its
+/// schema up to date.
+pub async fn open_sqlite(path: &Path) -> Result<Arc<dyn Storage>, StorageError> {
+    Ok(Arc::new(SqliteStorage::open(path).await?))
+}

@@ -1,0 +1,105 @@
+//! The order half of the storage contract: orders with their lines, the
+//! order timeline, and machines' inventory snapshots. Every status change is
+//! a compare-and-set on the stored status, which is what makes duplicate and
+//! racing device messages (and, later, concurrent nodes) apply at most once.
+
+use chrono::{DateTime, Utc};
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::msg::InventoryItem;
+
+use super::StorageError;
+use crate::orders::state::{Line, Status};
+
+/// An order to insert (with its lines) in one transaction.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub order_id: u64,
+    pub merchant_appid: String,
+    pub machine_no: MachineNo,
+    pub out_trade_no: Option<String>,
+    /// Hash of the request body, to tell an idempotent repeat from a reuse.
+    pub request_fingerprint: Option<String>,
+    pub pay_later: bool,
+    pub status: Status,
+    pub lines: Vec<Line>,
+    pub amount: i64,
+    pub created_at: DateTime<Utc>,
+    pub pay_deadline: Option<DateTime<Utc>>,
+}
+
+/// A stored order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredOrder {
+    pub order_id: u64,
+    pub merchant_appid: String,
+    pub machine_no: MachineNo,
+    pub out_trade_no: Option<String>,
+    pub request_fingerprint: Option<String>,
+    pub pay_later: bool,
+    pub status: Status,
+    pub lines: Vec<Line>,
+    pub amount: i64,
+    pub refund_amount: i64,
+    pub error: Option<String>,
+    pub result_applied: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub dispense_deadline: Option<DateTime<Utc>>,
+    pub pay_deadline: Option<DateTime<Utc>>,
+}
+
+/// The new values of a status change (lines carry the dispensed counts).
+#[derive(Debug, Clone)]
+pub struct OrderChange {
+    pub status: Status,
+    pub lines: Vec<Line>,
+    pub error: Option<String>,
+    pub result_applied: bool,
+    pub refund_amount: i64,
+    pub dispense_deadline: Option<DateTime<Utc>>,
+    pub at: DateTime<Utc>,
+}
+
+/// One entry of an order's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderEvent {
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub detail: serde_json::Value,
+}
+
+#[async_trait::async_trait]
+pub trait OrderStorage: Send + Sync + 'static {
+    /// Insert the order, its lines and its first timeline event atomically.
+    /// Err(Duplicate("order")) when the id is taken, Err(Duplicate("out_trade_no"))
+    /// when the merchant already used that out_trade_no.
+    async fn insert_order(&self, o: &NewOrder, ev: &OrderEvent) -> Result<(), StorageError>;
+    async fn order(&self, order_id: u64) -> Result<Option<StoredOrder>, StorageError>;
+    async fn order_by_out_trade_no(
+        &self,
+        merchant: &str,
+        out_trade_no: &str,
+    ) -> Result<Option<StoredOrder>, StorageError>;
+    /// Apply `change` and append `ev` atomically if the stored status is still
+    /// `from`; Ok(false) (nothing written) otherwise.
+    async fn update_order(
+        &self,
+        order_id: u64,
+        from: Status,
+        change: &OrderChange,
+        ev: &OrderEvent,
+    ) -> Result<bool, StorageError>;
+    async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError>;
+    /// The timeline, oldest first.
+    async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError>;
+    async fn orders_in_status(&self, statuses: &[Status]) -> Result<Vec<StoredOrder>, StorageError>;
+    /// Replace the machine's inventory snapshot.
+    async fn put_inventory(
+        &self,
+        m: &MachineNo,
+        items: &[InventoryItem],
+        at: DateTime<Utc>,
+    ) -> Result<(), StorageError>;
+    /// Every machine's latest snapshot.
+    async fn inventories(&self) -> Result<Vec<(MachineNo, Vec<InventoryItem>)>, StorageError>;
+}

@@ -1,0 +1,322 @@
+//! [`OrderStorage`] for SQLite: orders, lines, timeline and inventory, each
+//! write one transaction, status changes compare-and-set on `status`.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::error::ErrorKind;
+use sqlx::{Row, Sqlite, Transaction};
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::msg::InventoryItem;
+
+use super::orders::{NewOrder, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+use super::sqlite::{backend, from_ms, SqliteStorage};
+use super::StorageError;
+use crate::orders::state::{Line, Status};
+
+const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
+     pay_later, status, amount, refund_amount, error, result_applied, created_at_ms, updated_at_ms, \
+     dispense_deadline_ms, pay_deadline_ms";
+
+fn id_i64(id: u64) -> Result<i64, StorageError> {
+    i64::try_from(id).map_err(|_| StorageError::Corrupt(format!("order id {id} out of range")))
+}
+
+fn opt_ms(t: Option<DateTime<Utc>>) -> Option<i64> {
+    t.map(|t| t.timestamp_millis())
+}
+
+fn order_insert_error(e: sqlx::Error) -> StorageError {
+    if let sqlx::Error::Database(db) = &e {
+        if db.kind() == ErrorKind::UniqueViolation {
+            // SQLite names the columns of the violated constraint.
+            return if db.message().contains("out_trade_no") {
+                StorageError::Duplicate("out_trade_no")
+            } else {
+                StorageError::Duplicate("order")
+            };
+        }
+        if db.kind() == ErrorKind::ForeignKeyViolation {
+            return StorageError::UnknownMerchant;
+        }
+    }
+    backend(e)
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'_, Sqlite>,
+    order_id: i64,
+    ev: &OrderEvent,
+) -> Result<(), StorageError> {
+    sqlx::query("INSERT INTO order_events (order_id, at_ms, kind, detail) VALUES (?, ?, ?, ?)")
+        .bind(order_id)
+        .bind(ev.at.timestamp_millis())
+        .bind(&ev.kind)
+        .bind(ev.detail.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(backend)?;
+    Ok(())
+}
+
+impl SqliteStorage {
+    async fn load_orders(&self, rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<Vec<StoredOrder>, StorageError> {
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let order_id: i64 = row.try_get("order_id").map_err(backend)?;
+            let items = sqlx::query(
+                "SELECT product_id, quantity, dispensed, unit_price FROM order_items WHERE order_id = ? ORDER BY line",
+            )
+            .bind(order_id)
+            .fetch_all(self.pool())
+            .await
+            .map_err(backend)?;
+            let mut lines = Vec::with_capacity(items.len());
+            for it in items {
+                let q: i64 = it.try_get("quantity").map_err(backend)?;
+                let d: i64 = it.try_get("dispensed").map_err(backend)?;
+                lines.push(Line {
+                    product_id: it.try_get("product_id").map_err(backend)?,
+                    quantity: u32::try_from(q).map_err(|_| StorageError::Corrupt("quantity".into()))?,
+                    dispensed: u32::try_from(d).map_err(|_| StorageError::Corrupt("dispensed".into()))?,
+                    unit_price: it.try_get("unit_price").map_err(backend)?,
+                });
+            }
+            let status: String = row.try_get("status").map_err(backend)?;
+            let machine_no: String = row.try_get("machine_no").map_err(backend)?;
+            let ms = |c: &str| -> Result<Option<DateTime<Utc>>, StorageError> {
+                let v: Option<i64> = row.try_get(c).map_err(backend)?;
+                v.map(|v| from_ms(v, c)).transpose()
+            };
+            out.push(StoredOrder {
+                order_id: u64::try_from(order_id).map_err(|_| StorageError::Corrupt("order_id".into()))?,
+                merchant_appid: row.try_get("merchant_appid").map_err(backend)?,
+                machine_no: machine_no
+                    .parse::<MachineNo>()
+                    .map_err(|_| StorageError::Corrupt(format!("machine_no of order {order_id}")))?,
+                out_trade_no: row.try_get("out_trade_no").map_err(backend)?,
+                request_fingerprint: row.try_get("request_fingerprint").map_err(backend)?,
+                pay_later: row.try_get::<i64, _>("pay_later").map_err(backend)? != 0,
+                status: Status::parse(&status)
+                    .ok_or_else(|| StorageError::Corrupt(format!("status {status:?} of order {order_id}")))?,
+                lines,
+                amount: row.try_get("amount").map_err(backend)?,
+                refund_amount: row.try_get("refund_amount").map_err(backend)?,
+                error: row.try_get("error").map_err(backend)?,
+                result_applied: row.try_get::<i64, _>("result_applied").map_err(backend)? != 0,
+                created_at: from_ms(row.try_get("created_at_ms").map_err(backend)?, "created_at_ms")?,
+                updated_at: from_ms(row.try_get("updated_at_ms").map_err(backend)?, "updated_at_ms")?,
+                dispense_deadline: ms("dispense_deadline_ms")?,
+                pay_deadline: ms("pay_deadline_ms")?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl OrderStorage for SqliteStorage {
+    async fn insert_order(&self, o: &NewOrder, ev: &OrderEvent) -> Result<(), StorageError> {
+        let id = id_i64(o.order_id)?;
+        let mut tx = self.pool().begin().await.map_err(backend)?;
+        let at = o.created_at.timestamp_millis();
+        sqlx::query(
+            "INSERT INTO orders (order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
+             pay_later, status, amount, created_at_ms, updated_at_ms, pay_deadline_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(&o.merchant_appid)
+        .bind(o.machine_no.as_str())
+        .bind(&o.out_trade_no)
+        .bind(&o.request_fingerprint)
+        .bind(i64::from(o.pay_later))
+        .bind(o.status.as_str())
+        .bind(o.amount)
+        .bind(at)
+        .bind(at)
+        .bind(opt_ms(o.pay_deadline))
+        .execute(&mut *tx)
+        .await
+        .map_err(order_insert_error)?;
+        for (i, l) in o.lines.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO order_items (order_id, line, product_id, quantity, dispensed, unit_price) \
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(i64::try_from(i).unwrap_or(i64::MAX))
+            .bind(l.product_id)
+            .bind(i64::from(l.quantity))
+            .bind(i64::from(l.dispensed))
+            .bind(l.unit_price)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        insert_event(&mut tx, id, ev).await?;
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn order(&self, order_id: u64) -> Result<Option<StoredOrder>, StorageError> {
+        let Ok(id) = i64::try_from(order_id) else {
+            return Ok(None);
+        };
+        let rows = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?"))
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+            .map_err(backend)?;
+        Ok(self.load_orders(rows).await?.pop())
+    }
+
+    async fn order_by_out_trade_no(
+        &self,
+        merchant: &str,
+        out_trade_no: &str,
+    ) -> Result<Option<StoredOrder>, StorageError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE merchant_appid = ? AND out_trade_no = ?"
+        ))
+        .bind(merchant)
+        .bind(out_trade_no)
+        .fetch_all(self.pool())
+        .await
+        .map_err(backend)?;
+        Ok(self.load_orders(rows).await?.pop())
+    }
+
+    async fn update_order(
+        &self,
+        order_id: u64,
+        from: Status,
+        change: &OrderChange,
+        ev: &OrderEvent,
+    ) -> Result<bool, StorageError> {
+        let id = id_i64(order_id)?;
+        let mut tx = self.pool().begin().await.map_err(backend)?;
+        let done = sqlx::query(
+            "UPDATE orders SET status = ?, error = ?, result_applied = ?, refund_amount = ?, \
+             dispense_deadline_ms = ?, updated_at_ms = ? WHERE order_id = ? AND status = ?",
+        )
+        .bind(change.status.as_str())
+        .bind(&change.error)
+        .bind(i64::from(change.result_applied))
+        .bind(change.refund_amount)
+        .bind(opt_ms(change.dispense_deadline))
+        .bind(change.at.timestamp_millis())
+        .bind(id)
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        for (i, l) in change.lines.iter().enumerate() {
+            sqlx::query("UPDATE order_items SET dispensed = ? WHERE order_id = ? AND line = ?")
+                .bind(i64::from(l.dispensed))
+                .bind(id)
+                .bind(i64::try_from(i).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        insert_event(&mut tx, id, ev).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(true)
+    }
+
+    async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError> {
+        let id = id_i64(order_id)?;
+        let mut tx = self.pool().begin().await.map_err(backend)?;
+        insert_event(&mut tx, id, ev).await?;
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError> {
+        let id = id_i64(order_id)?;
+        let rows = sqlx::query("SELECT at_ms, kind, detail FROM order_events WHERE order_id = ? ORDER BY id")
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+            .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                let detail: String = r.try_get("detail").map_err(backend)?;
+                Ok(OrderEvent {
+                    at: from_ms(r.try_get("at_ms").map_err(backend)?, "at_ms")?,
+                    kind: r.try_get("kind").map_err(backend)?,
+                    detail: serde_json::from_str(&detail)
+                        .map_err(|_| StorageError::Corrupt(format!("event detail of order {order_id}")))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn orders_in_status(&self, statuses: &[Status]) -> Result<Vec<StoredOrder>, StorageError> {
+        if statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; statuses.len()].join(", ");
+        let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE status IN ({marks}) ORDER BY order_id");
+        let mut q = sqlx::query(&sql);
+        for s in statuses {
+            q = q.bind(s.as_str());
+        }
+        let rows = q.fetch_all(self.pool()).await.map_err(backend)?;
+        self.load_orders(rows).await
+    }
+
+    async fn put_inventory(
+        &self,
+        m: &MachineNo,
+        items: &[InventoryItem],
+        at: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.pool().begin().await.map_err(backend)?;
+        sqlx::query("DELETE FROM inventory WHERE machine_no = ?")
+            .bind(m.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        for it in items {
+            sqlx::query(
+                "INSERT OR REPLACE INTO inventory (machine_no, product_id, stock, price, updated_at_ms) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(m.as_str())
+            .bind(it.product_id)
+            .bind(i64::from(it.stock))
+            .bind(it.price)
+            .bind(at.timestamp_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn inventories(&self) -> Result<Vec<(MachineNo, Vec<InventoryItem>)>, StorageError> {
+        let rows = sqlx::query("SELECT machine_no, product_id, stock, price FROM inventory ORDER BY machine_no, product_id")
+            .fetch_all(self.pool())
+            .await
+            .map_err(backend)?;
+        let mut by: HashMap<String, Vec<InventoryItem>> = HashMap::new();
+        for r in rows {
+            let m: String = r.try_get("machine_no").map_err(backend)?;
+            let stock: i64 = r.try_get("stock").map_err(backend)?;
+            by.entry(m).or_default().push(InventoryItem {
+                product_id: r.try_get("product_id").map_err(backend)?,
+                stock: u32::try_from(stock).map_err(|_| StorageError::Corrupt("stock".into()))?,
+                price: r.try_get("price").map_err(backend)?,
+            });
+        }
+        let mut out = Vec::with_capacity(by.len());
+        for (m, items) in by {
+            let m = m.parse::<MachineNo>().map_err(|_| StorageError::Corrupt("inventory machine_no".into()))?;
+            out.push((m, items));
+        }
+        Ok(out)
+    }
+}
