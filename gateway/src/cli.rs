@@ -15,7 +15,11 @@ use crate::startup::Gateway;
 use crate::{provision, storage, telemetry};
 
 #[derive(Debug, Parser)]
-#[command(name = "vendgate", version, about = "Device gateway for vending machines")]
+#[command(
+    name = "vendgate",
+    version,
+    about = "Device gateway for vending machines"
+)]
 pub struct Cli {
     /// Configuration file (TOML).
     #[arg(long, global = true, env = "VENDGATE_CONFIG")]
@@ -93,7 +97,10 @@ pub enum ServiceCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vendgate: cannot start the runtime: {e}");
@@ -114,7 +121,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir.clone(),
         ..Overrides::default()
     };
-    if let Cmd::Serve { mqtt_addr, http_addr } = &cli.command {
+    if let Cmd::Serve {
+        mqtt_addr,
+        http_addr,
+    } = &cli.command
+    {
         overrides.mqtt_addr = *mqtt_addr;
         overrides.http_addr = *http_addr;
     }
@@ -145,7 +156,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     provision::machine_add(store.as_ref(), &merchant, m, &mut out).await?
                 }
                 (None, Some(n), Some(first), Some(path)) => {
-                    provision::machine_add_bulk(store.as_ref(), &merchant, first, n, &path, &mut out).await?
+                    provision::machine_add_bulk(
+                        store.as_ref(),
+                        &merchant,
+                        first,
+                        n,
+                        &path,
+                        &mut out,
+                    )
+                    .await?
                 }
                 _ => anyhow::bail!("give --machine-no, or --count with --first and --secrets-out"),
             }

@@ -35,9 +35,18 @@ pub enum DeliveryError {
 #[async_trait]
 pub trait CommandBus: Send + Sync + 'static {
     /// Queue `payload` on the machine's `cmd/{command}` topic at QoS 1.
-    async fn send(&self, machine_no: &MachineNo, command: Command, payload: Bytes) -> Result<(), DeliveryError>;
+    async fn send(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+    ) -> Result<(), DeliveryError>;
     /// `cmd/ping` → `pong`: the machine's application-level round trip.
-    async fn ping(&self, machine_no: &MachineNo, timeout: Duration) -> Result<Duration, DeliveryError>;
+    async fn ping(
+        &self,
+        machine_no: &MachineNo,
+        timeout: Duration,
+    ) -> Result<Duration, DeliveryError>;
 }
 
 /// Outstanding pings by (machine, id); the pong handler completes them.
@@ -66,7 +75,11 @@ pub struct LocalCommands {
 
 impl LocalCommands {
     pub fn new(hub: Arc<Hub>, presence: Arc<PresenceRegistry>, pings: Arc<PingTable>) -> Self {
-        Self { hub, presence, pings }
+        Self {
+            hub,
+            presence,
+            pings,
+        }
     }
 }
 
@@ -75,17 +88,28 @@ fn delivery(d: MachineDelivery) -> Result<(), DeliveryError> {
         MachineDelivery::Queued => Ok(()),
         MachineDelivery::NotSubscribed => Err(DeliveryError::NotSubscribed),
         MachineDelivery::Backpressure => Err(DeliveryError::Backpressure),
-        MachineDelivery::NotConnected | MachineDelivery::NotAMachineTopic => Err(DeliveryError::NotConnected),
+        MachineDelivery::NotConnected | MachineDelivery::NotAMachineTopic => {
+            Err(DeliveryError::NotConnected)
+        }
     }
 }
 
 #[async_trait]
 impl CommandBus for LocalCommands {
-    async fn send(&self, machine_no: &MachineNo, command: Command, payload: Bytes) -> Result<(), DeliveryError> {
+    async fn send(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+    ) -> Result<(), DeliveryError> {
         delivery(self.hub.send_command(machine_no, command, payload))
     }
 
-    async fn ping(&self, machine_no: &MachineNo, timeout: Duration) -> Result<Duration, DeliveryError> {
+    async fn ping(
+        &self,
+        machine_no: &MachineNo,
+        timeout: Duration,
+    ) -> Result<Duration, DeliveryError> {
         let id = self.pings.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
         self.pings.pending.insert((*machine_no, id), tx);

@@ -111,7 +111,9 @@ impl PresenceRegistry {
         // Epochs are persisted with presence rows; seeding from the wall clock
         // (µs) keeps them increasing across restarts, so a row written by the
         // previous process never outranks a connection of this one.
-        let seed = u64::try_from(Utc::now().timestamp_micros()).unwrap_or(1).max(1);
+        let seed = u64::try_from(Utc::now().timestamp_micros())
+            .unwrap_or(1)
+            .max(1);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
             machines: DashMap::new(),
@@ -272,7 +274,10 @@ mod tests {
         assert!(reg.is_online(&a));
         assert!(reg.disconnected(a, e2, OfflineReason::Clean));
         assert!(!reg.is_online(&a));
-        assert!(!reg.disconnected(a, e2, OfflineReason::Clean), "second close is a no-op");
+        assert!(
+            !reg.disconnected(a, e2, OfflineReason::Clean),
+            "second close is a no-op"
+        );
     }
 
     #[test]

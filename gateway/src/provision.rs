@@ -41,7 +41,10 @@ pub enum ProvisionError {
         #[source]
         source: io::Error,
     },
-    #[error("writing the output (the account was stored, but its secret may not have been shown)")]
+    /// The account was committed, but printing its one-time secret failed.
+    #[error("the account was stored, but its credentials could not be printed")]
+    CredentialsNotShown(#[source] io::Error),
+    #[error("writing the output")]
     Output(#[source] io::Error),
     #[error(transparent)]
     Storage(StorageError),
@@ -70,9 +73,9 @@ pub async fn merchant_add(
         })
         .await
         .map_err(ProvisionError::Storage)?;
-    writeln!(out, "appid={}", merchant.appid).map_err(ProvisionError::Output)?;
-    writeln!(out, "appsecret={appsecret}").map_err(ProvisionError::Output)?;
-    out.flush().map_err(ProvisionError::Output)
+    writeln!(out, "appid={}", merchant.appid).map_err(ProvisionError::CredentialsNotShown)?;
+    writeln!(out, "appsecret={appsecret}").map_err(ProvisionError::CredentialsNotShown)?;
+    out.flush().map_err(ProvisionError::CredentialsNotShown)
 }
 
 /// Provision one machine for `merchant_appid`; prints `secret=…`.
@@ -97,8 +100,8 @@ pub async fn machine_add(
             StorageError::Duplicate(_) => ProvisionError::DuplicateMachine(machine_no),
             e => ProvisionError::Storage(e),
         })?;
-    writeln!(out, "secret={secret}").map_err(ProvisionError::Output)?;
-    out.flush().map_err(ProvisionError::Output)
+    writeln!(out, "secret={secret}").map_err(ProvisionError::CredentialsNotShown)?;
+    out.flush().map_err(ProvisionError::CredentialsNotShown)
 }
 
 /// Provision `count` machines numbered from `first` upwards for
@@ -235,9 +238,9 @@ pub async fn service_add(
         })
         .await
         .map_err(ProvisionError::Storage)?;
-    writeln!(out, "username={}", account.username).map_err(ProvisionError::Output)?;
-    writeln!(out, "password={password}").map_err(ProvisionError::Output)?;
-    out.flush().map_err(ProvisionError::Output)
+    writeln!(out, "username={}", account.username).map_err(ProvisionError::CredentialsNotShown)?;
+    writeln!(out, "password={password}").map_err(ProvisionError::CredentialsNotShown)?;
+    out.flush().map_err(ProvisionError::CredentialsNotShown)
 }
 
 /// Trimmed; not empty and free of control characters (tabs and newlines would
@@ -646,6 +649,42 @@ mod tests {
                  00000002\t{appid}\tonline\t2025-03-01T12:34:56Z\n"
             )
         );
+    }
+
+    /// A writer that always fails, like a closed pipe.
+    struct Broken;
+
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[tokio::test]
+    async fn output_failures_say_what_happened() {
+        let (_dir, store) = store().await;
+        let err = merchant_add(store.as_ref(), "Acme", None, &mut Broken)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProvisionError::CredentialsNotShown(_)),
+            "{err}"
+        );
+        assert_eq!(store.list_merchants().await.unwrap().len(), 1);
+        let appid = store.list_merchants().await.unwrap()[0].appid.clone();
+        let err = machine_add(store.as_ref(), &appid, no("00000001"), &mut Broken)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProvisionError::CredentialsNotShown(_)),
+            "{err}"
+        );
+        let err = machine_list(store.as_ref(), &mut Broken).await.unwrap_err();
+        assert!(matches!(err, ProvisionError::Output(_)), "{err}");
     }
 
     #[tokio::test]

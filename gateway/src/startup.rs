@@ -65,8 +65,14 @@ impl Gateway {
             .iter()
             .map(|c| (c.username.clone(), c.password.clone()))
             .collect();
-        if let Some(bad) = services.iter().find(|(u, _)| u.bytes().all(|b| b.is_ascii_digit())) {
-            anyhow::bail!("service username {:?} is all digits: it would be taken for a machine", bad.0);
+        if let Some(bad) = services
+            .iter()
+            .find(|(u, _)| u.bytes().all(|b| b.is_ascii_digit()))
+        {
+            anyhow::bail!(
+                "service username {:?} is all digits: it would be taken for a machine",
+                bad.0
+            );
         }
         let auth = Authenticator::new(store.clone(), &services);
         let hub = Arc::new(Hub::new(
@@ -149,7 +155,10 @@ impl Gateway {
         info!("shutting down: closing listeners and machine connections");
         // Intake first: the edge stops accepting and closes every connection;
         // each close is a presence event the persister still writes.
-        if tokio::time::timeout(SHUTDOWN_STEP, edge_task).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_STEP, edge_task)
+            .await
+            .is_err()
+        {
             warn!("MQTT edge did not stop in time");
         }
         match tokio::time::timeout(SHUTDOWN_STEP, http_task).await {
@@ -158,7 +167,10 @@ impl Gateway {
             _ => {}
         }
         persist_stop.cancel();
-        if tokio::time::timeout(SHUTDOWN_STEP, persister).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_STEP, persister)
+            .await
+            .is_err()
+        {
             warn!("presence writer did not stop in time");
         }
         // Every connection of this process is gone.
@@ -173,7 +185,10 @@ impl Gateway {
 
 async fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
     let Some(path) = settings.sqlite_path() else {
-        anyhow::bail!("unsupported database_url {:?} (sqlite://PATH)", settings.database_url);
+        anyhow::bail!(
+            "unsupported database_url {:?} (sqlite://PATH)",
+            settings.database_url
+        );
     };
     storage::open_sqlite(&path)
         .await
@@ -212,7 +227,10 @@ fn spawn_presence_persister(h: GatewayHandle, stop: CancellationToken) -> JoinHa
                     warn!(missed = n, "presence writer lagged; resynchronising");
                     for p in h.presence.snapshot() {
                         let at = p.last_seen.unwrap_or_else(chrono::Utc::now);
-                        let _ = h.store.record_presence(&p.machine_no, p.online, p.epoch, at).await;
+                        let _ = h
+                            .store
+                            .record_presence(&p.machine_no, p.online, p.epoch, at)
+                            .await;
                     }
                 }
                 Err(RecvError::Closed) => return,

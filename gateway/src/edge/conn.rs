@@ -19,7 +19,7 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
     SubAck, SubscribeReasonCode, UnsubAck,
 };
-use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -90,7 +90,9 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
     let connect = match timeout(hub.settings.connect_timeout, conn.read_connect()).await {
         Ok(Ok(c)) => c,
         Ok(Err(ConnectError::Refuse(code))) => {
-            let _ = conn.write_packets(&[Packet::ConnAck(ConnAck::new(code, false))]).await;
+            let _ = conn
+                .write_packets(&[Packet::ConnAck(ConnAck::new(code, false))])
+                .await;
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -105,11 +107,19 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
         }
     };
 
-    let class = match hub.auth.authenticate(&connect.client_id, connect.login.as_ref()).await {
+    let class = match hub
+        .auth
+        .authenticate(&connect.client_id, connect.login.as_ref())
+        .await
+    {
         Ok(c) => c,
         Err(refusal) => {
             // The username is not a secret; the password is never logged.
-            let user = connect.login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
+            let user = connect
+                .login
+                .as_ref()
+                .map(|l| l.username.as_str())
+                .unwrap_or("");
             warn!(%peer, client_id = %connect.client_id, username = user, reason = refusal.as_str(), "MQTT CONNECT refused");
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             let _ = conn
@@ -125,7 +135,10 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
     let client_id = if connect.client_id.is_empty() {
         if !connect.clean_session {
             let _ = conn
-                .write_packets(&[Packet::ConnAck(ConnAck::new(ConnectReturnCode::BadClientId, false))])
+                .write_packets(&[Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::BadClientId,
+                    false,
+                ))])
                 .await;
             return;
         }
@@ -141,7 +154,10 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
             warn!(%peer, %client_id, "MQTT CONNECT refused: will topic not allowed");
             hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
             let _ = conn
-                .write_packets(&[Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false))])
+                .write_packets(&[Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::NotAuthorized,
+                    false,
+                ))])
                 .await;
             return;
         }
@@ -161,7 +177,9 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
         ClientClass::Machine(m) => Some((m, hub.presence.connected(m))),
         ClientClass::Service => None,
     };
-    hub.stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    hub.stats
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
     info!(%peer, %client_id, machine_no = machine_label(class), took_over, "MQTT client connected");
 
     // Persistent sessions are not kept yet: always answer session_present = 0
@@ -179,9 +197,10 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
         backlog: VecDeque::new(),
         out: Vec::new(),
     };
-    state
-        .out
-        .push(Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)));
+    state.out.push(Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        false,
+    )));
     let end = state.run(&mut conn, rx).await;
 
     hub.router.unregister(&session);
@@ -195,7 +214,9 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
     }
     match end {
         End::KeepAlive => {
-            hub.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
+            hub.stats
+                .keep_alive_timeouts
+                .fetch_add(1, Ordering::Relaxed);
         }
         End::Protocol(_) => {
             hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -214,7 +235,8 @@ fn machine_label(class: ClientClass) -> String {
 
 fn publish_will(hub: &Hub, will: LastWill) {
     hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
-    hub.router.publish(&will.topic, will.message, will.qos, will.retain);
+    hub.router
+        .publish(&will.topic, will.message, will.qos, will.retain);
 }
 
 /// The publish ACL: machines under their own prefix, services anywhere but
@@ -259,11 +281,19 @@ impl Conn {
                 }
             }
             match Packet::read(&mut self.rbuf, self.max_packet) {
+                // MQTT 3.1.1 only (§3.1.2.2): level 5 parses, but is refused with 0x01.
+                Ok(Packet::Connect(c)) if c.protocol != Protocol::V4 => {
+                    return Err(ConnectError::Refuse(
+                        ConnectReturnCode::RefusedProtocolVersion,
+                    ))
+                }
                 Ok(Packet::Connect(c)) => return Ok(c),
                 Ok(_) => return Err(ConnectError::Drop("first packet is not CONNECT")),
                 Err(CodecError::InsufficientBytes(_)) => {}
                 Err(CodecError::InvalidProtocolLevel(_)) => {
-                    return Err(ConnectError::Refuse(ConnectReturnCode::RefusedProtocolVersion))
+                    return Err(ConnectError::Refuse(
+                        ConnectReturnCode::RefusedProtocolVersion,
+                    ))
                 }
                 Err(_) => return Err(ConnectError::Drop("malformed CONNECT")),
             }
@@ -318,7 +348,9 @@ impl Conn {
                 Ok(Some(p))
             }
             Err(CodecError::InsufficientBytes(_)) => Ok(None),
-            Err(CodecError::PayloadSizeLimitExceeded(_)) => Err(ReadError::Malformed("packet too large")),
+            Err(CodecError::PayloadSizeLimitExceeded(_)) => {
+                Err(ReadError::Malformed("packet too large"))
+            }
             Err(_) => Err(ReadError::Malformed("malformed packet")),
         }
     }
@@ -369,7 +401,10 @@ impl Loop {
                 let packets = std::mem::take(&mut self.out);
                 match conn.write_packets(&packets).await {
                     Ok(n) => {
-                        self.hub.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                        self.hub
+                            .stats
+                            .bytes_out
+                            .fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(()) => return End::SocketClosed,
                 }
@@ -493,7 +528,10 @@ impl Loop {
                         continue;
                     }
                     if !may_subscribe(self.class, &f.path) {
-                        self.hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+                        self.hub
+                            .stats
+                            .acl_violations
+                            .fetch_add(1, Ordering::Relaxed);
                         warn!(client_id = %self.session.client_id, filter = %f.path, "SUBSCRIBE refused by ACL");
                         codes.push(SubscribeReasonCode::Failure);
                         continue;
@@ -542,7 +580,10 @@ impl Loop {
             return Some(End::Protocol("invalid topic name"));
         }
         if !may_publish(self.class, &p.topic) {
-            self.hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+            self.hub
+                .stats
+                .acl_violations
+                .fetch_add(1, Ordering::Relaxed);
             warn!(client_id = %self.session.client_id, topic = %p.topic, "PUBLISH refused by ACL; closing");
             return Some(End::Acl);
         }

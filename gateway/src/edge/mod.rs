@@ -103,15 +103,31 @@ impl Hub {
     }
 
     /// Publish a message from the gateway itself (commands, gateway topics).
-    pub fn publish(&self, topic_name: &str, payload: Bytes, qos: QoS, retain: bool) -> MachineDelivery {
+    pub fn publish(
+        &self,
+        topic_name: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> MachineDelivery {
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
         self.router.publish(topic_name, payload, qos, retain)
     }
 
     /// Send a command to a machine at QoS 1. Service clients subscribed to the
     /// command topic see it too (read-only observers).
-    pub fn send_command(&self, machine_no: &MachineNo, command: Command, payload: Bytes) -> MachineDelivery {
-        self.publish(&topic::command(machine_no, command), payload, QoS::AtLeastOnce, false)
+    pub fn send_command(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+    ) -> MachineDelivery {
+        self.publish(
+            &topic::command(machine_no, command),
+            payload,
+            QoS::AtLeastOnce,
+            false,
+        )
     }
 
     pub fn stats(&self) -> EdgeStatsSnapshot {

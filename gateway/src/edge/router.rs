@@ -227,7 +227,13 @@ impl Router {
     /// Route one message. Retained handling follows MQTT 3.1.1 §3.3.1.3: a
     /// retained message with an empty payload clears the topic. Returns the
     /// delivery outcome for the machine whose prefix the topic is under.
-    pub fn publish(&self, topic_name: &str, payload: Bytes, qos: QoS, retain: bool) -> MachineDelivery {
+    pub fn publish(
+        &self,
+        topic_name: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> MachineDelivery {
         if retain {
             self.retain(topic_name, &payload, qos);
         }
@@ -322,7 +328,11 @@ pub fn min_qos(a: QoS, b: QoS) -> QoS {
 mod tests {
     use super::*;
 
-    fn session(id: u64, client: &str, class: ClientClass) -> (Arc<Session>, mpsc::Receiver<Outbound>) {
+    fn session(
+        id: u64,
+        client: &str,
+        class: ClientClass,
+    ) -> (Arc<Session>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(4);
         (Arc::new(Session::new(id, client.into(), class, tx)), rx)
     }
@@ -334,12 +344,23 @@ mod tests {
         let (s, mut rx) = session(1, "12345678", ClientClass::Machine(m));
         r.register(s.clone());
         let t = "vend/v1/12345678/cmd/ping";
-        assert_eq!(r.publish(t, Bytes::from_static(b"{}"), QoS::AtLeastOnce, false), MachineDelivery::NotSubscribed);
+        assert_eq!(
+            r.publish(t, Bytes::from_static(b"{}"), QoS::AtLeastOnce, false),
+            MachineDelivery::NotSubscribed
+        );
         s.subscribe("vend/v1/12345678/cmd/#", QoS::AtLeastOnce);
-        assert_eq!(r.publish(t, Bytes::from_static(b"{}"), QoS::AtLeastOnce, false), MachineDelivery::Queued);
+        assert_eq!(
+            r.publish(t, Bytes::from_static(b"{}"), QoS::AtLeastOnce, false),
+            MachineDelivery::Queued
+        );
         assert_eq!(rx.try_recv().unwrap().qos, QoS::AtLeastOnce);
         assert_eq!(
-            r.publish("vend/v1/87654321/cmd/ping", Bytes::new(), QoS::AtLeastOnce, false),
+            r.publish(
+                "vend/v1/87654321/cmd/ping",
+                Bytes::new(),
+                QoS::AtLeastOnce,
+                false
+            ),
             MachineDelivery::NotConnected
         );
     }

@@ -50,15 +50,25 @@ pub async fn not_found(State(s): State<AppState>, method: Method, uri: Uri) -> A
 /// The caller's appid when `Appid`/`AppSecret` match (constant-time; an
 /// unknown appid costs the same as a wrong secret).
 async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, ErrorCode> {
-    let appid = headers.get("appid").and_then(|v| v.to_str().ok()).map(str::trim);
-    let secret = headers.get("appsecret").and_then(|v| v.to_str().ok()).map(str::trim);
+    let appid = headers
+        .get("appid")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let secret = headers
+        .get("appsecret")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
     let (Some(appid), Some(secret)) = (appid, secret) else {
         return Err(ErrorCode::MissingCredentials);
     };
     if appid.is_empty() || secret.is_empty() {
         return Err(ErrorCode::MissingCredentials);
     }
-    let merchant = s.gw.store.merchant(appid).await.map_err(|_| ErrorCode::Internal)?;
+    let merchant =
+        s.gw.store
+            .merchant(appid)
+            .await
+            .map_err(|_| ErrorCode::Internal)?;
     let ok = verify_or_dummy(merchant.as_ref().map(|m| &m.appsecret_hash), secret);
     match merchant {
         Some(m) if ok => Ok(m.appid),
@@ -77,7 +87,11 @@ pub struct OrderBody {
 
 /// Validate a body against API.md: 20001 for JSON and types, 20002 for the
 /// machine number, 20003 for the products.
-pub fn parse_order_body(body: &[u8], max_lines: usize, max_quantity: u32) -> Result<OrderBody, ErrorCode> {
+pub fn parse_order_body(
+    body: &[u8],
+    max_lines: usize,
+    max_quantity: u32,
+) -> Result<OrderBody, ErrorCode> {
     let v: Value = serde_json::from_slice(body).map_err(|_| ErrorCode::InvalidParams)?;
     let Value::Object(o) = v else {
         return Err(ErrorCode::InvalidParams);
@@ -109,7 +123,9 @@ pub fn parse_order_body(body: &[u8], max_lines: usize, max_quantity: u32) -> Res
         let Value::Object(p) = p else {
             return Err(ErrorCode::InvalidParams);
         };
-        let (Some(Value::Number(pid)), Some(Value::Number(q))) = (p.get("product_id"), p.get("quantity")) else {
+        let (Some(Value::Number(pid)), Some(Value::Number(q))) =
+            (p.get("product_id"), p.get("quantity"))
+        else {
             return Err(ErrorCode::InvalidParams);
         };
         // Integers only; 1.5 is a type error. Out-of-range integers are
@@ -119,7 +135,9 @@ pub fn parse_order_body(body: &[u8], max_lines: usize, max_quantity: u32) -> Res
         }
         raw.push((pid.as_i64(), q.as_i64()));
     }
-    let machine_no: MachineNo = machine_no.parse().map_err(|_| ErrorCode::InvalidMachineNo)?;
+    let machine_no: MachineNo = machine_no
+        .parse()
+        .map_err(|_| ErrorCode::InvalidMachineNo)?;
     if raw.is_empty() || raw.len() > max_lines {
         return Err(ErrorCode::InvalidProducts);
     }
@@ -131,12 +149,24 @@ pub fn parse_order_body(body: &[u8], max_lines: usize, max_quantity: u32) -> Res
         if pid <= 0 || q <= 0 || q > i64::from(max_quantity) {
             return Err(ErrorCode::InvalidProducts);
         }
-        lines.push((pid, u32::try_from(q).map_err(|_| ErrorCode::InvalidProducts)?));
+        lines.push((
+            pid,
+            u32::try_from(q).map_err(|_| ErrorCode::InvalidProducts)?,
+        ));
     }
-    Ok(OrderBody { machine_no, lines, out_trade_no, pay_later })
+    Ok(OrderBody {
+        machine_no,
+        lines,
+        out_trade_no,
+        pay_later,
+    })
 }
 
-async fn place_order(State(s): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Answer {
+async fn place_order(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
     let merchant = match authenticate(&s, &headers).await {
         Ok(m) => m,
         Err(c) => return err(&s, c),
@@ -179,10 +209,15 @@ async fn place_order(State(s): State<AppState>, headers: HeaderMap, body: Result
 }
 
 fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))).unwrap_or(Value::Null)
+    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
+        .unwrap_or(Value::Null)
 }
 
-async fn get_order(State(s): State<AppState>, headers: HeaderMap, Path(order_id): Path<String>) -> Answer {
+async fn get_order(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+) -> Answer {
     let merchant = match authenticate(&s, &headers).await {
         Ok(m) => m,
         Err(c) => return err(&s, c),
@@ -294,7 +329,11 @@ async fn list_machines(
     ok(&s, Value::Object(data))
 }
 
-async fn get_machine(State(s): State<AppState>, headers: HeaderMap, Path(machine_no): Path<String>) -> Answer {
+async fn get_machine(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(machine_no): Path<String>,
+) -> Answer {
     let merchant = match authenticate(&s, &headers).await {
         Ok(m) => m,
         Err(c) => return err(&s, c),
@@ -303,7 +342,9 @@ async fn get_machine(State(s): State<AppState>, headers: HeaderMap, Path(machine
         return err(&s, ErrorCode::InvalidMachineNo);
     };
     match s.gw.store.machine(&m).await {
-        Ok(Some(machine)) if machine.merchant_appid == merchant => ok(&s, machine_json(&s, &machine)),
+        Ok(Some(machine)) if machine.merchant_appid == merchant => {
+            ok(&s, machine_json(&s, &machine))
+        }
         Ok(_) => err(&s, ErrorCode::MachineNotFound),
         Err(_) => err(&s, ErrorCode::Internal),
     }
@@ -321,7 +362,8 @@ mod tests {
     fn published_bodies_parse() {
         let go = r#"{"imei": "12345678","products": [{"product_id": 1,"quantity": 1}]}"#;
         let php = "{\"products\":[{\"product_id\":1,\"quantity\":1}],\"imei\":\"12345678\"}";
-        let doc = r#"{ "machine_no": "12345678", "products": [ { "product_id": 1, "quantity": 1 } ] }"#;
+        let doc =
+            r#"{ "machine_no": "12345678", "products": [ { "product_id": 1, "quantity": 1 } ] }"#;
         for b in [go, php, doc] {
             assert_eq!(parse(b).unwrap().lines, vec![(1, 1)]);
         }
@@ -334,27 +376,74 @@ mod tests {
             ("not json", InvalidParams),
             ("[]", InvalidParams),
             (r#"{"products":[]}"#, InvalidParams),
-            (r#"{"machine_no":12345678,"products":[{"product_id":1,"quantity":1}]}"#, InvalidParams),
-            (r#"{"machine_no":"12345678","imei":"87654321","products":[{"product_id":1,"quantity":1}]}"#, InvalidParams),
+            (
+                r#"{"machine_no":12345678,"products":[{"product_id":1,"quantity":1}]}"#,
+                InvalidParams,
+            ),
+            (
+                r#"{"machine_no":"12345678","imei":"87654321","products":[{"product_id":1,"quantity":1}]}"#,
+                InvalidParams,
+            ),
             (r#"{"machine_no":"12345678","products":{}}"#, InvalidParams),
-            (r#"{"machine_no":"12345678","products":[{"product_id":"1","quantity":1}]}"#, InvalidParams),
-            (r#"{"machine_no":"12345678","products":[{"product_id":1.5,"quantity":1}]}"#, InvalidParams),
-            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":1}],"pay_later":"yes"}"#, InvalidParams),
-            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":1}],"out_trade_no":""}"#, InvalidParams),
-            (r#"{"machine_no":"1234567","products":[{"product_id":1,"quantity":1}]}"#, InvalidMachineNo),
-            (r#"{"machine_no":"1234567a","products":[{"product_id":1,"quantity":1}]}"#, InvalidMachineNo),
-            (r#"{"machine_no":"12345678","products":[]}"#, InvalidProducts),
-            (r#"{"machine_no":"12345678","products":[{"product_id":0,"quantity":1}]}"#, InvalidProducts),
-            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":0}]}"#, InvalidProducts),
-            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":100}]}"#, InvalidProducts),
-            (r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":-1}]}"#, InvalidProducts),
-            (r#"{"machine_no":"12345678","products":[{"product_id":18446744073709551615,"quantity":1}]}"#, InvalidProducts),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":"1","quantity":1}]}"#,
+                InvalidParams,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":1.5,"quantity":1}]}"#,
+                InvalidParams,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":1}],"pay_later":"yes"}"#,
+                InvalidParams,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":1}],"out_trade_no":""}"#,
+                InvalidParams,
+            ),
+            (
+                r#"{"machine_no":"1234567","products":[{"product_id":1,"quantity":1}]}"#,
+                InvalidMachineNo,
+            ),
+            (
+                r#"{"machine_no":"1234567a","products":[{"product_id":1,"quantity":1}]}"#,
+                InvalidMachineNo,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[]}"#,
+                InvalidProducts,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":0,"quantity":1}]}"#,
+                InvalidProducts,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":0}]}"#,
+                InvalidProducts,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":100}]}"#,
+                InvalidProducts,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":1,"quantity":-1}]}"#,
+                InvalidProducts,
+            ),
+            (
+                r#"{"machine_no":"12345678","products":[{"product_id":18446744073709551615,"quantity":1}]}"#,
+                InvalidProducts,
+            ),
         ];
         for (body, want) in cases {
             assert_eq!(parse(body), Err(want), "{body}");
         }
-        let many: Vec<String> = (1..=21).map(|i| format!(r#"{{"product_id":{i},"quantity":1}}"#)).collect();
-        let body = format!(r#"{{"machine_no":"12345678","products":[{}]}}"#, many.join(","));
+        let many: Vec<String> = (1..=21)
+            .map(|i| format!(r#"{{"product_id":{i},"quantity":1}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"machine_no":"12345678","products":[{}]}}"#,
+            many.join(",")
+        );
         assert_eq!(parse(&body), Err(InvalidProducts));
     }
 }

@@ -21,11 +21,19 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn ok(data: Value, mode: HttpStatusMode) -> Self {
-        Self { code: ErrorCode::Ok, data, mode }
+        Self {
+            code: ErrorCode::Ok,
+            data,
+            mode,
+        }
     }
 
     pub fn err(code: ErrorCode, mode: HttpStatusMode) -> Self {
-        Self { code, data: json!({}), mode }
+        Self {
+            code,
+            data: json!({}),
+            mode,
+        }
     }
 }
 
@@ -33,15 +41,15 @@ impl IntoResponse for Envelope {
     fn into_response(self) -> Response {
         let status = match self.mode {
             HttpStatusMode::Ok => StatusCode::OK,
-            HttpStatusMode::Mirror => {
-                StatusCode::from_u16(self.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-            }
+            HttpStatusMode::Mirror => StatusCode::from_u16(self.code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         };
         let data = match prune(self.data) {
             Some(Value::Object(m)) => Value::Object(m),
             _ => Value::Object(Map::new()),
         };
-        let body = json!({ "code": self.code.code(), "message": self.code.message(), "data": data });
+        let body =
+            json!({ "code": self.code.code(), "message": self.code.message(), "data": data });
         (status, Json(body)).into_response()
     }
 }
@@ -56,10 +64,15 @@ pub fn prune(v: Value) -> Option<Value> {
         Value::String(ref s) if s.is_empty() => None,
         Value::Array(a) if a.is_empty() => None,
         Value::Array(a) => Some(Value::Array(
-            a.into_iter().map(|x| prune(x).unwrap_or_else(|| Value::Object(Map::new()))).collect(),
+            a.into_iter()
+                .map(|x| prune(x).unwrap_or_else(|| Value::Object(Map::new())))
+                .collect(),
         )),
         Value::Object(m) => {
-            let m: Map<String, Value> = m.into_iter().filter_map(|(k, v)| prune(v).map(|v| (k, v))).collect();
+            let m: Map<String, Value> = m
+                .into_iter()
+                .filter_map(|(k, v)| prune(v).map(|v| (k, v)))
+                .collect();
             if m.is_empty() {
                 None
             } else {
@@ -78,6 +91,9 @@ mod tests {
     fn prune_drops_protobuf_defaults() {
         let v = json!({"order_id": 1, "a": 0, "b": false, "c": "", "d": null, "e": [],
                        "items": [{"product_id": 1, "dispensed": 0}], "f": {"g": 0}});
-        assert_eq!(prune(v), Some(json!({"order_id": 1, "items": [{"product_id": 1}]})));
+        assert_eq!(
+            prune(v),
+            Some(json!({"order_id": 1, "items": [{"product_id": 1}]}))
+        );
     }
 }

@@ -23,14 +23,20 @@ pub struct OrderIds {
 impl OrderIds {
     pub fn next(&self) -> u64 {
         let now = chrono::Utc::now().timestamp_millis();
-        let ms = u64::try_from(now.saturating_sub(EPOCH_MS)).unwrap_or(0).max(1);
+        let ms = u64::try_from(now.saturating_sub(EPOCH_MS))
+            .unwrap_or(0)
+            .max(1);
         let random: u64 = rand::thread_rng().gen_range(0..(1u64 << RANDOM_BITS));
         let candidate = (ms << RANDOM_BITS) | random;
         let mut last = match self.last.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let id = if candidate > *last { candidate } else { *last + 1 };
+        let id = if candidate > *last {
+            candidate
+        } else {
+            *last + 1
+        };
         *last = id;
         id
     }

@@ -45,7 +45,10 @@ impl Inventory {
     /// orders, not to the snapshot).
     pub fn set_snapshot(&self, m: MachineNo, items: &[InventoryItem]) {
         let mut e = self.machines.entry(m).or_default();
-        e.items = items.iter().map(|i| (i.product_id, (i.stock, i.price))).collect();
+        e.items = items
+            .iter()
+            .map(|i| (i.product_id, (i.stock, i.price)))
+            .collect();
     }
 
     /// Reserve every line or none. Returns the lines priced from the snapshot.
@@ -72,7 +75,12 @@ impl Inventory {
         }
         for (p, q) in wanted {
             let price = e.items.get(p).map(|(_, price)| *price).unwrap_or(0);
-            lines.push(Line { product_id: *p, quantity: *q, dispensed: 0, unit_price: price });
+            lines.push(Line {
+                product_id: *p,
+                quantity: *q,
+                dispensed: 0,
+                unit_price: price,
+            });
         }
         Ok(lines)
     }
@@ -139,19 +147,33 @@ mod tests {
     fn inv() -> (Inventory, MachineNo) {
         let i = Inventory::default();
         let m: MachineNo = "12345678".parse().unwrap();
-        i.set_snapshot(m, &[InventoryItem { product_id: 1, stock: 3, price: 350 }]);
+        i.set_snapshot(
+            m,
+            &[InventoryItem {
+                product_id: 1,
+                stock: 3,
+                price: 350,
+            }],
+        );
         (i, m)
     }
 
     #[test]
     fn reserve_is_all_or_nothing() {
         let (i, m) = inv();
-        assert_eq!(i.reserve(m, &[(1, 1), (2, 1)]), Err(Shortfall::NotCarried(2)));
+        assert_eq!(
+            i.reserve(m, &[(1, 1), (2, 1)]),
+            Err(Shortfall::NotCarried(2))
+        );
         assert_eq!(i.reserved_total(&m), 0);
         let l = i.reserve(m, &[(1, 2)]).unwrap();
         assert_eq!(l[0].unit_price, 350);
         assert_eq!(i.reserve(m, &[(1, 2)]), Err(Shortfall::Insufficient(1)));
-        assert_eq!(i.reserve(m, &[(1, 1), (1, 1)]), Err(Shortfall::Insufficient(1)), "repeated lines add up");
+        assert_eq!(
+            i.reserve(m, &[(1, 1), (1, 1)]),
+            Err(Shortfall::Insufficient(1)),
+            "repeated lines add up"
+        );
         i.release(m, &l);
         assert_eq!(i.reserved_total(&m), 0);
     }
@@ -160,7 +182,14 @@ mod tests {
     fn snapshot_keeps_reservations() {
         let (i, m) = inv();
         let _l = i.reserve(m, &[(1, 2)]).unwrap();
-        i.set_snapshot(m, &[InventoryItem { product_id: 1, stock: 10, price: 300 }]);
+        i.set_snapshot(
+            m,
+            &[InventoryItem {
+                product_id: 1,
+                stock: 10,
+                price: 300,
+            }],
+        );
         assert_eq!(i.view(&m)[0].reserved, 2);
         assert_eq!(i.view(&m)[0].stock, 10);
     }

@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use vendgate_proto::codes::ErrorCode;
 use vendgate_proto::machine::MachineNo;
-use vendgate_proto::msg::{self, AckMsg, CancelCmd, DispenseCmd, InventoryMsg, OrderLine, ResultMsg};
+use vendgate_proto::msg::{
+    self, AckMsg, CancelCmd, DispenseCmd, InventoryMsg, OrderLine, ResultMsg,
+};
 use vendgate_proto::topic::{Command, Uplink};
 
 use crate::commands::CommandBus;
@@ -139,7 +141,11 @@ pub struct OrderService {
 }
 
 fn event(kind: &str, detail: serde_json::Value) -> OrderEvent {
-    OrderEvent { at: Utc::now(), kind: kind.to_string(), detail }
+    OrderEvent {
+        at: Utc::now(),
+        kind: kind.to_string(),
+        detail,
+    }
 }
 
 impl OrderService {
@@ -179,7 +185,11 @@ impl OrderService {
         }
         let open = self
             .store
-            .orders_in_status(&[Status::AwaitingPayment, Status::Dispatching, Status::Dispensing])
+            .orders_in_status(&[
+                Status::AwaitingPayment,
+                Status::Dispatching,
+                Status::Dispensing,
+            ])
             .await?;
         for o in open {
             match o.status {
@@ -222,11 +232,18 @@ impl OrderService {
             .map_err(|s| {
                 debug!(machine_no = %req.machine_no, shortfall = ?s, "insufficient stock");
                 match s {
-                    Shortfall::NotCarried(_) | Shortfall::Insufficient(_) => OrderError::InsufficientStock,
+                    Shortfall::NotCarried(_) | Shortfall::Insufficient(_) => {
+                        OrderError::InsufficientStock
+                    }
                 }
             })?;
         let (reply, answer) = oneshot::channel();
-        let job = Job { order_id: self.ids.next(), req, lines, reply };
+        let job = Job {
+            order_id: self.ids.next(),
+            req,
+            lines,
+            reply,
+        };
         let m = job.req.machine_no;
         let queue = self.queue(m);
         if let Err(e) = queue.try_send(job) {
@@ -239,6 +256,14 @@ impl OrderService {
         }
         // The worker always answers; a dropped sender means shutdown.
         answer.await.unwrap_or(Err(OrderError::Internal))
+    }
+
+    /// Orders waiting behind the one in flight on machine `m`.
+    pub fn queued(&self, m: &MachineNo) -> usize {
+        self.queues
+            .get(m)
+            .map(|q| q.max_capacity() - q.capacity())
+            .unwrap_or(0)
     }
 
     fn queue(&self, m: MachineNo) -> mpsc::Sender<Job> {
@@ -271,7 +296,12 @@ impl OrderService {
     }
 
     async fn dispatch(&self, job: Job) {
-        let Job { order_id, req, lines, reply } = job;
+        let Job {
+            order_id,
+            req,
+            lines,
+            reply,
+        } = job;
         let m = req.machine_no;
         let order_id = match self.dispatch_inner(order_id, &req, &lines).await {
             Ok(Accepted { order_id, settled }) => {
@@ -325,7 +355,10 @@ impl OrderService {
                 created_at: Utc::now(),
                 pay_deadline: None,
             };
-            let ev = event("created", json!({ "amount": order.amount(), "lines": lines }));
+            let ev = event(
+                "created",
+                json!({ "amount": order.amount(), "lines": lines }),
+            );
             match self.store.insert_order(&new, &ev).await {
                 Ok(()) => break,
                 Err(StorageError::Duplicate("order")) if attempts < 5 => {
@@ -345,32 +378,53 @@ impl OrderService {
         let ttl_ms = u64::try_from(self.settings.accept_timeout.as_millis()).unwrap_or(u64::MAX);
         let cmd = DispenseCmd {
             order_id,
-            items: lines.iter().map(|l| OrderLine { product_id: l.product_id, quantity: l.quantity }).collect(),
+            items: lines
+                .iter()
+                .map(|l| OrderLine {
+                    product_id: l.product_id,
+                    quantity: l.quantity,
+                })
+                .collect(),
             ttl_ms,
         };
-        let sent = self.commands.send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd))).await;
+        let sent = self
+            .commands
+            .send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd)))
+            .await;
         let stored = self.load(order_id).await.map_err(|e| (order_id, e))?;
         if let Err(e) = sent {
             let _ = self
-                .transition(&stored, &Event::NotAccepted(format!("not_delivered: {e}")), json!({}))
+                .transition(
+                    &stored,
+                    &Event::NotAccepted(format!("not_delivered: {e}")),
+                    json!({}),
+                )
                 .await;
             return Err((order_id, OrderError::Offline));
         }
-        let _ = self.store.append_order_event(order_id, &event("sent", json!({ "ttl_ms": ttl_ms }))).await;
+        let _ = self
+            .store
+            .append_order_event(order_id, &event("sent", json!({ "ttl_ms": ttl_ms })))
+            .await;
 
         let ack = tokio::time::timeout(self.settings.accept_timeout, ack_rx).await;
         match ack {
             Ok(Ok(a)) if a.accepted => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 match self.transition(&stored, &Event::Accepted, json!({})).await {
-                    Ok(_) => Ok(Accepted { order_id, settled: settled_rx }),
+                    Ok(_) => Ok(Accepted {
+                        order_id,
+                        settled: settled_rx,
+                    }),
                     Err(e) => Err((order_id, e)),
                 }
             }
             Ok(Ok(a)) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 let reason = a.reason.unwrap_or_else(|| "refused".into());
-                let _ = self.transition(&stored, &Event::Refused(reason.clone()), json!({})).await;
+                let _ = self
+                    .transition(&stored, &Event::Refused(reason.clone()), json!({}))
+                    .await;
                 Err((order_id, OrderError::Refused(reason)))
             }
             _ => {
@@ -379,7 +433,11 @@ impl OrderService {
                 // Record first, then cancel: the machine must never act on it
                 // (the command's TTL and the machine's dedup are the other guards).
                 let _ = self
-                    .transition(&stored, &Event::NotAccepted("accept_timeout".into()), json!({}))
+                    .transition(
+                        &stored,
+                        &Event::NotAccepted("accept_timeout".into()),
+                        json!({}),
+                    )
                     .await;
                 if let Err(e) = self.send_cancel(m, order_id).await {
                     debug!(machine_no = %m, order_id, error = %e, "cancel not delivered");
@@ -389,20 +447,34 @@ impl OrderService {
         }
     }
 
-    async fn send_cancel(&self, m: MachineNo, order_id: u64) -> Result<(), crate::commands::DeliveryError> {
+    async fn send_cancel(
+        &self,
+        m: MachineNo,
+        order_id: u64,
+    ) -> Result<(), crate::commands::DeliveryError> {
         let r = self
             .commands
-            .send(&m, Command::Cancel, Bytes::from(msg::encode(&CancelCmd { order_id })))
+            .send(
+                &m,
+                Command::Cancel,
+                Bytes::from(msg::encode(&CancelCmd { order_id })),
+            )
             .await;
         let _ = self
             .store
-            .append_order_event(order_id, &event("cancel_sent", json!({ "delivered": r.is_ok() })))
+            .append_order_event(
+                order_id,
+                &event("cancel_sent", json!({ "delivered": r.is_ok() })),
+            )
             .await;
         r
     }
 
     async fn load(&self, order_id: u64) -> Result<StoredOrder, OrderError> {
-        self.store.order(order_id).await?.ok_or(OrderError::Internal)
+        self.store
+            .order(order_id)
+            .await?
+            .ok_or(OrderError::Internal)
     }
 
     /// Apply `ev` to the stored order with a compare-and-set on its status,
@@ -425,7 +497,9 @@ impl OrderService {
             };
             let now = Utc::now();
             let dispense_deadline = if next.status == Status::Dispensing {
-                chrono::Duration::from_std(self.settings.dispense_timeout).ok().map(|d| now + d)
+                chrono::Duration::from_std(self.settings.dispense_timeout)
+                    .ok()
+                    .map(|d| now + d)
             } else {
                 current.dispense_deadline
             };
@@ -468,23 +542,28 @@ impl OrderService {
     }
 
     async fn deadline_passed(&self, order_id: u64) {
-        let Ok(o) = self.load(order_id).await else { return };
+        let Ok(o) = self.load(order_id).await else {
+            return;
+        };
         if o.status != Status::Dispensing {
             return;
         }
-        match self.transition(&o, &Event::DispenseDeadline, json!({})).await {
-            Ok(Some(_)) => {
-                self.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                warn!(machine_no = %o.machine_no, order_id, "no result before the dispense deadline: unknown");
-                self.inventory.release(o.machine_no, &o.lines);
-            }
-            Ok(None) | Err(_) => {}
+        // Ok(None)/Err: a result (or another deadline) got there first.
+        if let Ok(Some(_)) = self
+            .transition(&o, &Event::DispenseDeadline, json!({}))
+            .await
+        {
+            self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+            warn!(machine_no = %o.machine_no, order_id, "no result before the dispense deadline: unknown");
+            self.inventory.release(o.machine_no, &o.lines);
         }
     }
 
     /// For orders restored at start-up: wait out the stored deadline.
     async fn watch_deadline(self: Arc<Self>, order_id: u64) {
-        let Ok(o) = self.load(order_id).await else { return };
+        let Ok(o) = self.load(order_id).await else {
+            return;
+        };
         let left = o
             .dispense_deadline
             .and_then(|d| (d - Utc::now()).to_std().ok())
@@ -502,8 +581,14 @@ impl OrderService {
     }
 
     /// A merchant's view of one order: None when absent or another merchant's.
-    pub async fn get(&self, merchant: &str, order_id: u64) -> Result<Option<(StoredOrder, Vec<OrderEvent>)>, OrderError> {
-        let Some(o) = self.store.order(order_id).await? else { return Ok(None) };
+    pub async fn get(
+        &self,
+        merchant: &str,
+        order_id: u64,
+    ) -> Result<Option<(StoredOrder, Vec<OrderEvent>)>, OrderError> {
+        let Some(o) = self.store.order(order_id).await? else {
+            return Ok(None);
+        };
         if o.merchant_appid != merchant {
             return Ok(None);
         }
@@ -513,7 +598,9 @@ impl OrderService {
 
     fn on_ack(&self, m: MachineNo, payload: &Bytes) {
         let Ok(ack) = msg::decode::<AckMsg>(payload) else {
-            self.stats.malformed_device_messages.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .malformed_device_messages
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         // Only the machine the order was sent to can answer for it.
@@ -523,7 +610,9 @@ impl OrderService {
                 let _ = tx.send(ack);
             }
             None => {
-                self.stats.duplicate_device_messages.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .duplicate_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
                 debug!(machine_no = %m, order_id = ack.order_id, "ack for no waiting order (late, duplicate or foreign)");
                 if ack.accepted {
                     // A late acceptance of an order we gave up on: repeat the cancel.
@@ -536,7 +625,9 @@ impl OrderService {
     }
 
     async fn late_accept(&self, m: MachineNo, order_id: u64) {
-        let Ok(Some(o)) = self.store.order(order_id).await else { return };
+        let Ok(Some(o)) = self.store.order(order_id).await else {
+            return;
+        };
         if o.machine_no == m && o.status == Status::Rejected {
             warn!(machine_no = %m, order_id, "machine accepted an order after it was given up; cancelling again");
             let _ = self.send_cancel(m, order_id).await;
@@ -545,27 +636,40 @@ impl OrderService {
 
     async fn on_result(&self, m: MachineNo, payload: Bytes) {
         let Ok(r) = msg::decode::<ResultMsg>(&payload) else {
-            self.stats.malformed_device_messages.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .malformed_device_messages
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         let Ok(Some(o)) = self.store.order(r.order_id).await else {
-            self.stats.rejected_device_messages.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .rejected_device_messages
+                .fetch_add(1, Ordering::Relaxed);
             warn!(machine_no = %m, order_id = r.order_id, "result for an unknown order dropped");
             return;
         };
         if o.machine_no != m {
-            self.stats.rejected_device_messages.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .rejected_device_messages
+                .fetch_add(1, Ordering::Relaxed);
             warn!(machine_no = %m, order_id = r.order_id, "result for another machine's order dropped");
             return;
         }
         let ev = Event::Result {
-            items: r.items.iter().map(|i| (i.product_id, i.quantity, i.dispensed)).collect(),
+            items: r
+                .items
+                .iter()
+                .map(|i| (i.product_id, i.quantity, i.dispensed))
+                .collect(),
             error: r.error.clone(),
         };
         // A result implies acceptance: it can overtake the ack's bookkeeping.
         let mut o = o;
         if o.status == Status::Dispatching {
-            match self.transition(&o, &Event::Accepted, json!({ "implied_by": "result" })).await {
+            match self
+                .transition(&o, &Event::Accepted, json!({ "implied_by": "result" }))
+                .await
+            {
                 Ok(_) => match self.load(o.order_id).await {
                     Ok(n) => o = n,
                     Err(_) => return,
@@ -583,8 +687,14 @@ impl OrderService {
                 } else {
                     // Reservation already released (unknown): only the
                     // dispensed counts leave the reported stock.
-                    let only_dispensed: Vec<Line> =
-                        next.lines.iter().map(|l| Line { quantity: 0, ..l.clone() }).collect();
+                    let only_dispensed: Vec<Line> = next
+                        .lines
+                        .iter()
+                        .map(|l| Line {
+                            quantity: 0,
+                            ..l.clone()
+                        })
+                        .collect();
                     self.inventory.release(m, &only_dispensed);
                 }
                 if let Some((_, tx)) = self.settled.remove(&o.order_id) {
@@ -592,14 +702,24 @@ impl OrderService {
                 }
             }
             Ok(None) => {
-                self.stats.duplicate_device_messages.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .duplicate_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
-                self.stats.rejected_device_messages.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .rejected_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
                 warn!(machine_no = %m, order_id = o.order_id, status = o.status.as_str(), "result does not fit the order; dropped");
                 let _ = self
                     .store
-                    .append_order_event(o.order_id, &event("result_rejected", json!({ "items": r.items, "error": r.error })))
+                    .append_order_event(
+                        o.order_id,
+                        &event(
+                            "result_rejected",
+                            json!({ "items": r.items, "error": r.error }),
+                        ),
+                    )
                     .await;
             }
         }
@@ -612,7 +732,9 @@ impl OrderService {
                 let _ = self.inventory_writes.send((m, inv.items));
             }
             Err(_) => {
-                self.stats.malformed_device_messages.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .malformed_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -52,14 +52,21 @@ impl Status {
 
     /// Stock is held for the order in these states.
     pub fn holds_reservation(self) -> bool {
-        matches!(self, Self::AwaitingPayment | Self::Dispatching | Self::Dispensing)
+        matches!(
+            self,
+            Self::AwaitingPayment | Self::Dispatching | Self::Dispensing
+        )
     }
 
     /// No event except a late result changes these.
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Self::Completed | Self::PartiallyDispensed | Self::Failed | Self::Rejected | Self::Expired
+            Self::Completed
+                | Self::PartiallyDispensed
+                | Self::Failed
+                | Self::Rejected
+                | Self::Expired
         )
     }
 }
@@ -154,7 +161,9 @@ impl Order {
             Status::PartiallyDispensed | Status::Failed => self
                 .lines
                 .iter()
-                .map(|l| i64::from(l.quantity.saturating_sub(l.dispensed)).saturating_mul(l.unit_price))
+                .map(|l| {
+                    i64::from(l.quantity.saturating_sub(l.dispensed)).saturating_mul(l.unit_price)
+                })
                 .fold(0i64, i64::saturating_add),
             Status::Unknown => self.amount(),
             _ => 0,
@@ -204,12 +213,15 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
             } else {
                 PartiallyDispensed
             };
-            next.error = error.clone().filter(|e| !e.is_empty()).or_else(|| {
-                (got < wanted).then(|| "short_dispense".to_string())
-            });
+            next.error = error
+                .clone()
+                .filter(|e| !e.is_empty())
+                .or_else(|| (got < wanted).then(|| "short_dispense".to_string()));
             next.result_applied = true;
         }
-        (Completed | PartiallyDispensed | Failed, Event::Result { .. }) => return Ok(Transition::Unchanged),
+        (Completed | PartiallyDispensed | Failed, Event::Result { .. }) => {
+            return Ok(Transition::Unchanged)
+        }
         (Dispensing, Event::DispenseDeadline) => {
             next.status = Unknown;
             next.error = Some("no_result_before_deadline".into());
@@ -231,7 +243,9 @@ fn check_result(order: &Order, items: &[(i64, u32, u32)]) -> Result<(), Transiti
             return Err(TransitionError::BadResult("product not in the order"));
         };
         if *q != line.quantity {
-            return Err(TransitionError::BadResult("quantity differs from the order"));
+            return Err(TransitionError::BadResult(
+                "quantity differs from the order",
+            ));
         }
         if d > q {
             return Err(TransitionError::BadResult("dispensed more than ordered"));
@@ -254,8 +268,18 @@ mod tests {
     fn order(pay_later: bool) -> Order {
         Order::new(
             vec![
-                Line { product_id: 1, quantity: 2, dispensed: 0, unit_price: 350 },
-                Line { product_id: 2, quantity: 1, dispensed: 0, unit_price: 200 },
+                Line {
+                    product_id: 1,
+                    quantity: 2,
+                    dispensed: 0,
+                    unit_price: 350,
+                },
+                Line {
+                    product_id: 2,
+                    quantity: 1,
+                    dispensed: 0,
+                    unit_price: 200,
+                },
             ],
             pay_later,
         )
@@ -272,14 +296,44 @@ mod tests {
     fn happy_path_and_refunds() {
         let o = changed(apply(&order(false), &Event::Accepted));
         assert_eq!(o.status, Status::Dispensing);
-        let full = changed(apply(&o, &Event::Result { items: vec![(1, 2, 2), (2, 1, 1)], error: None }));
+        let full = changed(apply(
+            &o,
+            &Event::Result {
+                items: vec![(1, 2, 2), (2, 1, 1)],
+                error: None,
+            },
+        ));
         assert_eq!((full.status, full.refund_amount()), (Status::Completed, 0));
-        let part = changed(apply(&o, &Event::Result { items: vec![(1, 2, 1), (2, 1, 1)], error: Some("motor_jam".into()) }));
-        assert_eq!((part.status, part.refund_amount()), (Status::PartiallyDispensed, 350));
+        let part = changed(apply(
+            &o,
+            &Event::Result {
+                items: vec![(1, 2, 1), (2, 1, 1)],
+                error: Some("motor_jam".into()),
+            },
+        ));
+        assert_eq!(
+            (part.status, part.refund_amount()),
+            (Status::PartiallyDispensed, 350)
+        );
         assert_eq!(part.error.as_deref(), Some("motor_jam"));
-        let none = changed(apply(&o, &Event::Result { items: vec![(1, 2, 0), (2, 1, 0)], error: None }));
+        let none = changed(apply(
+            &o,
+            &Event::Result {
+                items: vec![(1, 2, 0), (2, 1, 0)],
+                error: None,
+            },
+        ));
         assert_eq!((none.status, none.refund_amount()), (Status::Failed, 900));
-        assert_eq!(apply(&full, &Event::Result { items: vec![], error: None }), Ok(Transition::Unchanged));
+        assert_eq!(
+            apply(
+                &full,
+                &Event::Result {
+                    items: vec![],
+                    error: None
+                }
+            ),
+            Ok(Transition::Unchanged)
+        );
     }
 
     #[test]
@@ -287,15 +341,29 @@ mod tests {
         let o = changed(apply(&order(false), &Event::Accepted));
         let u = changed(apply(&o, &Event::DispenseDeadline));
         assert_eq!((u.status, u.refund_amount()), (Status::Unknown, 900));
-        let s = changed(apply(&u, &Event::Result { items: vec![(1, 2, 2), (2, 1, 1)], error: None }));
+        let s = changed(apply(
+            &u,
+            &Event::Result {
+                items: vec![(1, 2, 2), (2, 1, 1)],
+                error: None,
+            },
+        ));
         assert_eq!(s.status, Status::Completed);
     }
 
     #[test]
     fn impossible_results_are_refused() {
         let o = changed(apply(&order(false), &Event::Accepted));
-        for items in [vec![(1, 2, 3)], vec![(9, 1, 1)], vec![(1, 5, 1)], vec![(1, 2, 1), (1, 2, 1)]] {
-            assert!(matches!(apply(&o, &Event::Result { items, error: None }), Err(TransitionError::BadResult(_))));
+        for items in [
+            vec![(1, 2, 3)],
+            vec![(9, 1, 1)],
+            vec![(1, 5, 1)],
+            vec![(1, 2, 1), (1, 2, 1)],
+        ] {
+            assert!(matches!(
+                apply(&o, &Event::Result { items, error: None }),
+                Err(TransitionError::BadResult(_))
+            ));
         }
     }
 
@@ -305,7 +373,10 @@ mod tests {
         assert_eq!(changed(apply(&o, &Event::Paid)).status, Status::Dispatching);
         let e = changed(apply(&o, &Event::PaymentExpired));
         assert_eq!(e.status, Status::Expired);
-        assert!(matches!(apply(&e, &Event::Paid), Err(TransitionError::Conflict(Status::Expired))));
+        assert!(matches!(
+            apply(&e, &Event::Paid),
+            Err(TransitionError::Conflict(Status::Expired))
+        ));
     }
 
     fn any_event() -> impl Strategy<Value = Event> {
@@ -317,7 +388,8 @@ mod tests {
             Just(Event::Refused("door_open".into())),
             Just(Event::NotAccepted("accept_timeout".into())),
             Just(Event::DispenseDeadline),
-            (items, proptest::option::of("[a-z_]{0,8}")).prop_map(|(items, error)| Event::Result { items, error }),
+            (items, proptest::option::of("[a-z_]{0,8}"))
+                .prop_map(|(items, error)| Event::Result { items, error }),
         ]
     }
 

@@ -92,7 +92,8 @@ pub trait OrderStorage: Send + Sync + 'static {
     async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError>;
     /// The timeline, oldest first.
     async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError>;
-    async fn orders_in_status(&self, statuses: &[Status]) -> Result<Vec<StoredOrder>, StorageError>;
+    async fn orders_in_status(&self, statuses: &[Status])
+        -> Result<Vec<StoredOrder>, StorageError>;
     /// Replace the machine's inventory snapshot.
     async fn put_inventory(
         &self,

@@ -60,7 +60,10 @@ async fn insert_event(
 }
 
 impl SqliteStorage {
-    async fn load_orders(&self, rows: Vec<sqlx::sqlite::SqliteRow>) -> Result<Vec<StoredOrder>, StorageError> {
+    async fn load_orders(
+        &self,
+        rows: Vec<sqlx::sqlite::SqliteRow>,
+    ) -> Result<Vec<StoredOrder>, StorageError> {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let order_id: i64 = row.try_get("order_id").map_err(backend)?;
@@ -77,8 +80,10 @@ impl SqliteStorage {
                 let d: i64 = it.try_get("dispensed").map_err(backend)?;
                 lines.push(Line {
                     product_id: it.try_get("product_id").map_err(backend)?,
-                    quantity: u32::try_from(q).map_err(|_| StorageError::Corrupt("quantity".into()))?,
-                    dispensed: u32::try_from(d).map_err(|_| StorageError::Corrupt("dispensed".into()))?,
+                    quantity: u32::try_from(q)
+                        .map_err(|_| StorageError::Corrupt("quantity".into()))?,
+                    dispensed: u32::try_from(d)
+                        .map_err(|_| StorageError::Corrupt("dispensed".into()))?,
                     unit_price: it.try_get("unit_price").map_err(backend)?,
                 });
             }
@@ -89,23 +94,31 @@ impl SqliteStorage {
                 v.map(|v| from_ms(v, c)).transpose()
             };
             out.push(StoredOrder {
-                order_id: u64::try_from(order_id).map_err(|_| StorageError::Corrupt("order_id".into()))?,
+                order_id: u64::try_from(order_id)
+                    .map_err(|_| StorageError::Corrupt("order_id".into()))?,
                 merchant_appid: row.try_get("merchant_appid").map_err(backend)?,
-                machine_no: machine_no
-                    .parse::<MachineNo>()
-                    .map_err(|_| StorageError::Corrupt(format!("machine_no of order {order_id}")))?,
+                machine_no: machine_no.parse::<MachineNo>().map_err(|_| {
+                    StorageError::Corrupt(format!("machine_no of order {order_id}"))
+                })?,
                 out_trade_no: row.try_get("out_trade_no").map_err(backend)?,
                 request_fingerprint: row.try_get("request_fingerprint").map_err(backend)?,
                 pay_later: row.try_get::<i64, _>("pay_later").map_err(backend)? != 0,
-                status: Status::parse(&status)
-                    .ok_or_else(|| StorageError::Corrupt(format!("status {status:?} of order {order_id}")))?,
+                status: Status::parse(&status).ok_or_else(|| {
+                    StorageError::Corrupt(format!("status {status:?} of order {order_id}"))
+                })?,
                 lines,
                 amount: row.try_get("amount").map_err(backend)?,
                 refund_amount: row.try_get("refund_amount").map_err(backend)?,
                 error: row.try_get("error").map_err(backend)?,
                 result_applied: row.try_get::<i64, _>("result_applied").map_err(backend)? != 0,
-                created_at: from_ms(row.try_get("created_at_ms").map_err(backend)?, "created_at_ms")?,
-                updated_at: from_ms(row.try_get("updated_at_ms").map_err(backend)?, "updated_at_ms")?,
+                created_at: from_ms(
+                    row.try_get("created_at_ms").map_err(backend)?,
+                    "created_at_ms",
+                )?,
+                updated_at: from_ms(
+                    row.try_get("updated_at_ms").map_err(backend)?,
+                    "updated_at_ms",
+                )?,
                 dispense_deadline: ms("dispense_deadline_ms")?,
                 pay_deadline: ms("pay_deadline_ms")?,
             });
@@ -162,11 +175,13 @@ impl OrderStorage for SqliteStorage {
         let Ok(id) = i64::try_from(order_id) else {
             return Ok(None);
         };
-        let rows = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?"))
-            .bind(id)
-            .fetch_all(self.pool())
-            .await
-            .map_err(backend)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ?"
+        ))
+        .bind(id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(backend)?;
         Ok(self.load_orders(rows).await?.pop())
     }
 
@@ -236,30 +251,38 @@ impl OrderStorage for SqliteStorage {
 
     async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError> {
         let id = id_i64(order_id)?;
-        let rows = sqlx::query("SELECT at_ms, kind, detail FROM order_events WHERE order_id = ? ORDER BY id")
-            .bind(id)
-            .fetch_all(self.pool())
-            .await
-            .map_err(backend)?;
+        let rows = sqlx::query(
+            "SELECT at_ms, kind, detail FROM order_events WHERE order_id = ? ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(backend)?;
         rows.into_iter()
             .map(|r| {
                 let detail: String = r.try_get("detail").map_err(backend)?;
                 Ok(OrderEvent {
                     at: from_ms(r.try_get("at_ms").map_err(backend)?, "at_ms")?,
                     kind: r.try_get("kind").map_err(backend)?,
-                    detail: serde_json::from_str(&detail)
-                        .map_err(|_| StorageError::Corrupt(format!("event detail of order {order_id}")))?,
+                    detail: serde_json::from_str(&detail).map_err(|_| {
+                        StorageError::Corrupt(format!("event detail of order {order_id}"))
+                    })?,
                 })
             })
             .collect()
     }
 
-    async fn orders_in_status(&self, statuses: &[Status]) -> Result<Vec<StoredOrder>, StorageError> {
+    async fn orders_in_status(
+        &self,
+        statuses: &[Status],
+    ) -> Result<Vec<StoredOrder>, StorageError> {
         if statuses.is_empty() {
             return Ok(Vec::new());
         }
         let marks = vec!["?"; statuses.len()].join(", ");
-        let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE status IN ({marks}) ORDER BY order_id");
+        let sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE status IN ({marks}) ORDER BY order_id"
+        );
         let mut q = sqlx::query(&sql);
         for s in statuses {
             q = q.bind(s.as_str());
@@ -314,7 +337,9 @@ impl OrderStorage for SqliteStorage {
         }
         let mut out = Vec::with_capacity(by.len());
         for (m, items) in by {
-            let m = m.parse::<MachineNo>().map_err(|_| StorageError::Corrupt("inventory machine_no".into()))?;
+            let m = m
+                .parse::<MachineNo>()
+                .map_err(|_| StorageError::Corrupt("inventory machine_no".into()))?;
             out.push((m, items));
         }
         Ok(out)

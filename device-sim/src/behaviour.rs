@@ -1,0 +1,172 @@
+//! How a simulated machine answers dispense commands (normal, refusing,
+//! failing, silent, slow, …), selectable per machine and changeable at runtime.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The default refusal reason for `refuse` on the command line.
+pub const DEFAULT_REFUSE_REASON: &str = "door_open";
+/// The default failure for `fail` and `partial` on the command line.
+pub const DEFAULT_ERROR: &str = "motor_jam";
+/// The default delay for `slow-ack` on the command line.
+pub const DEFAULT_SLOW_ACK_MS: u64 = 2_000;
+
+/// How the machine answers `cmd/dispense`. Pings are always answered.
+///
+/// In scenario files (serde) the variant is the `kind` field in kebab-case:
+/// `{ kind = "refuse", reason = "door_open" }`, `{ kind = "normal" }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Behaviour {
+    /// Accept, dispense what is in stock, report any shortfall as
+    /// `out_of_stock`.
+    #[default]
+    Normal,
+    /// Refuse every new order with this reason.
+    Refuse { reason: String },
+    /// Accept, dispense nothing, report `dispensed: 0` with this error.
+    Fail { error: String },
+    /// Accept, dispense half of each line (rounded down, so always short),
+    /// report this error.
+    Partial { error: String },
+    /// Record dispense commands and never answer them.
+    NeverAck,
+    /// Accept and dispense, then publish neither result nor inventory (the
+    /// result is still stored, and re-published after a reconnect once the
+    /// behaviour has changed).
+    AckThenSilent,
+    /// Decide `ms` milliseconds after receipt: refuse as `expired` if the
+    /// order was cancelled meanwhile or `ms` ≥ `ttl_ms`, else behave
+    /// normally.
+    SlowAck { ms: u64 },
+    /// Drop the connection (no DISCONNECT, so the will fires) on the next
+    /// dispense command without answering it, then behave normally.
+    DropConnection,
+}
+
+/// A behaviour name the command line does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown behaviour {0:?}: expected normal, refuse[:REASON], fail[:ERROR], partial[:ERROR], \
+     never-ack, ack-then-silent, slow-ack[:MS] or drop-connection"
+)]
+pub struct InvalidBehaviour(String);
+
+impl FromStr for Behaviour {
+    type Err = InvalidBehaviour;
+
+    /// Parses the command-line form `name[:argument]`, e.g. `refuse:door_open`
+    /// or `slow-ack:5000`; the argument has a default where one is needed.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, arg) = match s.split_once(':') {
+            Some((name, arg)) => (name, Some(arg)),
+            None => (s, None),
+        };
+        let text = |default: &str| arg.unwrap_or(default).to_owned();
+        let behaviour = match (name, arg) {
+            ("normal", None) => Self::Normal,
+            ("refuse", _) => Self::Refuse {
+                reason: text(DEFAULT_REFUSE_REASON),
+            },
+            ("fail", _) => Self::Fail {
+                error: text(DEFAULT_ERROR),
+            },
+            ("partial", _) => Self::Partial {
+                error: text(DEFAULT_ERROR),
+            },
+            ("never-ack", None) => Self::NeverAck,
+            ("ack-then-silent", None) => Self::AckThenSilent,
+            ("slow-ack", None) => Self::SlowAck {
+                ms: DEFAULT_SLOW_ACK_MS,
+            },
+            ("slow-ack", Some(ms)) => Self::SlowAck {
+                ms: ms.parse().map_err(|_| InvalidBehaviour(s.to_owned()))?,
+            },
+            ("drop-connection", None) => Self::DropConnection,
+            _ => return Err(InvalidBehaviour(s.to_owned())),
+        };
+        Ok(behaviour)
+    }
+}
+
+impl fmt::Display for Behaviour {
+    /// The command-line form, which [`FromStr`] parses back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Normal => f.write_str("normal"),
+            Self::Refuse { reason } => write!(f, "refuse:{reason}"),
+            Self::Fail { error } => write!(f, "fail:{error}"),
+            Self::Partial { error } => write!(f, "partial:{error}"),
+            Self::NeverAck => f.write_str("never-ack"),
+            Self::AckThenSilent => f.write_str("ack-then-silent"),
+            Self::SlowAck { ms } => write!(f, "slow-ack:{ms}"),
+            Self::DropConnection => f.write_str("drop-connection"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_command_line_forms() {
+        assert_eq!("normal".parse(), Ok(Behaviour::Normal));
+        assert_eq!(
+            "refuse".parse(),
+            Ok(Behaviour::Refuse {
+                reason: "door_open".into()
+            })
+        );
+        assert_eq!(
+            "partial:coin_jam".parse(),
+            Ok(Behaviour::Partial {
+                error: "coin_jam".into()
+            })
+        );
+        assert_eq!("slow-ack:50".parse(), Ok(Behaviour::SlowAck { ms: 50 }));
+        assert!("slow-ack:soon".parse::<Behaviour>().is_err());
+        assert!("normal:x".parse::<Behaviour>().is_err());
+        assert!("sleepy".parse::<Behaviour>().is_err());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for b in [
+            Behaviour::Normal,
+            Behaviour::Refuse {
+                reason: "door_open".into(),
+            },
+            Behaviour::Fail {
+                error: "motor_jam".into(),
+            },
+            Behaviour::Partial {
+                error: "motor_jam".into(),
+            },
+            Behaviour::NeverAck,
+            Behaviour::AckThenSilent,
+            Behaviour::SlowAck { ms: 7 },
+            Behaviour::DropConnection,
+        ] {
+            assert_eq!(b.to_string().parse(), Ok(b));
+        }
+    }
+
+    #[test]
+    fn deserializes_scenario_form() {
+        let b: Behaviour =
+            serde_json::from_str(r#"{"kind":"refuse","reason":"door_open"}"#).unwrap();
+        assert_eq!(
+            b,
+            Behaviour::Refuse {
+                reason: "door_open".into()
+            }
+        );
+        let b: Behaviour = serde_json::from_str(r#"{"kind":"ack-then-silent"}"#).unwrap();
+        assert_eq!(b, Behaviour::AckThenSilent);
+        let b: Behaviour = serde_json::from_str(r#"{"kind":"slow-ack","ms":100}"#).unwrap();
+        assert_eq!(b, Behaviour::SlowAck { ms: 100 });
+    }
+}

@@ -1,0 +1,512 @@
+//! Test harness for end-to-end tests: a real gateway on loopback port 0 with a
+//! fresh SQLite file in a temp dir, provisioning helpers, a raw MQTT client
+//! for protocol-level tests, and condition waits with deadlines (no sleeps).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Login, Packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use vendgate::secrets::{generate_secret, SecretHash};
+use vendgate::storage::{NewMachine, NewMerchant, NewService};
+use vendgate::{Gateway, GatewayHandle, Settings};
+use vendgate_proto::machine::MachineNo;
+
+/// Generous: the suite must pass on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// A running gateway for one test.
+pub struct TestGateway {
+    pub dir: tempfile::TempDir,
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub handle: GatewayHandle,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut Settings)) -> Self {
+        init_logs();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = Settings::for_tests(dir.path());
+        tune(&mut settings);
+        let gw = Gateway::build(settings).await.expect("gateway builds");
+        let (mqtt_addr, http_addr, handle) = (gw.mqtt_addr(), gw.http_addr(), gw.handle());
+        let task = tokio::spawn(gw.run());
+        Self {
+            dir,
+            mqtt_addr,
+            http_addr,
+            handle,
+            task: Some(task),
+        }
+    }
+
+    /// Create a merchant; returns (appid, appsecret).
+    pub async fn merchant(&self, name: &str) -> (String, String) {
+        let appid = vendgate::secrets::generate_appid();
+        let secret = generate_secret();
+        self.handle
+            .store
+            .create_merchant(NewMerchant {
+                name: name.into(),
+                notify_url: None,
+                appid: appid.clone(),
+                appsecret_hash: SecretHash::new(&secret),
+            })
+            .await
+            .expect("merchant");
+        (appid, secret)
+    }
+
+    /// Provision a machine for `appid`; returns its secret.
+    pub async fn machine(&self, appid: &str, machine_no: &str) -> String {
+        let secret = generate_secret();
+        self.handle
+            .store
+            .create_machine(NewMachine {
+                machine_no: machine_no.parse().expect("machine_no"),
+                merchant_appid: appid.into(),
+                secret_hash: SecretHash::new(&secret),
+            })
+            .await
+            .expect("machine");
+        secret
+    }
+
+    /// Provision a service account; returns (username, password).
+    pub async fn service(&self, name: &str) -> (String, String) {
+        let username = format!("svc-{name}");
+        let password = generate_secret();
+        self.handle
+            .store
+            .create_service(NewService {
+                name: name.into(),
+                username: username.clone(),
+                password_hash: SecretHash::new(&password),
+            })
+            .await
+            .expect("service");
+        (username, password)
+    }
+
+    pub fn online(&self, m: &str) -> bool {
+        let m: MachineNo = m.parse().expect("machine_no");
+        self.handle.presence.is_online(&m)
+    }
+
+    /// Stop the gateway and wait for it to finish.
+    pub async fn stop(mut self) {
+        self.handle.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let r = tokio::time::timeout(DEADLINE, t).await;
+            assert!(matches!(r, Ok(Ok(Ok(())))), "gateway stops cleanly: {r:?}");
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.handle.shutdown.cancel();
+    }
+}
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Wait until `cond` holds, checking after each `tick` of the runtime; panics
+/// with `what` at the deadline. Used instead of sleeps as synchronisation.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Async variant of [`wait_until`].
+pub async fn wait_until_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A byte-level MQTT 3.1.1 client for protocol tests.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    pub async fn tcp(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).ok();
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// TCP + CONNECT; returns the client and the CONNACK code (None when the
+    /// server closed without CONNACK).
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        keep_alive: u16,
+    ) -> (Self, Option<ConnectReturnCode>) {
+        let mut c = Self::tcp(addr).await;
+        let mut connect = Connect::new(client_id);
+        connect.keep_alive = keep_alive;
+        connect.login = login.map(|(u, p)| Login::new(u, p));
+        c.send(Packet::Connect(connect)).await;
+        let code = match c.recv().await {
+            Some(Packet::ConnAck(ConnAck { code, .. })) => Some(code),
+            _ => None,
+        };
+        (c, code)
+    }
+
+    pub async fn send(&mut self, p: Packet) {
+        let mut out = BytesMut::new();
+        p.write(&mut out, usize::MAX).expect("encode");
+        let _ = self.stream.write_all(&out).await;
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// Next packet, or None when the connection closed (or nothing came before
+    /// the deadline).
+    pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(DEADLINE).await
+    }
+
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<Packet> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(_) => return None,
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// True when the server closes the connection before the deadline.
+    pub async fn closed(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// A rumqttc client driven on its own task; received publishes and
+/// connection events arrive on `events`.
+pub struct Client {
+    pub client: rumqttc::AsyncClient,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<ClientEvent>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClientEvent {
+    ConnAck(ConnectReturnCode),
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        qos: rumqttc::QoS,
+        retain: bool,
+    },
+    SubAck(Vec<rumqttc::mqttbytes::v4::SubscribeReasonCode>),
+    PubAck(u16),
+    Disconnected(String),
+}
+
+impl Client {
+    /// Connect once (no automatic reconnect: the first error ends the task).
+    pub async fn connect(addr: SocketAddr, client_id: &str, user: &str, pass: &str) -> Self {
+        Self::connect_with(addr, client_id, user, pass, |_| {}).await
+    }
+
+    pub async fn connect_with(
+        addr: SocketAddr,
+        client_id: &str,
+        user: &str,
+        pass: &str,
+        tune: impl FnOnce(&mut rumqttc::MqttOptions),
+    ) -> Self {
+        let mut o = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        o.set_credentials(user, pass);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(true);
+        tune(&mut o);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 64);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(p)) => {
+                        let ev = match p {
+                            Packet::ConnAck(a) => ClientEvent::ConnAck(a.code),
+                            Packet::Publish(p) => ClientEvent::Publish {
+                                topic: p.topic,
+                                payload: p.payload.to_vec(),
+                                qos: p.qos,
+                                retain: p.retain,
+                            },
+                            Packet::SubAck(s) => ClientEvent::SubAck(s.return_codes),
+                            Packet::PubAck(a) => ClientEvent::PubAck(a.pkid),
+                            _ => continue,
+                        };
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(ClientEvent::Disconnected(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut c = Self {
+            client,
+            events,
+            task,
+        };
+        match c.next().await {
+            Some(ClientEvent::ConnAck(ConnectReturnCode::Success)) => {}
+            other => panic!("{client_id}: expected CONNACK success, got {other:?}"),
+        }
+        c
+    }
+
+    pub async fn next(&mut self) -> Option<ClientEvent> {
+        tokio::time::timeout(DEADLINE, self.events.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Next publish, skipping acks; None if the connection ended or deadline.
+    pub async fn next_publish(&mut self) -> Option<(String, Vec<u8>, bool)> {
+        loop {
+            match self.next().await? {
+                ClientEvent::Publish {
+                    topic,
+                    payload,
+                    retain,
+                    ..
+                } => return Some((topic, payload, retain)),
+                ClientEvent::Disconnected(_) => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscribe and wait for the SUBACK's return codes.
+    pub async fn subscribe(
+        &mut self,
+        filter: &str,
+        qos: rumqttc::QoS,
+    ) -> Vec<rumqttc::mqttbytes::v4::SubscribeReasonCode> {
+        self.client
+            .subscribe(filter, qos)
+            .await
+            .expect("subscribe queued");
+        loop {
+            match self.next().await {
+                Some(ClientEvent::SubAck(codes)) => return codes,
+                Some(ClientEvent::Disconnected(e)) => panic!("disconnected while subscribing: {e}"),
+                Some(_) => {}
+                None => panic!("no SUBACK for {filter}"),
+            }
+        }
+    }
+
+    /// Wait until the connection ends; returns the error text.
+    pub async fn wait_disconnected(&mut self) -> Option<String> {
+        loop {
+            if let ClientEvent::Disconnected(e) = self.next().await? {
+                return Some(e);
+            }
+        }
+    }
+
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An HTTP client for the open API of one test gateway.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub appid: String,
+    pub secret: String,
+}
+
+impl Api {
+    pub fn new(gw: &TestGateway, appid: &str, secret: &str) -> Self {
+        Self {
+            base: format!("http://{}/api/openapi/v1", gw.http_addr),
+            http: reqwest::Client::new(),
+            appid: appid.into(),
+            secret: secret.into(),
+        }
+    }
+
+    /// POST a raw body (no Content-Type, like the published examples).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("Appid", &self.appid)
+            .header("AppSecret", &self.secret)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("JSON envelope"))
+    }
+
+    pub async fn order(&self, machine_no: &str, products: &[(i64, u32)]) -> serde_json::Value {
+        let products: Vec<_> = products
+            .iter()
+            .map(|(p, q)| serde_json::json!({ "product_id": p, "quantity": q }))
+            .collect();
+        let body = serde_json::json!({ "machine_no": machine_no, "products": products });
+        self.post_raw("/orders", body.to_string()).await.1
+    }
+
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("Appid", &self.appid)
+            .header("AppSecret", &self.secret)
+            .send()
+            .await
+            .expect("request");
+        r.json().await.expect("JSON envelope")
+    }
+
+    pub async fn order_status(&self, order_id: u64) -> String {
+        let v = self.get(&format!("/orders/{order_id}")).await;
+        v["data"]["status"].as_str().unwrap_or("").to_string()
+    }
+
+    /// Wait until the order reaches `status`.
+    pub async fn wait_status(&self, order_id: u64, status: &str) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let v = self.get(&format!("/orders/{order_id}")).await;
+            if v["data"]["status"] == status {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order {order_id} never reached {status}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Start a simulated machine and wait until the gateway can use it: connected,
+/// subscribed to its commands (a ping round trip proves it) and its inventory
+/// received.
+pub async fn ready_sim(
+    gw: &TestGateway,
+    config: vendgate_sim::SimConfig,
+) -> vendgate_sim::SimHandle {
+    let m = config.machine_no;
+    let expect_stock = !config.inventory.is_empty();
+    let sim = vendgate_sim::SimMachine::spawn(config);
+    assert!(sim.wait_connected(DEADLINE).await, "{m} connects");
+    let commands = gw.handle.commands.clone();
+    wait_until_async("machine answers pings", || {
+        let c = commands.clone();
+        async move { c.ping(&m, Duration::from_millis(500)).await.is_ok() }
+    })
+    .await;
+    if expect_stock {
+        wait_until("inventory received", || {
+            !gw.handle.orders.inventory.view(&m).is_empty()
+        })
+        .await;
+    }
+    sim
+}
+
+pub fn sim_config(gw: &TestGateway, machine_no: &str, secret: &str) -> vendgate_sim::SimConfig {
+    let mut c = vendgate_sim::SimConfig::new(
+        gw.mqtt_addr.to_string(),
+        machine_no.parse().expect("machine_no"),
+        secret,
+    );
+    c.inventory = vec![
+        vendgate_proto::msg::InventoryItem {
+            product_id: 1,
+            stock: 10,
+            price: 350,
+        },
+        vendgate_proto::msg::InventoryItem {
+            product_id: 2,
+            stock: 5,
+            price: 200,
+        },
+    ];
+    c
+}
