@@ -44,6 +44,14 @@ pub enum Cmd {
     },
     /// Print the effective settings (secrets redacted).
     Config,
+    /// Run the gateway with a demo merchant and three simulated machines, and
+    /// print a curl command that places an order.
+    Demo {
+        #[arg(long)]
+        mqtt_addr: Option<SocketAddr>,
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+    },
     /// Merchants (API credentials).
     #[command(subcommand)]
     Merchant(MerchantCmd),
@@ -124,6 +132,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Cmd::Serve {
         mqtt_addr,
         http_addr,
+    }
+    | Cmd::Demo {
+        mqtt_addr,
+        http_addr,
     } = &cli.command
     {
         overrides.mqtt_addr = *mqtt_addr;
@@ -132,6 +144,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref(), &overrides)?;
     match cli.command {
         Cmd::Serve { .. } => serve(settings).await,
+        Cmd::Demo { .. } => {
+            telemetry::init(&settings.log);
+            crate::demo::run(settings, wait_for_signal()).await
+        }
         Cmd::Config => {
             print!("{}", settings.redacted_toml());
             Ok(())

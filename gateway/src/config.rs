@@ -60,6 +60,10 @@ pub struct HttpSettings {
     pub http_status: HttpStatusMode,
     /// Largest request body accepted, bytes.
     pub max_body: usize,
+    /// Requests per second per merchant (10003 beyond); 0 disables.
+    pub rate_limit: u32,
+    /// Requests a merchant may send at once before the rate applies.
+    pub rate_burst: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -167,6 +171,8 @@ impl Default for HttpSettings {
             addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             http_status: HttpStatusMode::Ok,
             max_body: 64 * 1024,
+            rate_limit: 200,
+            rate_burst: 400,
         }
     }
 }

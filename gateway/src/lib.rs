@@ -15,10 +15,12 @@
 //! - [`provision`]: the `vendgate merchant|machine|service add/list` commands.
 //! - [`http`]: the HTTP listener.
 //! - [`cli`]: the `vendgate` command line.
+//! - [`demo`]: `vendgate demo`, the gateway with simulated machines in one process.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod edge;
 pub mod http;
 pub mod orders;

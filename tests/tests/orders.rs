@@ -615,3 +615,26 @@ async fn duplicate_and_hostile_device_messages_change_nothing() {
     assert_eq!(results, 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn merchant_over_its_rate_gets_10003_and_others_do_not() {
+    let (gw, api, _) = setup(|s| {
+        s.http.rate_limit = 1;
+        s.http.rate_burst = 3;
+    })
+    .await;
+    let (other_id, other_secret) = gw.merchant("other").await;
+    let other = Api::new(&gw, &other_id, &other_secret);
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(code(&api.get("/machines").await));
+    }
+    assert_eq!(codes, vec![0, 0, 0, 10003]);
+    let v = api.get("/machines").await;
+    assert_eq!(
+        v,
+        json!({"code": 10003, "message": "请求过于频繁", "data": {}})
+    );
+    assert_eq!(code(&other.get("/machines").await), 0);
+    gw.stop().await;
+}

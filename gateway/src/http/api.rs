@@ -71,7 +71,13 @@ async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, Error
             .map_err(|_| ErrorCode::Internal)?;
     let ok = verify_or_dummy(merchant.as_ref().map(|m| &m.appsecret_hash), secret);
     match merchant {
-        Some(m) if ok => Ok(m.appid),
+        Some(m) if ok => {
+            if s.rate.allow(&m.appid) {
+                Ok(m.appid)
+            } else {
+                Err(ErrorCode::RateLimited)
+            }
+        }
         _ => Err(ErrorCode::AuthFailed),
     }
 }

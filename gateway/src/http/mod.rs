@@ -7,6 +7,7 @@
 
 mod api;
 pub mod envelope;
+mod rate;
 
 use std::sync::Arc;
 
@@ -21,10 +22,15 @@ use crate::startup::GatewayHandle;
 pub struct AppState {
     pub gw: GatewayHandle,
     pub orders: Arc<OrderService>,
+    pub rate: Arc<rate::RateLimiter>,
 }
 
 pub fn router(gw: GatewayHandle, orders: Arc<OrderService>) -> Router {
-    let state = AppState { gw, orders };
+    let rate = Arc::new(rate::RateLimiter::new(
+        gw.settings.http.rate_limit,
+        gw.settings.http.rate_burst,
+    ));
+    let state = AppState { gw, orders, rate };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .nest("/api/openapi/v1", api::routes(&state))
