@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -19,7 +19,7 @@ use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub};
 use crate::orders::{OrderService, OrderUplinks};
 use crate::presence::PresenceRegistry;
-use crate::storage::{self, Storage};
+use crate::storage::{self, PresenceWrite, Storage};
 use crate::uplink::DeviceUplinks;
 
 /// Longest a shutdown step may take before we give up on it.
@@ -196,44 +196,67 @@ async fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
 }
 
 /// Writes presence changes to storage so other processes (the CLI, later other
-/// nodes) see who is online. Storage lags the registry by one write; the
-/// registry stays the source of truth for this process.
+/// nodes) see who is online. Whatever has queued up is written in one
+/// transaction, so a reconnect storm costs a few commits. Storage lags the
+/// registry by one batch; the registry stays the source of truth for this
+/// process.
 fn spawn_presence_persister(h: GatewayHandle, stop: CancellationToken) -> JoinHandle<()> {
+    /// Most changes written in one transaction.
+    const BATCH: usize = 1024;
     let mut rx = h.presence.subscribe();
     tokio::spawn(async move {
         loop {
-            let ev = tokio::select! {
+            let first = tokio::select! {
                 biased;
                 ev = rx.recv() => ev,
-                _ = stop.cancelled() => {
+                _ = stop.cancelled() => match rx.try_recv() {
                     // Drain what is already queued, then stop.
-                    match rx.try_recv() {
-                        Ok(ev) => Ok(ev),
-                        Err(_) => return,
-                    }
-                }
+                    Ok(ev) => Ok(ev),
+                    Err(_) => return,
+                },
             };
-            match ev {
-                Ok(ev) => {
-                    if let Err(e) = h
-                        .store
-                        .record_presence(&ev.machine_no, ev.online, ev.epoch, ev.at)
-                        .await
-                    {
-                        warn!(machine_no = %ev.machine_no, error = %e, "presence write failed");
+            let mut batch = Vec::new();
+            let mut lagged = false;
+            let mut next = Some(first);
+            while let Some(ev) = next.take() {
+                match ev {
+                    Ok(ev) => batch.push(PresenceWrite {
+                        machine_no: ev.machine_no,
+                        online: ev.online,
+                        epoch: ev.epoch,
+                        at: ev.at,
+                    }),
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(missed = n, "presence writer lagged; resynchronising");
+                        lagged = true;
                     }
+                    Err(RecvError::Closed) => return,
                 }
-                Err(RecvError::Lagged(n)) => {
-                    warn!(missed = n, "presence writer lagged; resynchronising");
-                    for p in h.presence.snapshot() {
-                        let at = p.last_seen.unwrap_or_else(chrono::Utc::now);
-                        let _ = h
-                            .store
-                            .record_presence(&p.machine_no, p.online, p.epoch, at)
-                            .await;
-                    }
+                if batch.len() < BATCH {
+                    next = match rx.try_recv() {
+                        Ok(ev) => Some(Ok(ev)),
+                        Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                        Err(_) => None,
+                    };
                 }
-                Err(RecvError::Closed) => return,
+            }
+            if lagged {
+                batch = h
+                    .presence
+                    .snapshot()
+                    .into_iter()
+                    .map(|p| PresenceWrite {
+                        machine_no: p.machine_no,
+                        online: p.online,
+                        epoch: p.epoch,
+                        at: p.last_seen.unwrap_or_else(chrono::Utc::now),
+                    })
+                    .collect();
+            }
+            for chunk in batch.chunks(BATCH) {
+                if let Err(e) = h.store.record_presence_batch(chunk).await {
+                    warn!(error = %e, changes = chunk.len(), "presence write failed");
+                }
             }
         }
     })

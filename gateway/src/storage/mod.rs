@@ -88,6 +88,15 @@ pub struct ServiceAccount {
     pub created_at: DateTime<Utc>,
 }
 
+/// One presence change to persist.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceWrite {
+    pub machine_no: MachineNo,
+    pub online: bool,
+    pub epoch: u64,
+    pub at: DateTime<Utc>,
+}
+
 /// Errors of every storage backend.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -137,6 +146,8 @@ pub trait Storage: OrderStorage + Send + Sync + 'static {
         epoch: u64,
         at: DateTime<Utc>,
     ) -> Result<(), StorageError>;
+    /// Several presence writes in one transaction, with the same epoch rule.
+    async fn record_presence_batch(&self, batch: &[PresenceWrite]) -> Result<(), StorageError>;
     /// At start-up nothing is connected yet: mark every machine offline (a
     /// crash leaves stale online flags) and reset the stored epochs, so the
     /// new process's epochs always win whatever the clock did meanwhile.
