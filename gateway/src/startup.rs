@@ -166,6 +166,7 @@ impl Gateway {
             Err(_) => warn!("HTTP server did not stop in time"),
             _ => {}
         }
+        h.orders.flush().await;
         persist_stop.cancel();
         if tokio::time::timeout(SHUTDOWN_STEP, persister)
             .await

@@ -61,7 +61,12 @@ async fn order_completes_and_is_recorded() {
         .iter()
         .map(|e| e["type"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, vec!["created", "sent", "accepted", "result"]);
+    assert_eq!(kinds, vec!["created", "accepted", "result"]);
+    assert_eq!(
+        d["events"][1]["detail"]["ttl_ms"], 3000,
+        "when the command left is recorded"
+    );
+    assert!(d["events"][1]["detail"]["sent_at"].is_string());
     assert_eq!(sim.dispensed_orders(), vec![id]);
     // Reservation released; stock follows the machine's report.
     wait_until("reservation released", || {
@@ -636,5 +641,61 @@ async fn merchant_over_its_rate_gets_10003_and_others_do_not() {
         json!({"code": 10003, "message": "请求过于频繁", "data": {}})
     );
     assert_eq!(code(&other.get("/machines").await), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn out_trade_no_repeats_return_the_same_order_and_dispatch_once() {
+    let (gw, api, ms) = setup(|_| {}).await;
+    let sim = ready_sim(&gw, sim_config(&gw, M1, &ms)).await;
+    let body = format!(
+        r#"{{"machine_no":"{M1}","products":[{{"product_id":1,"quantity":1}}],"out_trade_no":"T-1"}}"#
+    );
+    let api = std::sync::Arc::new(api);
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let a = api.clone();
+        let b = body.clone();
+        tasks.push(tokio::spawn(
+            async move { a.post_raw("/orders", b).await.1 },
+        ));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(order_id(&t.await.unwrap()));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "32 concurrent repeats, one order: {ids:?}");
+    api.wait_status(ids[0], "completed").await;
+    assert_eq!(sim.dispensed_orders(), vec![ids[0]], "dispatched once");
+    let dispense_cmds = sim
+        .journal()
+        .iter()
+        .filter(|e| matches!(e.event, JournalEvent::DispenseReceived(_)))
+        .count();
+    assert_eq!(dispense_cmds, 1);
+
+    // Same key, different body: 40003. The Idempotency-Key header works too.
+    let other = format!(
+        r#"{{"machine_no":"{M1}","products":[{{"product_id":1,"quantity":2}}],"out_trade_no":"T-1"}}"#
+    );
+    let v = api.post_raw("/orders", other).await.1;
+    assert_eq!(
+        (code(&v), v["message"].as_str().unwrap()),
+        (40003, "重复订单号")
+    );
+    let http = reqwest::Client::new();
+    let keyed = || {
+        http.post(format!("{}/orders", api.base))
+            .header("Appid", &api.appid)
+            .header("AppSecret", &api.secret)
+            .header("Idempotency-Key", "K-9")
+            .body(format!(
+                r#"{{"machine_no":"{M1}","products":[{{"product_id":2,"quantity":1}}]}}"#
+            ))
+    };
+    let a: Value = keyed().send().await.unwrap().json().await.unwrap();
+    let b: Value = keyed().send().await.unwrap().json().await.unwrap();
+    assert_eq!(order_id(&a), order_id(&b));
     gw.stop().await;
 }

@@ -61,6 +61,11 @@ pub enum OrderError {
     OrderNotFound,
     #[error("order state conflict")]
     StateConflict,
+    #[error("out_trade_no reused with a different body")]
+    DuplicateOutTradeNo,
+    /// Internal: the out_trade_no is taken by this order (a concurrent repeat).
+    #[error("repeat of order {0}")]
+    RepeatOf(u64),
     #[error("internal error")]
     Internal,
 }
@@ -77,7 +82,9 @@ impl OrderError {
             Self::Refused(_) => ErrorCode::MachineRefused,
             Self::OrderNotFound => ErrorCode::OrderNotFound,
             Self::StateConflict => ErrorCode::OrderStateConflict,
-            Self::Internal => ErrorCode::Internal,
+            Self::DuplicateOutTradeNo => ErrorCode::DuplicateOutTradeNo,
+            // Never leaves the service: `place` resolves it.
+            Self::RepeatOf(_) | Self::Internal => ErrorCode::Internal,
         }
     }
 }
@@ -134,7 +141,9 @@ pub struct OrderService {
     /// The in-flight order's "result applied" waiter, by order id.
     settled: DashMap<u64, oneshot::Sender<()>>,
     inventory_writes: mpsc::UnboundedSender<(MachineNo, Vec<msg::InventoryItem>)>,
+    inventory_writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     ids: OrderIds,
+    idempotency_locks: IdempotencyLocks,
     pub stats: OrderStats,
     shutdown: CancellationToken,
     me: Weak<OrderService>,
@@ -167,13 +176,31 @@ impl OrderService {
             acks: DashMap::new(),
             settled: DashMap::new(),
             inventory_writes,
+            inventory_writer: std::sync::Mutex::new(None),
             ids: OrderIds::default(),
+            idempotency_locks: DashMap::new(),
             stats: OrderStats::default(),
             shutdown,
             me: me.clone(),
         });
-        tokio::spawn(inventory_writer(svc.store.clone(), rx));
+        let writer = tokio::spawn(inventory_writer(
+            svc.store.clone(),
+            rx,
+            svc.shutdown.clone(),
+        ));
+        if let Ok(mut w) = svc.inventory_writer.lock() {
+            *w = Some(writer);
+        }
         svc
+    }
+
+    /// After shutdown: wait until queued inventory snapshots are written, so
+    /// storage can be closed without losing them.
+    pub async fn flush(&self) {
+        let writer = self.inventory_writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = writer {
+            let _ = w.await;
+        }
     }
 
     /// Start-up: load stock snapshots, re-hold reservations of open orders,
@@ -218,6 +245,70 @@ impl OrderService {
     /// Place an order and wait for the machine's acceptance.
     pub async fn place(&self, req: PlaceRequest) -> Result<u64, OrderError> {
         self.stats.placed.fetch_add(1, Ordering::Relaxed);
+        // Concurrent requests with one out_trade_no run one after another, so
+        // every repeat finds the first one's order instead of racing it for
+        // stock and queue slots.
+        let _key_guard = match &req.out_trade_no {
+            Some(otn) => {
+                let key = (req.merchant.clone(), otn.clone());
+                let lock = self
+                    .idempotency_locks
+                    .entry(key.clone())
+                    .or_default()
+                    .clone();
+                let guard = lock.lock_owned().await;
+                Some(KeyGuard {
+                    locks: &self.idempotency_locks,
+                    key,
+                    _guard: guard,
+                })
+            }
+            None => None,
+        };
+        if let Some(otn) = &req.out_trade_no {
+            if let Some(existing) = self.store.order_by_out_trade_no(&req.merchant, otn).await? {
+                return self.repeat(existing, &fingerprint(&req)).await;
+            }
+        }
+        match self.place_new(&req).await {
+            Err(OrderError::RepeatOf(id)) => {
+                let existing = self.load(id).await?;
+                self.repeat(existing, &fingerprint(&req)).await
+            }
+            other => other,
+        }
+    }
+
+    /// Answer a repeat of an earlier request with the same out_trade_no:
+    /// the same order_id (nothing dispatched again) when the body matches,
+    /// 40003 when it does not. A first attempt still in flight is waited for.
+    async fn repeat(
+        &self,
+        mut existing: StoredOrder,
+        fingerprint: &str,
+    ) -> Result<u64, OrderError> {
+        if existing.request_fingerprint.as_deref() != Some(fingerprint) {
+            return Err(OrderError::DuplicateOutTradeNo);
+        }
+        let until =
+            tokio::time::Instant::now() + self.settings.accept_timeout + Duration::from_secs(1);
+        while existing.status == Status::Dispatching && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            existing = self.load(existing.order_id).await?;
+        }
+        match existing.status {
+            Status::Rejected => match existing.error.as_deref() {
+                Some(e) if is_delivery_failure(e) => Err(OrderError::Offline),
+                Some(reason) => Err(OrderError::Refused(reason.to_string())),
+                None => Err(OrderError::Offline),
+            },
+            Status::Dispatching => Err(OrderError::Offline),
+            _ => Ok(existing.order_id),
+        }
+    }
+
+    async fn place_new(&self, req: &PlaceRequest) -> Result<u64, OrderError> {
+        let req = req.clone();
         let machine = self.store.machine(&req.machine_no).await?;
         // Another merchant's machine answers exactly like an absent one.
         if machine.is_none_or(|m| m.merchant_appid != req.merchant) {
@@ -347,7 +438,7 @@ impl OrderService {
                 merchant_appid: req.merchant.clone(),
                 machine_no: m,
                 out_trade_no: req.out_trade_no.clone(),
-                request_fingerprint: None,
+                request_fingerprint: req.out_trade_no.as_ref().map(|_| fingerprint(req)),
                 pay_later: false,
                 status: order.status,
                 lines: lines.to_vec(),
@@ -364,6 +455,14 @@ impl OrderService {
                 Err(StorageError::Duplicate("order")) if attempts < 5 => {
                     attempts += 1;
                     order_id = self.ids.next();
+                }
+                Err(StorageError::Duplicate("out_trade_no")) => {
+                    // A concurrent repeat inserted first; answer as its repeat.
+                    let otn = req.out_trade_no.as_deref().unwrap_or("");
+                    return match self.store.order_by_out_trade_no(&req.merchant, otn).await {
+                        Ok(Some(o)) => Err((order_id, OrderError::RepeatOf(o.order_id))),
+                        _ => Err((order_id, OrderError::Internal)),
+                    };
                 }
                 Err(e) => {
                     error!(machine_no = %m, error = %e, "could not persist order");
@@ -387,11 +486,30 @@ impl OrderService {
                 .collect(),
             ttl_ms,
         };
+        let sent_at = Utc::now();
         let sent = self
             .commands
             .send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd)))
             .await;
-        let stored = self.load(order_id).await.map_err(|e| (order_id, e))?;
+        // The row just inserted, without reading it back.
+        let stored = StoredOrder {
+            order_id,
+            merchant_appid: req.merchant.clone(),
+            machine_no: m,
+            out_trade_no: req.out_trade_no.clone(),
+            request_fingerprint: None,
+            pay_later: false,
+            status: order.status,
+            lines: lines.to_vec(),
+            amount: order.amount(),
+            refund_amount: 0,
+            error: None,
+            result_applied: false,
+            created_at: sent_at,
+            updated_at: sent_at,
+            dispense_deadline: None,
+            pay_deadline: None,
+        };
         if let Err(e) = sent {
             let _ = self
                 .transition(
@@ -402,16 +520,15 @@ impl OrderService {
                 .await;
             return Err((order_id, OrderError::Offline));
         }
-        let _ = self
-            .store
-            .append_order_event(order_id, &event("sent", json!({ "ttl_ms": ttl_ms })))
-            .await;
+        // When the command left rides on the next transition's event: one
+        // commit (one fsync) fewer per order than a separate "sent" row.
+        let sent = json!({ "sent_at": sent_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "ttl_ms": ttl_ms });
 
         let ack = tokio::time::timeout(self.settings.accept_timeout, ack_rx).await;
         match ack {
             Ok(Ok(a)) if a.accepted => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                match self.transition(&stored, &Event::Accepted, json!({})).await {
+                match self.transition(&stored, &Event::Accepted, sent).await {
                     Ok(_) => Ok(Accepted {
                         order_id,
                         settled: settled_rx,
@@ -423,7 +540,7 @@ impl OrderService {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 let reason = a.reason.unwrap_or_else(|| "refused".into());
                 let _ = self
-                    .transition(&stored, &Event::Refused(reason.clone()), json!({}))
+                    .transition(&stored, &Event::Refused(reason.clone()), sent)
                     .await;
                 Err((order_id, OrderError::Refused(reason)))
             }
@@ -433,11 +550,7 @@ impl OrderService {
                 // Record first, then cancel: the machine must never act on it
                 // (the command's TTL and the machine's dedup are the other guards).
                 let _ = self
-                    .transition(
-                        &stored,
-                        &Event::NotAccepted("accept_timeout".into()),
-                        json!({}),
-                    )
+                    .transition(&stored, &Event::NotAccepted("accept_timeout".into()), sent)
                     .await;
                 if let Err(e) = self.send_cancel(m, order_id).await {
                     debug!(machine_no = %m, order_id, error = %e, "cancel not delivered");
@@ -740,6 +853,48 @@ impl OrderService {
     }
 }
 
+/// Why a rejected order was rejected, for answering repeats: the gateway's
+/// own reasons are delivery failures (30002); anything else is the machine's
+/// refusal reason (30005).
+fn is_delivery_failure(error: &str) -> bool {
+    error == "accept_timeout" || error == "gateway_restart" || error.starts_with("not_delivered")
+}
+
+/// Identifies a request body for idempotency: the same out_trade_no with a
+/// different machine, products or pay_later is a different order (40003).
+fn fingerprint(req: &PlaceRequest) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(req.machine_no.as_str());
+    h.update(if req.pay_later {
+        b"|later|"
+    } else {
+        b"|now|  "
+    });
+    for (p, q) in &req.lines {
+        h.update(format!("{p}:{q},"));
+    }
+    hex::encode(h.finalize())
+}
+
+type IdempotencyLocks = DashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
+/// Holds one out_trade_no's lock; the map entry goes when nobody else waits.
+struct KeyGuard<'a> {
+    locks: &'a IdempotencyLocks,
+    key: (String, String),
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        // Two references left (the map's and our guard's mutex Arc) means no
+        // waiter holds a clone.
+        self.locks
+            .remove_if(&self.key, |_, m| Arc::strong_count(m) <= 2);
+    }
+}
+
 struct Accepted {
     order_id: u64,
     settled: oneshot::Receiver<()>,
@@ -749,8 +904,16 @@ struct Accepted {
 async fn inventory_writer(
     store: Arc<dyn Storage>,
     mut rx: mpsc::UnboundedReceiver<(MachineNo, Vec<msg::InventoryItem>)>,
+    shutdown: CancellationToken,
 ) {
-    while let Some((m, items)) = rx.recv().await {
+    loop {
+        let next = tokio::select! {
+            biased;
+            n = rx.recv() => n,
+            // Drain what is queued, then stop.
+            _ = shutdown.cancelled() => rx.try_recv().ok(),
+        };
+        let Some((m, items)) = next else { return };
         if let Err(e) = store.put_inventory(&m, &items, Utc::now()).await {
             warn!(machine_no = %m, error = %e, "inventory snapshot not persisted");
         }
