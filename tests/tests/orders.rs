@@ -699,3 +699,32 @@ async fn out_trade_no_repeats_return_the_same_order_and_dispatch_once() {
     assert_eq!(order_id(&a), order_id(&b));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn stock_follows_the_machines_snapshots_without_double_counting() {
+    let (gw, api, ms) = setup(|_| {}).await;
+    let sim = ready_sim(&gw, sim_config(&gw, M1, &ms)).await;
+    for _ in 0..3 {
+        let id = order_id_of(api.order(M1, &[(1, 1)]).await);
+        api.wait_status(id, "completed").await;
+    }
+    // The machine reports 10 - 3 = 7 after its third dispense.
+    wait_until("snapshot after the third dispense", || {
+        gw.handle
+            .orders
+            .inventory
+            .view(&m(M1))
+            .first()
+            .map(|s| (s.stock, s.reserved))
+            == Some((7, 0))
+    })
+    .await;
+    assert_eq!(
+        sim.stock()
+            .iter()
+            .find(|i| i.product_id == 1)
+            .map(|i| i.stock),
+        Some(7)
+    );
+    gw.stop().await;
+}

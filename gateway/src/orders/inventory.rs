@@ -94,8 +94,10 @@ impl Inventory {
         }
     }
 
-    /// Give an order's reservation back; `dispensed` counts also leave the
-    /// reported stock until the machine's next snapshot says otherwise.
+    /// Give an order's reservation back. Reported stock is not touched: the
+    /// machine publishes a fresh snapshot after every dispense (PROTOCOL.md
+    /// rule 5), usually before its result has been applied here, so
+    /// subtracting the dispensed count as well would count it twice.
     pub fn release(&self, m: MachineNo, lines: &[Line]) {
         let mut e = self.machines.entry(m).or_default();
         for l in lines {
@@ -103,11 +105,6 @@ impl Inventory {
                 *r = r.saturating_sub(l.quantity);
                 if *r == 0 {
                     e.reserved.remove(&l.product_id);
-                }
-            }
-            if l.dispensed > 0 {
-                if let Some((stock, _)) = e.items.get_mut(&l.product_id) {
-                    *stock = stock.saturating_sub(l.dispensed);
                 }
             }
         }

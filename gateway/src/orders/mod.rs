@@ -795,20 +795,9 @@ impl OrderService {
             Ok(Some(next)) => {
                 self.stats.results_applied.fetch_add(1, Ordering::Relaxed);
                 info!(machine_no = %m, order_id = o.order_id, status = next.status.as_str(), "order settled");
+                // An unknown order's reservation went at its deadline.
                 if held {
                     self.inventory.release(m, &next.lines);
-                } else {
-                    // Reservation already released (unknown): only the
-                    // dispensed counts leave the reported stock.
-                    let only_dispensed: Vec<Line> = next
-                        .lines
-                        .iter()
-                        .map(|l| Line {
-                            quantity: 0,
-                            ..l.clone()
-                        })
-                        .collect();
-                    self.inventory.release(m, &only_dispensed);
                 }
                 if let Some((_, tx)) = self.settled.remove(&o.order_id) {
                     let _ = tx.send(());
