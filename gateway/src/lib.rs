@@ -14,6 +14,7 @@
 //! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
 //! - [`provision`]: the `vendgate merchant|machine|service add/list` commands.
 //! - [`http`]: the HTTP listener.
+//! - [`notifier`]: webhook delivery from the outbox.
 //! - [`cli`]: the `vendgate` command line.
 //! - [`demo`]: `vendgate demo`, the gateway with simulated machines in one process.
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod demo;
 pub mod edge;
 pub mod http;
+pub mod notifier;
 pub mod orders;
 pub mod presence;
 pub mod provision;

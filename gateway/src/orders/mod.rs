@@ -37,7 +37,9 @@ use crate::commands::CommandBus;
 use crate::config::OrderSettings;
 use crate::edge::UplinkHandler;
 use crate::presence::PresenceRegistry;
-use crate::storage::{NewOrder, OrderChange, OrderEvent, Storage, StorageError, StoredOrder};
+use crate::storage::{
+    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, Storage, StorageError, StoredOrder,
+};
 use ids::OrderIds;
 use inventory::{Inventory, Shortfall};
 use state::{apply, Event, Line, Order, Status, Transition, TransitionError};
@@ -641,9 +643,16 @@ impl OrderService {
                 Event::Result { .. } => "result",
                 Event::DispenseDeadline => "deadline",
             };
+            let outbox = self.webhook_for(&current, &next, now).await?;
             if self
                 .store
-                .update_order(current.order_id, current.status, &change, &event(kind, d))
+                .update_order(
+                    current.order_id,
+                    current.status,
+                    &change,
+                    &event(kind, d),
+                    outbox.as_ref(),
+                )
                 .await?
             {
                 return Ok(Some(next));
@@ -652,6 +661,63 @@ impl OrderService {
             current = self.load(current.order_id).await?;
         }
         Err(OrderError::StateConflict)
+    }
+
+    /// The merchant's webhook for a change into a status API.md notifies
+    /// about, if the merchant has a `notify_url`. Written in the same
+    /// transaction as the change.
+    async fn webhook_for(
+        &self,
+        o: &StoredOrder,
+        next: &Order,
+        at: chrono::DateTime<Utc>,
+    ) -> Result<Option<NewOutboxEvent>, OrderError> {
+        let kind = match next.status {
+            Status::Completed => "order.completed",
+            Status::PartiallyDispensed => "order.partially_dispensed",
+            Status::Failed => "order.dispense_failed",
+            Status::Unknown => "order.unknown",
+            Status::Expired => "order.expired",
+            _ => return Ok(None),
+        };
+        let Some(merchant) = self.store.merchant(&o.merchant_appid).await? else {
+            return Ok(None);
+        };
+        if merchant.notify_url.is_none() {
+            return Ok(None);
+        }
+        let event_id = crate::notifier::new_event_id();
+        let items: Vec<serde_json::Value> = next
+            .lines
+            .iter()
+            .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed, "unit_price": l.unit_price }))
+            .collect();
+        let created_at = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let body = json!({
+            "event_id": event_id,
+            "type": kind,
+            "created_at": created_at,
+            "data": {
+                "order_id": o.order_id,
+                "machine_no": o.machine_no.as_str(),
+                "status": next.status.as_str(),
+                "out_trade_no": o.out_trade_no,
+                "items": items,
+                "amount": o.amount,
+                "refund_amount": next.refund_amount(),
+                "error": next.error,
+            }
+        });
+        Ok(Some(NewOutboxEvent {
+            event_id,
+            merchant_appid: o.merchant_appid.clone(),
+            order_key: format!("order:{}", o.order_id),
+            order_id: Some(o.order_id),
+            machine_no: Some(o.machine_no),
+            kind: kind.to_string(),
+            body: body.to_string(),
+            created_at: at,
+        }))
     }
 
     async fn deadline_passed(&self, order_id: u64) {

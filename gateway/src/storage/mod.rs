@@ -26,7 +26,7 @@ pub mod orders;
 pub mod sqlite;
 mod sqlite_orders;
 
-pub use orders::{NewOrder, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+pub use orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
 
 pub use sqlite::SqliteStorage;
 

@@ -60,6 +60,24 @@ pub struct OrderChange {
     pub at: DateTime<Utc>,
 }
 
+/// A webhook event to write to the outbox in the same transaction as the
+/// change that causes it (see `notifier`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOutboxEvent {
+    pub event_id: String,
+    pub merchant_appid: String,
+    /// Events with the same key are delivered in the order they were written
+    /// (`order:{id}` or `machine:{machine_no}`).
+    pub order_key: String,
+    pub order_id: Option<u64>,
+    pub machine_no: Option<MachineNo>,
+    /// `order.completed`, `machine.offline`, …
+    pub kind: String,
+    /// The exact JSON body delivered.
+    pub body: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// One entry of an order's timeline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrderEvent {
@@ -80,14 +98,15 @@ pub trait OrderStorage: Send + Sync + 'static {
         merchant: &str,
         out_trade_no: &str,
     ) -> Result<Option<StoredOrder>, StorageError>;
-    /// Apply `change` and append `ev` atomically if the stored status is still
-    /// `from`; Ok(false) (nothing written) otherwise.
+    /// Apply `change`, append `ev` and write `outbox` (if any) atomically if the
+    /// stored status is still `from`; Ok(false) (nothing written) otherwise.
     async fn update_order(
         &self,
         order_id: u64,
         from: Status,
         change: &OrderChange,
         ev: &OrderEvent,
+        outbox: Option<&NewOutboxEvent>,
     ) -> Result<bool, StorageError>;
     async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError>;
     /// The timeline, oldest first.

@@ -9,7 +9,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
-use super::orders::{NewOrder, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+use super::orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
 use super::sqlite::{backend, from_ms, SqliteStorage};
 use super::StorageError;
 use crate::orders::state::{Line, Status};
@@ -56,6 +56,31 @@ async fn insert_event(
         .execute(&mut **tx)
         .await
         .map_err(backend)?;
+    Ok(())
+}
+
+/// Write one outbox row inside the caller's transaction; due at once.
+pub(super) async fn insert_outbox(
+    tx: &mut Transaction<'_, Sqlite>,
+    o: &NewOutboxEvent,
+) -> Result<(), StorageError> {
+    let order_id = o.order_id.map(id_i64).transpose()?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, merchant_appid, order_key, order_id, machine_no, type, body, \
+         created_at_ms, next_attempt_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&o.event_id)
+    .bind(&o.merchant_appid)
+    .bind(&o.order_key)
+    .bind(order_id)
+    .bind(o.machine_no.as_ref().map(|m| m.as_str().to_string()))
+    .bind(&o.kind)
+    .bind(&o.body)
+    .bind(o.created_at.timestamp_millis())
+    .bind(o.created_at.timestamp_millis())
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
     Ok(())
 }
 
@@ -207,6 +232,7 @@ impl OrderStorage for SqliteStorage {
         from: Status,
         change: &OrderChange,
         ev: &OrderEvent,
+        outbox: Option<&NewOutboxEvent>,
     ) -> Result<bool, StorageError> {
         let id = id_i64(order_id)?;
         let mut tx = self.pool().begin().await.map_err(backend)?;
@@ -238,6 +264,9 @@ impl OrderStorage for SqliteStorage {
                 .map_err(backend)?;
         }
         insert_event(&mut tx, id, ev).await?;
+        if let Some(o) = outbox {
+            insert_outbox(&mut tx, o).await?;
+        }
         tx.commit().await.map_err(backend)?;
         Ok(true)
     }
