@@ -90,6 +90,15 @@ pub struct OrderSettings {
     pub max_lines: usize,
     /// Largest quantity of one line (20003 beyond).
     pub max_quantity: u32,
+    /// A `pay_later` order unpaid this long expires and its goods go back
+    /// to the machine's free stock.
+    #[serde(with = "humantime_serde")]
+    pub unpaid_timeout: Duration,
+    /// Open unpaid orders one merchant may hold (30004 beyond), so a stolen
+    /// key cannot hoard stock.
+    pub max_unpaid_per_merchant: u64,
+    /// Open unpaid orders on one machine (30004 beyond).
+    pub max_unpaid_per_machine: u64,
 }
 
 impl Default for OrderSettings {
@@ -100,6 +109,9 @@ impl Default for OrderSettings {
             queue_depth: 8,
             max_lines: 20,
             max_quantity: 99,
+            unpaid_timeout: Duration::from_secs(20 * 60),
+            max_unpaid_per_merchant: 1000,
+            max_unpaid_per_machine: 8,
         }
     }
 }

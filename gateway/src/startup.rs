@@ -140,6 +140,7 @@ impl Gateway {
         let persist_stop = CancellationToken::new();
         let persister = spawn_presence_persister(h.clone(), persist_stop.clone());
         let edge_task = tokio::spawn(self.edge.run());
+        let expiry = h.orders.spawn_expiry();
         let http_task = {
             let shutdown = h.shutdown.clone();
             let app = crate::http::router(h.clone(), h.orders.clone());
@@ -166,6 +167,7 @@ impl Gateway {
             Err(_) => warn!("HTTP server did not stop in time"),
             _ => {}
         }
+        let _ = expiry.await;
         h.orders.flush().await;
         persist_stop.cancel();
         if tokio::time::timeout(SHUTDOWN_STEP, persister)

@@ -34,8 +34,12 @@ impl TestGateway {
     }
 
     pub async fn start_with(tune: impl FnOnce(&mut Settings)) -> Self {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), tune).await
+    }
+
+    /// Start on an existing data directory (a restart keeps the database).
+    pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Settings)) -> Self {
         init_logs();
-        let dir = tempfile::tempdir().expect("temp dir");
         let mut settings = Settings::for_tests(dir.path());
         tune(&mut settings);
         let gw = Gateway::build(settings).await.expect("gateway builds");
@@ -104,12 +108,19 @@ impl TestGateway {
     }
 
     /// Stop the gateway and wait for it to finish.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        let _ = self.stop_keep_dir().await;
+    }
+
+    /// Stop the gateway and hand back its data directory (for a restart).
+    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
         self.handle.shutdown.cancel();
         if let Some(t) = self.task.take() {
             let r = tokio::time::timeout(DEADLINE, t).await;
             assert!(matches!(r, Ok(Ok(Ok(())))), "gateway stops cleanly: {r:?}");
         }
+        let placeholder = tempfile::tempdir().expect("temp dir");
+        std::mem::replace(&mut self.dir, placeholder)
     }
 }
 

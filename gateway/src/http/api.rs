@@ -27,18 +27,20 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/orders", post(place_order))
         .route("/orders/{order_id}", get(get_order))
+        .route("/orders/{order_id}/pay", post(pay_order))
+        .route("/orders/{order_id}/refund", post(refund_order))
         .route("/machines", get(list_machines))
         .route("/machines/{machine_no}", get(get_machine))
         .layer(DefaultBodyLimit::max(limit))
 }
 
-type Answer = Envelope;
+pub(super) type Answer = Envelope;
 
-fn err(s: &AppState, code: ErrorCode) -> Answer {
+pub(super) fn err(s: &AppState, code: ErrorCode) -> Answer {
     Envelope::err(code, s.gw.settings.http.http_status)
 }
 
-fn ok(s: &AppState, data: Value) -> Answer {
+pub(super) fn ok(s: &AppState, data: Value) -> Answer {
     Envelope::ok(data, s.gw.settings.http.http_status)
 }
 
@@ -49,7 +51,7 @@ pub async fn not_found(State(s): State<AppState>, method: Method, uri: Uri) -> A
 
 /// The caller's appid when `Appid`/`AppSecret` match (constant-time; an
 /// unknown appid costs the same as a wrong secret).
-async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, ErrorCode> {
+pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, ErrorCode> {
     let appid = headers
         .get("appid")
         .and_then(|v| v.to_str().ok())
@@ -202,7 +204,15 @@ async fn place_order(
         pay_later: parsed.pay_later,
     };
     let m = req.machine_no;
+    let pay_later = req.pay_later;
     match s.orders.place(req).await {
+        Ok(order_id) if pay_later => {
+            info!(appid = %merchant, machine_no = %m, order_id, "order reserved, awaiting payment");
+            ok(
+                &s,
+                json!({ "order_id": order_id, "status": "awaiting_payment" }),
+            )
+        }
         Ok(order_id) => {
             info!(appid = %merchant, machine_no = %m, order_id, "order accepted");
             ok(&s, json!({ "order_id": order_id }))
@@ -258,9 +268,75 @@ async fn get_order(
             "created_at": rfc3339(Some(o.created_at)),
             "updated_at": rfc3339(Some(o.updated_at)),
             "error": o.error,
+            "pay_later": o.pay_later,
+            "pay_deadline": if o.status == crate::orders::state::Status::AwaitingPayment { rfc3339(o.pay_deadline) } else { Value::Null },
+            "refund_status": refund_status(&o),
+            "refunded_at": rfc3339(o.refunded_at),
             "events": events,
         }),
     )
+}
+
+/// `pending` while a refund is owed and not recorded, `refunded` once the
+/// merchant recorded it; absent when nothing is owed.
+fn refund_status(o: &crate::storage::StoredOrder) -> Value {
+    match (o.refund_amount > 0, o.refunded_at) {
+        (_, Some(_)) => json!("refunded"),
+        (true, None) => json!("pending"),
+        (false, None) => Value::Null,
+    }
+}
+
+fn parse_order_id(s: &AppState, raw: &str) -> Result<u64, Answer> {
+    raw.parse::<u64>()
+        .map_err(|_| err(s, ErrorCode::OrderNotFound))
+}
+
+async fn pay_order(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+) -> Answer {
+    let merchant = match authenticate(&s, &headers).await {
+        Ok(m) => m,
+        Err(c) => return err(&s, c),
+    };
+    let order_id = match parse_order_id(&s, &order_id) {
+        Ok(id) => id,
+        Err(a) => return a,
+    };
+    match s.orders.pay(&merchant, order_id).await {
+        Ok(order_id) => {
+            info!(appid = %merchant, order_id, "paid order accepted by the machine");
+            ok(&s, json!({ "order_id": order_id }))
+        }
+        Err(e) => {
+            info!(appid = %merchant, order_id, code = e.code().code(), error = %e, "pay not completed");
+            err(&s, e.code())
+        }
+    }
+}
+
+async fn refund_order(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(order_id): Path<String>,
+) -> Answer {
+    let merchant = match authenticate(&s, &headers).await {
+        Ok(m) => m,
+        Err(c) => return err(&s, c),
+    };
+    let order_id = match parse_order_id(&s, &order_id) {
+        Ok(id) => id,
+        Err(a) => return a,
+    };
+    match s.orders.refund(&merchant, order_id).await {
+        Ok(o) => ok(
+            &s,
+            json!({ "order_id": o.order_id, "refund_amount": o.refund_amount, "refund_status": refund_status(&o), "refunded_at": rfc3339(o.refunded_at) }),
+        ),
+        Err(e) => err(&s, e.code()),
+    }
 }
 
 fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {

@@ -127,6 +127,8 @@ struct Job {
     order_id: u64,
     req: PlaceRequest,
     lines: Vec<Line>,
+    /// A paid `pay_later` order (already stored, now `dispatching`).
+    paid: Option<StoredOrder>,
     reply: oneshot::Sender<Result<u64, OrderError>>,
 }
 
@@ -319,6 +321,18 @@ impl OrderService {
         if !self.presence.is_online(&req.machine_no) {
             return Err(OrderError::Offline);
         }
+        if req.pay_later {
+            let (by_merchant, by_machine) = self
+                .store
+                .count_unpaid(&req.merchant, &req.machine_no)
+                .await?;
+            if by_merchant >= self.settings.max_unpaid_per_merchant
+                || by_machine >= self.settings.max_unpaid_per_machine
+            {
+                debug!(machine_no = %req.machine_no, by_merchant, by_machine, "unpaid reservation cap reached");
+                return Err(OrderError::InsufficientStock);
+            }
+        }
         let lines = self
             .inventory
             .reserve(req.machine_no, &req.lines)
@@ -330,11 +344,29 @@ impl OrderService {
                     }
                 }
             })?;
+        if req.pay_later {
+            // Reserve and answer at once; no command until payment.
+            let order_id = self.ids.next();
+            let deadline = chrono::Duration::from_std(self.settings.unpaid_timeout)
+                .ok()
+                .map(|d| Utc::now() + d);
+            return match self
+                .persist_new(order_id, &req, &lines, true, deadline)
+                .await
+            {
+                Ok(o) => Ok(o.order_id),
+                Err((_, e)) => {
+                    self.inventory.release(req.machine_no, &lines);
+                    Err(e)
+                }
+            };
+        }
         let (reply, answer) = oneshot::channel();
         let job = Job {
             order_id: self.ids.next(),
             req,
             lines,
+            paid: None,
             reply,
         };
         let m = job.req.machine_no;
@@ -393,10 +425,11 @@ impl OrderService {
             order_id,
             req,
             lines,
+            paid,
             reply,
         } = job;
         let m = req.machine_no;
-        let order_id = match self.dispatch_inner(order_id, &req, &lines).await {
+        let order_id = match self.dispatch_inner(order_id, &req, &lines, paid).await {
             Ok(Accepted { order_id, settled }) => {
                 let _ = reply.send(Ok(order_id));
                 // Stay on this order until it settles or reaches its deadline:
@@ -423,37 +456,78 @@ impl OrderService {
 
     async fn dispatch_inner(
         &self,
-        mut order_id: u64,
+        order_id: u64,
         req: &PlaceRequest,
         lines: &[Line],
+        paid: Option<StoredOrder>,
     ) -> Result<Accepted, (u64, OrderError)> {
         let m = req.machine_no;
         if !self.presence.is_online(&m) {
             return Err((order_id, OrderError::Offline));
         }
-        let order = Order::new(lines.to_vec(), false);
-        // Durable before anything leaves.
+        let stored = match paid {
+            // A paid pay_later order: already stored, now `dispatching`.
+            Some(o) => o,
+            // Durable before anything leaves.
+            None => self.persist_new(order_id, req, lines, false, None).await?,
+        };
+        self.send_and_wait(stored).await
+    }
+
+    /// Insert a new order (retrying on an id collision).
+    async fn persist_new(
+        &self,
+        mut order_id: u64,
+        req: &PlaceRequest,
+        lines: &[Line],
+        pay_later: bool,
+        pay_deadline: Option<chrono::DateTime<Utc>>,
+    ) -> Result<StoredOrder, (u64, OrderError)> {
+        let m = req.machine_no;
+        let order = Order::new(lines.to_vec(), pay_later);
         let mut attempts = 0;
         loop {
+            let now = Utc::now();
             let new = NewOrder {
                 order_id,
                 merchant_appid: req.merchant.clone(),
                 machine_no: m,
                 out_trade_no: req.out_trade_no.clone(),
                 request_fingerprint: req.out_trade_no.as_ref().map(|_| fingerprint(req)),
-                pay_later: false,
+                pay_later,
                 status: order.status,
                 lines: lines.to_vec(),
                 amount: order.amount(),
-                created_at: Utc::now(),
-                pay_deadline: None,
+                created_at: now,
+                pay_deadline,
             };
             let ev = event(
                 "created",
-                json!({ "amount": order.amount(), "lines": lines }),
+                json!({ "amount": order.amount(), "lines": lines, "pay_later": pay_later }),
             );
             match self.store.insert_order(&new, &ev).await {
-                Ok(()) => break,
+                // The row just inserted, without reading it back.
+                Ok(()) => {
+                    return Ok(StoredOrder {
+                        order_id,
+                        merchant_appid: new.merchant_appid,
+                        machine_no: m,
+                        out_trade_no: new.out_trade_no,
+                        request_fingerprint: new.request_fingerprint,
+                        pay_later,
+                        status: order.status,
+                        lines: new.lines,
+                        amount: new.amount,
+                        refund_amount: 0,
+                        error: None,
+                        result_applied: false,
+                        created_at: now,
+                        updated_at: now,
+                        dispense_deadline: None,
+                        pay_deadline,
+                        refunded_at: None,
+                    })
+                }
                 Err(StorageError::Duplicate("order")) if attempts < 5 => {
                     attempts += 1;
                     order_id = self.ids.next();
@@ -472,6 +546,11 @@ impl OrderService {
                 }
             }
         }
+    }
+
+    /// Send the stored order's dispense command and wait for the machine.
+    async fn send_and_wait(&self, stored: StoredOrder) -> Result<Accepted, (u64, OrderError)> {
+        let (order_id, m) = (stored.order_id, stored.machine_no);
         let (ack_tx, ack_rx) = oneshot::channel();
         let (settled_tx, settled_rx) = oneshot::channel();
         self.acks.insert(order_id, (m, ack_tx));
@@ -479,7 +558,8 @@ impl OrderService {
         let ttl_ms = u64::try_from(self.settings.accept_timeout.as_millis()).unwrap_or(u64::MAX);
         let cmd = DispenseCmd {
             order_id,
-            items: lines
+            items: stored
+                .lines
                 .iter()
                 .map(|l| OrderLine {
                     product_id: l.product_id,
@@ -493,25 +573,6 @@ impl OrderService {
             .commands
             .send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd)))
             .await;
-        // The row just inserted, without reading it back.
-        let stored = StoredOrder {
-            order_id,
-            merchant_appid: req.merchant.clone(),
-            machine_no: m,
-            out_trade_no: req.out_trade_no.clone(),
-            request_fingerprint: None,
-            pay_later: false,
-            status: order.status,
-            lines: lines.to_vec(),
-            amount: order.amount(),
-            refund_amount: 0,
-            error: None,
-            result_applied: false,
-            created_at: sent_at,
-            updated_at: sent_at,
-            dispense_deadline: None,
-            pay_deadline: None,
-        };
         if let Err(e) = sent {
             let _ = self
                 .transition(
@@ -773,6 +834,126 @@ impl OrderService {
         }
         let events = self.store.order_events(order_id).await?;
         Ok(Some((o, events)))
+    }
+
+    /// `POST /orders/{id}/pay`: mark a `pay_later` order paid and dispatch it
+    /// under the same online and accept rules as placing. Exactly one of a
+    /// payment and the expiry wins (compare-and-set on the status).
+    pub async fn pay(&self, merchant: &str, order_id: u64) -> Result<u64, OrderError> {
+        let Some(o) = self.store.order(order_id).await? else {
+            return Err(OrderError::OrderNotFound);
+        };
+        if o.merchant_appid != merchant {
+            return Err(OrderError::OrderNotFound);
+        }
+        if o.status != Status::AwaitingPayment {
+            return Err(OrderError::StateConflict);
+        }
+        // Offline: stay unpaid (the merchant may retry until the deadline).
+        if !self.presence.is_online(&o.machine_no) {
+            return Err(OrderError::Offline);
+        }
+        if self
+            .transition(&o, &Event::Paid, json!({}))
+            .await?
+            .is_none()
+        {
+            return Err(OrderError::StateConflict);
+        }
+        let paid = self.load(order_id).await?;
+        if paid.status != Status::Dispatching {
+            return Err(OrderError::StateConflict);
+        }
+        let (reply, answer) = oneshot::channel();
+        let req = PlaceRequest {
+            merchant: merchant.to_string(),
+            machine_no: paid.machine_no,
+            lines: paid
+                .lines
+                .iter()
+                .map(|l| (l.product_id, l.quantity))
+                .collect(),
+            out_trade_no: paid.out_trade_no.clone(),
+            pay_later: true,
+        };
+        let job = Job {
+            order_id,
+            req,
+            lines: paid.lines.clone(),
+            paid: Some(paid.clone()),
+            reply,
+        };
+        if let Err(e) = self.queue(paid.machine_no).try_send(job) {
+            drop(e);
+            let _ = self
+                .transition(&paid, &Event::NotAccepted("queue_full".into()), json!({}))
+                .await;
+            self.inventory.release(paid.machine_no, &paid.lines);
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(OrderError::Busy);
+        }
+        answer.await.unwrap_or(Err(OrderError::Internal))
+    }
+
+    /// `POST /orders/{id}/refund`: the merchant records that it refunded
+    /// `refund_amount`. Idempotent; 40002 when there is nothing to refund.
+    pub async fn refund(&self, merchant: &str, order_id: u64) -> Result<StoredOrder, OrderError> {
+        let Some(o) = self.store.order(order_id).await? else {
+            return Err(OrderError::OrderNotFound);
+        };
+        if o.merchant_appid != merchant {
+            return Err(OrderError::OrderNotFound);
+        }
+        if o.refund_amount <= 0 {
+            return Err(OrderError::StateConflict);
+        }
+        if o.refunded_at.is_none() {
+            let now = Utc::now();
+            let ev = event("refunded", json!({ "refund_amount": o.refund_amount }));
+            self.store.mark_refunded(order_id, now, &ev).await?;
+        }
+        self.load(order_id).await
+    }
+
+    /// Expire unpaid orders whose deadline has passed (also those that passed
+    /// while the gateway was down), releasing their reservations.
+    pub async fn expire_due(&self) -> Result<usize, OrderError> {
+        let now = Utc::now();
+        let due: Vec<StoredOrder> = self
+            .store
+            .orders_in_status(&[Status::AwaitingPayment])
+            .await?
+            .into_iter()
+            .filter(|o| o.pay_deadline.is_some_and(|d| d <= now))
+            .collect();
+        let mut expired = 0;
+        for o in due {
+            // A payment racing this loses or wins on the status CAS.
+            if let Ok(Some(_)) = self.transition(&o, &Event::PaymentExpired, json!({})).await {
+                self.inventory.release(o.machine_no, &o.lines);
+                info!(machine_no = %o.machine_no, order_id = o.order_id, "unpaid order expired; stock released");
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Runs [`Self::expire_due`] until shutdown.
+    pub fn spawn_expiry(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let period = (self.settings.unpaid_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = me.expire_due().await {
+                    warn!(error = %e, "expiry sweep failed");
+                }
+                tokio::select! {
+                    _ = me.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+            }
+        })
     }
 
     fn on_ack(&self, m: MachineNo, payload: &Bytes) {

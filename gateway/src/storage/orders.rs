@@ -46,6 +46,8 @@ pub struct StoredOrder {
     pub updated_at: DateTime<Utc>,
     pub dispense_deadline: Option<DateTime<Utc>>,
     pub pay_deadline: Option<DateTime<Utc>>,
+    /// When the merchant recorded the refund (None: pending or nothing to refund).
+    pub refunded_at: Option<DateTime<Utc>>,
 }
 
 /// The new values of a status change (lines carry the dispensed counts).
@@ -108,6 +110,17 @@ pub trait OrderStorage: Send + Sync + 'static {
         ev: &OrderEvent,
         outbox: Option<&NewOutboxEvent>,
     ) -> Result<bool, StorageError>;
+    /// Record that the merchant refunded `refund_amount`, with a timeline
+    /// event; Ok(false) if already recorded or there is nothing to refund.
+    async fn mark_refunded(
+        &self,
+        order_id: u64,
+        at: DateTime<Utc>,
+        ev: &OrderEvent,
+    ) -> Result<bool, StorageError>;
+    /// Open `awaiting_payment` orders of a merchant and of a machine.
+    async fn count_unpaid(&self, merchant: &str, m: &MachineNo)
+        -> Result<(u64, u64), StorageError>;
     async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError>;
     /// The timeline, oldest first.
     async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError>;

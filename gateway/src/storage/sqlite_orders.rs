@@ -16,7 +16,7 @@ use crate::orders::state::{Line, Status};
 
 const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
      pay_later, status, amount, refund_amount, error, result_applied, created_at_ms, updated_at_ms, \
-     dispense_deadline_ms, pay_deadline_ms";
+     dispense_deadline_ms, pay_deadline_ms, refunded_at_ms";
 
 fn id_i64(id: u64) -> Result<i64, StorageError> {
     i64::try_from(id).map_err(|_| StorageError::Corrupt(format!("order id {id} out of range")))
@@ -146,6 +146,7 @@ impl SqliteStorage {
                 )?,
                 dispense_deadline: ms("dispense_deadline_ms")?,
                 pay_deadline: ms("pay_deadline_ms")?,
+                refunded_at: ms("refunded_at_ms")?,
             });
         }
         Ok(out)
@@ -269,6 +270,52 @@ impl OrderStorage for SqliteStorage {
         }
         tx.commit().await.map_err(backend)?;
         Ok(true)
+    }
+
+    async fn mark_refunded(
+        &self,
+        order_id: u64,
+        at: DateTime<Utc>,
+        ev: &OrderEvent,
+    ) -> Result<bool, StorageError> {
+        let id = id_i64(order_id)?;
+        let mut tx = self.pool().begin().await.map_err(backend)?;
+        let done = sqlx::query(
+            "UPDATE orders SET refunded_at_ms = ?, updated_at_ms = ? \
+             WHERE order_id = ? AND refunded_at_ms IS NULL AND refund_amount > 0",
+        )
+        .bind(at.timestamp_millis())
+        .bind(at.timestamp_millis())
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_event(&mut tx, id, ev).await?;
+        tx.commit().await.map_err(backend)?;
+        Ok(true)
+    }
+
+    async fn count_unpaid(
+        &self,
+        merchant: &str,
+        m: &MachineNo,
+    ) -> Result<(u64, u64), StorageError> {
+        let row = sqlx::query(
+            "SELECT \
+               (SELECT count(*) FROM orders WHERE status = 'awaiting_payment' AND merchant_appid = ?) AS by_merchant, \
+               (SELECT count(*) FROM orders WHERE status = 'awaiting_payment' AND machine_no = ?) AS by_machine",
+        )
+        .bind(merchant)
+        .bind(m.as_str())
+        .fetch_one(self.pool())
+        .await
+        .map_err(backend)?;
+        let a: i64 = row.try_get("by_merchant").map_err(backend)?;
+        let b: i64 = row.try_get("by_machine").map_err(backend)?;
+        Ok((u64::try_from(a).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
     }
 
     async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError> {
