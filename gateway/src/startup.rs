@@ -141,6 +141,7 @@ impl Gateway {
         let persister = spawn_presence_persister(h.clone(), persist_stop.clone());
         let edge_task = tokio::spawn(self.edge.run());
         let expiry = h.orders.spawn_expiry();
+        let cancels = h.orders.spawn_cancel_delivery();
         let http_task = {
             let shutdown = h.shutdown.clone();
             let app = crate::http::router(h.clone(), h.orders.clone());
@@ -168,6 +169,7 @@ impl Gateway {
             _ => {}
         }
         let _ = expiry.await;
+        let _ = cancels.await;
         h.orders.flush().await;
         persist_stop.cancel();
         if tokio::time::timeout(SHUTDOWN_STEP, persister)

@@ -148,6 +148,9 @@ pub struct OrderService {
     inventory_writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     ids: OrderIds,
     idempotency_locks: IdempotencyLocks,
+    /// Cancels to deliver when a machine (re)connects: orders given up on
+    /// while the machine could not be reached.
+    pending_cancels: DashMap<MachineNo, Vec<u64>>,
     pub stats: OrderStats,
     shutdown: CancellationToken,
     me: Weak<OrderService>,
@@ -183,6 +186,7 @@ impl OrderService {
             inventory_writer: std::sync::Mutex::new(None),
             ids: OrderIds::default(),
             idempotency_locks: DashMap::new(),
+            pending_cancels: DashMap::new(),
             stats: OrderStats::default(),
             shutdown,
             me: me.clone(),
@@ -230,8 +234,13 @@ impl OrderService {
                         .transition(&o, &Event::NotAccepted("gateway_restart".into()), json!({}))
                         .await;
                     if matches!(applied, Ok(Some(_))) {
-                        // The command may have left: make sure it is never executed.
-                        let _ = self.send_cancel(o.machine_no, o.order_id).await;
+                        // The command may have left: make sure it is never
+                        // executed. Nobody is connected yet, so the cancel goes
+                        // out when the machine is back (its TTL is the last guard).
+                        self.pending_cancels
+                            .entry(o.machine_no)
+                            .or_default()
+                            .push(o.order_id);
                     }
                 }
                 Status::Dispensing => {
@@ -936,6 +945,71 @@ impl OrderService {
             }
         }
         Ok(expired)
+    }
+
+    /// Deliver pending cancels to machines as they come online. A machine
+    /// subscribes right after CONNACK, so delivery is retried briefly.
+    pub fn spawn_cancel_delivery(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        let mut rx = self.presence.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    _ = me.shutdown.cancelled() => return,
+                    ev = rx.recv() => ev,
+                };
+                let m = match ev {
+                    Ok(ev) if ev.online => ev.machine_no,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Missed events: try every machine with cancels waiting.
+                        let waiting: Vec<MachineNo> =
+                            me.pending_cancels.iter().map(|e| *e.key()).collect();
+                        for m in waiting {
+                            me.clone().deliver_cancels(m);
+                        }
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                if me.pending_cancels.contains_key(&m) {
+                    me.clone().deliver_cancels(m);
+                }
+            }
+        })
+    }
+
+    fn deliver_cancels(self: Arc<Self>, m: MachineNo) {
+        tokio::spawn(async move {
+            let Some((_, ids)) = self.pending_cancels.remove(&m) else {
+                return;
+            };
+            for id in ids {
+                let mut delivered = false;
+                let payload = Bytes::from(msg::encode(&CancelCmd { order_id: id }));
+                for _ in 0..50 {
+                    if self
+                        .commands
+                        .send(&m, Command::Cancel, payload.clone())
+                        .await
+                        .is_ok()
+                    {
+                        delivered = true;
+                        let ev = event(
+                            "cancel_sent",
+                            json!({ "delivered": true, "after": "reconnect" }),
+                        );
+                        let _ = self.store.append_order_event(id, &ev).await;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if !delivered {
+                    // Gone again: keep it for the next connection.
+                    self.pending_cancels.entry(m).or_default().push(id);
+                }
+            }
+        });
     }
 
     /// Runs [`Self::expire_due`] until shutdown.
