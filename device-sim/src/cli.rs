@@ -1,19 +1,25 @@
 //! The `vendgate-sim` command line: one subcommand per way of running
-//! machines (`run` for one machine today; fleet and load tools slot in as
-//! further subcommands).
+//! machines or load (`run`, `fleet`, `rr`, `load`). Argument parsing and
+//! printing live here; the work is in the library modules.
 
 use std::io::IsTerminal as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
 use crate::behaviour::Behaviour;
+use crate::fleet::{Fleet, FleetOptions, DEFAULT_CONNECT_RATE};
+use crate::load::{LoadOptions, LoadStop, ProductLine};
+use crate::rr::RrOptions;
 use crate::sim::{SimConfig, SimMachine};
+use crate::{load, process, rr, secrets_file};
 
 /// Stock of a machine started without `--products`.
 const DEFAULT_PRODUCTS: &str = "1:20:350,2:20:200,3:20:500";
@@ -30,6 +36,23 @@ pub struct Cli {
 pub enum Commands {
     /// Run one machine until Ctrl-C, logging every command and answer.
     Run(RunArgs),
+    /// Run many machines from a secrets file in one process until Ctrl-C.
+    Fleet(FleetArgs),
+    /// Measure bare MQTT request/response round trips through a broker.
+    Rr(RrArgs),
+    /// Place orders through the HTTP open API and report latency and codes.
+    Load(LoadArgs),
+}
+
+impl Commands {
+    /// The log filter used when `RUST_LOG` is not set: a fleet of thousands
+    /// would otherwise log every connect and answer.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self {
+            Commands::Run(_) => "info",
+            Commands::Fleet(_) | Commands::Rr(_) | Commands::Load(_) => "warn",
+        }
+    }
 }
 
 /// Options of `vendgate-sim run`.
@@ -60,6 +83,104 @@ pub struct RunArgs {
     pub firmware: String,
 }
 
+/// Options of `vendgate-sim fleet`.
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// The gateway's MQTT listener, HOST:PORT.
+    #[arg(long, env = "VENDGATE_SIM_GATEWAY", default_value = "127.0.0.1:1883")]
+    pub gateway: String,
+    /// `machine_no,secret` lines, as `vendgate machine add --count N
+    /// --first M --secrets-out FILE` writes them.
+    #[arg(long)]
+    pub secrets: PathBuf,
+    /// Run at most this many machines (default: all selected).
+    #[arg(long)]
+    pub machines: Option<usize>,
+    /// Skip machines numbered below this.
+    #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u32).range(0..=99_999_999))]
+    pub first: u32,
+    /// Machines started per second (0: all at once).
+    #[arg(long, default_value_t = DEFAULT_CONNECT_RATE)]
+    pub connect_rate: u32,
+    /// MQTT keep alive in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=65535))]
+    pub keep_alive: u64,
+    /// How every machine answers orders (see `run --help`).
+    #[arg(long, default_value = "normal")]
+    pub behaviour: Behaviour,
+    /// Initial stock of every machine, PRODUCT_ID:STOCK:PRICE_FEN, comma
+    /// separated.
+    #[arg(long, default_value = DEFAULT_PRODUCTS, value_parser = parse_products)]
+    pub products: Products,
+}
+
+/// Options of `vendgate-sim rr`.
+#[derive(Debug, Args)]
+pub struct RrArgs {
+    /// Any MQTT 3.1.1 broker, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub broker: String,
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Prefer the environment variable: arguments are visible to other
+    /// users in the process list.
+    #[arg(long, env = "VENDGATE_SIM_RR_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Requests outstanding at any time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=65535))]
+    pub concurrency: u64,
+    /// Requests in all.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Payload bytes per request.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `vendgate-sim load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// The gateway's HTTP address, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "VENDGATE_SIM_API")]
+    pub api: String,
+    #[arg(long, env = "VENDGATE_SIM_APPID")]
+    pub appid: String,
+    /// Prefer the environment variable: arguments are visible to other
+    /// users in the process list.
+    #[arg(long, env = "VENDGATE_SIM_APPSECRET", hide_env_values = true)]
+    pub appsecret: String,
+    /// A `machine_no,secret` file, or machine numbers separated by commas.
+    #[arg(long)]
+    pub machines: String,
+    /// Workers, each with one order outstanding.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub concurrency: u64,
+    /// Place orders for this long (e.g. 30s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration, required_unless_present = "count", conflicts_with = "count")]
+    pub duration: Option<Duration>,
+    /// Place this many orders.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// The products of every order, PRODUCT_ID:QUANTITY, comma separated.
+    #[arg(long, default_value = "1:1", value_parser = load::parse_product_lines)]
+    pub products: ProductLines,
+    /// Also poll each accepted order until it finishes dispensing and
+    /// report time-to-completion.
+    #[arg(long)]
+    pub completion: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A parsed `--products` list of `load`.
+pub type ProductLines = Vec<ProductLine>;
+
 /// A parsed `--products` list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Products(pub Vec<InventoryItem>);
@@ -84,9 +205,11 @@ pub fn parse_products(s: &str) -> Result<Products, String> {
         .map(Products)
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs to stderr, filtered by `RUST_LOG` (default `default_filter`, see
+/// [`Commands::default_log_filter`]).
+pub fn init_tracing(default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Colours only on a terminal, so redirected logs stay greppable.
     let ansi = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
@@ -100,6 +223,9 @@ pub fn init_tracing() {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Run(args) => run_one(args).await,
+        Commands::Fleet(args) => run_fleet(args).await,
+        Commands::Rr(args) => run_rr(args).await,
+        Commands::Load(args) => run_load(args).await,
     }
 }
 
@@ -118,6 +244,151 @@ async fn run_one(args: RunArgs) -> anyhow::Result<()> {
     wait_for_stop().await.context("waiting for Ctrl-C")?;
     info!("stopping: sending DISCONNECT");
     machine.shutdown().await;
+    Ok(())
+}
+
+async fn run_fleet(args: FleetArgs) -> anyhow::Result<()> {
+    let machines: Vec<(MachineNo, String)> = secrets_file::read(&args.secrets)?
+        .into_iter()
+        .filter(|(m, _)| m.to_u32() >= args.first)
+        .take(args.machines.unwrap_or(usize::MAX))
+        .collect();
+    let n = machines.len();
+    if n == 0 {
+        anyhow::bail!(
+            "{}: no machine numbered {} or above",
+            args.secrets.display(),
+            args.first
+        );
+    }
+    if let Some(wanted) = args.machines.filter(|&w| w > n) {
+        warn!(wanted, found = n, "fewer machines in the secrets file");
+    }
+    // One socket per machine, plus a few for the runtime itself.
+    if let Some(limit) = process::open_files_limit().filter(|&l| l < n as u64 + 64) {
+        warn!(
+            limit,
+            machines = n,
+            "open files limit too low for the fleet; raise it with `ulimit -n`"
+        );
+    }
+    let options = FleetOptions {
+        connect_rate: args.connect_rate,
+        keep_alive: Duration::from_secs(args.keep_alive),
+        behaviour: args.behaviour,
+        inventory: args.products.0,
+        ..FleetOptions::default()
+    };
+    let rss_before = process::resident_bytes();
+    let fleet = Fleet::spawn(args.gateway, machines, options);
+    {
+        let stop = wait_for_stop();
+        tokio::pin!(stop);
+        let all = fleet.wait_all_connected(Duration::MAX);
+        tokio::pin!(all);
+        let mut all_connected = false;
+        let mut last = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut stop => {
+                    r.context("waiting for Ctrl-C")?;
+                    break;
+                }
+                r = &mut all, if !all_connected => {
+                    all_connected = true;
+                    // Without a deadline the wait only ends with success.
+                    if let Ok(took) = r {
+                        println!("all {n} connected in {:.2}s", took.as_secs_f64());
+                        report_rss(rss_before, n);
+                    }
+                }
+                _ = tick.tick() => {
+                    // Every second while connecting; afterwards only when
+                    // something changed (a drop, a reconnect).
+                    let p = fleet.progress();
+                    let counts = (p.started, p.connected, p.failed);
+                    if !all_connected || last != Some(counts) {
+                        eprintln!("{p}");
+                    }
+                    last = Some(counts);
+                }
+            }
+        }
+    }
+    eprintln!("stopping: disconnecting {n} machines");
+    fleet.shutdown().await;
+    Ok(())
+}
+
+/// Prints the fleet's memory cost per machine to stderr.
+fn report_rss(before: Option<u64>, machines: usize) {
+    let (Some(before), Some(after)) = (before, process::resident_bytes()) else {
+        return;
+    };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let per_machine = after.saturating_sub(before) as f64 / machines as f64 / 1024.0;
+    eprintln!(
+        "rss before={:.1}MiB after={:.1}MiB per machine={per_machine:.1}KiB",
+        mib(before),
+        mib(after)
+    );
+}
+
+async fn run_rr(args: RrArgs) -> anyhow::Result<()> {
+    let opts = RrOptions {
+        username: args.username,
+        password: args.password,
+        // Bounded to 65,535 by the parser.
+        concurrency: usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        count: args.count,
+        payload: args.payload,
+        qos: args.qos,
+        ..RrOptions::new(args.broker)
+    };
+    let report = rr::rr(opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
+    let machines = load::parse_machines(&args.machines)?;
+    let stop = match (args.duration, args.count) {
+        (Some(d), _) => LoadStop::Duration(d),
+        (None, Some(n)) => LoadStop::Count(n),
+        // clap requires one of the two.
+        (None, None) => anyhow::bail!("give --duration or --count"),
+    };
+    let cancel = CancellationToken::new();
+    let on_stop = cancel.clone();
+    tokio::spawn(async move {
+        if wait_for_stop().await.is_ok() {
+            eprintln!("stopping: waiting for outstanding answers");
+            on_stop.cancel();
+        }
+    });
+    let opts = LoadOptions {
+        // Bounded to 100,000 by the parser.
+        concurrency: usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        stop,
+        products: args.products,
+        completion: args.completion,
+        progress: true,
+        cancel,
+        ..LoadOptions::new(args.api, args.appid, args.appsecret, machines)
+    };
+    let report = load::load(opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
     Ok(())
 }
 
@@ -165,7 +436,9 @@ mod tests {
             "1:10:350, 2:5:200",
         ])
         .unwrap();
-        let Commands::Run(args) = cli.command;
+        let Commands::Run(args) = cli.command else {
+            panic!("parsed as another command");
+        };
         assert_eq!(args.machine_no.as_str(), "00000001");
         assert_eq!(
             args.behaviour,

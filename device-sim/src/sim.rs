@@ -10,6 +10,7 @@
 //! - one short timer task per slow ack.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -38,8 +39,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// ([`msg::MAX_PAYLOAD`]) plus topic and header, well above rumqttc's 10 KiB
 /// default.
 const MAX_PACKET: usize = msg::MAX_PAYLOAD + 4 * 1024;
-/// Requests buffered between the publisher and the event loop.
-const REQUEST_CAPACITY: usize = 256;
+/// Requests buffered between the publisher and the event loop. Small:
+/// the publisher awaits room anyway, and a fleet runs thousands of these.
+const REQUEST_CAPACITY: usize = 10;
+/// Unacknowledged QoS 1 publishes in flight per machine. rumqttc allocates
+/// a slot per possible packet up front (default 100, ~6 KiB); a machine
+/// rarely has more than its ack, result and inventory out at once, and the
+/// publisher simply waits when the window is full.
+const INFLIGHT: u16 = 10;
+/// Initial room in rumqttc's queue of polled events.
+const EVENT_CAPACITY: usize = 8;
 /// TCP connect + CONNACK deadline, in seconds (rumqttc's unit).
 const CONNECT_TIMEOUT_SECS: u64 = 5;
 /// How long a clean shutdown waits for DISCONNECT to be written.
@@ -109,6 +118,16 @@ impl SimMachine {
     /// Like [`spawn`](Self::spawn); the machine also shuts down cleanly
     /// (with DISCONNECT) when `cancel` fires, e.g. a whole fleet at once.
     pub fn spawn_with_cancel(config: SimConfig, cancel: CancellationToken) -> SimHandle {
+        let handle = Self::idle(config, cancel);
+        handle.revive();
+        handle
+    }
+
+    /// Builds a machine that does not connect until [`SimHandle::revive`]
+    /// (a fleet starts its machines at a bounded rate); `cancel` as in
+    /// [`spawn_with_cancel`](Self::spawn_with_cancel). Needs no runtime
+    /// until revived.
+    pub fn idle(config: SimConfig, cancel: CancellationToken) -> SimHandle {
         let state = MachineState::new(
             config.machine_no,
             config.firmware.clone(),
@@ -123,10 +142,9 @@ impl SimMachine {
             ready_tx: watch::Sender::new(false),
             cancel,
             running: Mutex::new(None),
+            connection_errors: AtomicU64::new(0),
         });
-        let handle = SimHandle { shared };
-        handle.revive();
-        handle
+        SimHandle { shared }
     }
 }
 
@@ -144,6 +162,8 @@ struct Shared {
     cancel: CancellationToken,
     /// The current connection, if any.
     running: Mutex<Option<Incarnation>>,
+    /// Failed connection attempts and lost connections, ever.
+    connection_errors: AtomicU64,
 }
 
 /// One run of the connection task, from `revive` until it stops.
@@ -292,6 +312,12 @@ impl SimHandle {
     /// Whether the gateway has accepted the current connection.
     pub fn connected(&self) -> bool {
         *self.shared.connected_tx.borrow()
+    }
+
+    /// Connection attempts that failed plus connections lost, since the
+    /// machine was built (a fleet reports machines that cannot connect).
+    pub fn connection_errors(&self) -> u64 {
+        self.shared.connection_errors.load(Ordering::Relaxed)
     }
 
     /// Whether the machine is connected and its command subscription was
@@ -444,6 +470,7 @@ fn mqtt_options(config: &SimConfig) -> Result<MqttOptions, String> {
         .set_clean_session(true)
         .set_credentials(m.as_str(), config.secret.as_str())
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_inflight(INFLIGHT)
         .set_last_will(LastWill::new(
             topic::uplink(&m, Uplink::State),
             msg::encode(&StateMsg {
@@ -478,6 +505,12 @@ async fn run_connection(
     network.set_tcp_nodelay(true);
     network.set_connection_timeout(CONNECT_TIMEOUT_SECS);
     eventloop.set_network_options(network);
+    // rumqttc pre-sizes its event queue for 100 events (~14 KiB). The ring
+    // buffer's head wanders, so over hours every slot gets touched and
+    // becomes resident; a fleet of idle machines grew ~8 KiB each in a
+    // minute of keep-alives. A few slots suffice: the queue is drained on
+    // every poll and grows on demand.
+    eventloop.state.events = std::collections::VecDeque::with_capacity(EVENT_CAPACITY);
     tokio::spawn(run_publisher(
         Arc::clone(&shared),
         client.clone(),
@@ -540,6 +573,7 @@ async fn run_connection(
             Ok(_) => {}
             Err(e) => {
                 shared.set_connected(false);
+                shared.connection_errors.fetch_add(1, Ordering::Relaxed);
                 shared.record(JournalEvent::ConnectionLost {
                     error: e.to_string(),
                 });

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use vendgate_proto::machine::MachineNo;
 
 use crate::config::{Overrides, Settings};
+use crate::secrets::WebhookKey;
 use crate::startup::Gateway;
 use crate::{provision, storage, telemetry};
 
@@ -44,6 +45,19 @@ pub enum Cmd {
     },
     /// Print the effective settings (secrets redacted).
     Config,
+    /// A refreshing terminal view of a running gateway's metrics.
+    Top {
+        /// The gateway's metrics URL; default from the settings
+        /// (`[metrics] addr`, else the HTTP listener, on loopback).
+        #[arg(long)]
+        url: Option<String>,
+        /// Refresh interval, e.g. 2s.
+        #[arg(long, default_value = "2s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Print one frame and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Run the gateway with a demo merchant and three simulated machines, and
     /// print a curl command that places an order.
     Demo {
@@ -152,10 +166,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", settings.redacted_toml());
             Ok(())
         }
+        Cmd::Top {
+            url,
+            interval,
+            once,
+        } => {
+            let url = url.unwrap_or_else(|| crate::top::default_url(&settings));
+            if once {
+                print!("{}", crate::top::frame(&url).await?);
+                Ok(())
+            } else {
+                crate::top::run(&url, interval).await
+            }
+        }
         Cmd::Merchant(MerchantCmd::Add { name, notify_url }) => {
             let store = open(&settings).await?;
+            // The same key file as the gateway's (same --data-dir/--config),
+            // created here if this runs before the gateway's first start.
+            let key_path = settings.webhook_key_path();
+            let key = WebhookKey::load_or_create(&key_path)
+                .with_context(|| format!("loading the webhook key {}", key_path.display()))?;
             let mut out = std::io::stdout();
-            provision::merchant_add(store.as_ref(), &name, notify_url, &mut out).await?;
+            provision::merchant_add(store.as_ref(), &key, &name, notify_url, &mut out).await?;
             Ok(())
         }
         Cmd::Machine(MachineCmd::Add {
@@ -212,9 +244,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     telemetry::init(&settings.log);
     let gateway = Gateway::build(settings).await?;
     eprintln!(
-        "vendgate listening: mqtt={} http={}",
+        "vendgate listening: mqtt={} http={}{}",
         gateway.mqtt_addr(),
-        gateway.http_addr()
+        gateway.http_addr(),
+        gateway
+            .metrics_addr()
+            .map(|a| format!(" metrics={a}"))
+            .unwrap_or_default()
     );
     let shutdown = gateway.handle().shutdown.clone();
     tokio::spawn(async move {

@@ -21,7 +21,12 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub http: HttpSettings,
     pub orders: OrderSettings,
+    pub notifier: NotifierSettings,
     pub log: LogSettings,
+    /// `GET /metrics`: on the HTTP listener, or on its own listener.
+    pub metrics: MetricsSettings,
+    /// The operator credential of the dashboard.
+    pub operator: OperatorSettings,
     /// Service accounts from configuration (in addition to those provisioned
     /// with `vendgate service add`).
     pub services: Vec<ServiceCredential>,
@@ -116,6 +121,56 @@ impl Default for OrderSettings {
     }
 }
 
+/// Webhook delivery (API.md "Notifications to the merchant").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifierSettings {
+    /// The key that encrypts merchants' AppSecrets (for signing); empty
+    /// means `{data_dir}/webhook.key`. Created (mode 0600) if missing.
+    pub key_file: Option<PathBuf>,
+    /// One delivery attempt, connect to last byte of the answer.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a failing event is retried before it goes dead (API.md
+    /// promises at least 24 hours).
+    #[serde(with = "humantime_serde")]
+    pub retry_for: Duration,
+    /// Exponential backoff with full jitter: the n-th retry waits a random
+    /// time up to min(backoff_cap, backoff_base × 2^(n-1)).
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_cap: Duration,
+    /// Deliveries in flight to one merchant at once.
+    pub per_merchant_concurrency: usize,
+    /// Deliveries in flight in total.
+    pub concurrency: usize,
+    /// How often the outbox is checked for due events when nothing wakes
+    /// the notifier (events written by other processes, retries coming due).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Deliver to loopback, private, link-local and metadata addresses too.
+    /// For tests and development only: it lets a notify_url reach the
+    /// gateway's own network.
+    pub allow_private_targets: bool,
+}
+
+impl Default for NotifierSettings {
+    fn default() -> Self {
+        Self {
+            key_file: None,
+            timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(25 * 3600),
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(3600),
+            per_merchant_concurrency: 4,
+            concurrency: 64,
+            poll_interval: Duration::from_millis(200),
+            allow_private_targets: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
@@ -157,7 +212,10 @@ impl Default for Settings {
             mqtt: MqttSettings::default(),
             http: HttpSettings::default(),
             orders: OrderSettings::default(),
+            notifier: NotifierSettings::default(),
             log: LogSettings::default(),
+            metrics: MetricsSettings::default(),
+            operator: OperatorSettings::default(),
             services: Vec::new(),
         }
     }
@@ -195,6 +253,34 @@ impl Default for LogSettings {
             format: LogFormat::Text,
             level: "info".into(),
         }
+    }
+}
+
+/// Where `GET /metrics` is served.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// A separate admin listener for `/metrics`, `/healthz` and `/readyz`
+    /// (keeps them off a public API address). Unset: `/metrics` is served on
+    /// the HTTP listener.
+    pub addr: Option<SocketAddr>,
+}
+
+/// The operator credential (HTTP Basic) of `/dashboard`. The dashboard is
+/// refused while either is empty.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OperatorSettings {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for OperatorSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorSettings")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -259,11 +345,22 @@ impl Settings {
             .map(PathBuf::from)
     }
 
+    /// The file of the key that encrypts merchants' AppSecrets.
+    pub fn webhook_key_path(&self) -> PathBuf {
+        self.notifier
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("webhook.key"))
+    }
+
     /// The effective settings as TOML with every secret redacted.
     pub fn redacted_toml(&self) -> String {
         let mut s = self.clone();
         for c in &mut s.services {
             c.password = "<redacted>".into();
+        }
+        if !s.operator.password.is_empty() {
+            s.operator.password = "<redacted>".into();
         }
         if let Some((scheme, rest)) = s.database_url.split_once("://") {
             // postgres://user:password@host → keep the host, drop the password.
@@ -314,6 +411,44 @@ mod tests {
             assert_eq!(s.http.addr.port(), 9);
             let shown = s.redacted_toml();
             assert!(!shown.contains("hunter2"), "{shown}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn notifier_settings_and_key_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "v.toml",
+                r#"
+                data_dir = "/state"
+                [notifier]
+                timeout = "3s"
+                retry_for = "26h"
+                backoff_base = "50ms"
+                allow_private_targets = true
+                "#,
+            )?;
+            jail.set_env("VENDGATE_NOTIFIER__PER_MERCHANT_CONCURRENCY", "2");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let n = &s.notifier;
+            assert_eq!(n.timeout, Duration::from_secs(3));
+            assert_eq!(n.retry_for, Duration::from_secs(26 * 3600));
+            assert_eq!(n.backoff_base, Duration::from_millis(50));
+            assert_eq!(n.backoff_cap, Duration::from_secs(3600), "default kept");
+            assert_eq!((n.per_merchant_concurrency, n.concurrency), (2, 64));
+            assert!(n.allow_private_targets);
+            assert_eq!(s.webhook_key_path(), PathBuf::from("/state/webhook.key"));
+            jail.set_env("VENDGATE_NOTIFIER__KEY_FILE", "/secrets/wh.key");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(s.webhook_key_path(), PathBuf::from("/secrets/wh.key"));
+            // The defaults keep API.md's promise of 24 hours of retries and
+            // never deliver to private addresses.
+            let d = NotifierSettings::default();
+            assert!(d.retry_for >= Duration::from_secs(24 * 3600));
+            assert!(!d.allow_private_targets);
             Ok(())
         });
     }

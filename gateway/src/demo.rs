@@ -40,6 +40,7 @@ pub async fn run(
             notify_url: None,
             appid: appid.clone(),
             appsecret_hash: SecretHash::new(&appsecret),
+            appsecret_enc: Some(h.webhook_key.encrypt(&appid, &appsecret)),
         })
         .await?;
     let mut sims = Vec::new();

@@ -15,6 +15,8 @@
 //! - [`provision`]: the `vendgate merchant|machine|service add/list` commands.
 //! - [`http`]: the HTTP listener.
 //! - [`notifier`]: webhook delivery from the outbox.
+//! - [`metrics`]: Prometheus exposition, operator counters and observers.
+//! - [`top`]: `vendgate top`, a terminal view of a running gateway's metrics.
 //! - [`cli`]: the `vendgate` command line.
 //! - [`demo`]: `vendgate demo`, the gateway with simulated machines in one process.
 
@@ -24,6 +26,7 @@ pub mod config;
 pub mod demo;
 pub mod edge;
 pub mod http;
+pub mod metrics;
 pub mod notifier;
 pub mod orders;
 pub mod presence;
@@ -32,6 +35,7 @@ pub mod secrets;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod top;
 pub mod uplink;
 
 pub use config::Settings;

@@ -2,7 +2,8 @@
 //! list`, `service add`): create accounts with fresh secrets in the same
 //! database the running gateway reads, so no restart is needed. Each secret
 //! is shown exactly once, on `out` or in the secrets file; only its hash is
-//! stored.
+//! stored, except a merchant's AppSecret, which is also stored encrypted
+//! under the webhook key so that webhooks can be signed with it.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use chrono::SecondsFormat;
 use vendgate_proto::machine::MachineNo;
 
-use crate::secrets::{generate_appid, generate_secret, random_lower_alnum, SecretHash};
+use crate::secrets::{generate_appid, generate_secret, random_lower_alnum, SecretHash, WebhookKey};
 use crate::storage::{NewMachine, NewMerchant, NewService, Storage, StorageError};
 
 /// Random characters after "svc-" in a service username.
@@ -51,8 +52,10 @@ pub enum ProvisionError {
 }
 
 /// Create a merchant; prints `appid=…` and `appsecret=…`, one per line.
+/// `key` encrypts the AppSecret's signing copy (the gateway's webhook key).
 pub async fn merchant_add(
     store: &dyn Storage,
+    key: &WebhookKey,
     name: &str,
     notify_url: Option<String>,
     out: &mut impl Write,
@@ -64,11 +67,13 @@ pub async fn merchant_add(
         }
     }
     let appsecret = generate_secret();
+    let appid = generate_appid();
     let merchant = store
         .create_merchant(NewMerchant {
             name,
             notify_url,
-            appid: generate_appid(),
+            appsecret_enc: Some(key.encrypt(&appid, &appsecret)),
+            appid,
             appsecret_hash: SecretHash::new(&appsecret),
         })
         .await
@@ -288,7 +293,9 @@ fn is_http_url(url: &str) -> bool {
         }
     };
     let port_ok = port.is_none_or(|p| !p.is_empty() && p.parse::<u16>().is_ok());
-    !host.is_empty() && port_ok
+    // What is accepted here must also be what the notifier can parse at
+    // delivery (its target check only ever runs then).
+    !host.is_empty() && port_ok && url::Url::parse(url).is_ok()
 }
 
 /// Create (never overwrite) `path` with owner-only permissions, write
@@ -341,9 +348,15 @@ mod tests {
             .collect()
     }
 
+    fn key() -> WebhookKey {
+        WebhookKey::from_bytes([7; 32])
+    }
+
     async fn add_merchant(store: &dyn Storage) -> (String, String) {
         let mut out = Vec::new();
-        merchant_add(store, "Acme", None, &mut out).await.unwrap();
+        merchant_add(store, &key(), "Acme", None, &mut out)
+            .await
+            .unwrap();
         let kv = kv(&out);
         (kv[0].1.clone(), kv[1].1.clone())
     }
@@ -354,6 +367,7 @@ mod tests {
         let mut out = Vec::new();
         merchant_add(
             store.as_ref(),
+            &key(),
             " Acme Vending ",
             Some("https://merchant.example/hook?x=1".into()),
             &mut out,
@@ -376,6 +390,13 @@ mod tests {
         );
         assert!(m.appsecret_hash.verify(secret));
         assert!(!m.appsecret_hash.as_str().contains(secret.as_str()));
+        // The signing copy opens with the webhook key, for this merchant only.
+        let enc = m.appsecret_enc.expect("encrypted AppSecret");
+        assert!(!enc.contains(secret.as_str()));
+        assert_eq!(key().decrypt(appid, &enc).unwrap(), *secret);
+        assert!(WebhookKey::from_bytes([8; 32])
+            .decrypt(appid, &enc)
+            .is_err());
     }
 
     #[tokio::test]
@@ -393,7 +414,7 @@ mod tests {
             "",
         ] {
             let mut out = Vec::new();
-            let err = merchant_add(store.as_ref(), "Acme", Some(url.into()), &mut out)
+            let err = merchant_add(store.as_ref(), &key(), "Acme", Some(url.into()), &mut out)
                 .await
                 .unwrap_err();
             assert!(
@@ -403,7 +424,7 @@ mod tests {
             assert!(out.is_empty());
         }
         for name in ["", "  ", "a\tb"] {
-            let err = merchant_add(store.as_ref(), name, None, &mut Vec::new())
+            let err = merchant_add(store.as_ref(), &key(), name, None, &mut Vec::new())
                 .await
                 .unwrap_err();
             assert!(matches!(err, ProvisionError::InvalidName), "{name:?}");
@@ -667,7 +688,7 @@ mod tests {
     #[tokio::test]
     async fn output_failures_say_what_happened() {
         let (_dir, store) = store().await;
-        let err = merchant_add(store.as_ref(), "Acme", None, &mut Broken)
+        let err = merchant_add(store.as_ref(), &key(), "Acme", None, &mut Broken)
             .await
             .unwrap_err();
         assert!(

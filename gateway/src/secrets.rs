@@ -15,9 +15,22 @@
 //! The one exception is a service password set in the configuration file by an
 //! operator; that file is trusted and its passwords are expected to be
 //! generated too.
+//!
+//! # The one secret kept readable: merchants' AppSecrets, encrypted
+//!
+//! Webhooks are signed with the merchant's AppSecret (API.md), so the
+//! notifier needs the secret itself, which a hash cannot give back. Each
+//! merchant therefore also has an encrypted copy ([`WebhookKey`]:
+//! XChaCha20-Poly1305 under a 32-byte key kept in its own file, not in the
+//! database). The hash still serves every API authentication; the encrypted
+//! copy is read only to sign. A stolen database alone yields neither.
 
 use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 
+use chacha20poly1305::aead::{Aead, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
 use rand::rngs::OsRng;
 use rand::{Rng, RngCore};
@@ -163,6 +176,216 @@ pub fn verify_or_dummy(hash: Option<&SecretHash>, candidate: &str) -> bool {
     }
 }
 
+/// Prefix of an encrypted secret's stored form.
+const ENC_SCHEME: &str = "xc20p";
+/// Bytes of a [`WebhookKey`].
+pub const WEBHOOK_KEY_LEN: usize = 32;
+const XNONCE_LEN: usize = 24;
+
+/// The key-encryption key of merchants' AppSecrets (see the module docs).
+/// Stored as exactly 32 raw bytes in its own file, mode 0600.
+///
+/// `Debug` shows nothing of the key.
+#[derive(Clone)]
+pub struct WebhookKey {
+    cipher: XChaCha20Poly1305,
+}
+
+/// The key file could not be read or created.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("webhook key file {}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("webhook key file {} must hold exactly {WEBHOOK_KEY_LEN} bytes, found {len}", .path.display())]
+    WrongLength { path: PathBuf, len: usize },
+}
+
+/// An encrypted secret could not be decrypted: malformed, or made under
+/// another key or for another merchant. The value is not repeated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecryptError {
+    #[error("malformed encrypted secret (expected \"{ENC_SCHEME}$<48 hex>$<hex>\")")]
+    Malformed,
+    #[error("encrypted secret does not open with this webhook key (another key file, or another merchant's value)")]
+    WrongKey,
+}
+
+impl WebhookKey {
+    pub fn from_bytes(key: [u8; WEBHOOK_KEY_LEN]) -> Self {
+        Self {
+            // Named in full: `KeyInit` in scope would make `Hmac::new_from_slice`
+            // below ambiguous.
+            cipher: <XChaCha20Poly1305 as chacha20poly1305::KeyInit>::new(&key.into()),
+        }
+    }
+
+    /// A fresh random key (tests, and the first start).
+    pub fn generate() -> Self {
+        Self::from_bytes(random_key())
+    }
+
+    /// Read the key at `path`, or create it (32 random bytes, mode 0600) if
+    /// the file does not exist. Safe against a concurrent first start of the
+    /// gateway and a CLI process: the file is written under a temporary name
+    /// and linked into place only when complete, and a link never replaces
+    /// an existing file, so both end up with the same key.
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyFileError> {
+        let io_err = |source| KeyFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::File::open(path) {
+            Ok(f) => return Self::read(path, f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let key = random_key();
+        let tmp = path.with_extension(format!("tmp-{}", random_lower_alnum(8)));
+        let created = write_private_file(&tmp, &key).and_then(|()| std::fs::hard_link(&tmp, path));
+        let _ = std::fs::remove_file(&tmp);
+        match created {
+            Ok(()) => {
+                sync_parent(path);
+                tracing::info!(path = %path.display(), "created a new webhook key");
+                Ok(Self::from_bytes(key))
+            }
+            // Another process won the race: use its key.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let f = std::fs::File::open(path).map_err(io_err)?;
+                Self::read(path, f)
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    fn read(path: &Path, mut f: std::fs::File) -> Result<Self, KeyFileError> {
+        #[cfg(unix)]
+        if let Ok(meta) = f.metadata() {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), "webhook key file is readable by others than its owner; chmod 600 it");
+            }
+        }
+        let mut buf = Vec::with_capacity(WEBHOOK_KEY_LEN);
+        // One byte more than a key, to tell "too long" from "exact".
+        (&mut f)
+            .take(WEBHOOK_KEY_LEN as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(|source| KeyFileError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let key: [u8; WEBHOOK_KEY_LEN] =
+            buf.as_slice()
+                .try_into()
+                .map_err(|_| KeyFileError::WrongLength {
+                    path: path.to_path_buf(),
+                    len: buf.len(),
+                })?;
+        Ok(Self::from_bytes(key))
+    }
+
+    /// Encrypt `merchant`'s AppSecret for storage:
+    /// `xc20p$<nonce hex>$<ciphertext+tag hex>`, with a fresh random 192-bit
+    /// nonce (large enough that random nonces never repeat in practice). The
+    /// appid is bound as associated data, so a value copied onto another
+    /// merchant's row does not decrypt there.
+    pub fn encrypt(&self, appid: &str, secret: &str) -> String {
+        let mut nonce = [0u8; XNONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        let aad = associated_data(appid);
+        // Encryption fails only for messages beyond ~256 GiB; an AppSecret
+        // is 32 bytes, so the empty fallback is unreachable.
+        let ct = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: secret.as_bytes(),
+                    aad: &aad,
+                },
+            )
+            .unwrap_or_default();
+        format!("{ENC_SCHEME}${}${}", hex::encode(nonce), hex::encode(ct))
+    }
+
+    /// The AppSecret of `appid` from its stored encrypted form.
+    pub fn decrypt(&self, appid: &str, stored: &str) -> Result<String, DecryptError> {
+        let mut parts = stored.split('$');
+        let (Some(ENC_SCHEME), Some(nonce_hex), Some(ct_hex), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(DecryptError::Malformed);
+        };
+        let nonce: [u8; XNONCE_LEN] =
+            decode_lower_hex(nonce_hex).map_err(|_| DecryptError::Malformed)?;
+        let ct = hex::decode(ct_hex).map_err(|_| DecryptError::Malformed)?;
+        let aad = associated_data(appid);
+        let plain = self
+            .cipher
+            .decrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &ct,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| DecryptError::WrongKey)?;
+        String::from_utf8(plain).map_err(|_| DecryptError::Malformed)
+    }
+}
+
+impl fmt::Debug for WebhookKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WebhookKey(..)")
+    }
+}
+
+fn associated_data(appid: &str) -> Vec<u8> {
+    format!("vendgate/appsecret/v1:{appid}").into_bytes()
+}
+
+fn random_key() -> [u8; WEBHOOK_KEY_LEN] {
+    let mut key = [0u8; WEBHOOK_KEY_LEN];
+    OsRng.fill_bytes(&mut key);
+    key
+}
+
+/// Create (never overwrite) `path` with owner-only permissions, write
+/// `contents` and sync it to disk.
+fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// Make a new directory entry durable (best effort: not every platform can
+/// sync a directory).
+fn sync_parent(path: &Path) {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 fn hmac_digest(salt: &[u8; SALT_LEN], message: &str) -> [u8; DIGEST_LEN] {
     // HMAC accepts keys of any length, so `new_from_slice` cannot fail here;
     // the fallback below is unreachable but keeps this free of `expect`.
@@ -294,6 +517,100 @@ mod tests {
         let digest = h.as_str().rsplit('$').next().unwrap().to_owned();
         assert!(!shown.contains(&digest));
         assert!(!format!("{:?}", Some(h)).contains(&digest));
+    }
+
+    #[test]
+    fn encrypted_secret_round_trips_and_is_bound_to_key_and_appid() {
+        let key = WebhookKey::generate();
+        let secret = generate_secret();
+        let stored = key.encrypt("vga", &secret);
+        let parts: Vec<&str> = stored.split('$').collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[0], "xc20p");
+        assert_eq!(parts[1].len(), 48);
+        assert!(!stored.contains(&secret));
+        assert_eq!(key.decrypt("vga", &stored).unwrap(), secret);
+        // Fresh nonce every time.
+        assert_ne!(key.encrypt("vga", &secret), stored);
+        assert_eq!(
+            key.decrypt("vgb", &stored),
+            Err(DecryptError::WrongKey),
+            "copied onto another merchant"
+        );
+        assert_eq!(
+            WebhookKey::generate().decrypt("vga", &stored),
+            Err(DecryptError::WrongKey)
+        );
+        let mut tampered = stored.clone();
+        let last = tampered.pop().unwrap();
+        tampered.push(if last == '0' { '1' } else { '0' });
+        assert_eq!(key.decrypt("vga", &tampered), Err(DecryptError::WrongKey));
+        for bad in [
+            "",
+            "xc20p",
+            "xc20p$$",
+            "hmac-sha256$00$00",
+            &format!("xc20p${}$zz", "00".repeat(24)),
+            &format!("xc20p${}$00", "00".repeat(23)),
+            &format!("{stored}$"),
+        ] {
+            assert_eq!(
+                key.decrypt("vga", bad),
+                Err(DecryptError::Malformed),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(format!("{key:?}"), "WebhookKey(..)");
+    }
+
+    #[test]
+    fn key_file_is_created_private_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("webhook.key");
+        let a = WebhookKey::load_or_create(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap().len(), WEBHOOK_KEY_LEN);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let b = WebhookKey::load_or_create(&path).unwrap();
+        let stored = a.encrypt("vga", "s");
+        assert_eq!(b.decrypt("vga", &stored).unwrap(), "s");
+        // No temporary files left behind.
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+
+        std::fs::write(&path, b"short").unwrap();
+        let err = WebhookKey::load_or_create(&path).unwrap_err();
+        assert!(
+            matches!(err, KeyFileError::WrongLength { len: 5, .. }),
+            "{err}"
+        );
+        std::fs::write(&path, [7u8; 33]).unwrap();
+        assert!(matches!(
+            WebhookKey::load_or_create(&path),
+            Err(KeyFileError::WrongLength { len: 33, .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("webhook.key");
+        let keys: Vec<WebhookKey> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| WebhookKey::load_or_create(&path).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let stored = keys[0].encrypt("vga", "same");
+        for k in &keys {
+            assert_eq!(k.decrypt("vga", &stored).unwrap(), "same");
+        }
     }
 
     #[test]

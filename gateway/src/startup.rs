@@ -1,7 +1,8 @@
 //! Start-up and shutdown: `Gateway::build` opens storage and binds every
 //! listener (port 0 allowed, bound addresses reported); `Gateway::run` drives
 //! the gateway until its cancellation token fires, then stops intake, closes
-//! machine connections, flushes presence to storage and returns.
+//! machine connections, flushes presence to storage, lets in-flight webhook
+//! deliveries finish and returns.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,9 +18,11 @@ use crate::commands::{CommandBus, LocalCommands, PingTable};
 use crate::config::Settings;
 use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub};
+use crate::notifier::{machine_event, Notifier};
 use crate::orders::{OrderService, OrderUplinks};
 use crate::presence::PresenceRegistry;
-use crate::storage::{self, PresenceWrite, Storage};
+use crate::secrets::WebhookKey;
+use crate::storage::{self, PresenceChange, PresenceWrite, Storage};
 use crate::uplink::DeviceUplinks;
 
 /// Longest a shutdown step may take before we give up on it.
@@ -35,6 +38,11 @@ pub struct GatewayHandle {
     pub commands: Arc<dyn CommandBus>,
     pub uplinks: Arc<DeviceUplinks>,
     pub orders: Arc<OrderService>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Webhook delivery; call `notifier.wake()` after writing outbox events.
+    pub notifier: Arc<Notifier>,
+    /// Encrypts merchants' AppSecrets for webhook signing (provisioning).
+    pub webhook_key: Arc<WebhookKey>,
     pub shutdown: CancellationToken,
 }
 
@@ -43,6 +51,8 @@ pub struct Gateway {
     handle: GatewayHandle,
     edge: Edge,
     http: tokio::net::TcpListener,
+    /// `[metrics] addr`: `/metrics` on its own listener.
+    admin: Option<crate::http::ops::AdminListener>,
     mqtt_addr: SocketAddr,
     http_addr: SocketAddr,
 }
@@ -50,6 +60,17 @@ pub struct Gateway {
 impl Gateway {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let store = open_storage(&settings).await?;
+        let key_path = settings.webhook_key_path();
+        let webhook_key = Arc::new(
+            WebhookKey::load_or_create(&key_path)
+                .with_context(|| format!("loading the webhook key {}", key_path.display()))?,
+        );
+        let notifier = Notifier::new(
+            store.clone(),
+            webhook_key.clone(),
+            settings.notifier.clone(),
+        )
+        .context("building the webhook client")?;
         // Nothing is connected to a process that is just starting.
         store
             .reset_presence()
@@ -82,6 +103,8 @@ impl Gateway {
             uplinks.clone(),
             shutdown.clone(),
         ));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        metrics.instrument_edge(&hub);
         let edge = Edge::bind(settings.mqtt.addr, hub.clone())
             .await
             .with_context(|| format!("binding the MQTT listener on {}", settings.mqtt.addr))?;
@@ -90,6 +113,7 @@ impl Gateway {
             .await
             .with_context(|| format!("binding the HTTP listener on {}", settings.http.addr))?;
         let http_addr = http.local_addr()?;
+        let admin = crate::http::ops::AdminListener::bind(&settings).await?;
         let commands: Arc<dyn CommandBus> =
             Arc::new(LocalCommands::new(hub.clone(), presence.clone(), pings));
         let orders = OrderService::new(
@@ -97,6 +121,7 @@ impl Gateway {
             presence.clone(),
             commands.clone(),
             settings.orders.clone(),
+            notifier.clone(),
             shutdown.clone(),
         );
         orders.recover().await.context("recovering open orders")?;
@@ -109,12 +134,16 @@ impl Gateway {
             commands,
             uplinks,
             orders,
+            metrics,
+            notifier,
+            webhook_key,
             shutdown,
         };
         Ok(Self {
             handle,
             edge,
             http,
+            admin,
             mqtt_addr,
             http_addr,
         })
@@ -128,6 +157,11 @@ impl Gateway {
         self.http_addr
     }
 
+    /// The separate metrics listener, when `[metrics] addr` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
+    }
+
     pub fn handle(&self) -> GatewayHandle {
         self.handle.clone()
     }
@@ -139,9 +173,19 @@ impl Gateway {
 
         let persist_stop = CancellationToken::new();
         let persister = spawn_presence_persister(h.clone(), persist_stop.clone());
+        // Stops claiming at shutdown, then waits for its in-flight deliveries.
+        // Observed so /readyz can tell whether it is still running.
+        let notifier_task = tokio::spawn(
+            h.metrics
+                .webhooks
+                .clone()
+                .observe(h.notifier.clone().run(h.shutdown.clone())),
+        );
         let edge_task = tokio::spawn(self.edge.run());
         let expiry = h.orders.spawn_expiry();
         let cancels = h.orders.spawn_cancel_delivery();
+        let _metrics_upkeep = h.metrics.spawn_upkeep(h.shutdown.clone());
+        let admin_task = self.admin.map(|a| a.spawn(h.clone()));
         let http_task = {
             let shutdown = h.shutdown.clone();
             let app = crate::http::router(h.clone(), h.orders.clone());
@@ -168,6 +212,9 @@ impl Gateway {
             Err(_) => warn!("HTTP server did not stop in time"),
             _ => {}
         }
+        if let Some(t) = admin_task {
+            let _ = tokio::time::timeout(SHUTDOWN_STEP, t).await;
+        }
         let _ = expiry.await;
         let _ = cancels.await;
         h.orders.flush().await;
@@ -177,6 +224,14 @@ impl Gateway {
             .is_err()
         {
             warn!("presence writer did not stop in time");
+        }
+        // Events written meanwhile stay in the outbox for the next start.
+        let notifier_wait = h.settings.notifier.timeout + SHUTDOWN_STEP;
+        if tokio::time::timeout(notifier_wait, notifier_task)
+            .await
+            .is_err()
+        {
+            warn!("webhook notifier did not stop in time");
         }
         // Every connection of this process is gone.
         if let Err(e) = h.store.reset_presence().await {
@@ -201,10 +256,12 @@ async fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
 }
 
 /// Writes presence changes to storage so other processes (the CLI, later other
-/// nodes) see who is online. Whatever has queued up is written in one
-/// transaction, so a reconnect storm costs a few commits. Storage lags the
-/// registry by one batch; the registry stays the source of truth for this
-/// process.
+/// nodes) see who is online, with their `machine.online` / `machine.offline`
+/// webhook events in the same transaction (storage keeps only those that
+/// flip the stored flag, for merchants with a notify_url). Whatever has
+/// queued up is written in one transaction, so a reconnect storm costs a few
+/// commits. Storage lags the registry by one batch; the registry stays the
+/// source of truth for this process.
 fn spawn_presence_persister(h: GatewayHandle, stop: CancellationToken) -> JoinHandle<()> {
     /// Most changes written in one transaction.
     const BATCH: usize = 1024;
@@ -225,11 +282,20 @@ fn spawn_presence_persister(h: GatewayHandle, stop: CancellationToken) -> JoinHa
             let mut next = Some(first);
             while let Some(ev) = next.take() {
                 match ev {
-                    Ok(ev) => batch.push(PresenceWrite {
-                        machine_no: ev.machine_no,
-                        online: ev.online,
-                        epoch: ev.epoch,
-                        at: ev.at,
+                    Ok(ev) => batch.push(PresenceChange {
+                        write: PresenceWrite {
+                            machine_no: ev.machine_no,
+                            online: ev.online,
+                            epoch: ev.epoch,
+                            at: ev.at,
+                        },
+                        event: Some(machine_event(
+                            ev.machine_no,
+                            ev.online,
+                            ev.reason.map(|r| r.as_str()),
+                            ev.at,
+                            chrono::Utc::now(),
+                        )),
                     }),
                     Err(RecvError::Lagged(n)) => {
                         warn!(missed = n, "presence writer lagged; resynchronising");
@@ -246,21 +312,40 @@ fn spawn_presence_persister(h: GatewayHandle, stop: CancellationToken) -> JoinHa
                 }
             }
             if lagged {
+                // Changes were missed: write the current state; storage
+                // still emits an event wherever its stored flag flips.
                 batch = h
                     .presence
                     .snapshot()
                     .into_iter()
-                    .map(|p| PresenceWrite {
-                        machine_no: p.machine_no,
-                        online: p.online,
-                        epoch: p.epoch,
-                        at: p.last_seen.unwrap_or_else(chrono::Utc::now),
+                    .map(|p| {
+                        let at = p.last_seen.unwrap_or_else(chrono::Utc::now);
+                        let reason = (!p.online)
+                            .then_some(p.last_offline_reason)
+                            .flatten()
+                            .map(|r| r.as_str());
+                        PresenceChange {
+                            write: PresenceWrite {
+                                machine_no: p.machine_no,
+                                online: p.online,
+                                epoch: p.epoch,
+                                at,
+                            },
+                            event: Some(machine_event(
+                                p.machine_no,
+                                p.online,
+                                reason,
+                                at,
+                                chrono::Utc::now(),
+                            )),
+                        }
                     })
                     .collect();
             }
             for chunk in batch.chunks(BATCH) {
-                if let Err(e) = h.store.record_presence_batch(chunk).await {
-                    warn!(error = %e, changes = chunk.len(), "presence write failed");
+                match h.store.record_presence_batch_with_events(chunk).await {
+                    Ok(()) => h.notifier.wake(),
+                    Err(e) => warn!(error = %e, changes = chunk.len(), "presence write failed"),
                 }
             }
         }

@@ -115,6 +115,8 @@ async fn sigkill_during_a_burst_loses_nothing_and_dispenses_nothing_twice() {
                 notify_url: None,
                 appid: appid.clone(),
                 appsecret_hash: SecretHash::new(&appsecret),
+                // No notify_url: nothing is ever signed for this merchant.
+                appsecret_enc: None,
             })
             .await
             .unwrap();

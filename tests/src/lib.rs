@@ -56,13 +56,26 @@ impl TestGateway {
 
     /// Create a merchant; returns (appid, appsecret).
     pub async fn merchant(&self, name: &str) -> (String, String) {
+        self.create_merchant(name, None).await
+    }
+
+    /// Create a merchant with a webhook URL; returns (appid, appsecret).
+    pub async fn merchant_with_url(&self, name: &str, notify_url: &str) -> (String, String) {
+        self.create_merchant(name, Some(notify_url.into())).await
+    }
+
+    /// As `vendgate merchant add` does: the AppSecret hashed for API
+    /// authentication and encrypted under the gateway's webhook key for
+    /// signing.
+    async fn create_merchant(&self, name: &str, notify_url: Option<String>) -> (String, String) {
         let appid = vendgate::secrets::generate_appid();
         let secret = generate_secret();
         self.handle
             .store
             .create_merchant(NewMerchant {
                 name: name.into(),
-                notify_url: None,
+                notify_url,
+                appsecret_enc: Some(self.handle.webhook_key.encrypt(&appid, &secret)),
                 appid: appid.clone(),
                 appsecret_hash: SecretHash::new(&secret),
             })

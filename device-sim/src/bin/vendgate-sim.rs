@@ -9,7 +9,7 @@ use vendgate_sim::cli::{self, Cli};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::init_tracing();
+    cli::init_tracing(cli.command.default_log_filter());
     match cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -30,6 +30,7 @@ use vendgate_proto::topic::{self, Topic};
 
 use super::router::{min_qos, ClientClass, KickReason, Outbound, Session};
 use super::Hub;
+use crate::metrics::edge::{ClientKind, Direction, DisconnectReason, DispenseClock};
 use crate::presence::OfflineReason;
 
 /// Bytes read per readiness event.
@@ -70,6 +71,27 @@ impl End {
     fn publishes_will(self) -> bool {
         !matches!(self, End::Clean | End::TakeOver | End::Shutdown)
     }
+
+    /// The `reason` label of the disconnect metric.
+    fn metric_reason(self) -> DisconnectReason {
+        match self {
+            End::Clean => DisconnectReason::Clean,
+            End::SocketClosed => DisconnectReason::SocketClosed,
+            End::KeepAlive => DisconnectReason::KeepAliveTimeout,
+            End::Protocol(_) => DisconnectReason::ProtocolViolation,
+            End::Acl => DisconnectReason::AclViolation,
+            End::TakeOver => DisconnectReason::TakeOver,
+            End::SlowConsumer => DisconnectReason::SlowConsumer,
+            End::Shutdown => DisconnectReason::Shutdown,
+        }
+    }
+}
+
+fn client_kind(class: ClientClass) -> ClientKind {
+    match class {
+        ClientClass::Machine(_) => ClientKind::Machine,
+        ClientClass::Service => ClientKind::Service,
+    }
 }
 
 enum ReadError {
@@ -78,7 +100,15 @@ enum ReadError {
 }
 
 /// Serve one accepted TCP connection until it ends.
-pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
+/// CONNECT, authentication and registration. The established session runs
+/// as a task of its own (`Established::run`), so the handshake's larger
+/// state is freed once CONNACK is queued: an idle connection then costs only
+/// the session loop's state.
+pub(crate) async fn handshake(
+    hub: Arc<Hub>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<Established> {
     // Without NODELAY every QoS 1 round trip pays Nagle + delayed ACK (~40 ms).
     let _ = stream.set_nodelay(true);
     let mut conn = Conn {
@@ -87,30 +117,36 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
         max_packet: hub.settings.max_packet_size,
     };
 
-    let connect = match timeout(hub.settings.connect_timeout, conn.read_connect()).await {
+    // The pre-CONNECT and authentication futures are boxed: they are large
+    // (the storage lookup especially) and live only until CONNACK, while an
+    // async fn's state is as large as its largest await point for as long as
+    // the connection lives.
+    let connect = match timeout(hub.settings.connect_timeout, Box::pin(conn.read_connect())).await {
         Ok(Ok(c)) => c,
         Ok(Err(ConnectError::Refuse(code))) => {
             let _ = conn
                 .write_packets(&[Packet::ConnAck(ConnAck::new(code, false))])
                 .await;
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
-            return;
+            hub.stats.connections.refused("protocol_version", None);
+            return None;
         }
         Ok(Err(ConnectError::Drop(why))) => {
             debug!(%peer, why, "connection dropped before CONNECT");
             hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
         Err(_) => {
             debug!(%peer, "no CONNECT within the connect timeout");
-            return;
+            return None;
         }
     };
 
-    let class = match hub
-        .auth
-        .authenticate(&connect.client_id, connect.login.as_ref())
-        .await
+    let class = match Box::pin(
+        hub.auth
+            .authenticate(&connect.client_id, connect.login.as_ref()),
+    )
+    .await
     {
         Ok(c) => c,
         Err(refusal) => {
@@ -122,10 +158,14 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
                 .unwrap_or("");
             warn!(%peer, client_id = %connect.client_id, username = user, reason = refusal.as_str(), "MQTT CONNECT refused");
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
+            hub.stats.connections.refused(
+                refusal.as_str(),
+                connect.login.as_ref().map(|l| l.username.as_str()),
+            );
             let _ = conn
                 .write_packets(&[Packet::ConnAck(ConnAck::new(refusal.code(), false))])
                 .await;
-            return;
+            return None;
         }
     };
 
@@ -134,13 +174,14 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
     let conn_id = hub.next_conn_id();
     let client_id = if connect.client_id.is_empty() {
         if !connect.clean_session {
+            hub.stats.connections.refused("bad_client_id", None);
             let _ = conn
                 .write_packets(&[Packet::ConnAck(ConnAck::new(
                     ConnectReturnCode::BadClientId,
                     false,
                 ))])
                 .await;
-            return;
+            return None;
         }
         format!("vendgate-auto-{conn_id}")
     } else {
@@ -153,13 +194,14 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
         if !topic::valid_publish_topic(&will.topic) || !may_publish(class, &will.topic) {
             warn!(%peer, %client_id, "MQTT CONNECT refused: will topic not allowed");
             hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
+            hub.stats.connections.refused("will_not_allowed", None);
             let _ = conn
                 .write_packets(&[Packet::ConnAck(ConnAck::new(
                     ConnectReturnCode::NotAuthorized,
                     false,
                 ))])
                 .await;
-            return;
+            return None;
         }
     }
 
@@ -170,6 +212,9 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
         (s, _) => Some(Duration::from_millis(u64::from(s) * 1500)),
     };
 
+    // Keep only the will: the rest of CONNECT (the password included) must
+    // not live as long as the connection.
+    let last_will = connect.last_will;
     let (tx, rx) = mpsc::channel(hub.settings.outbound_queue.max(1));
     let session = Arc::new(Session::new(conn_id, client_id.clone(), class, tx));
     let took_over = hub.router.register(session.clone());
@@ -180,6 +225,7 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
     hub.stats
         .connections_accepted
         .fetch_add(1, Ordering::Relaxed);
+    hub.stats.connections.connected(client_kind(class));
     info!(%peer, %client_id, machine_no = machine_label(class), took_over, "MQTT client connected");
 
     // Persistent sessions are not kept yet: always answer session_present = 0
@@ -196,34 +242,81 @@ pub(crate) async fn serve(hub: Arc<Hub>, stream: TcpStream, peer: SocketAddr) {
         qos2_in: HashSet::new(),
         backlog: VecDeque::new(),
         out: Vec::new(),
+        clock: DispenseClock::default(),
     };
     state.out.push(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
         false,
     )));
-    let end = state.run(&mut conn, rx).await;
+    Some(Established {
+        hub,
+        conn,
+        state,
+        rx,
+        session,
+        epoch,
+        last_will,
+        peer,
+        client_id,
+        class,
+    })
+}
 
-    hub.router.unregister(&session);
-    if end.publishes_will() {
-        if let Some(will) = connect.last_will {
-            publish_will(&hub, will);
+/// A connection past CONNACK.
+pub(crate) struct Established {
+    hub: Arc<Hub>,
+    conn: Conn,
+    state: Loop,
+    rx: mpsc::Receiver<Box<Outbound>>,
+    session: Arc<Session>,
+    epoch: Option<(MachineNo, u64)>,
+    last_will: Option<LastWill>,
+    peer: SocketAddr,
+    client_id: String,
+    class: ClientClass,
+}
+
+impl Established {
+    pub(crate) async fn run(self) {
+        let Established {
+            hub,
+            mut conn,
+            mut state,
+            rx,
+            session,
+            epoch,
+            last_will,
+            peer,
+            client_id,
+            class,
+        } = self;
+        let end = state.run(&mut conn, rx).await;
+
+        hub.router.unregister(&session);
+        if end.publishes_will() {
+            if let Some(will) = last_will {
+                publish_will(&hub, will);
+            }
         }
-    }
-    if let Some((m, e)) = epoch {
-        hub.presence.disconnected(m, e, end.presence_reason());
-    }
-    match end {
-        End::KeepAlive => {
-            hub.stats
-                .keep_alive_timeouts
-                .fetch_add(1, Ordering::Relaxed);
+        if let Some((m, e)) = epoch {
+            hub.presence.disconnected(m, e, end.presence_reason());
         }
-        End::Protocol(_) => {
-            hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
+        hub.stats
+            .connections
+            .disconnected(client_kind(class), end.metric_reason());
+        match end {
+            End::KeepAlive => {
+                hub.stats
+                    .keep_alive_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            End::Protocol(_) => {
+                hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
-        _ => {}
+        info!(%peer, %client_id, machine_no = machine_label(class), end = ?end, "MQTT client disconnected");
     }
-    info!(%peer, %client_id, machine_no = machine_label(class), end = ?end, "MQTT client disconnected");
 }
 
 fn machine_label(class: ClientClass) -> String {
@@ -235,6 +328,11 @@ fn machine_label(class: ClientClass) -> String {
 
 fn publish_will(hub: &Hub, will: LastWill) {
     hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+    hub.stats.topics.record(
+        Direction::In,
+        &will.topic,
+        will.topic.len() + will.message.len(),
+    );
     hub.router
         .publish(&will.topic, will.message, will.qos, will.retain);
 }
@@ -389,10 +487,12 @@ struct Loop {
     backlog: VecDeque<Outbound>,
     /// Packets to write at the end of this turn.
     out: Vec<Packet>,
+    /// A machine's dispense round trip, for the timing histograms.
+    clock: DispenseClock,
 }
 
 impl Loop {
-    async fn run(&mut self, conn: &mut Conn, mut rx: mpsc::Receiver<Outbound>) -> End {
+    async fn run(&mut self, conn: &mut Conn, mut rx: mpsc::Receiver<Box<Outbound>>) -> End {
         let shutdown = self.hub.shutdown.clone();
         let kicked = self.session.kicked().clone();
         let max_inflight = usize::from(self.hub.settings.max_inflight.max(1));
@@ -455,11 +555,11 @@ impl Loop {
                     self.pump(max_inflight);
                 }
                 Some(msg) = rx.recv(), if window_open && self.backlog.is_empty() => {
-                    self.backlog.push_back(msg);
+                    self.backlog.push_back(*msg);
                     // Batch what is already queued into one write.
                     while self.backlog.len() < max_inflight {
                         match rx.try_recv() {
-                            Ok(m) => self.backlog.push_back(m),
+                            Ok(m) => self.backlog.push_back(*m),
                             Err(_) => break,
                         }
                     }
@@ -483,6 +583,14 @@ impl Loop {
             let Some(msg) = self.backlog.pop_front() else {
                 break;
             };
+            let t = self.hub.stats.topics.record(
+                Direction::Out,
+                &msg.topic,
+                msg.topic.len() + msg.payload.len(),
+            );
+            if self.epoch.is_some() {
+                self.clock.on_out(t, &msg.payload);
+            }
             let mut p = Publish::new(msg.topic.as_ref(), msg.qos, Vec::new());
             p.payload = msg.payload;
             p.retain = msg.retain;
@@ -574,6 +682,11 @@ impl Loop {
             .stats
             .bytes_in
             .fetch_add((p.topic.len() + p.payload.len()) as u64, Ordering::Relaxed);
+        let parsed =
+            self.hub
+                .stats
+                .topics
+                .record(Direction::In, &p.topic, p.topic.len() + p.payload.len());
         // §4.7.3: a topic name is non-empty and has no wildcards. The codec has
         // already checked UTF-8; routing never byte-slices topics.
         if !topic::valid_publish_topic(&p.topic) {
@@ -586,6 +699,10 @@ impl Loop {
                 .fetch_add(1, Ordering::Relaxed);
             warn!(client_id = %self.session.client_id, topic = %p.topic, "PUBLISH refused by ACL; closing");
             return Some(End::Acl);
+        }
+        if self.epoch.is_some() {
+            self.clock
+                .on_in(&self.hub.stats.timings, parsed, &p.payload);
         }
         match p.qos {
             QoS::AtMostOnce => self.route(p),

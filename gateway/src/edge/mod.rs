@@ -50,6 +50,14 @@ pub struct EdgeStats {
     pub bytes_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Messages and bytes per topic pattern and direction.
+    pub topics: crate::metrics::edge::TopicStats,
+    /// Connects, disconnects by reason, refused CONNECTs.
+    pub connections: crate::metrics::edge::ConnectionStats,
+    /// Dispense round-trip histograms (set when metrics are attached).
+    pub timings: crate::metrics::edge::Timings,
+    /// True while the accept loop runs (`/readyz`).
+    pub accepting: std::sync::atomic::AtomicBool,
 }
 
 /// A copy of the counters, for tests and the CLI.
@@ -171,13 +179,19 @@ impl Edge {
     /// every connection task to finish (they observe the same token).
     pub async fn run(self) {
         let shutdown = self.hub.shutdown.clone();
+        self.hub.stats.accepting.store(true, Ordering::Relaxed);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
                         let hub = self.hub.clone();
-                        self.tasks.spawn(conn::serve(hub, stream, peer));
+                        let tasks = self.tasks.clone();
+                        self.tasks.spawn(async move {
+                            if let Some(session) = conn::handshake(hub, stream, peer).await {
+                                tasks.spawn(session.run());
+                            }
+                        });
                     }
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
@@ -187,6 +201,7 @@ impl Edge {
                 }
             }
         }
+        self.hub.stats.accepting.store(false, Ordering::Relaxed);
         drop(self.listener);
         self.tasks.close();
         self.tasks.wait().await;

@@ -251,10 +251,29 @@ async fn get_order(
         .iter()
         .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed, "unit_price": l.unit_price }))
         .collect();
-    let events: Vec<Value> = events
+    let mut events: Vec<(DateTime<Utc>, Value)> = events
         .iter()
-        .map(|e| json!({ "at": rfc3339(Some(e.at)), "type": e.kind, "detail": e.detail }))
+        .map(|e| {
+            (
+                e.at,
+                json!({ "at": rfc3339(Some(e.at)), "type": e.kind, "detail": e.detail }),
+            )
+        })
         .collect();
+    // Each webhook attempt joins the timeline, so "what happened to order X"
+    // includes whether the merchant was told.
+    match s.gw.store.order_webhook_attempts(order_id).await {
+        Ok(attempts) => events.extend(attempts.into_iter().map(|a| {
+            (
+                a.at,
+                json!({ "at": rfc3339(Some(a.at)), "type": "webhook", "detail": {
+                    "event_id": a.event_id, "event": a.kind, "http_status": a.http_status, "error": a.error } }),
+            )
+        })),
+        Err(_) => return err(&s, ErrorCode::Internal),
+    }
+    events.sort_by_key(|(at, _)| *at);
+    let events: Vec<Value> = events.into_iter().map(|(_, v)| v).collect();
     ok(
         &s,
         json!({

@@ -4,14 +4,19 @@
 //!
 //! - `envelope`: the response envelope and `data` pruning.
 //! - `api`: the open API handlers and request validation.
+//! - `events`: the merchant's webhook events (list, replay).
+//! - `ops`: `/metrics`, `/healthz`, `/readyz`, the admin listener.
+//! - `dashboard`: the operator dashboard and its JSON endpoints.
 
 mod api;
+pub mod dashboard;
 pub mod envelope;
+mod events;
+pub mod ops;
 mod rate;
 
 use std::sync::Arc;
 
-use axum::routing::get;
 use axum::Router;
 
 use crate::orders::OrderService;
@@ -30,10 +35,19 @@ pub fn router(gw: GatewayHandle, orders: Arc<OrderService>) -> Router {
         gw.settings.http.rate_limit,
         gw.settings.http.rate_burst,
     ));
+    let metrics_here = gw.settings.metrics.addr.is_none();
     let state = AppState { gw, orders, rate };
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .nest("/api/openapi/v1", api::routes(&state))
+        .merge(ops::routes(state.gw.clone(), metrics_here))
+        .merge(dashboard::routes(state.gw.clone()))
+        .nest(
+            "/api/openapi/v1",
+            api::routes(&state).merge(events::routes()),
+        )
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.gw.clone(),
+            ops::track_order_requests,
+        ))
         .with_state(state)
 }

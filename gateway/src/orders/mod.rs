@@ -152,6 +152,8 @@ pub struct OrderService {
     /// while the machine could not be reached.
     pending_cancels: DashMap<MachineNo, Vec<u64>>,
     pub stats: OrderStats,
+    /// Woken after a change wrote a webhook event, so delivery starts at once.
+    notifier: Arc<crate::notifier::Notifier>,
     shutdown: CancellationToken,
     me: Weak<OrderService>,
 }
@@ -170,6 +172,7 @@ impl OrderService {
         presence: Arc<PresenceRegistry>,
         commands: Arc<dyn CommandBus>,
         settings: OrderSettings,
+        notifier: Arc<crate::notifier::Notifier>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let (inventory_writes, rx) = mpsc::unbounded_channel();
@@ -188,6 +191,7 @@ impl OrderService {
             idempotency_locks: DashMap::new(),
             pending_cancels: DashMap::new(),
             stats: OrderStats::default(),
+            notifier,
             shutdown,
             me: me.clone(),
         });
@@ -725,6 +729,9 @@ impl OrderService {
                 )
                 .await?
             {
+                if outbox.is_some() {
+                    self.notifier.wake();
+                }
                 return Ok(Some(next));
             }
             // Lost a race (a result overtook the ack, say): reload and retry.

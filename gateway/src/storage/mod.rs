@@ -4,12 +4,17 @@
 //!
 //! # What do we store?
 //!
-//! - merchants: appid, name, webhook URL, hashed AppSecret;
+//! - merchants: appid, name, webhook URL, hashed AppSecret (for API
+//!   authentication) and the AppSecret encrypted (for signing webhooks);
 //! - machines: owner merchant, hashed secret, and presence as last written by
 //!   the gateway (online, since when, last seen, connection epoch);
 //! - service accounts: username, name, hashed password.
 //!
-//! Secrets are only ever stored hashed ([`SecretHash`]). Orders join later.
+//! - orders ([`orders`]) and the webhook outbox ([`outbox`]).
+//!
+//! Secrets are stored hashed ([`SecretHash`]); the one exception is the
+//! merchant's AppSecret, also kept encrypted under a key that lives outside
+//! the database (`secrets::WebhookKey`), because webhooks are signed with it.
 //!
 //! The trait speaks plain Rust types only: SQLite is the one backend today
 //! ([`sqlite`]); a PostgreSQL backend is meant to implement the same trait.
@@ -23,10 +28,16 @@ use vendgate_proto::machine::MachineNo;
 use crate::secrets::SecretHash;
 
 pub mod orders;
+pub mod outbox;
 pub mod sqlite;
 mod sqlite_orders;
+mod sqlite_outbox;
 
 pub use orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+pub use outbox::{
+    Attempt, AttemptResult, ClaimRequest, ClaimedEvent, MachineEvent, OutboxBacklog, OutboxEntry,
+    OutboxStatus, OutboxStorage, PresenceChange, ReplayOutcome, WebhookAttempt,
+};
 
 pub use sqlite::SqliteStorage;
 
@@ -37,6 +48,8 @@ pub struct NewMerchant {
     pub notify_url: Option<String>,
     pub appid: String,
     pub appsecret_hash: SecretHash,
+    /// The AppSecret encrypted for webhook signing (`WebhookKey::encrypt`).
+    pub appsecret_enc: Option<String>,
 }
 
 /// A stored merchant.
@@ -46,6 +59,9 @@ pub struct Merchant {
     pub name: String,
     pub notify_url: Option<String>,
     pub appsecret_hash: SecretHash,
+    /// None for merchants created before webhook signing: their events
+    /// cannot be signed.
+    pub appsecret_enc: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -116,7 +132,7 @@ pub enum StorageError {
 
 /// The storage operations the gateway and the provisioning commands need.
 #[async_trait::async_trait]
-pub trait Storage: OrderStorage + Send + Sync + 'static {
+pub trait Storage: OrderStorage + OutboxStorage + Send + Sync + 'static {
     /// Err(Duplicate("merchant")) if the appid is taken.
     async fn create_merchant(&self, m: NewMerchant) -> Result<Merchant, StorageError>;
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError>;

@@ -61,7 +61,11 @@ impl SqliteStorage {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // 1 MiB page cache per connection instead of SQLite's 2 MiB: the
+            // hot set (machines, open orders) is small, and 8 connections'
+            // caches would otherwise be most of an idle gateway's memory.
+            .pragma("cache_size", "-1024");
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -99,13 +103,15 @@ impl Storage for SqliteStorage {
     async fn create_merchant(&self, m: NewMerchant) -> Result<Merchant, StorageError> {
         let created_at_ms = now_ms();
         sqlx::query(
-            "INSERT INTO merchants (appid, name, notify_url, appsecret_hash, created_at_ms) \
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO merchants \
+             (appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms) \
+             VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(&m.appid)
         .bind(&m.name)
         .bind(&m.notify_url)
         .bind(m.appsecret_hash.as_str())
+        .bind(&m.appsecret_enc)
         .bind(created_at_ms)
         .execute(&self.pool)
         .await
@@ -115,13 +121,14 @@ impl Storage for SqliteStorage {
             name: m.name,
             notify_url: m.notify_url,
             appsecret_hash: m.appsecret_hash,
+            appsecret_enc: m.appsecret_enc,
             created_at: from_ms(created_at_ms, "merchants.created_at_ms")?,
         })
     }
 
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError> {
         sqlx::query_as::<_, MerchantRow>(
-            "SELECT appid, name, notify_url, appsecret_hash, created_at_ms \
+            "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms \
              FROM merchants WHERE appid = ?",
         )
         .bind(appid)
@@ -134,7 +141,7 @@ impl Storage for SqliteStorage {
 
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError> {
         sqlx::query_as::<_, MerchantRow>(
-            "SELECT appid, name, notify_url, appsecret_hash, created_at_ms \
+            "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms \
              FROM merchants ORDER BY appid",
         )
         .fetch_all(&self.pool)
@@ -290,35 +297,7 @@ impl Storage for SqliteStorage {
         // of 10,000 machines is a handful of commits, not 10,000.
         let mut tx = self.pool.begin().await.map_err(backend)?;
         for w in batch {
-            // Epochs are microsecond wall-clock seeds (see presence.rs), far
-            // below i64::MAX; a larger one cannot be stored in an INTEGER column.
-            let epoch = i64::try_from(w.epoch).map_err(|_| {
-                StorageError::Backend(format!("presence epoch {} exceeds i64", w.epoch).into())
-            })?;
-            // The `presence_epoch <= ?` guard drops stale writes in the
-            // database itself, so the check and the write are one atomic
-            // statement even with several writers. In SET, every right-hand
-            // side sees the old row.
-            let sql = if w.online {
-                // A repeated online write of the same connection (a resync)
-                // keeps its online_since; a new connection starts it afresh.
-                "UPDATE machines SET \
-                     online_since_ms = CASE WHEN online = 1 AND presence_epoch = ?2 \
-                                       THEN online_since_ms ELSE ?3 END, \
-                     online = 1, presence_epoch = ?2, last_seen_ms = ?3 \
-                 WHERE machine_no = ?1 AND presence_epoch <= ?2"
-            } else {
-                "UPDATE machines SET \
-                     online = 0, online_since_ms = NULL, presence_epoch = ?2, last_seen_ms = ?3 \
-                 WHERE machine_no = ?1 AND presence_epoch <= ?2"
-            };
-            sqlx::query(sql)
-                .bind(w.machine_no.as_str())
-                .bind(epoch)
-                .bind(w.at.timestamp_millis())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
+            write_presence(&mut tx, w).await?;
         }
         tx.commit().await.map_err(backend)
     }
@@ -351,6 +330,48 @@ impl Storage for SqliteStorage {
     }
 }
 
+/// One presence write inside the caller's transaction, with the epoch rule
+/// of [`Storage::record_presence`].
+pub(super) async fn write_presence(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    w: &PresenceWrite,
+) -> Result<(), StorageError> {
+    let epoch = presence_epoch(w)?;
+    // The `presence_epoch <= ?` guard drops stale writes in the
+    // database itself, so the check and the write are one atomic
+    // statement even with several writers. In SET, every right-hand
+    // side sees the old row.
+    let sql = if w.online {
+        // A repeated online write of the same connection (a resync)
+        // keeps its online_since; a new connection starts it afresh.
+        "UPDATE machines SET \
+             online_since_ms = CASE WHEN online = 1 AND presence_epoch = ?2 \
+                               THEN online_since_ms ELSE ?3 END, \
+             online = 1, presence_epoch = ?2, last_seen_ms = ?3 \
+         WHERE machine_no = ?1 AND presence_epoch <= ?2"
+    } else {
+        "UPDATE machines SET \
+             online = 0, online_since_ms = NULL, presence_epoch = ?2, last_seen_ms = ?3 \
+         WHERE machine_no = ?1 AND presence_epoch <= ?2"
+    };
+    sqlx::query(sql)
+        .bind(w.machine_no.as_str())
+        .bind(epoch)
+        .bind(w.at.timestamp_millis())
+        .execute(&mut **tx)
+        .await
+        .map_err(backend)?;
+    Ok(())
+}
+
+/// Epochs are microsecond wall-clock seeds (see presence.rs), far below
+/// i64::MAX; a larger one cannot be stored in an INTEGER column.
+pub(super) fn presence_epoch(w: &PresenceWrite) -> Result<i64, StorageError> {
+    i64::try_from(w.epoch).map_err(|_| {
+        StorageError::Backend(format!("presence epoch {} exceeds i64", w.epoch).into())
+    })
+}
+
 /// Rows per multi-row INSERT in bulk provisioning: 4 bound values each, far
 /// below SQLite's limit of 32,766 variables per statement.
 const BULK_ROWS: usize = 500;
@@ -364,6 +385,7 @@ struct MerchantRow {
     name: String,
     notify_url: Option<String>,
     appsecret_hash: String,
+    appsecret_enc: Option<String>,
     created_at_ms: i64,
 }
 
@@ -379,6 +401,7 @@ impl MerchantRow {
             appid: self.appid,
             name: self.name,
             notify_url: self.notify_url,
+            appsecret_enc: self.appsecret_enc,
         })
     }
 }
@@ -512,6 +535,7 @@ mod tests {
                 notify_url: Some("https://hooks.example/n".into()),
                 appid: appid.into(),
                 appsecret_hash: SecretHash::new("appsecret"),
+                appsecret_enc: Some(format!("enc-{appid}")),
             })
             .await
             .unwrap()
@@ -596,6 +620,7 @@ mod tests {
                 notify_url: None,
                 appid: "vgn".into(),
                 appsecret_hash: SecretHash::new("s"),
+                appsecret_enc: None,
             })
             .await
             .unwrap();
@@ -618,6 +643,7 @@ mod tests {
                 notify_url: None,
                 appid: "vga".into(),
                 appsecret_hash: SecretHash::new("x"),
+                appsecret_enc: None,
             })
             .await
             .unwrap_err();

@@ -1,0 +1,561 @@
+//! The operator dashboard: `GET /dashboard`, one page whose HTML, CSS and
+//! JavaScript are compiled into the binary (`gateway/assets/`, no build
+//! step), polling small JSON endpoints every 2 s:
+//!
+//! - `/dashboard/api/summary`: machines online/offline/flapping, topic
+//!   counters per pattern, order outcomes, recent failures, webhook backlog;
+//! - `/dashboard/api/machines?q=&page=&page_size=&filter=`: the machine list,
+//!   filtered and paginated on the server so 10,000 machines cost one page;
+//! - `/dashboard/api/orders/{id}`: one order with its timeline.
+//!
+//! Access needs the `[operator]` credential (HTTP Basic). A successful Basic
+//! login also sets an HttpOnly session cookie so the page's own requests do
+//! not depend on how a browser replays Basic credentials. Without a
+//! configured credential the dashboard is refused with a message saying so.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use dashmap::DashMap;
+use rand::RngCore;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+use vendgate_proto::codes::ErrorCode;
+
+use crate::metrics::edge::{Direction, PATTERNS};
+use crate::metrics::orders::OUTCOMES;
+use crate::metrics::webhooks::DeliveryResult;
+use crate::metrics::{Metrics, FLAP_THRESHOLD};
+use crate::startup::GatewayHandle;
+
+const INDEX_HTML: &str = include_str!("../../assets/dashboard.html");
+const APP_JS: &str = include_str!("../../assets/dashboard.js");
+const APP_CSS: &str = include_str!("../../assets/dashboard.css");
+
+/// Session cookie name; scoped to `/dashboard`.
+const COOKIE: &str = "vendgate_dashboard";
+/// How long a dashboard session lasts after the Basic login.
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Sessions kept at most; beyond it the oldest expire early (a client that
+/// never keeps cookies must not grow the table).
+const MAX_SESSIONS: usize = 1024;
+/// Shortest operator password the dashboard accepts.
+pub const MIN_PASSWORD: usize = 12;
+/// Machine list page size bounds.
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 200;
+/// Every page and answer forbids framing and outside scripts.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+#[derive(Clone)]
+struct DashState {
+    gw: GatewayHandle,
+    sessions: Arc<DashMap<String, tokio::time::Instant>>,
+}
+
+/// The dashboard's routes (full paths, to merge into the HTTP router).
+pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
+    if let Err(why) = credential_problem(&gw) {
+        warn!("{why}");
+    }
+    let state = DashState {
+        gw,
+        sessions: Arc::new(DashMap::new()),
+    };
+    Router::new()
+        .route("/dashboard", get(index))
+        .route("/dashboard/", get(index))
+        .route("/dashboard/app.js", get(app_js))
+        .route("/dashboard/app.css", get(app_css))
+        .route("/dashboard/api/summary", get(summary))
+        .route("/dashboard/api/machines", get(machines))
+        .route("/dashboard/api/orders/{order_id}", get(order))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_operator,
+        ))
+        .with_state(state)
+}
+
+/// Why the configured credential cannot protect the dashboard, if it cannot.
+fn credential_problem(gw: &GatewayHandle) -> Result<(), String> {
+    let op = &gw.settings.operator;
+    if op.username.is_empty() || op.password.is_empty() {
+        return Err("dashboard disabled: set [operator] username and password \
+                    (or VENDGATE_OPERATOR__USERNAME / VENDGATE_OPERATOR__PASSWORD)"
+            .into());
+    }
+    if op.password.chars().count() < MIN_PASSWORD {
+        return Err(format!(
+            "dashboard disabled: [operator] password must have at least {MIN_PASSWORD} characters"
+        ));
+    }
+    Ok(())
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// Compare in constant time; hashing first makes the lengths equal.
+fn same(a: &str, b: &str) -> bool {
+    digest(a).ct_eq(&digest(b)).into()
+}
+
+/// The credential of an `Authorization: Basic …` header matches the operator's.
+fn basic_ok(gw: &GatewayHandle, headers: &HeaderMap) -> bool {
+    let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(b64) = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))
+    else {
+        return false;
+    };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+        return false;
+    };
+    let Ok(text) = String::from_utf8(raw) else {
+        return false;
+    };
+    let Some((user, pass)) = text.split_once(':') else {
+        return false;
+    };
+    let op = &gw.settings.operator;
+    // Both compared, always, so timing does not tell which one was wrong.
+    let u = same(user, &op.username);
+    let p = same(pass, &op.password);
+    u & p
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+fn session_ok(state: &DashState, headers: &HeaderMap) -> bool {
+    let Some(token) = session_cookie(headers) else {
+        return false;
+    };
+    // Tokens are looked up by their hash so the map never holds a usable
+    // token and lookups do not compare secrets byte by byte.
+    let key = hex::encode(digest(&token));
+    match state.sessions.get(&key).map(|e| *e) {
+        Some(expires) if tokio::time::Instant::now() < expires => true,
+        Some(_) => {
+            state.sessions.remove(&key);
+            false
+        }
+        None => false,
+    }
+}
+
+fn new_session(state: &DashState) -> String {
+    let now = tokio::time::Instant::now();
+    if state.sessions.len() >= MAX_SESSIONS {
+        state.sessions.retain(|_, exp| *exp > now);
+        if state.sessions.len() >= MAX_SESSIONS {
+            state.sessions.clear();
+        }
+    }
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    let token = hex::encode(b);
+    state
+        .sessions
+        .insert(hex::encode(digest(&token)), now + SESSION_TTL);
+    token
+}
+
+/// Middleware: the operator credential or a session from it; 503 with the
+/// reason when no usable credential is configured.
+async fn require_operator(State(state): State<DashState>, req: Request, next: Next) -> Response {
+    if let Err(why) = credential_problem(&state.gw) {
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    }
+    if session_ok(&state, req.headers()) {
+        return secure(next.run(req).await);
+    }
+    if basic_ok(&state.gw, req.headers()) {
+        let token = new_session(&state);
+        info!("operator signed in to the dashboard");
+        let mut res = secure(next.run(req).await);
+        let cookie = format!(
+            "{COOKIE}={token}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}",
+            SESSION_TTL.as_secs()
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            res.headers_mut().append(header::SET_COOKIE, v);
+        }
+        return res;
+    }
+    let mut res = (StatusCode::UNAUTHORIZED, "operator credential required").into_response();
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"vendgate dashboard\", charset=\"UTF-8\""),
+    );
+    res
+}
+
+fn secure(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    res
+}
+
+async fn index() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        INDEX_HTML,
+    )
+        .into_response()
+}
+
+async fn app_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        APP_JS,
+    )
+        .into_response()
+}
+
+async fn app_css() -> Response {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], APP_CSS).into_response()
+}
+
+fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
+    t.map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
+        .unwrap_or(Value::Null)
+}
+
+fn internal() -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({ "error": "internal error" })),
+    )
+        .into_response()
+}
+
+/// The numbers of the page's cards, tables and charts. Counters are
+/// cumulative; the page turns successive samples into rates.
+async fn summary(State(state): State<DashState>) -> Response {
+    let gw = &state.gw;
+    let m = &gw.metrics;
+    let provisioned = match m.directory.list(gw.store.as_ref()).await {
+        Ok(l) => l.len() as u64,
+        Err(_) => return internal(),
+    };
+    let p = Metrics::presence_counts(gw);
+    let topics: Vec<Value> = PATTERNS
+        .iter()
+        .enumerate()
+        .map(|(i, pattern)| {
+            let (im, ib) = gw.hub.stats.topics.get(Direction::In, i);
+            let (om, ob) = gw.hub.stats.topics.get(Direction::Out, i);
+            json!({ "pattern": pattern, "in_messages": im, "in_bytes": ib, "out_messages": om, "out_bytes": ob })
+        })
+        .collect();
+    // Arrays, not maps, so the page shows them in this fixed order.
+    let outcomes: Vec<Value> = OUTCOMES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({ "outcome": s.as_str(), "total": m.orders.outcome(i) }))
+        .collect();
+    let requests: Vec<Value> = ErrorCode::ALL
+        .iter()
+        .map(|c| (c, m.order_requests(*c)))
+        .filter(|(_, n)| *n > 0)
+        // The variant name reads in any locale (and any font); the
+        // published message is Chinese.
+        .map(|(c, n)| json!({ "code": c.code(), "name": format!("{c:?}"), "message": c.message(), "total": n }))
+        .collect();
+    let deliveries: serde_json::Map<String, Value> = DeliveryResult::ALL
+        .iter()
+        .map(|d| (d.as_str().to_string(), json!(d.count(&gw.notifier.stats))))
+        .collect();
+    let backlog = match gw.notifier.backlog().await {
+        Ok(b) => b,
+        Err(_) => return internal(),
+    };
+    let (ready, readiness) = super::ops::readiness(gw).await;
+    let online = p.online.min(provisioned);
+    (
+        secure_json(),
+        Json(json!({
+            "now": rfc3339(Some(Utc::now())),
+            "version": crate::metrics::VERSION,
+            "uptime_seconds": m.uptime().as_secs(),
+            "ready": ready,
+            "readiness": readiness,
+            "machines": {
+                "provisioned": provisioned,
+                "online": online,
+                "offline": provisioned.saturating_sub(online),
+                "flapping": p.flapping,
+                "flap_threshold": FLAP_THRESHOLD,
+            },
+            "queue_depth": p.queued_orders,
+            "topics": topics,
+            "orders": outcomes,
+            "order_requests": requests,
+            "recent_failed": m.orders.recent(),
+            "webhooks": {
+                "backlog": backlog.pending,
+                "oldest_age_seconds": crate::metrics::oldest_age_seconds(backlog.oldest_pending),
+                "deliveries": deliveries,
+            },
+        })),
+    )
+        .into_response()
+}
+
+fn secure_json() -> [(header::HeaderName, &'static str); 1] {
+    [(header::CACHE_CONTROL, "no-store")]
+}
+
+/// Which machines the list shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    All,
+    Online,
+    Offline,
+    Flapping,
+}
+
+/// Parsed `/api/machines` query; bad values fall back to defaults (this is
+/// an operator page, not an API with error codes).
+#[derive(Debug, PartialEq, Eq)]
+struct MachineQuery {
+    q: String,
+    page: usize,
+    page_size: usize,
+    filter: Filter,
+}
+
+fn machine_query(q: &HashMap<String, String>) -> MachineQuery {
+    let text: String = q
+        .get("q")
+        .map(|s| s.trim().chars().take(16).collect())
+        .unwrap_or_default();
+    let page = q
+        .get("page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .filter(|p| *p >= 1)
+        .unwrap_or(1);
+    let page_size = q
+        .get("page_size")
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(DEFAULT_PAGE_SIZE)
+        .clamp(1, MAX_PAGE_SIZE);
+    let filter = match q.get("filter").map(String::as_str) {
+        Some("online") => Filter::Online,
+        Some("offline") => Filter::Offline,
+        Some("flapping") => Filter::Flapping,
+        _ => Filter::All,
+    };
+    MachineQuery {
+        q: text,
+        page,
+        page_size,
+        filter,
+    }
+}
+
+/// One page of the machine list. Matching touches only machine numbers (and
+/// the registry for presence filters); full rows are built for the page alone.
+async fn machines(
+    State(state): State<DashState>,
+    Query(raw): Query<HashMap<String, String>>,
+) -> Response {
+    let gw = &state.gw;
+    let q = machine_query(&raw);
+    let list = match gw.metrics.directory.list(gw.store.as_ref()).await {
+        Ok(l) => l,
+        Err(_) => return internal(),
+    };
+    let matches: Vec<_> = list
+        .iter()
+        .filter(|e| q.q.is_empty() || e.machine_no.as_str().contains(q.q.as_str()))
+        .filter(|e| match q.filter {
+            Filter::All => true,
+            Filter::Online => gw.presence.is_online(&e.machine_no),
+            Filter::Offline => !gw.presence.is_online(&e.machine_no),
+            Filter::Flapping => gw
+                .presence
+                .get(&e.machine_no)
+                .is_some_and(|p| p.flaps >= FLAP_THRESHOLD),
+        })
+        .collect();
+    let total = matches.len();
+    let rows: Vec<Value> = matches
+        .into_iter()
+        .skip((q.page - 1).saturating_mul(q.page_size))
+        .take(q.page_size)
+        .map(|e| {
+            let p = gw.presence.get(&e.machine_no);
+            json!({
+                "machine_no": e.machine_no.as_str(),
+                "online": p.as_ref().is_some_and(|p| p.online),
+                "last_seen": rfc3339(p.as_ref().and_then(|p| p.last_seen).or(e.last_seen)),
+                "online_since": rfc3339(p.as_ref().and_then(|p| p.online_since)),
+                "flaps": p.as_ref().map_or(0, |p| p.flaps),
+                "firmware": p.as_ref().and_then(|p| p.firmware.clone()),
+                "last_rtt_ms": p.as_ref().and_then(|p| p.last_rtt_ms),
+                "last_offline_reason": p.as_ref().and_then(|p| p.last_offline_reason).map(|r| r.as_str()),
+                "queued_orders": gw.orders.queued(&e.machine_no),
+            })
+        })
+        .collect();
+    (
+        secure_json(),
+        Json(json!({
+            "total": total,
+            "page": q.page,
+            "page_size": q.page_size,
+            "machines": rows,
+        })),
+    )
+        .into_response()
+}
+
+/// One order and its timeline, for any merchant (operators see all).
+async fn order(State(state): State<DashState>, Path(order_id): Path<String>) -> Response {
+    let gw = &state.gw;
+    let not_found = || {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "order not found" })),
+        )
+            .into_response()
+    };
+    let Ok(order_id) = order_id.parse::<u64>() else {
+        return not_found();
+    };
+    let o = match gw.store.order(order_id).await {
+        Ok(Some(o)) => o,
+        Ok(None) => return not_found(),
+        Err(_) => return internal(),
+    };
+    let events = match gw.store.order_events(order_id).await {
+        Ok(e) => e,
+        Err(_) => return internal(),
+    };
+    let items: Vec<Value> = o
+        .lines
+        .iter()
+        .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed, "unit_price": l.unit_price }))
+        .collect();
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| json!({ "at": rfc3339(Some(e.at)), "type": e.kind, "detail": e.detail }))
+        .collect();
+    (
+        secure_json(),
+        Json(json!({
+            "order_id": o.order_id,
+            "merchant": o.merchant_appid,
+            "machine_no": o.machine_no.as_str(),
+            "status": o.status.as_str(),
+            "out_trade_no": o.out_trade_no,
+            "pay_later": o.pay_later,
+            "amount": o.amount,
+            "refund_amount": o.refund_amount,
+            "error": o.error,
+            "items": items,
+            "created_at": rfc3339(Some(o.created_at)),
+            "updated_at": rfc3339(Some(o.updated_at)),
+            "events": events,
+        })),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn machine_query_defaults_and_bounds() {
+        assert_eq!(
+            machine_query(&q(&[])),
+            MachineQuery {
+                q: String::new(),
+                page: 1,
+                page_size: DEFAULT_PAGE_SIZE,
+                filter: Filter::All
+            }
+        );
+        let m = machine_query(&q(&[
+            ("q", " 1234 "),
+            ("page", "0"),
+            ("page_size", "100000"),
+            ("filter", "flapping"),
+        ]));
+        assert_eq!(m.q, "1234");
+        assert_eq!(m.page, 1);
+        assert_eq!(m.page_size, MAX_PAGE_SIZE);
+        assert_eq!(m.filter, Filter::Flapping);
+        assert_eq!(machine_query(&q(&[("q", &"9".repeat(100))])).q.len(), 16);
+    }
+
+    #[test]
+    fn cookies_are_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; vendgate_dashboard=abc; b=2"),
+        );
+        assert_eq!(session_cookie(&h).as_deref(), Some("abc"));
+        assert!(same("x", "x") && !same("x", "y"));
+    }
+
+    #[test]
+    fn operator_password_is_redacted() {
+        let mut s = crate::Settings::default();
+        s.operator.username = "ops".into();
+        s.operator.password = "correct horse battery".into();
+        let shown = s.redacted_toml();
+        assert!(!shown.contains("horse"), "{shown}");
+        assert!(!format!("{:?}", s.operator).contains("horse"));
+    }
+}

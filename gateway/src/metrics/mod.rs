@@ -1,0 +1,593 @@
+//! Metrics: what operators scrape at `GET /metrics` (Prometheus text format).
+//!
+//! Components count in their own atomics on the hot path (`EdgeStats`,
+//! `OrderStats`, `UplinkStats`, the observers below); at scrape time
+//! [`Metrics::render`] copies them into a `metrics-exporter-prometheus`
+//! recorder owned by this gateway and renders it. Histograms are recorded
+//! straight into the recorder.
+//!
+//! Why a recorder per gateway and not the `metrics` facade's global one: tests
+//! run many gateways in one process, and each must count only its own
+//! traffic; installing a global recorder also fails when one exists. Every
+//! series is registered up front with a fixed label set (topic *patterns*,
+//! reasons, outcomes, API codes; never a machine number), so the exposition
+//! has the same series for 10 machines as for 10,000 and panels never miss a
+//! zero.
+//!
+//! - `edge`: per-pattern topic counters, connects/disconnects, dispense timings.
+//! - `orders`: order outcomes and recent failures ([`OrderObserver`]).
+//! - `webhooks`: delivery result labels, notifier liveness ([`WebhookObserver`]).
+//! - `process`: RSS, CPU, fds, start time from `/proc/self`.
+
+pub mod edge;
+pub mod orders;
+pub mod process;
+pub mod webhooks;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vendgate_proto::codes::ErrorCode;
+use vendgate_proto::machine::MachineNo;
+
+use crate::edge::Hub;
+use crate::startup::GatewayHandle;
+use crate::storage::{Storage, StorageError};
+use edge::{ClientKind, Direction, DisconnectReason, PATTERNS, REFUSALS};
+pub use orders::OrderObserver;
+pub use webhooks::WebhookObserver;
+
+/// Latency buckets (seconds) for every histogram: from a loopback round trip
+/// to the 60 s default dispense deadline.
+const BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// A machine counts as flapping with this many connects in the last hour.
+pub const FLAP_THRESHOLD: u32 = 3;
+
+/// How long the provisioned-machine list is reused before storage is asked
+/// again: provisioning is rare, scrapes and dashboard polls are not.
+const DIRECTORY_TTL: Duration = Duration::from_secs(5);
+
+/// The gateway's version, for `vendgate_build_info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+static META: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// `order_service` counters copied from `OrderStats`, by `event` label.
+const ORDER_EVENTS: [&str; 10] = [
+    "placed",
+    "accepted",
+    "refused",
+    "not_accepted",
+    "busy",
+    "unknown",
+    "results_applied",
+    "duplicate_device_messages",
+    "rejected_device_messages",
+    "malformed_device_messages",
+];
+
+/// The handles of every registered series.
+struct Series {
+    topic_messages: [[Counter; PATTERNS.len()]; 2],
+    topic_bytes: [[Counter; PATTERNS.len()]; 2],
+    malformed_packets: Counter,
+    malformed_payloads: Counter,
+    acl_violations: Counter,
+    refused: [Counter; REFUSALS.len()],
+    connects: [Counter; 2],
+    disconnects: [[Counter; DisconnectReason::ALL.len()]; 2],
+    sessions: Gauge,
+    slow_consumers: Counter,
+    machines_online: Gauge,
+    machines_provisioned: Gauge,
+    machines_flapping: Gauge,
+    orders: [Counter; orders::OUTCOMES.len()],
+    order_events: [Counter; ORDER_EVENTS.len()],
+    order_requests: [Counter; ErrorCode::ALL.len()],
+    queue_depth: Gauge,
+    webhook_deliveries: [Counter; webhooks::DeliveryResult::ALL.len()],
+    webhook_refused_targets: Counter,
+    outbox_backlog: Gauge,
+    outbox_oldest_age: Gauge,
+    uptime: Gauge,
+}
+
+/// Registers series on the recorder, describing each name once.
+struct Registrar<'a>(&'a PrometheusRecorder);
+
+impl Registrar<'_> {
+    fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+        let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, *v)).collect();
+        Key::from_parts(name, labels)
+    }
+
+    fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Counter {
+        self.counter_key(name, help, Self::key(name, labels))
+    }
+
+    fn counter_key(&self, name: &'static str, help: &'static str, key: Key) -> Counter {
+        self.0.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.0.register_counter(&key, &META)
+    }
+
+    fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Gauge {
+        self.0.describe_gauge(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.0.register_gauge(&Self::key(name, labels), &META)
+    }
+
+    fn histogram(&self, name: &'static str, help: &'static str) -> Histogram {
+        self.0.describe_histogram(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
+        self.0.register_histogram(&Self::key(name, &[]), &META)
+    }
+}
+
+/// The provisioned machines (storage), cached for [`DIRECTORY_TTL`]: the
+/// dashboard's machine list and the `machines_provisioned` gauge read it.
+#[derive(Default)]
+pub struct MachineDirectory {
+    cached: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Vec<DirectoryEntry>>)>>,
+}
+
+/// One provisioned machine as storage last recorded it.
+#[derive(Debug, Clone)]
+pub struct DirectoryEntry {
+    pub machine_no: MachineNo,
+    /// Persisted last-seen time (for machines not seen by this process).
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+impl MachineDirectory {
+    /// Every provisioned machine, ordered by machine_no.
+    pub async fn list(
+        &self,
+        store: &dyn Storage,
+    ) -> Result<Arc<Vec<DirectoryEntry>>, StorageError> {
+        // One refresh at a time: concurrent polls wait for it instead of each
+        // reading 10,000 rows.
+        let mut cached = self.cached.lock().await;
+        if let Some((at, list)) = cached.as_ref() {
+            if at.elapsed() < DIRECTORY_TTL {
+                return Ok(list.clone());
+            }
+        }
+        let list: Arc<Vec<DirectoryEntry>> = Arc::new(
+            store
+                .list_machines(None)
+                .await?
+                .into_iter()
+                .map(|m| DirectoryEntry {
+                    machine_no: m.machine_no,
+                    last_seen: m.last_seen,
+                })
+                .collect(),
+        );
+        *cached = Some((tokio::time::Instant::now(), list.clone()));
+        Ok(list)
+    }
+}
+
+/// Presence figures computed in one pass over the registry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PresenceCounts {
+    pub online: u64,
+    pub flapping: u64,
+    pub queued_orders: u64,
+}
+
+/// See the module docs. One per gateway, in `GatewayHandle::metrics`.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    series: Series,
+    started: std::time::Instant,
+    /// `POST /orders` answers by API code, index as `ErrorCode::ALL`.
+    order_requests: [AtomicU64; ErrorCode::ALL.len()],
+    order_request_duration: Histogram,
+    accept_latency: Histogram,
+    dispense_duration: Histogram,
+    /// Order outcomes; the order service reports into it.
+    pub orders: Arc<OrderObserver>,
+    /// Whether the notifier's task runs (start-up wraps it).
+    pub webhooks: Arc<WebhookObserver>,
+    pub directory: MachineDirectory,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = match PrometheusBuilder::new().set_buckets(&BUCKETS) {
+            Ok(b) => b.build_recorder(),
+            // Only fails on an empty bucket list; summaries are still valid.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        let r = Registrar(&recorder);
+        let topic = |name: &'static str, help: &'static str| -> [[Counter; PATTERNS.len()]; 2] {
+            Direction::ALL.map(|d| {
+                PATTERNS
+                    .map(|p| r.counter(name, help, &[("pattern", p), ("direction", d.as_str())]))
+            })
+        };
+        let series = Series {
+            topic_messages: topic(
+                "vendgate_mqtt_messages_total",
+                "MQTT PUBLISH messages by topic pattern and direction (in: from clients, out: to clients).",
+            ),
+            topic_bytes: topic(
+                "vendgate_mqtt_bytes_total",
+                "Topic plus payload bytes of MQTT PUBLISH messages by topic pattern and direction.",
+            ),
+            malformed_packets: r.counter(
+                "vendgate_mqtt_malformed_total",
+                "Malformed input: MQTT packets that closed a connection, or protocol payloads that did not decode.",
+                &[("kind", "packet")],
+            ),
+            malformed_payloads: r.counter(
+                "vendgate_mqtt_malformed_total",
+                "Malformed input: MQTT packets that closed a connection, or protocol payloads that did not decode.",
+                &[("kind", "payload")],
+            ),
+            acl_violations: r.counter(
+                "vendgate_mqtt_acl_violations_total",
+                "PUBLISH, SUBSCRIBE or will topics refused by the topic ACL.",
+                &[],
+            ),
+            refused: REFUSALS.map(|reason| {
+                r.counter(
+                    "vendgate_mqtt_connect_refused_total",
+                    "CONNECTs refused, by reason.",
+                    &[("reason", reason)],
+                )
+            }),
+            connects: ClientKind::ALL.map(|k| {
+                r.counter(
+                    "vendgate_mqtt_connects_total",
+                    "Accepted MQTT CONNECTs by client class.",
+                    &[("class", k.as_str())],
+                )
+            }),
+            disconnects: ClientKind::ALL.map(|k| {
+                DisconnectReason::ALL.map(|reason| {
+                    r.counter(
+                        "vendgate_mqtt_disconnects_total",
+                        "Ended MQTT connections by client class and reason; auth_failure counts refused CONNECTs.",
+                        &[("class", k.as_str()), ("reason", reason.as_str())],
+                    )
+                })
+            }),
+            sessions: r.gauge(
+                "vendgate_mqtt_sessions",
+                "Live MQTT connections (machines and services).",
+                &[],
+            ),
+            slow_consumers: r.counter(
+                "vendgate_mqtt_slow_consumers_total",
+                "Connections closed because they did not read their messages.",
+                &[],
+            ),
+            machines_online: r.gauge("vendgate_machines_online", "Machines online now.", &[]),
+            machines_provisioned: r.gauge(
+                "vendgate_machines_provisioned",
+                "Machines provisioned in storage.",
+                &[],
+            ),
+            machines_flapping: r.gauge(
+                "vendgate_machines_flapping",
+                "Machines with 3 or more connects in the last hour.",
+                &[],
+            ),
+            orders: orders::OUTCOMES.map(|s| {
+                r.counter(
+                    "vendgate_orders_total",
+                    "Orders reaching a final status (unknown may later settle and count again).",
+                    &[("outcome", s.as_str())],
+                )
+            }),
+            order_events: ORDER_EVENTS.map(|e| {
+                r.counter(
+                    "vendgate_order_service_events_total",
+                    "Order service events: placements, machine answers, device message anomalies.",
+                    &[("event", e)],
+                )
+            }),
+            order_requests: ErrorCode::ALL.map(|c| {
+                // The label set is the proto's code table, so it is fixed.
+                let key = Key::from_parts(
+                    "vendgate_order_requests_total",
+                    vec![Label::new("code", c.code().to_string())],
+                );
+                r.counter_key(
+                    "vendgate_order_requests_total",
+                    "POST /orders answers by API code (0 is success).",
+                    key,
+                )
+            }),
+            queue_depth: r.gauge(
+                "vendgate_order_queue_depth",
+                "Orders waiting behind the one in flight, summed over machines.",
+                &[],
+            ),
+            webhook_deliveries: webhooks::DeliveryResult::ALL.map(|d| {
+                r.counter(
+                    "vendgate_webhook_deliveries_total",
+                    "Webhook delivery attempts by result.",
+                    &[("result", d.as_str())],
+                )
+            }),
+            webhook_refused_targets: r.counter(
+                "vendgate_webhook_refused_targets_total",
+                "Failed attempts whose notify_url resolved to a forbidden (private, loopback) address.",
+                &[],
+            ),
+            outbox_backlog: r.gauge(
+                "vendgate_webhook_outbox_backlog",
+                "Webhook events not yet delivered.",
+                &[],
+            ),
+            outbox_oldest_age: r.gauge(
+                "vendgate_webhook_outbox_oldest_age_seconds",
+                "Age of the oldest undelivered webhook event (0 when none).",
+                &[],
+            ),
+            uptime: r.gauge(
+                "vendgate_uptime_seconds",
+                "Seconds since this gateway was built.",
+                &[],
+            ),
+        };
+        let build_info = r.gauge(
+            "vendgate_build_info",
+            "Always 1; the version label tells the build.",
+            &[("version", VERSION)],
+        );
+        build_info.set(1.0);
+        let order_request_duration = r.histogram(
+            "vendgate_order_request_duration_seconds",
+            "POST /orders latency, request to answer (includes the machine's accept).",
+        );
+        let accept_latency = r.histogram(
+            "vendgate_machine_accept_latency_seconds",
+            "cmd/dispense written to the machine's ack for that order, measured at the edge.",
+        );
+        let dispense_duration = r.histogram(
+            "vendgate_machine_dispense_duration_seconds",
+            "Accepting ack to the machine's result for that order, measured at the edge.",
+        );
+        Self {
+            handle,
+            series,
+            started: std::time::Instant::now(),
+            order_requests: Default::default(),
+            order_request_duration,
+            accept_latency,
+            dispense_duration,
+            orders: Arc::new(OrderObserver::default()),
+            webhooks: Arc::new(WebhookObserver::default()),
+            directory: MachineDirectory::default(),
+        }
+    }
+
+    /// Give the edge its dispense-timing histograms.
+    pub fn instrument_edge(&self, hub: &Hub) {
+        let _ = hub.stats.timings.accept.set(self.accept_latency.clone());
+        let _ = hub
+            .stats
+            .timings
+            .dispense
+            .set(self.dispense_duration.clone());
+    }
+
+    /// Drain recorded histogram samples into their buckets every few seconds,
+    /// so memory stays flat when nobody scrapes.
+    pub fn spawn_upkeep(self: &Arc<Self>, shutdown: CancellationToken) -> JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => me.handle.run_upkeep(),
+                }
+            }
+        })
+    }
+
+    /// One `POST /orders` answered with API `code` (None: not an envelope)
+    /// after `elapsed`.
+    pub fn order_request(&self, code: Option<i32>, elapsed: Duration) {
+        self.order_request_duration.record(elapsed.as_secs_f64());
+        let i = code
+            .and_then(ErrorCode::from_code)
+            .and_then(|c| ErrorCode::ALL.iter().position(|x| *x == c))
+            // An answer without an envelope code can only be an internal failure.
+            .or_else(|| {
+                ErrorCode::ALL
+                    .iter()
+                    .position(|x| *x == ErrorCode::Internal)
+            });
+        if let Some(a) = i.and_then(|i| self.order_requests.get(i)) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `POST /orders` answers with `code` so far.
+    pub fn order_requests(&self, code: ErrorCode) -> u64 {
+        ErrorCode::ALL
+            .iter()
+            .position(|x| *x == code)
+            .and_then(|i| self.order_requests.get(i))
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// One pass over the presence registry.
+    pub fn presence_counts(gw: &GatewayHandle) -> PresenceCounts {
+        let mut c = PresenceCounts::default();
+        for p in gw.presence.snapshot() {
+            if p.online {
+                c.online += 1;
+            }
+            if p.flaps >= FLAP_THRESHOLD {
+                c.flapping += 1;
+            }
+            c.queued_orders += gw.orders.queued(&p.machine_no) as u64;
+        }
+        c
+    }
+
+    /// The exposition: copy every component's counters, then render.
+    pub async fn render(&self, gw: &GatewayHandle) -> String {
+        let s = &self.series;
+        let e = &gw.hub.stats;
+        for d in Direction::ALL {
+            for (i, _) in PATTERNS.iter().enumerate() {
+                let (m, b) = e.topics.get(d, i);
+                s.topic_messages[d as usize][i].absolute(m);
+                s.topic_bytes[d as usize][i].absolute(b);
+            }
+        }
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        s.malformed_packets.absolute(l(&e.malformed));
+        s.malformed_payloads.absolute(
+            l(&gw.uplinks.stats.malformed) + l(&gw.orders.stats.malformed_device_messages),
+        );
+        s.acl_violations.absolute(l(&e.acl_violations));
+        for (i, c) in s.refused.iter().enumerate() {
+            c.absolute(e.connections.refusals(i));
+        }
+        for k in ClientKind::ALL {
+            s.connects[k as usize].absolute(e.connections.connects(k));
+            for r in DisconnectReason::ALL {
+                s.disconnects[k as usize][r as usize].absolute(e.connections.disconnects(k, r));
+            }
+        }
+        s.sessions.set(gw.hub.router.session_count() as f64);
+        s.slow_consumers
+            .absolute(l(&gw.hub.router.stats.slow_consumers));
+
+        let p = Self::presence_counts(gw);
+        s.machines_online.set(p.online as f64);
+        s.machines_flapping.set(p.flapping as f64);
+        s.queue_depth.set(p.queued_orders as f64);
+        if let Ok(list) = self.directory.list(gw.store.as_ref()).await {
+            s.machines_provisioned.set(list.len() as f64);
+        }
+
+        for (i, c) in s.orders.iter().enumerate() {
+            c.absolute(self.orders.outcome(i));
+        }
+        let o = &gw.orders.stats;
+        let events = [
+            &o.placed,
+            &o.accepted,
+            &o.refused,
+            &o.not_accepted,
+            &o.busy,
+            &o.unknown,
+            &o.results_applied,
+            &o.duplicate_device_messages,
+            &o.rejected_device_messages,
+            &o.malformed_device_messages,
+        ];
+        for (c, a) in s.order_events.iter().zip(events) {
+            c.absolute(l(a));
+        }
+        for (c, a) in s.order_requests.iter().zip(&self.order_requests) {
+            c.absolute(l(a));
+        }
+
+        let n = &gw.notifier.stats;
+        for d in webhooks::DeliveryResult::ALL {
+            s.webhook_deliveries[d as usize].absolute(d.count(n));
+        }
+        s.webhook_refused_targets.absolute(l(&n.refused_targets));
+        // On a storage error the gauges keep their last value; /readyz
+        // reports the storage problem.
+        if let Ok(b) = gw.notifier.backlog().await {
+            s.outbox_backlog.set(b.pending as f64);
+            s.outbox_oldest_age
+                .set(oldest_age_seconds(b.oldest_pending));
+        }
+        s.uptime.set(self.started.elapsed().as_secs_f64());
+
+        let mut out = self.handle.render();
+        process::ProcessStats::read().render(&mut out);
+        out
+    }
+}
+
+/// Seconds since `oldest` (0 when there is nothing pending).
+pub fn oldest_age_seconds(oldest: Option<DateTime<Utc>>) -> f64 {
+    oldest.map_or(0.0, |t| {
+        (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+    })
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_registered_up_front() {
+        let m = Metrics::new();
+        let text = m.handle.render();
+        for name in [
+            "vendgate_mqtt_messages_total{pattern=\"vend/v1/+/ack\",direction=\"in\"} 0",
+            "vendgate_mqtt_disconnects_total{class=\"machine\",reason=\"take_over\"} 0",
+            "vendgate_orders_total{outcome=\"partially_dispensed\"} 0",
+            "vendgate_order_requests_total{code=\"30002\"} 0",
+            "vendgate_build_info{version=",
+            "vendgate_order_request_duration_seconds_bucket{le=\"0.001\"} 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        m.order_request(Some(30002), Duration::from_millis(3));
+        m.order_request(None, Duration::from_millis(3));
+        assert_eq!(m.order_requests(ErrorCode::MachineOffline), 1);
+        assert_eq!(m.order_requests(ErrorCode::Internal), 1);
+    }
+}
