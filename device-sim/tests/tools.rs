@@ -117,15 +117,17 @@ async fn fleet_reports_machines_that_cannot_connect() {
 #[tokio::test]
 async fn rr_completes_every_round_trip() {
     let broker = start_broker();
+    // rumqttd leaves Nagle on, so each QoS 1 round trip takes ~40 ms:
+    // keep the count small.
     let opts = RrOptions {
         concurrency: 8,
-        count: 500,
+        count: 200,
         payload: 100,
         qos: 1,
         ..RrOptions::new(broker.to_string())
     };
     let report = rr(opts).await.unwrap();
-    assert_eq!((report.count, report.errors), (500, 0));
+    assert_eq!((report.count, report.errors), (200, 0));
     assert!(report.p50_ms <= report.p99_ms && report.p99_ms <= report.max_ms);
     assert!(report.throughput > 0.0);
 
@@ -172,8 +174,7 @@ async fn start_api() -> (SocketAddr, Arc<AtomicU64>) {
         match body["machine_no"].as_str() {
             Some("10000001") => {
                 let id = mock.next_id.fetch_add(1, Ordering::Relaxed);
-                Json(json!({"code": 0, "message": "ok", "data": {"order_id": id}}))
-                    .into_response()
+                Json(json!({"code": 0, "message": "ok", "data": {"order_id": id}})).into_response()
             }
             Some("10000002") => {
                 Json(json!({"code": 30002, "message": "设备已离线", "data": {}})).into_response()

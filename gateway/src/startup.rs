@@ -124,6 +124,8 @@ impl Gateway {
             notifier.clone(),
             shutdown.clone(),
         );
+        // Before recovery, so orders given up at restart are counted too.
+        let _ = orders.stats.observer.set(metrics.orders.clone());
         orders.recover().await.context("recovering open orders")?;
         uplinks.set_order_handler(Arc::new(OrderUplinks(orders.clone())));
         let handle = GatewayHandle {

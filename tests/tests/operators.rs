@@ -1191,21 +1191,34 @@ impl<'a> Browser<'a> {
             .expect("PNG bytes")
     }
 
-    /// End the session and make sure the browser process is gone.
+    /// End the session and wait (bounded) for the browser to exit; `Drop`
+    /// kills it if it has not.
     async fn quit(self) {
         let _ = self.session(reqwest::Method::DELETE, "", None).await;
-        if let Some(pid) = self.pid {
-            let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while proc_dir.exists() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if proc_dir.exists() {
-                // Ours (started by this session), so it is ours to end.
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .status();
-            }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The browser process still runs: its pid exists and is still the
+    /// browser of this session's (unique) profile, not a reused pid.
+    fn alive(&self) -> bool {
+        let Some(pid) = self.pid else { return false };
+        let profile = self._profile.path().to_string_lossy().into_owned();
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&profile))
+    }
+}
+
+impl Drop for Browser<'_> {
+    /// A failed assertion must not leave a browser behind: killing the
+    /// browser process takes its renderers and helpers down with it.
+    fn drop(&mut self) {
+        if let (true, Some(pid)) = (self.alive(), self.pid) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
         }
     }
 }

@@ -121,6 +121,9 @@ pub struct OrderStats {
     pub duplicate_device_messages: AtomicU64,
     pub rejected_device_messages: AtomicU64,
     pub malformed_device_messages: AtomicU64,
+    /// Where committed status changes are reported for metrics and the
+    /// dashboard (set once at start-up).
+    pub observer: std::sync::OnceLock<Arc<crate::metrics::OrderObserver>>,
 }
 
 struct Job {
@@ -731,6 +734,15 @@ impl OrderService {
             {
                 if outbox.is_some() {
                     self.notifier.wake();
+                }
+                if let Some(o) = self.stats.observer.get() {
+                    o.transition(
+                        current.order_id,
+                        current.machine_no,
+                        current.status,
+                        next.status,
+                        next.error.as_deref(),
+                    );
                 }
                 return Ok(Some(next));
             }
