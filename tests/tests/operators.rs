@@ -679,7 +679,12 @@ async fn metrics_after_a_scripted_run() {
         .iter()
         .filter_map(|e| e["type"].as_str())
         .collect();
-    assert_eq!(kinds, ["created", "accepted", "result"]);
+    // A result can overtake the ack's bookkeeping (then "sent" follows).
+    assert_eq!(kinds.first(), Some(&"created"));
+    assert!(
+        kinds.contains(&"accepted") && kinds.contains(&"result"),
+        "{kinds:?}"
+    );
     gw.stop().await;
 }
 

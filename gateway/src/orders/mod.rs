@@ -607,11 +607,24 @@ impl OrderService {
         match ack {
             Ok(Ok(a)) if a.accepted => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                match self.transition(&stored, &Event::Accepted, sent).await {
-                    Ok(_) => Ok(Accepted {
-                        order_id,
-                        settled: settled_rx,
-                    }),
+                match self
+                    .transition(&stored, &Event::Accepted, sent.clone())
+                    .await
+                {
+                    Ok(applied) => {
+                        if applied.is_none() {
+                            // The result overtook us and recorded the
+                            // acceptance; keep when the command left.
+                            let _ = self
+                                .store
+                                .append_order_event(order_id, &event("sent", sent))
+                                .await;
+                        }
+                        Ok(Accepted {
+                            order_id,
+                            settled: settled_rx,
+                        })
+                    }
                     Err(e) => Err((order_id, e)),
                 }
             }
