@@ -84,6 +84,24 @@ pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<St
     }
 }
 
+/// The authenticated caller: extracting it checks `Appid`/`AppSecret` and the
+/// merchant's rate, and rejects with the envelope (10001/10002/10003).
+pub(super) struct Merchant(pub String);
+
+impl axum::extract::FromRequestParts<AppState> for Merchant {
+    type Rejection = Envelope;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        authenticate(s, &parts.headers)
+            .await
+            .map(Merchant)
+            .map_err(|c| err(s, c))
+    }
+}
+
 /// A validated `POST /orders` body.
 #[derive(Debug, PartialEq, Eq)]
 pub struct OrderBody {
@@ -172,13 +190,10 @@ pub fn parse_order_body(
 
 async fn place_order(
     State(s): State<AppState>,
+    Merchant(merchant): Merchant,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     let Ok(body) = body else {
         // Oversized or unreadable body.
         return err(&s, ErrorCode::InvalidParams);
@@ -231,13 +246,9 @@ fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
 
 async fn get_order(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Merchant(merchant): Merchant,
     Path(order_id): Path<String>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     let Ok(order_id) = order_id.parse::<u64>() else {
         return err(&s, ErrorCode::OrderNotFound);
     };
@@ -313,13 +324,9 @@ fn parse_order_id(s: &AppState, raw: &str) -> Result<u64, Answer> {
 
 async fn pay_order(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Merchant(merchant): Merchant,
     Path(order_id): Path<String>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     let order_id = match parse_order_id(&s, &order_id) {
         Ok(id) => id,
         Err(a) => return a,
@@ -338,13 +345,9 @@ async fn pay_order(
 
 async fn refund_order(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Merchant(merchant): Merchant,
     Path(order_id): Path<String>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     let order_id = match parse_order_id(&s, &order_id) {
         Ok(id) => id,
         Err(a) => return a,
@@ -384,13 +387,9 @@ fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
 
 async fn list_machines(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Merchant(merchant): Merchant,
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     let page = match q.get("page").map(|p| p.parse::<usize>()) {
         None => 1,
         Some(Ok(p)) if p >= 1 => p,
@@ -432,13 +431,9 @@ async fn list_machines(
 
 async fn get_machine(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Merchant(merchant): Merchant,
     Path(machine_no): Path<String>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     let Ok(m) = machine_no.parse::<MachineNo>() else {
         return err(&s, ErrorCode::InvalidMachineNo);
     };

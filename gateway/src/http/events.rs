@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -15,7 +14,7 @@ use serde_json::{json, Value};
 use tracing::info;
 use vendgate_proto::codes::ErrorCode;
 
-use super::api::{authenticate, err, ok, Answer};
+use super::api::{err, ok, Answer, Merchant};
 use super::AppState;
 use crate::storage::{OutboxEntry, OutboxStatus, ReplayOutcome};
 
@@ -51,13 +50,9 @@ fn event_json(e: &OutboxEntry) -> Value {
 
 async fn list_events(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Merchant(merchant): Merchant,
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     let status = match q.get("status").map(String::as_str) {
         None | Some("") => None,
         Some(st) => match OutboxStatus::parse(st) {
@@ -94,13 +89,9 @@ async fn list_events(
 
 async fn replay_event(
     State(s): State<AppState>,
-    headers: HeaderMap,
+    Merchant(merchant): Merchant,
     Path(event_id): Path<String>,
 ) -> Answer {
-    let merchant = match authenticate(&s, &headers).await {
-        Ok(m) => m,
-        Err(c) => return err(&s, c),
-    };
     match s
         .gw
         .store
