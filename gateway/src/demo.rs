@@ -27,6 +27,15 @@ pub async fn run(
         .context("creating the demo data directory")?;
     settings.data_dir = dir.path().to_path_buf();
     settings.database_url.clear();
+    // A throwaway operator credential so the dashboard works out of the box.
+    if settings.operator.username.is_empty() || settings.operator.password.is_empty() {
+        settings.operator.username = "demo".into();
+        settings.operator.password = generate_secret();
+    }
+    let (op_user, op_pass) = (
+        settings.operator.username.clone(),
+        settings.operator.password.clone(),
+    );
     let gateway = Gateway::build(settings).await?;
     let h = gateway.handle();
     let (mqtt, http) = (gateway.mqtt_addr(), gateway.http_addr());
@@ -88,6 +97,9 @@ pub async fn run(
     println!("  curl -s {base}/orders/ORDER_ID -H 'Appid: {appid}' -H 'AppSecret: {appsecret}'");
     println!("Machines:");
     println!("  curl -s {base}/machines -H 'Appid: {appid}' -H 'AppSecret: {appsecret}'");
+    println!();
+    println!("Dashboard (user {op_user}, password {op_pass}):");
+    println!("  http://127.0.0.1:{}/dashboard", http.port());
     println!();
     println!("Ctrl-C stops the demo.");
 
