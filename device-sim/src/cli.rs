@@ -18,6 +18,7 @@ use crate::behaviour::Behaviour;
 use crate::fleet::{Fleet, FleetOptions, DEFAULT_CONNECT_RATE};
 use crate::load::{LoadOptions, LoadStop, ProductLine};
 use crate::rr::RrOptions;
+use crate::scenario::Scenario;
 use crate::sim::{SimConfig, SimMachine};
 use crate::{load, process, rr, secrets_file};
 
@@ -106,8 +107,13 @@ pub struct FleetArgs {
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=65535))]
     pub keep_alive: u64,
     /// How every machine answers orders (see `run --help`).
-    #[arg(long, default_value = "normal")]
+    #[arg(long, default_value = "normal", conflicts_with = "scenario")]
     pub behaviour: Behaviour,
+    /// A scenario file (TOML, see `device-sim/scenarios/`) assigning
+    /// behaviours and flapping schedules per machine, instead of one
+    /// `--behaviour` for all.
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
     /// Initial stock of every machine, PRODUCT_ID:STOCK:PRICE_FEN, comma
     /// separated.
     #[arg(long, default_value = DEFAULT_PRODUCTS, value_parser = parse_products)]
@@ -279,8 +285,25 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<()> {
         inventory: args.products.0,
         ..FleetOptions::default()
     };
+    let scenario = args
+        .scenario
+        .as_deref()
+        .map(Scenario::load)
+        .transpose()
+        .context("loading the scenario")?;
     let rss_before = process::resident_bytes();
-    let fleet = Fleet::spawn(args.gateway, machines, options);
+    let schedules = CancellationToken::new();
+    let fleet = match &scenario {
+        Some(s) => {
+            info!(scenario = %s, "applying scenario");
+            let fleet = Fleet::spawn_with(args.gateway, machines, options, |m| s.behaviour_for(m));
+            s.start_schedules(fleet.handles(), &schedules);
+            fleet
+        }
+        None => Fleet::spawn(args.gateway, machines, options),
+    };
+    // Stops the flapping schedules when the fleet stops, early return or not.
+    let _schedules = schedules.drop_guard();
     {
         let stop = wait_for_stop();
         tokio::pin!(stop);
@@ -472,5 +495,20 @@ mod tests {
             "1:-1:350"
         ]));
         assert!(with(&["--machine-no", "12345678", "--keep-alive", "0"]));
+    }
+
+    #[test]
+    fn fleet_takes_a_scenario_instead_of_a_behaviour() {
+        let base = ["vendgate-sim", "fleet", "--secrets", "s.csv"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        let cli = parse(&["--scenario", "scenarios/mixed.toml"]).unwrap();
+        let Commands::Fleet(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(
+            args.scenario.as_deref(),
+            Some(std::path::Path::new("scenarios/mixed.toml"))
+        );
+        assert!(parse(&["--scenario", "x.toml", "--behaviour", "never-ack"]).is_err());
     }
 }

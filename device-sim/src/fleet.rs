@@ -140,6 +140,19 @@ impl Fleet {
         machines: Vec<(MachineNo, String)>,
         options: FleetOptions,
     ) -> Fleet {
+        let behaviour = options.behaviour.clone();
+        Self::spawn_with(gateway, machines, options, |_| behaviour.clone())
+    }
+
+    /// As [`spawn`](Self::spawn), but each machine starts with the
+    /// behaviour `behaviour_for` gives it (e.g. from a
+    /// [`Scenario`](crate::scenario::Scenario)) instead of `options.behaviour`.
+    pub fn spawn_with(
+        gateway: impl Into<String>,
+        machines: Vec<(MachineNo, String)>,
+        options: FleetOptions,
+        behaviour_for: impl Fn(MachineNo) -> Behaviour,
+    ) -> Fleet {
         let gateway = gateway.into();
         let cancel = CancellationToken::new();
         let handles: Vec<SimHandle> = machines
@@ -152,7 +165,7 @@ impl Fleet {
                     keep_alive: options.keep_alive,
                     firmware: options.firmware.clone(),
                     inventory: options.inventory.clone(),
-                    behaviour: options.behaviour.clone(),
+                    behaviour: behaviour_for(machine_no),
                 };
                 // A child token each: one machine's `shutdown` must not
                 // stop the others.

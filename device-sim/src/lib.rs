@@ -10,6 +10,7 @@
 //!   steers and observes a running machine.
 //! - [`fleet`]: thousands of machines in one process, started at a bounded
 //!   rate ([`Fleet`]).
+//! - [`scenario`]: TOML files assigning behaviours to machines of a fleet.
 //! - [`secrets_file`]: the `machine_no,secret` files of bulk provisioning.
 //! - [`rr`]: bare MQTT request/response round trips through any broker.
 //! - [`load`]: orders placed through the HTTP open API, with latency and
@@ -25,6 +26,7 @@ pub mod journal;
 pub mod load;
 pub mod process;
 pub mod rr;
+pub mod scenario;
 pub mod secrets_file;
 pub mod sim;
 pub mod state;
@@ -35,5 +37,6 @@ pub use fleet::{Fleet, FleetOptions};
 pub use journal::{JournalEntry, JournalEvent};
 pub use load::{load, LoadOptions, LoadReport};
 pub use rr::{rr, RrOptions, RrReport};
+pub use scenario::Scenario;
 pub use sim::{SimConfig, SimHandle, SimMachine};
 pub use state::{MachineState, Outgoing};
