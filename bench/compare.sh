@@ -21,7 +21,11 @@ B=$PWD/target/release
 W=$(mktemp -d -t vendgate-compare-XXXXXX)
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill -CONT "$p" 2>/dev/null; kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]:-}"; do
+    [ -n "$p" ] || continue
+    kill -CONT "$p" 2>/dev/null || true
+    kill "$p" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
   rm -rf "$W"
 }
@@ -156,3 +160,4 @@ echo
 echo "| measure | vendgate | Mosquitto | vendgate/Mosquitto |"
 echo "| --- | --- | --- | --- |"
 printf '%s\n' "${ROWS[@]}"
+exit 0
