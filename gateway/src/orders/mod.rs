@@ -1248,16 +1248,30 @@ async fn inventory_writer(
     mut rx: mpsc::UnboundedReceiver<(MachineNo, Vec<msg::InventoryItem>)>,
     shutdown: CancellationToken,
 ) {
+    /// Most snapshots written in one transaction.
+    const BATCH: usize = 1024;
     loop {
-        let next = tokio::select! {
+        let first = tokio::select! {
             biased;
             n = rx.recv() => n,
             // Drain what is queued, then stop.
             _ = shutdown.cancelled() => rx.try_recv().ok(),
         };
-        let Some((m, items)) = next else { return };
-        if let Err(e) = store.put_inventory(&m, &items, Utc::now()).await {
-            warn!(machine_no = %m, error = %e, "inventory snapshot not persisted");
+        let Some(first) = first else { return };
+        // Whatever else is queued goes in the same transaction; a machine's
+        // later snapshot replaces its earlier one (arrival order is kept).
+        let mut batch: Vec<(MachineNo, Vec<msg::InventoryItem>)> = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok((m, items)) => match batch.iter_mut().find(|(bm, _)| *bm == m) {
+                    Some(slot) => slot.1 = items,
+                    None => batch.push((m, items)),
+                },
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.put_inventories(&batch, Utc::now()).await {
+            warn!(machines = batch.len(), error = %e, "inventory snapshots not persisted");
         }
     }
 }

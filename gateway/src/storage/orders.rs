@@ -132,6 +132,15 @@ pub trait OrderStorage: Send + Sync + 'static {
         m: &MachineNo,
         items: &[InventoryItem],
         at: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        self.put_inventories(&[(*m, items.to_vec())], at).await
+    }
+    /// Replace several machines' snapshots in one transaction (a reconnect
+    /// storm brings one snapshot per machine at once).
+    async fn put_inventories(
+        &self,
+        batch: &[(MachineNo, Vec<InventoryItem>)],
+        at: DateTime<Utc>,
     ) -> Result<(), StorageError>;
     /// Every machine's latest snapshot.
     async fn inventories(&self) -> Result<Vec<(MachineNo, Vec<InventoryItem>)>, StorageError>;

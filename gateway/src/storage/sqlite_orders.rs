@@ -367,31 +367,32 @@ impl OrderStorage for SqliteStorage {
         self.load_orders(rows).await
     }
 
-    async fn put_inventory(
+    async fn put_inventories(
         &self,
-        m: &MachineNo,
-        items: &[InventoryItem],
+        batch: &[(MachineNo, Vec<InventoryItem>)],
         at: DateTime<Utc>,
     ) -> Result<(), StorageError> {
         let mut tx = self.pool().begin().await.map_err(backend)?;
-        sqlx::query("DELETE FROM inventory WHERE machine_no = ?")
-            .bind(m.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        for it in items {
-            sqlx::query(
-                "INSERT OR REPLACE INTO inventory (machine_no, product_id, stock, price, updated_at_ms) \
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(m.as_str())
-            .bind(it.product_id)
-            .bind(i64::from(it.stock))
-            .bind(it.price)
-            .bind(at.timestamp_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+        for (m, items) in batch {
+            sqlx::query("DELETE FROM inventory WHERE machine_no = ?")
+                .bind(m.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            for it in items {
+                sqlx::query(
+                    "INSERT OR REPLACE INTO inventory (machine_no, product_id, stock, price, updated_at_ms) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(m.as_str())
+                .bind(it.product_id)
+                .bind(i64::from(it.stock))
+                .bind(it.price)
+                .bind(at.timestamp_millis())
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            }
         }
         tx.commit().await.map_err(backend)
     }
