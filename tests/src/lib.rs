@@ -534,3 +534,38 @@ pub fn sim_config(gw: &TestGateway, machine_no: &str, secret: &str) -> vendgate_
     ];
     c
 }
+
+/// A hand-driven machine for tests that need to choose exactly when it acks
+/// and publishes results: connected with its secret, subscribed to its
+/// commands, and with product 1 (`stock` at `price` fen) reported to and
+/// seen by the gateway.
+pub async fn hand_machine(
+    gw: &TestGateway,
+    machine_no: &str,
+    secret: &str,
+    stock: u32,
+    price: i64,
+) -> Client {
+    let mut mach = Client::connect(gw.mqtt_addr, machine_no, machine_no, secret).await;
+    mach.subscribe(
+        &format!("vend/v1/{machine_no}/cmd/#"),
+        rumqttc::QoS::AtLeastOnce,
+    )
+    .await;
+    let inventory = format!(r#"{{"items":[{{"product_id":1,"stock":{stock},"price":{price}}}]}}"#);
+    mach.client
+        .publish(
+            format!("vend/v1/{machine_no}/inventory"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            inventory,
+        )
+        .await
+        .expect("inventory queued");
+    let m: MachineNo = machine_no.parse().expect("machine_no");
+    wait_until("inventory seen by the gateway", || {
+        !gw.handle.orders.inventory.view(&m).is_empty()
+    })
+    .await;
+    mach
+}

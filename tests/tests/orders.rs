@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use vendgate_e2e::{ready_sim, sim_config, wait_until, Api, Client, TestGateway};
+use vendgate_e2e::{hand_machine, ready_sim, sim_config, wait_until, Api, Client, TestGateway};
 use vendgate_proto::machine::MachineNo;
 use vendgate_sim::{Behaviour, JournalEvent};
 
@@ -199,22 +199,7 @@ async fn refusal_failure_and_partial_dispense() {
 async fn silent_after_accept_becomes_unknown_then_late_result_settles() {
     let (gw, api, ms) = setup(|s| s.orders.dispense_timeout = Duration::from_millis(500)).await;
     // A hand-driven machine, to send the late result exactly when we want.
-    let mut mach = Client::connect(gw.mqtt_addr, M1, M1, &ms).await;
-    mach.subscribe("vend/v1/20000001/cmd/#", QoS::AtLeastOnce)
-        .await;
-    mach.client
-        .publish(
-            "vend/v1/20000001/inventory",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"items":[{"product_id":1,"stock":5,"price":100}]}"#,
-        )
-        .await
-        .unwrap();
-    wait_until("inventory", || {
-        !gw.handle.orders.inventory.view(&m(M1)).is_empty()
-    })
-    .await;
+    let mut mach = hand_machine(&gw, M1, &ms, 5, 100).await;
     let api2 = api;
     let place = tokio::spawn(async move {
         let v = api2.order(M1, &[(1, 2)]).await;
@@ -277,22 +262,7 @@ async fn stock_is_checked_and_nothing_reserved_on_30004() {
 #[tokio::test]
 async fn busy_machine_queues_in_order_and_answers_30003_when_full() {
     let (gw, api, ms) = setup(|s| s.orders.queue_depth = 2).await;
-    let mut mach = Client::connect(gw.mqtt_addr, M1, M1, &ms).await;
-    mach.subscribe("vend/v1/20000001/cmd/#", QoS::AtLeastOnce)
-        .await;
-    mach.client
-        .publish(
-            "vend/v1/20000001/inventory",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"items":[{"product_id":1,"stock":50,"price":100}]}"#,
-        )
-        .await
-        .unwrap();
-    wait_until("inventory", || {
-        !gw.handle.orders.inventory.view(&m(M1)).is_empty()
-    })
-    .await;
+    let mut mach = hand_machine(&gw, M1, &ms, 50, 100).await;
     let api = std::sync::Arc::new(api);
 
     // Order 1 in flight (accepted, no result yet).
@@ -530,22 +500,7 @@ async fn mirror_mode_maps_http_status() {
 async fn duplicate_and_hostile_device_messages_change_nothing() {
     let (gw, api, ms) = setup(|_| {}).await;
     let ms2 = gw.machine(&gw.merchant("b").await.0, "20000002").await;
-    let mut mach = Client::connect(gw.mqtt_addr, M1, M1, &ms).await;
-    mach.subscribe("vend/v1/20000001/cmd/#", QoS::AtLeastOnce)
-        .await;
-    mach.client
-        .publish(
-            "vend/v1/20000001/inventory",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"items":[{"product_id":1,"stock":5,"price":100}]}"#,
-        )
-        .await
-        .unwrap();
-    wait_until("inventory", || {
-        !gw.handle.orders.inventory.view(&m(M1)).is_empty()
-    })
-    .await;
+    let mut mach = hand_machine(&gw, M1, &ms, 5, 100).await;
     let api = std::sync::Arc::new(api);
     let a = api.clone();
     let place = tokio::spawn(async move { a.order(M1, &[(1, 2)]).await });

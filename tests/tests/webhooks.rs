@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use vendgate::secrets::{generate_secret, SecretHash};
 use vendgate::storage::{NewMerchant, OutboxStatus};
 use vendgate::Settings;
-use vendgate_e2e::{ready_sim, sim_config, wait_until, Api, Client, TestGateway};
+use vendgate_e2e::{hand_machine, ready_sim, sim_config, wait_until, Api, TestGateway};
 use vendgate_sim::Behaviour;
 
 const M1: &str = "30000001";
@@ -353,23 +353,7 @@ async fn one_orders_events_arrive_in_order_while_the_merchant_fails() {
     let api = Api::new(&gw, &appid, &secret);
     // A hand-driven machine: accepts, stays silent past the deadline
     // (unknown), then reports late (completed).
-    let mut mach = Client::connect(gw.mqtt_addr, M1, M1, &ms).await;
-    mach.subscribe("vend/v1/30000001/cmd/#", QoS::AtLeastOnce)
-        .await;
-    mach.client
-        .publish(
-            "vend/v1/30000001/inventory",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"items":[{"product_id":1,"stock":5,"price":100}]}"#,
-        )
-        .await
-        .unwrap();
-    let m1: vendgate_proto::machine::MachineNo = M1.parse().unwrap();
-    wait_until("inventory", || {
-        !gw.handle.orders.inventory.view(&m1).is_empty()
-    })
-    .await;
+    let mut mach = hand_machine(&gw, M1, &ms, 5, 100).await;
     let place = tokio::spawn(async move {
         let v = api.order(M1, &[(1, 2)]).await;
         (v, api)
