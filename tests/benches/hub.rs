@@ -6,16 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vendgate_e2e::{ready_sim, sim_config, TestGateway};
+use vendgate_e2e::{percentile_ms, ready_sim, sim_config, TestGateway};
 use vendgate_proto::machine::MachineNo;
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
 
 fn report(name: &str, mut v: Vec<Duration>, elapsed: Duration) {
     v.sort();
@@ -23,10 +15,10 @@ fn report(name: &str, mut v: Vec<Duration>, elapsed: Duration) {
         "{name:<34} n={:<6} rate={:>8.0}/s p50={:>7.3}ms p90={:>7.3}ms p99={:>7.3}ms max={:>7.3}ms",
         v.len(),
         v.len() as f64 / elapsed.as_secs_f64(),
-        pct(&v, 0.50),
-        pct(&v, 0.90),
-        pct(&v, 0.99),
-        pct(&v, 1.0),
+        percentile_ms(&v, 0.50),
+        percentile_ms(&v, 0.90),
+        percentile_ms(&v, 0.99),
+        percentile_ms(&v, 1.0),
     );
 }
 

@@ -6,17 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vendgate_e2e::{ready_sim, sim_config, Api, TestGateway};
+use vendgate_e2e::{percentile_ms, ready_sim, sim_config, Api, TestGateway};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -81,10 +73,10 @@ async fn run() {
             "POST /orders c={concurrency:<3} ok={:<6} errors={errors:<4} rate={:>7.0}/s p50={:>7.3}ms p90={:>7.3}ms p99={:>7.3}ms max={:>7.3}ms",
             all.len(),
             all.len() as f64 / elapsed.as_secs_f64(),
-            pct(&all, 0.5),
-            pct(&all, 0.9),
-            pct(&all, 0.99),
-            pct(&all, 1.0),
+            percentile_ms(&all, 0.5),
+            percentile_ms(&all, 0.9),
+            percentile_ms(&all, 0.99),
+            percentile_ms(&all, 1.0),
         );
     }
     for s in &sims {

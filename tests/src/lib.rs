@@ -569,3 +569,12 @@ pub async fn hand_machine(
     .await;
     mach
 }
+
+/// The `p` quantile (0..=1) of sorted durations, in milliseconds (benches).
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
