@@ -208,15 +208,7 @@ async fn silent_after_accept_becomes_unknown_then_late_result_settles() {
     let (_, payload, _) = mach.next_publish().await.expect("dispense command");
     let cmd: Value = serde_json::from_slice(&payload).unwrap();
     let id = cmd["order_id"].as_u64().unwrap();
-    mach.client
-        .publish(
-            "vend/v1/20000001/ack",
-            QoS::AtLeastOnce,
-            false,
-            format!(r#"{{"order_id":{id},"accepted":true}}"#),
-        )
-        .await
-        .unwrap();
+    ack(&mach, id).await;
     let (v, api) = place.await.unwrap();
     assert_eq!(order_id(&v), id);
     let d = api.wait_status(id, "unknown").await;
@@ -225,17 +217,7 @@ async fn silent_after_accept_becomes_unknown_then_late_result_settles() {
         "unknown: the whole amount may be owed"
     );
     assert_eq!(gw.handle.orders.inventory.reserved_total(&m(M1)), 0);
-    mach.client
-        .publish(
-            "vend/v1/20000001/result",
-            QoS::AtLeastOnce,
-            false,
-            format!(
-                r#"{{"order_id":{id},"items":[{{"product_id":1,"quantity":2,"dispensed":2}}]}}"#
-            ),
-        )
-        .await
-        .unwrap();
+    result(&mach, id, 2).await;
     let d = api.wait_status(id, "completed").await;
     assert!(d["data"].get("refund_amount").is_none());
     gw.stop().await;

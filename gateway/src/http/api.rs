@@ -249,8 +249,9 @@ async fn get_order(
     Merchant(merchant): Merchant,
     Path(order_id): Path<String>,
 ) -> Answer {
-    let Ok(order_id) = order_id.parse::<u64>() else {
-        return err(&s, ErrorCode::OrderNotFound);
+    let order_id = match parse_order_id(&s, &order_id) {
+        Ok(id) => id,
+        Err(a) => return a,
     };
     let (o, events) = match s.orders.get(&merchant, order_id).await {
         Ok(Some(x)) => x,
