@@ -719,3 +719,51 @@ async fn stock_out_scenario_answers_30004_and_refunds_a_sold_out_slot() {
     api.wait_status(id, "completed").await;
     gw.stop().await;
 }
+
+/// The malformed scenario's ill-fitting results, sent before the machine's
+/// answer: a result that does not fit the order is dropped, so it cannot
+/// stand in for the machine's acceptance; the refusal that follows decides.
+#[tokio::test]
+async fn an_ill_fitting_result_is_not_an_acceptance() {
+    let gw = TestGateway::start().await;
+    let (appid, secret) = gw.merchant("shop").await;
+    let ms = gw.machine(&appid, M1).await;
+    let api = Api::new(&gw, &appid, &secret);
+    let mut mach = vendgate_e2e::hand_machine(&gw, M1, &ms, 5, 100).await;
+    let rejected = metric(&gw, REJECTED).await;
+    let place = tokio::spawn(async move { (api.order(M1, &[(1, 1)]).await, api) });
+    let (_, payload, _) = mach.next_publish().await.expect("dispense command");
+    let cmd: Value = serde_json::from_slice(&payload).expect("dispense JSON");
+    let id = cmd["order_id"].as_u64().expect("order_id");
+    let publish = |suffix: &str, body: Value| {
+        let client = mach.client.clone();
+        let topic = format!("vend/v1/{M1}/{suffix}");
+        async move {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                .await
+                .expect("queued");
+        }
+    };
+    publish(
+        "result",
+        json!({ "order_id": id,
+                "items": [{ "product_id": 999, "quantity": 1, "dispensed": 1 }] }),
+    )
+    .await;
+    wait_metric(&gw, REJECTED, rejected + 1.0).await;
+    publish(
+        "ack",
+        json!({ "order_id": id, "accepted": false, "reason": "door_open" }),
+    )
+    .await;
+    let (v, api) = place.await.expect("order task");
+    assert_eq!(code(&v), 30005, "{v}");
+    let d = api.wait_status(id, "rejected").await;
+    assert_eq!(num(&d["data"]["refund_amount"]), 0, "{d}");
+    wait_until("reservation released", || {
+        gw.handle.orders.inventory.reserved_total(&m(M1)) == 0
+    })
+    .await;
+    gw.stop().await;
+}

@@ -237,7 +237,7 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
 
 /// A result must name exactly the order's products, with the ordered
 /// quantities and no more dispensed than ordered.
-fn check_result(order: &Order, items: &[(i64, u32, u32)]) -> Result<(), TransitionError> {
+pub fn check_result(order: &Order, items: &[(i64, u32, u32)]) -> Result<(), TransitionError> {
     for (p, q, d) in items {
         let Some(line) = order.lines.iter().find(|l| l.product_id == *p) else {
             return Err(TransitionError::BadResult("product not in the order"));
