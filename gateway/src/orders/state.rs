@@ -219,8 +219,11 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
                 .or_else(|| (got < wanted).then(|| "short_dispense".to_string()));
             next.result_applied = true;
         }
-        (Completed | PartiallyDispensed | Failed, Event::Result { .. }) => {
-            return Ok(Transition::Unchanged)
+        (Completed | PartiallyDispensed | Failed, Event::Result { items, .. }) => {
+            // A repeat is a no-op; a result that could never have settled
+            // this order is not a repeat but a bad message.
+            check_result(order, items)?;
+            return Ok(Transition::Unchanged);
         }
         (Dispensing, Event::DispenseDeadline) => {
             next.status = Unknown;
