@@ -356,7 +356,11 @@ fn check_stock(stock: &[InventoryItem]) -> Result<(), String> {
                 "stock: product_id must be above 0 and price not negative ({item:?})"
             ));
         }
-        if stock.iter().take(i).any(|o| o.product_id == item.product_id) {
+        if stock
+            .iter()
+            .take(i)
+            .any(|o| o.product_id == item.product_id)
+        {
             return Err(format!("stock: product {} listed twice", item.product_id));
         }
     }

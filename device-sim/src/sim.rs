@@ -8,6 +8,12 @@
 //!   freezes if the polling task blocks on its own request channel);
 //! - the publisher task hands messages to the client in order;
 //! - one short timer task per slow ack.
+//!
+//! Two behaviours need the connection task itself: `half-open` stops
+//! polling the event loop (so nothing is read or written, PINGREQ included,
+//! while the socket stays open), and `result-after-reconnect` cuts the
+//! socket only once a re-SUBSCRIBE queued behind its ack is answered, which
+//! proves the gateway has the ack.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

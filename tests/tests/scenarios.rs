@@ -187,12 +187,7 @@ async fn stock_of(api: &Api, machine: &str, product: i64) -> (i64, i64) {
     v["data"]["stock"]
         .as_array()
         .and_then(|items| items.iter().find(|i| i["product_id"] == product))
-        .map(|i| {
-            (
-                num(&i["stock"]),
-                num(&i["reserved"]),
-            )
-        })
+        .map(|i| (num(&i["stock"]), num(&i["reserved"])))
         .unwrap_or((-1, -1))
 }
 
@@ -564,14 +559,17 @@ async fn half_open_scenario_goes_offline_by_keep_alive() {
     };
     // The stall must outlast the gateway's limit by far, or it proves nothing.
     assert!(ms >= 30_000, "stall of {ms} ms");
-    let timeouts = r#"vendgate_mqtt_disconnects_total{class="machine",reason="keep_alive_timeout"}"#;
+    let timeouts =
+        r#"vendgate_mqtt_disconnects_total{class="machine",reason="keep_alive_timeout"}"#;
     let before = metric(&gw, timeouts).await;
 
     let v = api.order(M1, &[(1, 1)]).await;
     assert_eq!(code(&v), 30002, "{v}");
     assert!(
         sim.wait_for(
-            |j| j.iter().any(|e| matches!(e.event, JournalEvent::Stalled { .. })),
+            |j| j
+                .iter()
+                .any(|e| matches!(e.event, JournalEvent::Stalled { .. })),
             vendgate_e2e::DEADLINE
         )
         .await
