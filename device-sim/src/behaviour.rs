@@ -12,6 +12,9 @@ pub const DEFAULT_REFUSE_REASON: &str = "door_open";
 pub const DEFAULT_ERROR: &str = "motor_jam";
 /// The default delay for `slow-ack` on the command line.
 pub const DEFAULT_SLOW_ACK_MS: u64 = 2_000;
+/// The default stall for `half-open` on the command line: long enough for
+/// any keep alive the protocol allows (60 s × 1.5) to expire first.
+pub const DEFAULT_HALF_OPEN_MS: u64 = 120_000;
 
 /// How the machine answers `cmd/dispense`. Pings are always answered.
 ///
@@ -44,13 +47,34 @@ pub enum Behaviour {
     /// Drop the connection (no DISCONNECT, so the will fires) on the next
     /// dispense command without answering it, then behave normally.
     DropConnection,
+    /// Accept and dispense, publish the ack, then drop the connection (no
+    /// DISCONNECT) as soon as the gateway has acknowledged that ack and
+    /// before publishing the result; the stored result goes out after the
+    /// reconnect (machine rule 4). Every order, every time.
+    ResultAfterReconnect,
+    /// Behave normally but publish every ack and result twice (a lost
+    /// PUBACK, a firmware retry); the results also go out again after each
+    /// reconnect, as with every behaviour.
+    Duplicate,
+    /// Before answering each dispense command normally, publish a burst of
+    /// hostile payloads on the machine's own uplink topics: broken JSON,
+    /// wrong types, numbers beyond 64 bits, deep nesting, invalid UTF-8,
+    /// acks and results for orders that do not exist, results that do not
+    /// fit the order, and a topic the protocol does not define.
+    Malformed,
+    /// On the next dispense command stop reading and answering for `ms`
+    /// milliseconds (no ack, no PINGREQ, no PUBACK) while keeping the TCP
+    /// socket open, then read again and behave normally. The gateway must
+    /// notice by keep alive alone.
+    HalfOpen { ms: u64 },
 }
 
 /// A behaviour name the command line does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "unknown behaviour {0:?}: expected normal, refuse[:REASON], fail[:ERROR], partial[:ERROR], \
-     never-ack, ack-then-silent, slow-ack[:MS] or drop-connection"
+     never-ack, ack-then-silent, slow-ack[:MS], drop-connection, result-after-reconnect, \
+     duplicate, malformed or half-open[:MS]"
 )]
 pub struct InvalidBehaviour(String);
 
@@ -85,6 +109,15 @@ impl FromStr for Behaviour {
                 ms: ms.parse().map_err(|_| InvalidBehaviour(s.to_owned()))?,
             },
             ("drop-connection", None) => Self::DropConnection,
+            ("result-after-reconnect", None) => Self::ResultAfterReconnect,
+            ("duplicate", None) => Self::Duplicate,
+            ("malformed", None) => Self::Malformed,
+            ("half-open", None) => Self::HalfOpen {
+                ms: DEFAULT_HALF_OPEN_MS,
+            },
+            ("half-open", Some(ms)) => Self::HalfOpen {
+                ms: ms.parse().map_err(|_| InvalidBehaviour(s.to_owned()))?,
+            },
             _ => return Err(InvalidBehaviour(s.to_owned())),
         };
         Ok(behaviour)
@@ -103,6 +136,10 @@ impl fmt::Display for Behaviour {
             Self::AckThenSilent => f.write_str("ack-then-silent"),
             Self::SlowAck { ms } => write!(f, "slow-ack:{ms}"),
             Self::DropConnection => f.write_str("drop-connection"),
+            Self::ResultAfterReconnect => f.write_str("result-after-reconnect"),
+            Self::Duplicate => f.write_str("duplicate"),
+            Self::Malformed => f.write_str("malformed"),
+            Self::HalfOpen { ms } => write!(f, "half-open:{ms}"),
         }
     }
 }
@@ -130,6 +167,14 @@ mod tests {
         assert!("slow-ack:soon".parse::<Behaviour>().is_err());
         assert!("normal:x".parse::<Behaviour>().is_err());
         assert!("sleepy".parse::<Behaviour>().is_err());
+        assert_eq!(
+            "half-open".parse(),
+            Ok(Behaviour::HalfOpen {
+                ms: DEFAULT_HALF_OPEN_MS
+            })
+        );
+        assert!("half-open:later".parse::<Behaviour>().is_err());
+        assert!("duplicate:2".parse::<Behaviour>().is_err());
     }
 
     #[test]
@@ -149,6 +194,10 @@ mod tests {
             Behaviour::AckThenSilent,
             Behaviour::SlowAck { ms: 7 },
             Behaviour::DropConnection,
+            Behaviour::ResultAfterReconnect,
+            Behaviour::Duplicate,
+            Behaviour::Malformed,
+            Behaviour::HalfOpen { ms: 1_500 },
         ] {
             assert_eq!(b.to_string().parse(), Ok(b));
         }

@@ -70,7 +70,9 @@ pub struct RunArgs {
     #[arg(long, env = "VENDGATE_SIM_SECRET", hide_env_values = true)]
     pub secret: String,
     /// normal, refuse[:REASON], fail[:ERROR], partial[:ERROR], never-ack,
-    /// ack-then-silent, slow-ack[:MS] or drop-connection.
+    /// ack-then-silent, slow-ack[:MS], drop-connection,
+    /// result-after-reconnect, duplicate, malformed or half-open[:MS] (see
+    /// the scenario files in `device-sim/scenarios/` for what each does).
     #[arg(long, default_value = "normal")]
     pub behaviour: Behaviour,
     /// MQTT keep alive in seconds (the protocol allows 5–60).
@@ -110,7 +112,8 @@ pub struct FleetArgs {
     #[arg(long, default_value = "normal", conflicts_with = "scenario")]
     pub behaviour: Behaviour,
     /// A scenario file (TOML, see `device-sim/scenarios/`) assigning
-    /// behaviours and flapping schedules per machine, instead of one
+    /// behaviours, flapping schedules and starting stock per machine, and
+    /// optionally a reconnect storm of the whole fleet, instead of one
     /// `--behaviour` for all.
     #[arg(long)]
     pub scenario: Option<PathBuf>,
@@ -296,7 +299,7 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<()> {
     let fleet = match &scenario {
         Some(s) => {
             info!(scenario = %s, "applying scenario");
-            let fleet = Fleet::spawn_with(args.gateway, machines, options, |m| s.behaviour_for(m));
+            let fleet = Fleet::spawn_scenario(args.gateway, machines, options, s);
             s.start_schedules(fleet.handles(), &schedules);
             fleet
         }

@@ -153,20 +153,52 @@ impl Fleet {
         options: FleetOptions,
         behaviour_for: impl Fn(MachineNo) -> Behaviour,
     ) -> Fleet {
+        Self::spawn_configured(gateway, machines, options, |c| {
+            c.behaviour = behaviour_for(c.machine_no);
+        })
+    }
+
+    /// As [`spawn`](Self::spawn), with each machine's behaviour and starting
+    /// stock from `scenario` (stock falls back to `options.inventory`).
+    /// Start its schedules with [`Scenario::start_schedules`](crate::scenario::Scenario::start_schedules).
+    pub fn spawn_scenario(
+        gateway: impl Into<String>,
+        machines: Vec<(MachineNo, String)>,
+        options: FleetOptions,
+        scenario: &crate::scenario::Scenario,
+    ) -> Fleet {
+        Self::spawn_configured(gateway, machines, options, |c| {
+            let a = scenario.assignment_for(c.machine_no);
+            c.behaviour = a.behaviour;
+            if let Some(stock) = a.stock {
+                c.inventory = stock;
+            }
+        })
+    }
+
+    /// Builds every machine from `options`, lets `configure` adjust each
+    /// one, and starts them at the fleet's rate.
+    fn spawn_configured(
+        gateway: impl Into<String>,
+        machines: Vec<(MachineNo, String)>,
+        options: FleetOptions,
+        configure: impl Fn(&mut SimConfig),
+    ) -> Fleet {
         let gateway = gateway.into();
         let cancel = CancellationToken::new();
         let handles: Vec<SimHandle> = machines
             .into_iter()
             .map(|(machine_no, secret)| {
-                let config = SimConfig {
+                let mut config = SimConfig {
                     gateway: gateway.clone(),
                     machine_no,
                     secret,
                     keep_alive: options.keep_alive,
                     firmware: options.firmware.clone(),
                     inventory: options.inventory.clone(),
-                    behaviour: behaviour_for(machine_no),
+                    behaviour: options.behaviour.clone(),
                 };
+                configure(&mut config);
                 // A child token each: one machine's `shutdown` must not
                 // stop the others.
                 SimMachine::idle(config, cancel.child_token())

@@ -64,6 +64,24 @@ pub enum JournalEvent {
     PongSent(PongMsg),
     AckSent(AckMsg),
     ResultSent(ResultMsg),
+    /// A hostile or malformed payload handed to the MQTT client on purpose
+    /// (behaviour `malformed`), with its full topic.
+    RawSent {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    /// The machine stopped reading and answering with its socket left open
+    /// (behaviour `half-open`).
+    Stalled {
+        ms: u64,
+    },
+    /// A half-open stall ended: the machine reads its socket again.
+    StallEnded,
+    /// Goods sold at the machine itself, not through the gateway.
+    SoldLocally {
+        product_id: i64,
+        quantity: u32,
+    },
 }
 
 impl JournalEvent {

@@ -14,7 +14,16 @@
 //! share = 0.1                        # 10 % of the machines
 //! behaviour = { kind = "slow-ack", ms = 2000 }
 //! flap = { period_ms = 5000 }        # drop the connection every 5 s
+//! stock = [{ product_id = 1, stock = 2, price = 350 }]  # starting stock
+//!
+//! # optional, top level: every machine drops at once and returns at once
+//! storm = { after_ms = 1000, down_ms = 2000, period_ms = 30000 }
+//! # optional, top level: starting stock of machines whose rule sets none
+//! stock = [{ product_id = 1, stock = 10, price = 350 }]
 //! ```
+//!
+//! Top-level keys (`seed`, `default`, `storm`, `stock`) must come before the
+//! first `[[rule]]` (TOML puts later keys inside that rule).
 //!
 //! # Shares
 //!
@@ -34,6 +43,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vendgate_proto::machine::MachineNo;
 
+use vendgate_proto::msg::InventoryItem;
+
 use crate::behaviour::Behaviour;
 use crate::sim::SimHandle;
 
@@ -49,6 +60,9 @@ pub enum ScenarioError {
     Toml(#[from] toml::de::Error),
     #[error("rule {rule}: {message}")]
     Rule { rule: usize, message: String },
+    /// A top-level key (`storm`, `stock`) that cannot be used.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A parsed, validated scenario.
@@ -57,6 +71,24 @@ pub struct Scenario {
     pub seed: u64,
     pub default: Behaviour,
     pub rules: Vec<Rule>,
+    /// A reconnect storm for every machine of the fleet.
+    pub storm: Option<Storm>,
+    /// Starting stock of machines whose rule sets none (`None`: the fleet's
+    /// own, e.g. `--products`).
+    pub stock: Option<Vec<InventoryItem>>,
+}
+
+/// A reconnect storm: every machine's socket is cut at once (no DISCONNECT,
+/// so every will fires, like a power or network outage), and after `down`
+/// every machine reconnects at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storm {
+    /// From the start of the schedules to the first drop.
+    pub after: Duration,
+    /// How long every machine stays away.
+    pub down: Duration,
+    /// From one return to the next drop; `None`: one storm only.
+    pub period: Option<Duration>,
 }
 
 /// One `[[rule]]`: who it selects and what they do.
@@ -67,6 +99,8 @@ pub struct Rule {
     /// Drop the connection (no DISCONNECT, so the will fires) every period;
     /// the machine reconnects by itself after its backoff.
     pub flap: Option<Duration>,
+    /// Starting stock of the machines of this rule.
+    pub stock: Option<Vec<InventoryItem>>,
 }
 
 /// Which machines a rule selects.
@@ -83,6 +117,8 @@ pub enum Selector {
 pub struct Assignment {
     pub behaviour: Behaviour,
     pub flap: Option<Duration>,
+    /// Starting stock (`None`: the fleet's own).
+    pub stock: Option<Vec<InventoryItem>>,
 }
 
 #[derive(Deserialize)]
@@ -94,6 +130,16 @@ struct RawScenario {
     default: Behaviour,
     #[serde(default, rename = "rule")]
     rules: Vec<RawRule>,
+    storm: Option<RawStorm>,
+    stock: Option<Vec<InventoryItem>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorm {
+    after_ms: u64,
+    down_ms: u64,
+    period_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +149,7 @@ struct RawRule {
     share: Option<f64>,
     behaviour: Behaviour,
     flap: Option<RawFlap>,
+    stock: Option<Vec<InventoryItem>>,
 }
 
 #[derive(Deserialize)]
@@ -173,16 +220,40 @@ impl Scenario {
                 Some(f) => Some(Duration::from_millis(f.period_ms)),
                 None => None,
             };
+            if let Some(stock) = &r.stock {
+                check_stock(stock).map_err(err)?;
+            }
             rules.push(Rule {
                 selector,
                 behaviour: r.behaviour,
                 flap,
+                stock: r.stock,
             });
         }
+        if let Some(stock) = &raw.stock {
+            check_stock(stock).map_err(ScenarioError::Invalid)?;
+        }
+        let storm = match raw.storm {
+            None => None,
+            Some(RawStorm {
+                period_ms: Some(0), ..
+            }) => {
+                return Err(ScenarioError::Invalid(
+                    "storm period_ms must be above 0".into(),
+                ))
+            }
+            Some(st) => Some(Storm {
+                after: Duration::from_millis(st.after_ms),
+                down: Duration::from_millis(st.down_ms),
+                period: st.period_ms.map(Duration::from_millis),
+            }),
+        };
         Ok(Scenario {
             seed: raw.seed,
             default: raw.default,
             rules,
+            storm,
+            stock: raw.stock,
         })
     }
 
@@ -200,10 +271,12 @@ impl Scenario {
             .map(|r| Assignment {
                 behaviour: r.behaviour.clone(),
                 flap: r.flap,
+                stock: r.stock.clone().or_else(|| self.stock.clone()),
             })
             .unwrap_or_else(|| Assignment {
                 behaviour: self.default.clone(),
                 flap: None,
+                stock: self.stock.clone(),
             })
     }
 
@@ -212,14 +285,24 @@ impl Scenario {
         self.assignment_for(machine_no).behaviour
     }
 
-    /// Starts the flapping schedules of these machines: each machine with a
-    /// `flap` period has its connection dropped every period until `cancel`.
-    /// Behaviours are not touched here; give them at spawn time.
+    /// Starts the schedules of these machines until `cancel`: each machine
+    /// with a `flap` period has its connection dropped every period, and the
+    /// `storm`, if any, takes all of them down and back at once.
+    /// Behaviours and stock are not touched here; give them at spawn time.
     pub fn start_schedules(
         &self,
         handles: &[SimHandle],
         cancel: &CancellationToken,
     ) -> Vec<JoinHandle<()>> {
+        let storm = self.storm.map(|storm| {
+            let (all, cancel) = (handles.to_vec(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = run_storm(storm, &all) => {}
+                }
+            })
+        });
         handles
             .iter()
             .filter_map(|h| {
@@ -237,8 +320,51 @@ impl Scenario {
                     }
                 }))
             })
+            .chain(storm)
             .collect()
     }
+}
+
+/// Takes every machine down (power cut: no DISCONNECT) and back, at once,
+/// once or every `period`. Cancelled by dropping the future.
+async fn run_storm(storm: Storm, all: &[SimHandle]) {
+    tokio::time::sleep(storm.after).await;
+    loop {
+        // `kill` only aborts the machine's connection task: a few
+        // microseconds each, so thousands drop within one scheduler pass.
+        for h in all {
+            h.kill().await;
+        }
+        tracing::info!(machines = all.len(), "storm: every machine dropped");
+        tokio::time::sleep(storm.down).await;
+        for h in all {
+            h.revive();
+        }
+        tracing::info!(machines = all.len(), "storm: every machine reconnecting");
+        match storm.period {
+            Some(p) => tokio::time::sleep(p).await,
+            None => return,
+        }
+    }
+}
+
+/// Stock lines must name distinct positive products with a price.
+fn check_stock(stock: &[InventoryItem]) -> Result<(), String> {
+    for (i, item) in stock.iter().enumerate() {
+        if item.product_id <= 0 || item.price < 0 {
+            return Err(format!(
+                "stock: product_id must be above 0 and price not negative ({item:?})"
+            ));
+        }
+        if stock
+            .iter()
+            .take(i)
+            .any(|o| o.product_id == item.product_id)
+        {
+            return Err(format!("stock: product {} listed twice", item.product_id));
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Scenario {
@@ -402,6 +528,49 @@ mod tests {
     }
 
     #[test]
+    fn storm_and_stock() {
+        let s = Scenario::parse(
+            r#"
+            storm = { after_ms = 100, down_ms = 200 }
+            stock = [{ product_id = 1, stock = 3, price = 350 }]
+            [[rule]]
+            machines = "10000001"
+            behaviour = { kind = "normal" }
+            stock = [{ product_id = 2, stock = 1, price = 200 }]
+            [[rule]]
+            machines = "10000002"
+            behaviour = { kind = "half-open", ms = 5000 }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.storm,
+            Some(Storm {
+                after: Duration::from_millis(100),
+                down: Duration::from_millis(200),
+                period: None
+            })
+        );
+        let stock = |n| s.assignment_for(m(n)).stock.unwrap()[0].product_id;
+        assert_eq!(stock(10_000_001), 2, "the rule's own stock");
+        assert_eq!(stock(10_000_002), 1, "the top-level stock");
+        assert_eq!(stock(10_000_003), 1, "the default gets it too");
+        assert_eq!(
+            s.behaviour_for(m(10_000_002)),
+            Behaviour::HalfOpen { ms: 5000 }
+        );
+        for bad in [
+            "storm = { after_ms = 1, down_ms = 1, period_ms = 0 }",
+            "storm = { after_ms = 1 }",
+            "stock = [{ product_id = 0, stock = 1, price = 1 }]",
+            "stock = [{ product_id = 1, stock = -1, price = 1 }]",
+            "stock = [{ product_id = 1, stock = 1, price = 1 }, { product_id = 1, stock = 2, price = 1 }]",
+        ] {
+            assert!(Scenario::parse(bad).is_err(), "accepted: {bad}");
+        }
+    }
+
+    #[test]
     fn every_shipped_scenario_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         let mut count = 0;
@@ -413,6 +582,6 @@ mod tests {
                 count += 1;
             }
         }
-        assert!(count >= 8, "only {count} scenario files");
+        assert!(count >= 14, "only {count} scenario files");
     }
 }

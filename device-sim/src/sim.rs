@@ -8,6 +8,12 @@
 //!   freezes if the polling task blocks on its own request channel);
 //! - the publisher task hands messages to the client in order;
 //! - one short timer task per slow ack.
+//!
+//! Two behaviours need the connection task itself: `half-open` stops
+//! polling the event loop (so nothing is read or written, PINGREQ included,
+//! while the socket stays open), and `result-after-reconnect` cuts the
+//! socket only once a re-SUBSCRIBE queued behind its ack is answered, which
+//! proves the gateway has the ack.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,9 +181,14 @@ struct Incarnation {
     out: mpsc::UnboundedSender<Outgoing>,
 }
 
-/// Requests from the handle to the connection task.
+/// Requests from the handle and the publisher to the connection task.
 enum Control {
     DropConnection,
+    /// Cut at the next SUBACK: the publisher has queued a re-SUBSCRIBE
+    /// behind the messages that must reach the gateway first, and the
+    /// gateway answers one connection's packets in order, so that SUBACK
+    /// proves they arrived (rumqttc tells nothing per publish).
+    CutOnSubAck,
 }
 
 /// Locks a mutex; a panic elsewhere cannot leave these structures half
@@ -372,6 +383,24 @@ impl SimHandle {
         self.shared.send_out(out);
     }
 
+    /// A sale at the machine itself (coins, a local card reader) of up to
+    /// `quantity` of a product: stock goes down but no snapshot is
+    /// published until the next dispense or refill, so the gateway's view is
+    /// stale meanwhile. Returns how many came out.
+    pub fn sell_locally(&self, product_id: i64, quantity: u32) -> u32 {
+        self.shared
+            .with_state(|s| s.sell_locally(product_id, quantity, Instant::now()))
+    }
+
+    /// Publishes `payload` as it is on `vend/v1/{own machine_no}/{suffix}`
+    /// (e.g. a result naming another machine's order).
+    pub fn publish_raw(&self, suffix: &str, payload: impl Into<Vec<u8>>) {
+        self.shared.send_out(vec![Outgoing::Raw {
+            suffix: suffix.to_owned(),
+            payload: payload.into(),
+        }]);
+    }
+
     /// Publishes the stored recent results again, whatever the behaviour.
     pub fn republish_results(&self) {
         let results = lock(&self.shared.state).recent_results();
@@ -428,7 +457,7 @@ impl SimHandle {
         let task = tokio::spawn(run_connection(
             Arc::clone(&self.shared),
             life.clone(),
-            control_rx,
+            (control.clone(), control_rx),
             out.clone(),
             out_rx,
         ));
@@ -487,7 +516,10 @@ fn mqtt_options(config: &SimConfig) -> Result<MqttOptions, String> {
 async fn run_connection(
     shared: Arc<Shared>,
     life: CancellationToken,
-    mut control: mpsc::UnboundedReceiver<Control>,
+    (control_tx, mut control): (
+        mpsc::UnboundedSender<Control>,
+        mpsc::UnboundedReceiver<Control>,
+    ),
     out_tx: mpsc::UnboundedSender<Outgoing>,
     out_rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
@@ -515,11 +547,42 @@ async fn run_connection(
         Arc::clone(&shared),
         client.clone(),
         out_rx,
+        control_tx,
         life.clone(),
     ));
 
     let mut backoff = BACKOFF_MIN;
+    // Set by `Control::CutOnSubAck` (result-after-reconnect).
+    let mut cut_on_suback = false;
+    // While set, the event loop is not polled at all (half-open): nothing is
+    // read from or written to the socket, which stays open.
+    let mut stalled_until: Option<Instant> = None;
     loop {
+        if let Some(until) = stalled_until {
+            tokio::select! {
+                biased;
+                () = life.cancelled() => {
+                    // A stalled machine cannot say goodbye: the socket just
+                    // closes with the task.
+                    shared.record(JournalEvent::Dropped);
+                    break;
+                }
+                Some(c) = control.recv() => {
+                    if matches!(c, Control::DropConnection) {
+                        stalled_until = None;
+                        shared.record(JournalEvent::StallEnded);
+                        if cut(&shared, &mut eventloop) && !pause(&life, BACKOFF_MIN).await {
+                            break;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(until) => {
+                    stalled_until = None;
+                    shared.record(JournalEvent::StallEnded);
+                }
+            }
+            continue;
+        }
         // `poll` is dropped when another branch wins. That is safe enough
         // here: rumqttc buffers reads and writes inside its framed codec,
         // and the other branches only fire on a stop or a test's request
@@ -531,9 +594,14 @@ async fn run_connection(
                 shared.record(JournalEvent::Disconnected);
                 break;
             }
-            Some(Control::DropConnection) = control.recv() => {
-                if cut(&shared, &mut eventloop) && !pause(&life, BACKOFF_MIN).await {
-                    break;
+            Some(c) = control.recv() => {
+                match c {
+                    Control::DropConnection => {
+                        if cut(&shared, &mut eventloop) && !pause(&life, BACKOFF_MIN).await {
+                            break;
+                        }
+                    }
+                    Control::CutOnSubAck => cut_on_suback = true,
                 }
                 continue;
             }
@@ -542,14 +610,23 @@ async fn run_connection(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
+                // The reconnect a pending cut was for has happened anyway.
+                cut_on_suback = false;
                 shared.set_connected(true);
                 // Every session is clean (rumqttc does not resubscribe,
                 // issue #250), so announce and subscribe on every CONNACK.
                 let out = shared.with_state(|s| s.on_connect(Instant::now()));
                 dispatch(&shared, &life, &out_tx, out);
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) if cut_on_suback => {
+                cut_on_suback = false;
+                if cut(&shared, &mut eventloop) && !pause(&life, BACKOFF_MIN).await {
+                    break;
+                }
+            }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                // The only SUBSCRIBE is the `cmd/#` one of `on_connect`.
+                // The `cmd/#` SUBSCRIBE of `on_connect` (a re-SUBSCRIBE for
+                // a pending cut is handled above).
                 if ack
                     .return_codes
                     .iter()
@@ -563,7 +640,13 @@ async fn run_connection(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let out = on_publish(&shared, &publish.topic, &publish.payload);
-                if dispatch(&shared, &life, &out_tx, out)
+                let then = dispatch(&shared, &life, &out_tx, out);
+                if let Some(d) = then.stall {
+                    shared.record(JournalEvent::Stalled {
+                        ms: u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                    });
+                    stalled_until = Some(Instant::now() + d);
+                } else if then.cut
                     && cut(&shared, &mut eventloop)
                     && !pause(&life, BACKOFF_MIN).await
                 {
@@ -641,18 +724,29 @@ fn on_publish(shared: &Shared, topic_name: &str, payload: &[u8]) -> Vec<Outgoing
     })
 }
 
-/// Routes outgoings: messages to the publisher, slow acks to timers.
-/// Returns true if the connection must be cut.
+/// What the connection task must do after [`dispatch`].
+#[derive(Debug, Default)]
+struct Then {
+    /// Cut the connection now.
+    cut: bool,
+    /// Stop polling the event loop for this long (half-open).
+    stall: Option<Duration>,
+}
+
+/// Routes outgoings: messages (and the delivered-then-cut marker, which must
+/// stay behind them) to the publisher, slow acks to timers; returns what the
+/// connection task itself must do.
 fn dispatch(
     shared: &Arc<Shared>,
     life: &CancellationToken,
     out_tx: &mpsc::UnboundedSender<Outgoing>,
     out: Vec<Outgoing>,
-) -> bool {
-    let mut cut = false;
+) -> Then {
+    let mut then = Then::default();
     for o in out {
         match o {
-            Outgoing::DropConnection => cut = true,
+            Outgoing::DropConnection => then.cut = true,
+            Outgoing::Stall(d) => then.stall = Some(d),
             Outgoing::Defer { order_id, after } => {
                 let (shared, life, out_tx) = (Arc::clone(shared), life.clone(), out_tx.clone());
                 tokio::spawn(async move {
@@ -670,7 +764,7 @@ fn dispatch(
             }
         }
     }
-    cut
+    then
 }
 
 /// Hands queued messages to the MQTT client, in order, and journals them.
@@ -678,6 +772,7 @@ async fn run_publisher(
     shared: Arc<Shared>,
     client: AsyncClient,
     mut out_rx: mpsc::UnboundedReceiver<Outgoing>,
+    control: mpsc::UnboundedSender<Control>,
     life: CancellationToken,
 ) {
     let m = shared.config.machine_no;
@@ -693,6 +788,15 @@ async fn run_publisher(
             match &o {
                 Outgoing::Subscribe(filter) => {
                     client.subscribe(filter.as_str(), QoS::AtLeastOnce).await
+                }
+                Outgoing::DropWhenDelivered => {
+                    // Everything before this marker is already in the
+                    // client's queue; the re-SUBSCRIBE (same filter, so no
+                    // change at the gateway) goes behind it.
+                    let _ = control.send(Control::CutOnSubAck);
+                    client
+                        .subscribe(topic::command_filter(&m), QoS::AtLeastOnce)
+                        .await
                 }
                 other => match other.publication(&m) {
                     Some(p) => {
@@ -712,7 +816,7 @@ async fn run_publisher(
         };
         match result {
             Ok(()) => {
-                if let Some(event) = o.sent_event() {
+                if let Some(event) = o.sent_event(&m) {
                     shared.record(event);
                 }
             }

@@ -51,6 +51,13 @@ pub enum Outgoing {
     Defer { order_id: u64, after: Duration },
     /// Cut the connection without DISCONNECT, then reconnect.
     DropConnection,
+    /// Cut the connection without DISCONNECT once the gateway has
+    /// acknowledged every message queued before this one, then reconnect.
+    DropWhenDelivered,
+    /// Stop reading and answering for this long, socket left open.
+    Stall(Duration),
+    /// Publish these bytes as they are on `vend/v1/{m}/{suffix}`.
+    Raw { suffix: String, payload: Vec<u8> },
 }
 
 /// A message ready for the MQTT client.
@@ -70,7 +77,18 @@ impl Outgoing {
             Self::Pong(p) => (Uplink::Pong, msg::encode(p)),
             Self::Ack(a) => (Uplink::Ack, msg::encode(a)),
             Self::Result(r) => (Uplink::Result, msg::encode(r)),
-            Self::Subscribe(_) | Self::Defer { .. } | Self::DropConnection => return None,
+            Self::Raw { suffix, payload } => {
+                return Some(Publication {
+                    topic: format!("{}{suffix}", topic::machine_prefix(m)),
+                    payload: payload.clone(),
+                    retain: false,
+                })
+            }
+            Self::Subscribe(_)
+            | Self::Defer { .. }
+            | Self::DropConnection
+            | Self::DropWhenDelivered
+            | Self::Stall(_) => return None,
         };
         Some(Publication {
             topic: topic::uplink(m, kind),
@@ -82,14 +100,22 @@ impl Outgoing {
     }
 
     /// The journal entry to record once the message was handed to the client.
-    pub fn sent_event(&self) -> Option<JournalEvent> {
+    pub fn sent_event(&self, m: &MachineNo) -> Option<JournalEvent> {
         match self {
             Self::State(s) => Some(JournalEvent::StateSent(s.clone())),
             Self::Inventory(i) => Some(JournalEvent::InventorySent(i.clone())),
             Self::Pong(p) => Some(JournalEvent::PongSent(p.clone())),
             Self::Ack(a) => Some(JournalEvent::AckSent(a.clone())),
             Self::Result(r) => Some(JournalEvent::ResultSent(r.clone())),
-            Self::Subscribe(_) | Self::Defer { .. } | Self::DropConnection => None,
+            Self::Raw { .. } => self.publication(m).map(|p| JournalEvent::RawSent {
+                topic: p.topic,
+                payload: p.payload,
+            }),
+            Self::Subscribe(_)
+            | Self::Defer { .. }
+            | Self::DropConnection
+            | Self::DropWhenDelivered
+            | Self::Stall(_) => None,
         }
     }
 }
@@ -258,6 +284,20 @@ impl MachineState {
         vec![self.inventory()]
     }
 
+    /// A sale at the machine itself: takes up to `quantity` without
+    /// publishing a snapshot (see [`SimHandle::sell_locally`](crate::SimHandle::sell_locally)).
+    pub fn sell_locally(&mut self, product_id: i64, quantity: u32, now: Instant) -> u32 {
+        let sold = self.take_stock(product_id, quantity);
+        self.record(
+            JournalEvent::SoldLocally {
+                product_id,
+                quantity: sold,
+            },
+            now,
+        );
+        sold
+    }
+
     /// Handles one command payload. Malformed payloads are counted,
     /// journalled and otherwise ignored.
     pub fn handle_command(&mut self, kind: Command, payload: &[u8], now: Instant) -> Vec<Outgoing> {
@@ -355,6 +395,13 @@ impl MachineState {
                 self.behaviour = Behaviour::Normal;
                 return vec![Outgoing::DropConnection];
             }
+            Behaviour::HalfOpen { ms } => {
+                // As with drop-connection, only this command goes
+                // unanswered: after the stall the gateway has dropped the
+                // socket, the machine reconnects and answers normally.
+                self.behaviour = Behaviour::Normal;
+                return vec![Outgoing::Stall(Duration::from_millis(ms))];
+            }
             _ => {}
         }
         match self.orders.get(&cmd.order_id) {
@@ -396,8 +443,38 @@ impl MachineState {
                     after: Duration::from_millis(ms),
                 }]
             }
+            Behaviour::ResultAfterReconnect => {
+                // The result is stored, so `on_connect` re-publishes it.
+                let mut out = self.accept(&cmd, Yield::Full, false, now);
+                out.push(Outgoing::DropWhenDelivered);
+                out
+            }
+            Behaviour::Duplicate => self
+                .accept(&cmd, Yield::Full, true, now)
+                .into_iter()
+                .flat_map(|o| match o {
+                    Outgoing::Ack(_) | Outgoing::Result(_) => vec![o.clone(), o],
+                    o => vec![o],
+                })
+                .collect(),
+            Behaviour::Malformed => {
+                let (before, after_ack) = hostile_payloads(cmd.order_id);
+                let mut answer = self.accept(&cmd, Yield::Full, true, now);
+                // `accept` puts the ack first; the results that do not fit
+                // the order follow it, so they cannot be read as the
+                // machine's acceptance.
+                let rest = answer.split_off(answer.len().min(1));
+                before
+                    .into_iter()
+                    .chain(answer)
+                    .chain(after_ack)
+                    .chain(rest)
+                    .collect()
+            }
             // Handled above; listed so a new variant is a compile error here.
-            Behaviour::NeverAck | Behaviour::DropConnection => Vec::new(),
+            Behaviour::NeverAck | Behaviour::DropConnection | Behaviour::HalfOpen { .. } => {
+                Vec::new()
+            }
         }
     }
 
@@ -512,4 +589,68 @@ impl MachineState {
             }
         }
     }
+}
+
+/// The hostile payloads of behaviour `malformed` for a dispense of
+/// `order_id`: those sent before the machine's real ack, and those sent
+/// between its ack and its result. None of them may change anything at the
+/// gateway; PROTOCOL.md gateway rule 3 says each is counted and dropped.
+fn hostile_payloads(order_id: u64) -> (Vec<Outgoing>, Vec<Outgoing>) {
+    let raw = |suffix: &str, payload: Vec<u8>| Outgoing::Raw {
+        suffix: suffix.to_owned(),
+        payload,
+    };
+    let text = |suffix: &str, payload: String| raw(suffix, payload.into_bytes());
+    // Orders that cannot exist: order ids are positive and below 2^53.
+    let unknown = i64::MAX;
+    let before = vec![
+        text("ack", format!("{{\"order_id\":{order_id},\"accepted\":")),
+        text("ack", format!("{{\"order_id\":\"{order_id}\",\"accepted\":\"yes\"}}")),
+        text("ack", "{\"order_id\":18446744073709551616,\"accepted\":true}".into()),
+        text("ack", "{\"order_id\":-1,\"accepted\":true}".into()),
+        text("ack", format!("{{\"order_id\":{unknown},\"accepted\":true}}")),
+        raw("ack", Vec::new()),
+        text("result", "not json at all".into()),
+        raw("result", vec![0xff, 0xfe, b'{', b'}']),
+        text("result", format!("{}{}", "[".repeat(5_000), "]".repeat(5_000))),
+        text("result", format!("{{\"order_id\":{order_id},\"items\":\"lots\"}}")),
+        text(
+            "result",
+            format!(
+                "{{\"order_id\":{order_id},\"items\":[{{\"product_id\":1,\"quantity\":1e400,\"dispensed\":-5}}]}}"
+            ),
+        ),
+        text(
+            "result",
+            format!(
+                "{{\"order_id\":{unknown},\"items\":[{{\"product_id\":1,\"quantity\":1,\"dispensed\":1}}]}}"
+            ),
+        ),
+        text(
+            "inventory",
+            "{\"items\":[{\"product_id\":1,\"stock\":-3,\"price\":\"free\"}]}".into(),
+        ),
+        text(
+            "inventory",
+            "{\"items\":[{\"product_id\":1,\"stock\":99999999999999999999,\"price\":1}]}".into(),
+        ),
+        text("state", "{\"online\":\"maybe\"}".into()),
+        text("pong", "{\"id\":\"x\"}".into()),
+        text("bogus", "{}".into()),
+    ];
+    let after_ack = vec![
+        text(
+            "result",
+            format!(
+                "{{\"order_id\":{order_id},\"items\":[{{\"product_id\":999,\"quantity\":1,\"dispensed\":1}}]}}"
+            ),
+        ),
+        text(
+            "result",
+            format!(
+                "{{\"order_id\":{order_id},\"items\":[{{\"product_id\":1,\"quantity\":1000,\"dispensed\":1000}}]}}"
+            ),
+        ),
+    ];
+    (before, after_ack)
 }

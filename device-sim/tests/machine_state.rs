@@ -385,6 +385,93 @@ fn slow_ack_cancelled_or_past_ttl_is_expired() {
 }
 
 #[test]
+fn result_after_reconnect_acks_then_cuts_and_publishes_on_connect() {
+    let mut m = machine(Behaviour::ResultAfterReconnect);
+    let now = Instant::now();
+    let out = m.handle_command(Command::Dispense, &dispense(30, &[(1, 1)]), now);
+    // The ack, then the cut once it is delivered; no result, no snapshot.
+    assert_eq!(
+        out,
+        vec![Outgoing::Ack(accepted(30)), Outgoing::DropWhenDelivered]
+    );
+    assert_eq!(m.dispensed_orders(), &[30]);
+    let late = results(&m.on_connect(now));
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].order_id, 30);
+    // Every order, not just the first.
+    let out = m.handle_command(Command::Dispense, &dispense(31, &[(1, 1)]), now);
+    assert_eq!(out.last(), Some(&Outgoing::DropWhenDelivered));
+}
+
+#[test]
+fn duplicate_publishes_every_ack_and_result_twice() {
+    let mut m = machine(Behaviour::Duplicate);
+    let out = m.handle_command(Command::Dispense, &dispense(32, &[(1, 2)]), Instant::now());
+    assert_eq!(acks(&out), vec![accepted(32), accepted(32)]);
+    let r = results(&out);
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[0], r[1]);
+    assert_eq!(m.dispensed_orders(), &[32], "dispensed once");
+    assert_eq!(stock_of(&m, 1), 8);
+}
+
+#[test]
+fn malformed_sends_hostile_payloads_around_a_normal_answer() {
+    let mut m = machine(Behaviour::Malformed);
+    let out = m.handle_command(Command::Dispense, &dispense(33, &[(1, 1)]), Instant::now());
+    let machine_no = m.machine_no();
+    let raw: Vec<_> = out
+        .iter()
+        .filter(|o| matches!(o, Outgoing::Raw { .. }))
+        .filter_map(|o| o.publication(&machine_no))
+        .collect();
+    assert!(raw.len() >= 15, "{raw:?}");
+    assert!(raw.iter().all(|p| p.topic.starts_with("vend/v1/12345678/")));
+    // Each hostile payload fits the protocol's payload cap.
+    assert!(raw.iter().all(|p| p.payload.len() <= msg::MAX_PAYLOAD));
+    // The real answer is intact: one accepted ack before the ill-fitting
+    // results, one full result.
+    assert_eq!(acks(&out), vec![accepted(33)]);
+    let ack_at = out.iter().position(|o| matches!(o, Outgoing::Ack(_)));
+    let last_raw = out.iter().rposition(|o| matches!(o, Outgoing::Raw { .. }));
+    assert!(ack_at < last_raw, "some hostile results follow the ack");
+    assert_eq!(results(&out).len(), 1);
+    assert_eq!(results(&out)[0].items[0].dispensed, 1);
+    assert!(matches!(
+        Outgoing::Raw {
+            suffix: "ack".into(),
+            payload: vec![]
+        }
+        .sent_event(&machine_no),
+        Some(JournalEvent::RawSent { .. })
+    ));
+}
+
+#[test]
+fn half_open_stalls_once_without_answering() {
+    let mut m = machine(Behaviour::HalfOpen { ms: 1_234 });
+    let now = Instant::now();
+    let out = m.handle_command(Command::Dispense, &dispense(34, &[(1, 1)]), now);
+    assert_eq!(out, vec![Outgoing::Stall(Duration::from_millis(1_234))]);
+    assert!(m.dispensed_orders().is_empty());
+    assert_eq!(m.behaviour(), &Behaviour::Normal);
+    let out = m.handle_command(Command::Dispense, &dispense(34, &[(1, 1)]), now);
+    assert_eq!(acks(&out), vec![accepted(34)]);
+}
+
+#[test]
+fn local_sale_lowers_stock_without_a_snapshot() {
+    let mut m = machine(Behaviour::Normal);
+    let now = Instant::now();
+    assert_eq!(m.sell_locally(2, 5, now), 1, "only one in stock");
+    assert_eq!(stock_of(&m, 2), 0);
+    let out = m.handle_command(Command::Dispense, &dispense(35, &[(2, 1)]), now);
+    let r = results(&out);
+    assert_eq!(r[0].items[0].dispensed, 0);
+    assert_eq!(r[0].error.as_deref(), Some(ERROR_OUT_OF_STOCK));
+}
+
+#[test]
 fn drop_connection_happens_once_without_answering() {
     let mut m = machine(Behaviour::DropConnection);
     let now = Instant::now();

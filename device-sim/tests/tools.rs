@@ -283,3 +283,50 @@ async fn load_counts_wrong_credentials_and_transport_errors() {
     assert_eq!(report.codes.get(&CODE_TRANSPORT_ERROR), Some(&5));
     assert_eq!(report.ok, 0);
 }
+
+fn shipped(file: &str) -> vendgate_sim::Scenario {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(file);
+    vendgate_sim::Scenario::load(&path).unwrap()
+}
+
+/// `vendgate-sim fleet --scenario`: behaviour and starting stock per
+/// machine from the file, and its storm takes the whole fleet down and back.
+#[tokio::test]
+async fn fleet_follows_a_scenarios_stock_and_storm() {
+    let stock_out = shipped("stock-out.toml");
+    let fleet = Fleet::spawn_scenario(
+        "127.0.0.1:9",
+        machines(10_000_000, 2),
+        FleetOptions::default(),
+        &stock_out,
+    );
+    for h in fleet.handles() {
+        assert_eq!(Some(h.stock()), stock_out.stock.clone());
+    }
+    fleet.shutdown().await;
+
+    let broker = start_broker();
+    let storm = shipped("reconnect-storm.toml");
+    let options = FleetOptions {
+        connect_rate: 0,
+        ..FleetOptions::default()
+    };
+    let fleet = Fleet::spawn_scenario(broker.to_string(), machines(10_100_000, 5), options, &storm);
+    assert!(fleet.wait_all_connected(DEADLINE).await.is_ok());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    for t in storm.start_schedules(fleet.handles(), &cancel) {
+        tokio::time::timeout(DEADLINE, t).await.unwrap().unwrap();
+    }
+    for h in fleet.handles() {
+        let dropped = h
+            .journal()
+            .iter()
+            .filter(|e| matches!(e.event, vendgate_sim::JournalEvent::Dropped))
+            .count();
+        assert_eq!(dropped, 1, "{}", h.machine_no());
+    }
+    assert!(fleet.wait_all_connected(DEADLINE).await.is_ok());
+    fleet.shutdown().await;
+}

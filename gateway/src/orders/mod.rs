@@ -42,7 +42,7 @@ use crate::storage::{
 };
 use ids::OrderIds;
 use inventory::{Inventory, Shortfall};
-use state::{apply, Event, Line, Order, Status, Transition, TransitionError};
+use state::{apply, check_result, Event, Line, Order, Status, Transition, TransitionError};
 
 /// Why an order was not accepted; each maps to one API code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1121,15 +1121,24 @@ impl OrderService {
             warn!(machine_no = %m, order_id = r.order_id, "result for another machine's order dropped");
             return;
         }
+        let items: Vec<(i64, u32, u32)> = r
+            .items
+            .iter()
+            .map(|i| (i.product_id, i.quantity, i.dispensed))
+            .collect();
+        // A result implies acceptance: it can overtake the ack's bookkeeping.
+        // Only one that fits the order, though: an ill-fitting result is
+        // dropped (PROTOCOL.md gateway rule 3) and must not turn an order the
+        // machine may still refuse into `dispensing` (the merchant would be
+        // told 30005 while the order went on to `unknown`).
+        if o.status == Status::Dispatching && check_result(&o.as_state(), &items).is_err() {
+            self.reject_result(m, &o, &r).await;
+            return;
+        }
         let ev = Event::Result {
-            items: r
-                .items
-                .iter()
-                .map(|i| (i.product_id, i.quantity, i.dispensed))
-                .collect(),
+            items,
             error: r.error.clone(),
         };
-        // A result implies acceptance: it can overtake the ack's bookkeeping.
         let mut o = o;
         if o.status == Status::Dispatching {
             match self
@@ -1161,23 +1170,27 @@ impl OrderService {
                     .duplicate_device_messages
                     .fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
-                self.stats
-                    .rejected_device_messages
-                    .fetch_add(1, Ordering::Relaxed);
-                warn!(machine_no = %m, order_id = o.order_id, status = o.status.as_str(), "result does not fit the order; dropped");
-                let _ = self
-                    .store
-                    .append_order_event(
-                        o.order_id,
-                        &event(
-                            "result_rejected",
-                            json!({ "items": r.items, "error": r.error }),
-                        ),
-                    )
-                    .await;
-            }
+            Err(_) => self.reject_result(m, &o, &r).await,
         }
+    }
+
+    /// Counts and records a result that does not fit its order; the order
+    /// itself is left as it is.
+    async fn reject_result(&self, m: MachineNo, o: &StoredOrder, r: &ResultMsg) {
+        self.stats
+            .rejected_device_messages
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(machine_no = %m, order_id = o.order_id, status = o.status.as_str(), "result does not fit the order; dropped");
+        let _ = self
+            .store
+            .append_order_event(
+                o.order_id,
+                &event(
+                    "result_rejected",
+                    json!({ "items": r.items, "error": r.error }),
+                ),
+            )
+            .await;
     }
 
     fn on_inventory(&self, m: MachineNo, payload: &Bytes) {

@@ -219,8 +219,11 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
                 .or_else(|| (got < wanted).then(|| "short_dispense".to_string()));
             next.result_applied = true;
         }
-        (Completed | PartiallyDispensed | Failed, Event::Result { .. }) => {
-            return Ok(Transition::Unchanged)
+        (Completed | PartiallyDispensed | Failed, Event::Result { items, .. }) => {
+            // A repeat is a no-op; a result that could never have settled
+            // this order is not a repeat but a bad message.
+            check_result(order, items)?;
+            return Ok(Transition::Unchanged);
         }
         (Dispensing, Event::DispenseDeadline) => {
             next.status = Unknown;
@@ -237,7 +240,7 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
 
 /// A result must name exactly the order's products, with the ordered
 /// quantities and no more dispensed than ordered.
-fn check_result(order: &Order, items: &[(i64, u32, u32)]) -> Result<(), TransitionError> {
+pub fn check_result(order: &Order, items: &[(i64, u32, u32)]) -> Result<(), TransitionError> {
     for (p, q, d) in items {
         let Some(line) = order.lines.iter().find(|l| l.product_id == *p) else {
             return Err(TransitionError::BadResult("product not in the order"));
