@@ -50,6 +50,12 @@ pub const MIN_LEN: usize = 12;
 pub enum PasswordError {
     #[error("not a valid argon2 PHC string (make one with `vendgate hash-password`): {0}")]
     BadHash(argon2::password_hash::Error),
+    /// PHC strings may legally omit the salt and the hash output; such a
+    /// value could never verify a password, so it is refused up front.
+    #[error(
+        "argon2 PHC string without a salt or hash output (make one with `vendgate hash-password`)"
+    )]
+    Incomplete,
     #[error("the password must have at least {MIN_LEN} characters")]
     TooShort,
     #[error("hashing the password: {0}")]
@@ -76,7 +82,10 @@ impl ConfigPassword {
     /// Parse a configured value: an argon2 PHC string, or plaintext.
     pub fn parse(configured: &str) -> Result<Self, PasswordError> {
         let kind = if looks_hashed(configured) {
-            PasswordHash::new(configured).map_err(PasswordError::BadHash)?;
+            let parsed = PasswordHash::new(configured).map_err(PasswordError::BadHash)?;
+            if parsed.salt.is_none() || parsed.hash.is_none() {
+                return Err(PasswordError::Incomplete);
+            }
             Kind::Argon2(Arc::from(configured))
         } else {
             Kind::Plain(SecretHash::new(configured))
@@ -222,6 +231,17 @@ mod tests {
             let err = ConfigPassword::parse(bad).unwrap_err();
             assert!(matches!(err, PasswordError::BadHash(_)), "{bad}: {err}");
             assert!(!err.to_string().contains(bad));
+        }
+        // Well-formed PHC, but nothing to verify against.
+        for incomplete in [
+            "$argon2id$v=19$m=19456,t=2,p=1",
+            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA",
+        ] {
+            let err = ConfigPassword::parse(incomplete).unwrap_err();
+            assert!(
+                matches!(err, PasswordError::Incomplete),
+                "{incomplete}: {err}"
+            );
         }
     }
 }

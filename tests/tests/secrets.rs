@@ -402,3 +402,25 @@ async fn the_dashboard_accepts_an_argon2_operator_password() {
     assert_eq!(status("root", "operator password 1").await, 401);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_broken_argon2_service_password_stops_start_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = vendgate::Settings::for_tests(dir.path());
+    settings.services.push(ServiceCredential {
+        username: "ops-bridge".into(),
+        password: "$argon2id$v=19$m=19456,t=2,p=1$garbled".into(),
+    });
+    let Err(err) = vendgate::Gateway::build(settings).await else {
+        panic!("a gateway with an unusable password hash started");
+    };
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("[[services]] \"ops-bridge\" password"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("garbled"),
+        "the value is not repeated: {text}"
+    );
+}
