@@ -236,13 +236,55 @@ pub fn verify_rotating(
 
 /// How often a previous secret authenticated during its grace: operators
 /// watch it fall to zero before the grace ends (`/metrics`:
-/// `vendgate_previous_secret_used_total{account}`).
+/// `vendgate_previous_secret_used_total{account}`), and the log names the
+/// accounts, at most once a minute each ([`PreviousSecretUses::record`]).
 #[derive(Debug, Default)]
 pub struct PreviousSecretUses {
     /// MQTT CONNECTs of machines with their previous secret.
     pub machine: AtomicU64,
     /// Open-API requests with a merchant's previous AppSecret.
     pub merchant: AtomicU64,
+    /// When each account's use was last logged.
+    logged: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// Which counter of [`PreviousSecretUses`] a use goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountKind {
+    Machine,
+    Merchant,
+}
+
+/// One log line per account and minute: a merchant calling the API
+/// hundreds of times a second with its old AppSecret must not flood the log.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// Accounts remembered for log throttling; beyond it the memory is reset
+/// (a few repeated lines are better than unbounded growth).
+const LOGGED_MAX: usize = 10_000;
+
+impl PreviousSecretUses {
+    /// Count one use by `account`; true when it should be logged now.
+    pub fn record(&self, kind: AccountKind, account: &str) -> bool {
+        let counter = match kind {
+            AccountKind::Machine => &self.machine,
+            AccountKind::Merchant => &self.merchant,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(mut logged) = self.logged.lock() else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        match logged.get(account) {
+            Some(at) if now.duration_since(*at) < LOG_EVERY => false,
+            _ => {
+                if logged.len() >= LOGGED_MAX {
+                    logged.clear();
+                }
+                logged.insert(account.to_owned(), now);
+                true
+            }
+        }
+    }
 }
 
 /// Prefix of an encrypted secret's stored form.
@@ -539,6 +581,17 @@ mod tests {
             SecretMatch::None
         );
         assert!(SecretMatch::Previous.is_match() && !SecretMatch::None.is_match());
+    }
+
+    #[test]
+    fn previous_secret_uses_count_every_use_and_log_once_a_minute() {
+        let uses = PreviousSecretUses::default();
+        assert!(uses.record(AccountKind::Merchant, "vga"));
+        assert!(!uses.record(AccountKind::Merchant, "vga"));
+        assert!(uses.record(AccountKind::Machine, "00000001"));
+        assert!(uses.record(AccountKind::Merchant, "vgb"));
+        let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((load(&uses.merchant), load(&uses.machine)), (3, 1));
     }
 
     #[test]

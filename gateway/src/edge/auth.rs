@@ -5,7 +5,6 @@
 //! machine's previous secret is accepted too, and counted.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Login};
@@ -13,7 +12,9 @@ use vendgate_proto::machine::MachineNo;
 
 use super::router::ClientClass;
 use crate::passwords::ConfigPassword;
-use crate::secrets::{verify_or_dummy, verify_rotating, PreviousSecretUses, SecretMatch};
+use crate::secrets::{
+    verify_or_dummy, verify_rotating, AccountKind, PreviousSecretUses, SecretMatch,
+};
 use crate::storage::Storage;
 
 /// Looks credentials up in storage (provisioned and rotated with the CLI
@@ -111,12 +112,16 @@ impl Authenticator {
             if matched == SecretMatch::Previous {
                 // Operators finish a rotation by checking who still uses
                 // the old secret before the grace ends.
-                self.previous_uses.machine.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
+                if self
+                    .previous_uses
+                    .record(AccountKind::Machine, machine_no.as_str())
+                {
+                    tracing::info!(
                     machine_no = %machine_no,
                     grace_until = %stored.previous_secret.as_ref().map(|p| p.expires_at.to_rfc3339()).unwrap_or_default(),
                     "machine connected with its previous secret (rotation grace period)"
-                );
+                    );
+                }
             }
             return Ok(ClientClass::Machine(machine_no));
         }

@@ -20,7 +20,7 @@ use vendgate_proto::machine::MachineNo;
 use super::envelope::Envelope;
 use super::AppState;
 use crate::orders::PlaceRequest;
-use crate::secrets::{verify_rotating, SecretMatch};
+use crate::secrets::{verify_rotating, AccountKind, SecretMatch};
 
 pub fn routes(state: &AppState) -> Router<AppState> {
     let limit = state.gw.settings.http.max_body;
@@ -84,11 +84,12 @@ pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<St
     );
     match merchant {
         Some(m) if matched.is_match() => {
-            if matched == SecretMatch::Previous {
-                s.gw.metrics
+            if matched == SecretMatch::Previous
+                && s.gw
+                    .metrics
                     .previous_secrets
-                    .merchant
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    .record(AccountKind::Merchant, &m.appid)
+            {
                 info!(
                     appid = %m.appid,
                     grace_until = %m.previous_appsecret.as_ref().map(|p| p.expires_at.to_rfc3339()).unwrap_or_default(),
