@@ -1,7 +1,9 @@
-//! The `vendgate` command line: `serve`, `config`, and the provisioning
-//! commands that work against the running gateway's database (no restart).
+//! The `vendgate` command line: `serve`, `config`, `hash-password`, and the
+//! provisioning commands that work against the running gateway's database
+//! (no restart).
 //! `--config` and `--data-dir` are accepted anywhere on the command line.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +77,20 @@ pub enum Cmd {
     /// Service accounts (trusted MQTT integrations, read-only under vend/v1/).
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Read a password (one line) from stdin and print its argon2id hash, for
+    /// `[operator] password` or a `[[services]]` password in the config file.
+    HashPassword,
+}
+
+/// How long a replaced secret keeps working after `rotate-secret`.
+const DEFAULT_GRACE: &str = "24h";
+
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    // "0" alone means no grace; humantime wants a unit otherwise.
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +101,16 @@ pub enum MerchantCmd {
         name: String,
         #[arg(long)]
         notify_url: Option<String>,
+    },
+    /// Give a merchant a new AppSecret (printed once). The old one keeps
+    /// authenticating for the grace period; webhooks are signed with the new
+    /// one at once. Rotating again during a grace ends the older secret.
+    RotateSecret {
+        #[arg(long)]
+        appid: String,
+        /// How long the old AppSecret keeps working, e.g. 24h, 30m, 0.
+        #[arg(long, default_value = DEFAULT_GRACE, value_parser = parse_grace)]
+        grace: std::time::Duration,
     },
 }
 
@@ -106,6 +132,16 @@ pub enum MachineCmd {
     },
     /// One line per machine: machine_no, merchant, online|offline, last seen.
     List,
+    /// Give a machine a new secret (printed once). The old one keeps
+    /// authenticating for the grace period. Rotating again during a grace
+    /// ends the older secret.
+    RotateSecret {
+        #[arg(long)]
+        machine: MachineNo,
+        /// How long the old secret keeps working, e.g. 24h, 30m, 0.
+        #[arg(long, default_value = DEFAULT_GRACE, value_parser = parse_grace)]
+        grace: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +175,10 @@ pub fn main() -> ExitCode {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::HashPassword = cli.command {
+        // Needs no settings: it may run before any config file exists.
+        return hash_password(std::io::stdin().lock(), &mut std::io::stdout());
+    }
     let mut overrides = Overrides {
         data_dir: cli.data_dir.clone(),
         ..Overrides::default()
@@ -224,6 +264,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             provision::machine_list(store.as_ref(), &mut out).await?;
             Ok(())
         }
+        Cmd::Merchant(MerchantCmd::RotateSecret { appid, grace }) => {
+            let store = open(&settings).await?;
+            let key_path = settings.webhook_key_path();
+            let key = WebhookKey::load_or_create(&key_path)
+                .with_context(|| format!("loading the webhook key {}", key_path.display()))?;
+            let mut out = std::io::stdout();
+            provision::merchant_rotate_secret(store.as_ref(), &key, &appid, grace, &mut out)
+                .await?;
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::RotateSecret { machine, grace }) => {
+            let store = open(&settings).await?;
+            let mut out = std::io::stdout();
+            provision::machine_rotate_secret(store.as_ref(), machine, grace, &mut out).await?;
+            Ok(())
+        }
+        Cmd::HashPassword => hash_password(std::io::stdin().lock(), &mut std::io::stdout()),
         Cmd::Service(ServiceCmd::Add { name }) => {
             let store = open(&settings).await?;
             let mut out = std::io::stdout();
@@ -231,6 +288,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `vendgate hash-password`: the first line of `input` (its line ending
+/// removed, nothing else trimmed) hashed with argon2id, on `out`.
+pub fn hash_password(mut input: impl std::io::BufRead, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut line = String::new();
+    input
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line
+        .strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(&line);
+    anyhow::ensure!(!password.is_empty(), "no password on stdin");
+    let phc = crate::passwords::hash_password(password)?;
+    writeln!(out, "{phc}").context("writing the hash")?;
+    Ok(())
 }
 
 async fn open(settings: &Settings) -> anyhow::Result<std::sync::Arc<dyn storage::Storage>> {

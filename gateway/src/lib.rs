@@ -12,7 +12,8 @@
 //! - [`commands`]: the command-delivery seam (local connection now, NATS later).
 //! - [`storage`]: the storage trait and its SQLite implementation.
 //! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
-//! - [`provision`]: the `vendgate merchant|machine|service add/list` commands.
+//! - [`passwords`]: argon2id verification of the human-chosen passwords in the configuration.
+//! - [`provision`]: the `vendgate merchant|machine|service add/list/rotate-secret` commands.
 //! - [`http`]: the HTTP listener.
 //! - [`notifier`]: webhook delivery from the outbox.
 //! - [`metrics`]: Prometheus exposition, operator counters and observers.
@@ -29,6 +30,7 @@ pub mod http;
 pub mod metrics;
 pub mod notifier;
 pub mod orders;
+pub mod passwords;
 pub mod presence;
 pub mod provision;
 pub mod secrets;

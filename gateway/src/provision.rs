@@ -1,5 +1,6 @@
 //! Provisioning commands (`vendgate merchant add`, `machine add`, `machine
-//! list`, `service add`): create accounts with fresh secrets in the same
+//! list`, `service add`, `machine rotate-secret`, `merchant rotate-secret`):
+//! create accounts with fresh secrets, or give them new ones, in the same
 //! database the running gateway reads, so no restart is needed. Each secret
 //! is shown exactly once, on `out` or in the secrets file; only its hash is
 //! stored, except a merchant's AppSecret, which is also stored encrypted
@@ -7,8 +8,9 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use chrono::SecondsFormat;
+use chrono::{DateTime, SecondsFormat, Utc};
 use vendgate_proto::machine::MachineNo;
 
 use crate::secrets::{generate_appid, generate_secret, random_lower_alnum, SecretHash, WebhookKey};
@@ -22,6 +24,10 @@ const SERVICE_SUFFIX_LEN: usize = 12;
 pub enum ProvisionError {
     #[error("unknown merchant {0:?}")]
     UnknownMerchant(String),
+    #[error("unknown machine {0}")]
+    UnknownMachine(MachineNo),
+    #[error("grace period {0:?} is too long")]
+    GraceTooLong(Duration),
     #[error("machine {0} is already provisioned")]
     DuplicateMachine(MachineNo),
     #[error("at least one machine in {first}..={last} is already provisioned; nothing was added")]
@@ -248,6 +254,84 @@ pub async fn service_add(
     out.flush().map_err(ProvisionError::CredentialsNotShown)
 }
 
+/// Give `machine_no` a new secret; the one it replaces keeps working for
+/// `grace` (zero: it stops at once). Prints `secret=…` and
+/// `previous_valid_until=…` (RFC 3339, or `none`).
+///
+/// Rotating again while a grace runs drops the secret before the previous
+/// one at once: at most two secrets are valid at any time, the newest and
+/// the one it replaced.
+pub async fn machine_rotate_secret(
+    store: &dyn Storage,
+    machine_no: MachineNo,
+    grace: Duration,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let until = grace_until(grace)?;
+    let secret = generate_secret();
+    let found = store
+        .rotate_machine_secret(&machine_no, &SecretHash::new(&secret), until)
+        .await
+        .map_err(ProvisionError::Storage)?;
+    if !found {
+        return Err(ProvisionError::UnknownMachine(machine_no));
+    }
+    writeln!(out, "secret={secret}").map_err(ProvisionError::CredentialsNotShown)?;
+    print_until(out, until)
+}
+
+/// Give merchant `appid` a new AppSecret, with the same grace rule as
+/// [`machine_rotate_secret`] for API authentication. Webhooks are signed
+/// with the new AppSecret from the commit on (its encrypted copy under `key`
+/// changes in the same statement), including retries of older events.
+/// Prints `appid=…`, `appsecret=…` and `previous_valid_until=…`.
+pub async fn merchant_rotate_secret(
+    store: &dyn Storage,
+    key: &WebhookKey,
+    appid: &str,
+    grace: Duration,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let until = grace_until(grace)?;
+    let appsecret = generate_secret();
+    let found = store
+        .rotate_merchant_secret(
+            appid,
+            &SecretHash::new(&appsecret),
+            &key.encrypt(appid, &appsecret),
+            until,
+        )
+        .await
+        .map_err(ProvisionError::Storage)?;
+    if !found {
+        return Err(ProvisionError::UnknownMerchant(appid.to_owned()));
+    }
+    writeln!(out, "appid={appid}").map_err(ProvisionError::CredentialsNotShown)?;
+    writeln!(out, "appsecret={appsecret}").map_err(ProvisionError::CredentialsNotShown)?;
+    print_until(out, until)
+}
+
+/// When a previous secret stops working; None for a zero grace.
+fn grace_until(grace: Duration) -> Result<Option<DateTime<Utc>>, ProvisionError> {
+    if grace.is_zero() {
+        return Ok(None);
+    }
+    chrono::Duration::from_std(grace)
+        .ok()
+        .and_then(|g| Utc::now().checked_add_signed(g))
+        .map(Some)
+        .ok_or(ProvisionError::GraceTooLong(grace))
+}
+
+fn print_until(out: &mut impl Write, until: Option<DateTime<Utc>>) -> Result<(), ProvisionError> {
+    let until = until.map_or_else(
+        || "none".to_owned(),
+        |t| t.to_rfc3339_opts(SecondsFormat::Secs, true),
+    );
+    writeln!(out, "previous_valid_until={until}").map_err(ProvisionError::CredentialsNotShown)?;
+    out.flush().map_err(ProvisionError::CredentialsNotShown)
+}
+
 /// Trimmed; not empty and free of control characters (tabs and newlines would
 /// break line-oriented output).
 fn valid_name(name: &str) -> Result<String, ProvisionError> {
@@ -324,6 +408,7 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
+    use crate::secrets::{verify_rotating, SecretMatch};
     use crate::storage::open_sqlite;
 
     async fn store() -> (TempDir, Arc<dyn Storage>) {
@@ -670,6 +755,142 @@ mod tests {
                  00000002\t{appid}\tonline\t2025-03-01T12:34:56Z\n"
             )
         );
+    }
+
+    #[tokio::test]
+    async fn machine_rotation_keeps_the_old_secret_for_the_grace_only() {
+        let (_dir, store) = store().await;
+        let (appid, _) = add_merchant(store.as_ref()).await;
+        let mut out = Vec::new();
+        machine_add(store.as_ref(), &appid, no("00000001"), &mut out)
+            .await
+            .unwrap();
+        let first = kv(&out)[0].1.clone();
+
+        let mut out = Vec::new();
+        machine_rotate_secret(
+            store.as_ref(),
+            no("00000001"),
+            Duration::from_secs(3600),
+            &mut out,
+        )
+        .await
+        .unwrap();
+        let kv1 = kv(&out);
+        assert_eq!(kv1[0].0, "secret");
+        assert_eq!(kv1[1].0, "previous_valid_until");
+        let second = kv1[0].1.clone();
+        let m = store.machine(&no("00000001")).await.unwrap().unwrap();
+        let check = |m: &crate::storage::Machine, s: &str| {
+            verify_rotating(
+                Some(&m.secret_hash),
+                m.previous_secret.as_ref(),
+                s,
+                Utc::now(),
+            )
+        };
+        assert_eq!(check(&m, &second), SecretMatch::Current);
+        assert_eq!(check(&m, &first), SecretMatch::Previous);
+
+        // Rotating again during the grace: the first secret is gone at once.
+        let mut out = Vec::new();
+        machine_rotate_secret(
+            store.as_ref(),
+            no("00000001"),
+            Duration::from_secs(3600),
+            &mut out,
+        )
+        .await
+        .unwrap();
+        let third = kv(&out)[0].1.clone();
+        let m = store.machine(&no("00000001")).await.unwrap().unwrap();
+        assert_eq!(check(&m, &third), SecretMatch::Current);
+        assert_eq!(check(&m, &second), SecretMatch::Previous);
+        assert_eq!(check(&m, &first), SecretMatch::None);
+
+        // A grace that has already ended, as storage sees it.
+        let past = Utc::now() - chrono::Duration::seconds(1);
+        store
+            .rotate_machine_secret(&no("00000001"), &SecretHash::new("fourth"), Some(past))
+            .await
+            .unwrap();
+        let m = store.machine(&no("00000001")).await.unwrap().unwrap();
+        assert_eq!(check(&m, "fourth"), SecretMatch::Current);
+        assert_eq!(check(&m, &third), SecretMatch::None);
+
+        // Zero grace: no previous secret at all.
+        let mut out = Vec::new();
+        machine_rotate_secret(store.as_ref(), no("00000001"), Duration::ZERO, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(kv(&out)[1], ("previous_valid_until".into(), "none".into()));
+        let m = store.machine(&no("00000001")).await.unwrap().unwrap();
+        assert!(m.previous_secret.is_none());
+        assert_eq!(check(&m, "fourth"), SecretMatch::None);
+
+        let err = machine_rotate_secret(
+            store.as_ref(),
+            no("00000002"),
+            Duration::ZERO,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::UnknownMachine(_)), "{err}");
+        let err = machine_rotate_secret(
+            store.as_ref(),
+            no("00000001"),
+            Duration::MAX,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::GraceTooLong(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn merchant_rotation_replaces_the_signing_copy_too() {
+        let (_dir, store) = store().await;
+        let (appid, old) = add_merchant(store.as_ref()).await;
+        let mut out = Vec::new();
+        merchant_rotate_secret(
+            store.as_ref(),
+            &key(),
+            &appid,
+            Duration::from_secs(60),
+            &mut out,
+        )
+        .await
+        .unwrap();
+        let kv = kv(&out);
+        assert_eq!(kv[0], ("appid".into(), appid.clone()));
+        assert_eq!(kv[1].0, "appsecret");
+        let new = kv[1].1.clone();
+        assert_ne!(new, old);
+        let m = store.merchant(&appid).await.unwrap().unwrap();
+        let enc = m.appsecret_enc.as_deref().unwrap();
+        assert_eq!(key().decrypt(&appid, enc).unwrap(), new);
+        let check = |s: &str| {
+            verify_rotating(
+                Some(&m.appsecret_hash),
+                m.previous_appsecret.as_ref(),
+                s,
+                Utc::now(),
+            )
+        };
+        assert_eq!(check(&new), SecretMatch::Current);
+        assert_eq!(check(&old), SecretMatch::Previous);
+
+        let err = merchant_rotate_secret(
+            store.as_ref(),
+            &key(),
+            "vgnope",
+            Duration::ZERO,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProvisionError::UnknownMerchant(_)), "{err}");
     }
 
     /// A writer that always fails, like a closed pipe.

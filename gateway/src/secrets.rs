@@ -12,9 +12,17 @@
 //! times). A per-secret random salt as the HMAC key still makes equal secrets
 //! hash differently and rules out precomputed tables.
 //!
-//! The one exception is a service password set in the configuration file by an
-//! operator; that file is trusted and its passwords are expected to be
-//! generated too.
+//! Passwords a human may choose (the `[operator]` and `[[services]]` ones in
+//! the configuration file) are not handled here but in [`crate::passwords`],
+//! with argon2id.
+//!
+//! # Rotation with a grace period
+//!
+//! Rotating a machine secret or an AppSecret keeps the replaced secret as a
+//! [`PreviousSecret`] with an expiry; [`verify_rotating`] accepts it until
+//! then and says which one matched, so callers can count and log accounts
+//! that have not switched yet. One previous secret at most: rotating again
+//! during a grace drops the older one.
 //!
 //! # The one secret kept readable: merchants' AppSecrets, encrypted
 //!
@@ -28,9 +36,11 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use rand::rngs::OsRng;
 use rand::{Rng, RngCore};
@@ -172,6 +182,107 @@ pub fn verify_or_dummy(hash: Option<&SecretHash>, candidate: &str) -> bool {
             };
             std::hint::black_box(dummy.verify(std::hint::black_box(candidate)));
             false
+        }
+    }
+}
+
+/// The secret a rotation replaced: still accepted until `expires_at`.
+#[derive(Debug, Clone)]
+pub struct PreviousSecret {
+    pub hash: SecretHash,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Which stored secret a candidate matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretMatch {
+    Current,
+    /// The replaced secret, within its grace period.
+    Previous,
+    None,
+}
+
+impl SecretMatch {
+    pub fn is_match(self) -> bool {
+        self != Self::None
+    }
+}
+
+/// Verify `candidate` against an account's current secret and, when that
+/// fails, against the secret a rotation replaced if its grace has not ended
+/// at `now` (passed in so the expiry rule is testable without waiting).
+/// `current` None (unknown account) costs the same dummy HMAC as
+/// [`verify_or_dummy`] and never matches.
+///
+/// A second HMAC is spent only on accounts in a grace period with a wrong
+/// or old secret; that this is measurable tells an attacker only that a
+/// rotation is under way, not any secret.
+pub fn verify_rotating(
+    current: Option<&SecretHash>,
+    previous: Option<&PreviousSecret>,
+    candidate: &str,
+    now: DateTime<Utc>,
+) -> SecretMatch {
+    if verify_or_dummy(current, candidate) {
+        return SecretMatch::Current;
+    }
+    match previous {
+        Some(p) if current.is_some() && now < p.expires_at && p.hash.verify(candidate) => {
+            SecretMatch::Previous
+        }
+        _ => SecretMatch::None,
+    }
+}
+
+/// How often a previous secret authenticated during its grace: operators
+/// watch it fall to zero before the grace ends (`/metrics`:
+/// `vendgate_previous_secret_used_total{account}`), and the log names the
+/// accounts, at most once a minute each ([`PreviousSecretUses::record`]).
+#[derive(Debug, Default)]
+pub struct PreviousSecretUses {
+    /// MQTT CONNECTs of machines with their previous secret.
+    pub machine: AtomicU64,
+    /// Open-API requests with a merchant's previous AppSecret.
+    pub merchant: AtomicU64,
+    /// When each account's use was last logged.
+    logged: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// Which counter of [`PreviousSecretUses`] a use goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountKind {
+    Machine,
+    Merchant,
+}
+
+/// One log line per account and minute: a merchant calling the API
+/// hundreds of times a second with its old AppSecret must not flood the log.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// Accounts remembered for log throttling; beyond it the memory is reset
+/// (a few repeated lines are better than unbounded growth).
+const LOGGED_MAX: usize = 10_000;
+
+impl PreviousSecretUses {
+    /// Count one use by `account`; true when it should be logged now.
+    pub fn record(&self, kind: AccountKind, account: &str) -> bool {
+        let counter = match kind {
+            AccountKind::Machine => &self.machine,
+            AccountKind::Merchant => &self.merchant,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(mut logged) = self.logged.lock() else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        match logged.get(account) {
+            Some(at) if now.duration_since(*at) < LOG_EVERY => false,
+            _ => {
+                if logged.len() >= LOGGED_MAX {
+                    logged.clear();
+                }
+                logged.insert(account.to_owned(), now);
+                true
+            }
         }
     }
 }
@@ -435,6 +546,52 @@ mod tests {
         assert!(!h.verify(""));
         assert!(!h.verify(&s[..31]));
         assert!(!h.verify(&s.to_uppercase()));
+    }
+
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(s, 0).unwrap()
+    }
+
+    #[test]
+    fn rotating_accepts_the_previous_secret_only_during_its_grace() {
+        let (old, new) = (generate_secret(), generate_secret());
+        let current = SecretHash::new(&new);
+        let previous = PreviousSecret {
+            hash: SecretHash::new(&old),
+            expires_at: at(1_000),
+        };
+        let check = |candidate: &str, now| {
+            verify_rotating(Some(&current), Some(&previous), candidate, at(now))
+        };
+        assert_eq!(check(&new, 999), SecretMatch::Current);
+        assert_eq!(check(&old, 999), SecretMatch::Previous);
+        assert_eq!(check("nope", 999), SecretMatch::None);
+        // The expiry instant itself is already outside the grace.
+        assert_eq!(check(&old, 1_000), SecretMatch::None);
+        assert_eq!(check(&old, 5_000), SecretMatch::None);
+        assert_eq!(check(&new, 5_000), SecretMatch::Current);
+        // No rotation: only the current secret.
+        assert_eq!(
+            verify_rotating(Some(&current), None, &old, at(0)),
+            SecretMatch::None
+        );
+        // An unknown account never matches, not even a previous secret.
+        assert_eq!(
+            verify_rotating(None, Some(&previous), &old, at(0)),
+            SecretMatch::None
+        );
+        assert!(SecretMatch::Previous.is_match() && !SecretMatch::None.is_match());
+    }
+
+    #[test]
+    fn previous_secret_uses_count_every_use_and_log_once_a_minute() {
+        let uses = PreviousSecretUses::default();
+        assert!(uses.record(AccountKind::Merchant, "vga"));
+        assert!(!uses.record(AccountKind::Merchant, "vga"));
+        assert!(uses.record(AccountKind::Machine, "00000001"));
+        assert!(uses.record(AccountKind::Merchant, "vgb"));
+        let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((load(&uses.merchant), load(&uses.machine)), (3, 1));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub};
 use crate::notifier::{machine_event, Notifier};
 use crate::orders::{OrderService, OrderUplinks};
+use crate::passwords::ConfigPassword;
 use crate::presence::PresenceRegistry;
 use crate::secrets::WebhookKey;
 use crate::storage::{self, PresenceChange, PresenceWrite, Storage};
@@ -81,21 +82,27 @@ impl Gateway {
         let presence = Arc::new(PresenceRegistry::new());
         let pings = Arc::new(PingTable::default());
         let uplinks = Arc::new(DeviceUplinks::new(presence.clone(), pings.clone()));
-        let services: Vec<(String, String)> = settings
-            .services
-            .iter()
-            .map(|c| (c.username.clone(), c.password.clone()))
-            .collect();
-        if let Some(bad) = services
-            .iter()
-            .find(|(u, _)| u.bytes().all(|b| b.is_ascii_digit()))
-        {
-            anyhow::bail!(
-                "service username {:?} is all digits: it would be taken for a machine",
-                bad.0
-            );
+        let mut services = Vec::with_capacity(settings.services.len());
+        for c in &settings.services {
+            if c.username.bytes().all(|b| b.is_ascii_digit()) {
+                anyhow::bail!(
+                    "service username {:?} is all digits: it would be taken for a machine",
+                    c.username
+                );
+            }
+            let password = ConfigPassword::parse(&c.password)
+                .with_context(|| format!("[[services]] {:?} password", c.username))?;
+            if !password.is_hashed() {
+                warn!(
+                    username = %c.username,
+                    "[[services]] password is in plaintext; store `vendgate hash-password` output instead"
+                );
+            }
+            services.push((c.username.clone(), password));
         }
-        let auth = Authenticator::new(store.clone(), &services);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let auth = Authenticator::new(store.clone(), services)
+            .count_previous_secret_uses(metrics.previous_secrets.clone());
         let hub = Arc::new(Hub::new(
             settings.mqtt.clone(),
             presence.clone(),
@@ -103,7 +110,6 @@ impl Gateway {
             uplinks.clone(),
             shutdown.clone(),
         ));
-        let metrics = Arc::new(crate::metrics::Metrics::new());
         metrics.instrument_edge(&hub);
         let edge = Edge::bind(settings.mqtt.addr, hub.clone())
             .await

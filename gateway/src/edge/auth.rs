@@ -1,7 +1,8 @@
 //! CONNECT authentication: decides whether a client is a machine (client id =
 //! username = machine_no, password = its secret) or a service account, and
 //! answers with the MQTT 3.1.1 CONNACK code otherwise. Secrets are compared
-//! in constant time and never logged.
+//! in constant time and never logged. During a rotation's grace period a
+//! machine's previous secret is accepted too, and counted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,14 +11,19 @@ use rumqttc::mqttbytes::v4::{ConnectReturnCode, Login};
 use vendgate_proto::machine::MachineNo;
 
 use super::router::ClientClass;
-use crate::secrets::{verify_or_dummy, SecretHash};
+use crate::passwords::ConfigPassword;
+use crate::secrets::{
+    verify_or_dummy, verify_rotating, AccountKind, PreviousSecretUses, SecretMatch,
+};
 use crate::storage::Storage;
 
-/// Looks credentials up in storage (provisioned with the CLI while the
-/// gateway runs, so no cache that would need invalidating) and in config.
+/// Looks credentials up in storage (provisioned and rotated with the CLI
+/// while the gateway runs, so no cache that would need invalidating: a
+/// rotation takes effect at the next CONNECT) and in config.
 pub struct Authenticator {
     store: Arc<dyn Storage>,
-    config_services: HashMap<String, SecretHash>,
+    config_services: HashMap<String, ConfigPassword>,
+    previous_uses: Arc<PreviousSecretUses>,
 }
 
 /// Why a CONNECT was refused, for logs and metrics (never the secret).
@@ -56,17 +62,20 @@ impl Refusal {
 }
 
 impl Authenticator {
-    /// `config_services` are (username, password) pairs from settings; they are
-    /// hashed here so the plaintext does not stay in memory longer than needed.
-    pub fn new(store: Arc<dyn Storage>, config_services: &[(String, String)]) -> Self {
-        let config_services = config_services
-            .iter()
-            .map(|(u, p)| (u.clone(), SecretHash::new(p)))
-            .collect();
+    /// `config_services` are (username, password) pairs from settings,
+    /// parsed by start-up (argon2 PHC strings or plaintext).
+    pub fn new(store: Arc<dyn Storage>, config_services: Vec<(String, ConfigPassword)>) -> Self {
         Self {
             store,
-            config_services,
+            config_services: config_services.into_iter().collect(),
+            previous_uses: Arc::default(),
         }
+    }
+
+    /// Count machine CONNECTs with a previous secret into `uses` (metrics).
+    pub fn count_previous_secret_uses(mut self, uses: Arc<PreviousSecretUses>) -> Self {
+        self.previous_uses = uses;
+        self
     }
 
     pub async fn authenticate(
@@ -85,15 +94,34 @@ impl Authenticator {
                 .machine(&machine_no)
                 .await
                 .map_err(|_| Refusal::StorageUnavailable)?;
-            let ok = verify_or_dummy(stored.as_ref().map(|m| &m.secret_hash), &login.password);
-            if stored.is_none() {
+            let matched = verify_rotating(
+                stored.as_ref().map(|m| &m.secret_hash),
+                stored.as_ref().and_then(|m| m.previous_secret.as_ref()),
+                &login.password,
+                chrono::Utc::now(),
+            );
+            let Some(stored) = stored else {
                 return Err(Refusal::UnknownMachine);
-            }
-            if !ok {
+            };
+            if !matched.is_match() {
                 return Err(Refusal::WrongSecret);
             }
             if client_id != login.username {
                 return Err(Refusal::ClientIdMismatch);
+            }
+            if matched == SecretMatch::Previous {
+                // Operators finish a rotation by checking who still uses
+                // the old secret before the grace ends.
+                if self
+                    .previous_uses
+                    .record(AccountKind::Machine, machine_no.as_str())
+                {
+                    tracing::info!(
+                    machine_no = %machine_no,
+                    grace_until = %stored.previous_secret.as_ref().map(|p| p.expires_at.to_rfc3339()).unwrap_or_default(),
+                    "machine connected with its previous secret (rotation grace period)"
+                    );
+                }
             }
             return Ok(ClientClass::Machine(machine_no));
         }
@@ -106,8 +134,8 @@ impl Authenticator {
         if client_id.parse::<MachineNo>().is_ok() {
             return Err(Refusal::BadClientId);
         }
-        let ok = if let Some(h) = self.config_services.get(&login.username) {
-            h.verify(&login.password)
+        let ok = if let Some(p) = self.config_services.get(&login.username) {
+            p.verify(&login.password).await
         } else {
             let stored = self
                 .store

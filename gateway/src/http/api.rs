@@ -20,7 +20,7 @@ use vendgate_proto::machine::MachineNo;
 use super::envelope::Envelope;
 use super::AppState;
 use crate::orders::PlaceRequest;
-use crate::secrets::verify_or_dummy;
+use crate::secrets::{verify_rotating, AccountKind, SecretMatch};
 
 pub fn routes(state: &AppState) -> Router<AppState> {
     let limit = state.gw.settings.http.max_body;
@@ -50,7 +50,10 @@ pub async fn not_found(State(s): State<AppState>, method: Method, uri: Uri) -> A
 }
 
 /// The caller's appid when `Appid`/`AppSecret` match (constant-time; an
-/// unknown appid costs the same as a wrong secret).
+/// unknown appid costs the same as a wrong secret). During a rotation's grace
+/// period the previous AppSecret matches too, and is counted and logged.
+/// The merchant is read from storage on every call (no cache), so a rotation
+/// made by the CLI applies to the next request.
 pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, ErrorCode> {
     let appid = headers
         .get("appid")
@@ -71,9 +74,28 @@ pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<St
             .merchant(appid)
             .await
             .map_err(|_| ErrorCode::Internal)?;
-    let ok = verify_or_dummy(merchant.as_ref().map(|m| &m.appsecret_hash), secret);
+    let matched = verify_rotating(
+        merchant.as_ref().map(|m| &m.appsecret_hash),
+        merchant
+            .as_ref()
+            .and_then(|m| m.previous_appsecret.as_ref()),
+        secret,
+        Utc::now(),
+    );
     match merchant {
-        Some(m) if ok => {
+        Some(m) if matched.is_match() => {
+            if matched == SecretMatch::Previous
+                && s.gw
+                    .metrics
+                    .previous_secrets
+                    .record(AccountKind::Merchant, &m.appid)
+            {
+                info!(
+                    appid = %m.appid,
+                    grace_until = %m.previous_appsecret.as_ref().map(|p| p.expires_at.to_rfc3339()).unwrap_or_default(),
+                    "merchant authenticated with its previous AppSecret (rotation grace period)"
+                );
+            }
             if s.rate.allow(&m.appid) {
                 Ok(m.appid)
             } else {

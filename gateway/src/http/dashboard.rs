@@ -8,7 +8,9 @@
 //!   filtered and paginated on the server so 10,000 machines cost one page;
 //! - `/dashboard/api/orders/{id}`: one order with its timeline.
 //!
-//! Access needs the `[operator]` credential (HTTP Basic). A successful Basic
+//! Access needs the `[operator]` credential (HTTP Basic); its password may be
+//! configured as an argon2id hash (`vendgate hash-password`, see
+//! [`crate::passwords`]) or, with a warning, in plaintext. A successful Basic
 //! login also sets an HttpOnly session cookie so the page's own requests do
 //! not depend on how a browser replays Basic credentials. Without a
 //! configured credential the dashboard is refused with a message saying so.
@@ -37,6 +39,7 @@ use crate::metrics::edge::{Direction, PATTERNS};
 use crate::metrics::orders::OUTCOMES;
 use crate::metrics::webhooks::DeliveryResult;
 use crate::metrics::{Metrics, FLAP_THRESHOLD};
+use crate::passwords::ConfigPassword;
 use crate::startup::GatewayHandle;
 
 const INDEX_HTML: &str = include_str!("../../assets/dashboard.html");
@@ -62,16 +65,25 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
 struct DashState {
     gw: GatewayHandle,
     sessions: Arc<DashMap<String, tokio::time::Instant>>,
+    /// The operator password, parsed once; Err says why the dashboard is
+    /// refused.
+    password: Result<Arc<ConfigPassword>, String>,
 }
 
 /// The dashboard's routes (full paths, to merge into the HTTP router).
 pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
-    if let Err(why) = credential_problem(&gw) {
-        warn!("{why}");
+    let password = operator_password(&gw);
+    match &password {
+        Err(why) => warn!("{why}"),
+        Ok(p) if !p.is_hashed() => warn!(
+            "[operator] password is in plaintext; store `vendgate hash-password` output instead"
+        ),
+        Ok(_) => {}
     }
     let state = DashState {
         gw,
         sessions: Arc::new(DashMap::new()),
+        password,
     };
     Router::new()
         .route("/dashboard", get(index))
@@ -88,20 +100,24 @@ pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
         .with_state(state)
 }
 
-/// Why the configured credential cannot protect the dashboard, if it cannot.
-fn credential_problem(gw: &GatewayHandle) -> Result<(), String> {
+/// The configured operator password, or why it cannot protect the
+/// dashboard. The length rule applies to plaintext only: a hash hides the
+/// length (`hash-password` enforces the same minimum).
+fn operator_password(gw: &GatewayHandle) -> Result<Arc<ConfigPassword>, String> {
     let op = &gw.settings.operator;
     if op.username.is_empty() || op.password.is_empty() {
         return Err("dashboard disabled: set [operator] username and password \
                     (or VENDGATE_OPERATOR__USERNAME / VENDGATE_OPERATOR__PASSWORD)"
             .into());
     }
-    if op.password.chars().count() < MIN_PASSWORD {
+    let password = ConfigPassword::parse(&op.password)
+        .map_err(|e| format!("dashboard disabled: [operator] password: {e}"))?;
+    if !password.is_hashed() && op.password.chars().count() < MIN_PASSWORD {
         return Err(format!(
             "dashboard disabled: [operator] password must have at least {MIN_PASSWORD} characters"
         ));
     }
-    Ok(())
+    Ok(Arc::new(password))
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -114,7 +130,7 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 /// The credential of an `Authorization: Basic …` header matches the operator's.
-fn basic_ok(gw: &GatewayHandle, headers: &HeaderMap) -> bool {
+async fn basic_ok(gw: &GatewayHandle, password: &ConfigPassword, headers: &HeaderMap) -> bool {
     let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -139,7 +155,7 @@ fn basic_ok(gw: &GatewayHandle, headers: &HeaderMap) -> bool {
     let op = &gw.settings.operator;
     // Both compared, always, so timing does not tell which one was wrong.
     let u = same(user, &op.username);
-    let p = same(pass, &op.password);
+    let p = password.verify(pass).await;
     u & p
 }
 
@@ -191,13 +207,14 @@ fn new_session(state: &DashState) -> String {
 /// Middleware: the operator credential or a session from it; 503 with the
 /// reason when no usable credential is configured.
 async fn require_operator(State(state): State<DashState>, req: Request, next: Next) -> Response {
-    if let Err(why) = credential_problem(&state.gw) {
-        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
-    }
+    let password = match &state.password {
+        Ok(p) => p.clone(),
+        Err(why) => return (StatusCode::SERVICE_UNAVAILABLE, why.clone()).into_response(),
+    };
     if session_ok(&state, req.headers()) {
         return secure(next.run(req).await);
     }
-    if basic_ok(&state.gw, req.headers()) {
+    if basic_ok(&state.gw, &password, req.headers()).await {
         let token = new_session(&state);
         info!("operator signed in to the dashboard");
         let mut res = secure(next.run(req).await);

@@ -37,6 +37,7 @@ use vendgate_proto::codes::ErrorCode;
 use vendgate_proto::machine::MachineNo;
 
 use crate::edge::Hub;
+use crate::secrets::PreviousSecretUses;
 use crate::startup::GatewayHandle;
 use crate::storage::{Storage, StorageError};
 use edge::{ClientKind, Direction, DisconnectReason, PATTERNS, REFUSALS};
@@ -97,6 +98,8 @@ struct Series {
     queue_depth: Gauge,
     webhook_deliveries: [Counter; webhooks::DeliveryResult::ALL.len()],
     webhook_refused_targets: Counter,
+    /// Index 0: machine, 1: merchant.
+    previous_secret_used: [Counter; 2],
     outbox_backlog: Gauge,
     outbox_oldest_age: Gauge,
     uptime: Gauge,
@@ -221,6 +224,9 @@ pub struct Metrics {
     /// Whether the notifier's task runs (start-up wraps it).
     pub webhooks: Arc<WebhookObserver>,
     pub directory: MachineDirectory,
+    /// Uses of previous secrets during rotation grace periods; the edge's
+    /// authenticator and the open API count into it.
+    pub previous_secrets: Arc<PreviousSecretUses>,
 }
 
 impl Default for Metrics {
@@ -355,6 +361,13 @@ impl Metrics {
                 "Failed attempts whose notify_url resolved to a forbidden (private, loopback) address.",
                 &[],
             ),
+            previous_secret_used: ["machine", "merchant"].map(|account| {
+                r.counter(
+                    "vendgate_previous_secret_used_total",
+                    "Authentications with a secret replaced by a rotation, during its grace period (machine: MQTT CONNECT, merchant: open API).",
+                    &[("account", account)],
+                )
+            }),
             outbox_backlog: r.gauge(
                 "vendgate_webhook_outbox_backlog",
                 "Webhook events not yet delivered.",
@@ -400,6 +413,7 @@ impl Metrics {
             orders: Arc::new(OrderObserver::default()),
             webhooks: Arc::new(WebhookObserver::default()),
             directory: MachineDirectory::default(),
+            previous_secrets: Arc::default(),
         }
     }
 
@@ -539,6 +553,9 @@ impl Metrics {
             s.webhook_deliveries[d as usize].absolute(d.count(n));
         }
         s.webhook_refused_targets.absolute(l(&n.refused_targets));
+        let prev = &self.previous_secrets;
+        s.previous_secret_used[0].absolute(l(&prev.machine));
+        s.previous_secret_used[1].absolute(l(&prev.merchant));
         // On a storage error the gauges keep their last value; /readyz
         // reports the storage problem.
         if let Ok(b) = gw.notifier.backlog().await {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 
-use crate::secrets::SecretHash;
+use crate::secrets::{PreviousSecret, SecretHash};
 
 pub mod orders;
 pub mod outbox;
@@ -62,6 +62,9 @@ pub struct Merchant {
     /// None for merchants created before webhook signing: their events
     /// cannot be signed.
     pub appsecret_enc: Option<String>,
+    /// The AppSecret a rotation replaced, while (or after) its grace runs;
+    /// [`crate::secrets::verify_rotating`] ignores it once expired.
+    pub previous_appsecret: Option<PreviousSecret>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -81,6 +84,8 @@ pub struct Machine {
     pub machine_no: MachineNo,
     pub merchant_appid: String,
     pub secret_hash: SecretHash,
+    /// The secret a rotation replaced (see [`Merchant::previous_appsecret`]).
+    pub previous_secret: Option<PreviousSecret>,
     pub online: bool,
     pub last_seen: Option<DateTime<Utc>>,
     pub online_since: Option<DateTime<Utc>>,
@@ -146,6 +151,26 @@ pub trait Storage: OrderStorage + OutboxStorage + Send + Sync + 'static {
     /// duplicate too).
     async fn create_machines(&self, ms: Vec<NewMachine>) -> Result<(), StorageError>;
     async fn machine(&self, m: &MachineNo) -> Result<Option<Machine>, StorageError>;
+    /// Make `new_hash` the machine's secret in one statement. The replaced
+    /// secret stays valid until `previous_until` (None: it stops at once);
+    /// a previous secret still in its grace is dropped, so at most two
+    /// secrets are ever valid. Ok(false) if there is no such machine.
+    async fn rotate_machine_secret(
+        &self,
+        m: &MachineNo,
+        new_hash: &SecretHash,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError>;
+    /// The same for a merchant's AppSecret; `new_enc` (its encrypted copy
+    /// for webhook signing) is replaced in the same statement, so webhooks
+    /// are signed with the new AppSecret from this commit on.
+    async fn rotate_merchant_secret(
+        &self,
+        appid: &str,
+        new_hash: &SecretHash,
+        new_enc: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError>;
     /// Machines ordered by machine_no; only `merchant`'s when given.
     async fn list_machines(&self, merchant: Option<&str>) -> Result<Vec<Machine>, StorageError>;
     /// Err(Duplicate("service")) if the username is taken.

@@ -28,7 +28,7 @@ use super::{
     Machine, Merchant, NewMachine, NewMerchant, NewService, PresenceWrite, ServiceAccount, Storage,
     StorageError,
 };
-use crate::secrets::SecretHash;
+use crate::secrets::{PreviousSecret, SecretHash};
 
 /// Schema migrations, embedded at compile time.
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -122,13 +122,15 @@ impl Storage for SqliteStorage {
             notify_url: m.notify_url,
             appsecret_hash: m.appsecret_hash,
             appsecret_enc: m.appsecret_enc,
+            previous_appsecret: None,
             created_at: from_ms(created_at_ms, "merchants.created_at_ms")?,
         })
     }
 
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError> {
         sqlx::query_as::<_, MerchantRow>(
-            "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms \
+            "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms, \
+             prev_appsecret_hash, prev_appsecret_expires_ms \
              FROM merchants WHERE appid = ?",
         )
         .bind(appid)
@@ -141,7 +143,8 @@ impl Storage for SqliteStorage {
 
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError> {
         sqlx::query_as::<_, MerchantRow>(
-            "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms \
+            "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms, \
+             prev_appsecret_hash, prev_appsecret_expires_ms \
              FROM merchants ORDER BY appid",
         )
         .fetch_all(&self.pool)
@@ -166,6 +169,7 @@ impl Storage for SqliteStorage {
             machine_no: m.machine_no,
             merchant_appid: m.merchant_appid,
             secret_hash: m.secret_hash,
+            previous_secret: None,
             online: false,
             last_seen: None,
             online_since: None,
@@ -209,7 +213,7 @@ impl Storage for SqliteStorage {
     async fn machine(&self, m: &MachineNo) -> Result<Option<Machine>, StorageError> {
         sqlx::query_as::<_, MachineRow>(
             "SELECT machine_no, merchant_appid, secret_hash, online, last_seen_ms, \
-             online_since_ms, created_at_ms FROM machines WHERE machine_no = ?",
+             online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms FROM machines WHERE machine_no = ?",
         )
         .bind(m.as_str())
         .fetch_optional(&self.pool)
@@ -219,19 +223,66 @@ impl Storage for SqliteStorage {
         .transpose()
     }
 
+    async fn rotate_machine_secret(
+        &self,
+        m: &MachineNo,
+        new_hash: &SecretHash,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError> {
+        // Right-hand sides of an UPDATE see the row as it was, so the old
+        // `secret_hash` moves to `prev_secret_hash` while the new one lands.
+        let done = sqlx::query(
+            "UPDATE machines SET \
+             prev_secret_hash = CASE WHEN ?2 IS NULL THEN NULL ELSE secret_hash END, \
+             prev_secret_expires_ms = ?2, secret_hash = ?1 WHERE machine_no = ?3",
+        )
+        .bind(new_hash.as_str())
+        .bind(previous_until.map(|t| t.timestamp_millis()))
+        .bind(m.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_merchant_secret(
+        &self,
+        appid: &str,
+        new_hash: &SecretHash,
+        new_enc: &str,
+        previous_until: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError> {
+        // One statement: API authentication and webhook signing switch to the
+        // new AppSecret in the same commit.
+        let done = sqlx::query(
+            "UPDATE merchants SET \
+             prev_appsecret_hash = CASE WHEN ?2 IS NULL THEN NULL ELSE appsecret_hash END, \
+             prev_appsecret_expires_ms = ?2, appsecret_hash = ?1, appsecret_enc = ?3 \
+             WHERE appid = ?4",
+        )
+        .bind(new_hash.as_str())
+        .bind(previous_until.map(|t| t.timestamp_millis()))
+        .bind(new_enc)
+        .bind(appid)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn list_machines(&self, merchant: Option<&str>) -> Result<Vec<Machine>, StorageError> {
         // Two statements rather than `? IS NULL OR ...` so that the merchant
         // filter can use the machines_by_merchant index.
         let query = match merchant {
             Some(appid) => sqlx::query_as::<_, MachineRow>(
                 "SELECT machine_no, merchant_appid, secret_hash, online, last_seen_ms, \
-                 online_since_ms, created_at_ms FROM machines WHERE merchant_appid = ? \
+                 online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms FROM machines WHERE merchant_appid = ? \
                  ORDER BY machine_no",
             )
             .bind(appid),
             None => sqlx::query_as::<_, MachineRow>(
                 "SELECT machine_no, merchant_appid, secret_hash, online, last_seen_ms, \
-                 online_since_ms, created_at_ms FROM machines ORDER BY machine_no",
+                 online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms FROM machines ORDER BY machine_no",
             ),
         };
         query
@@ -387,11 +438,20 @@ struct MerchantRow {
     appsecret_hash: String,
     appsecret_enc: Option<String>,
     created_at_ms: i64,
+    prev_appsecret_hash: Option<String>,
+    prev_appsecret_expires_ms: Option<i64>,
 }
 
 impl MerchantRow {
     fn into_merchant(self) -> Result<Merchant, StorageError> {
+        let previous_appsecret = previous(
+            self.prev_appsecret_hash.as_deref(),
+            self.prev_appsecret_expires_ms,
+            "merchants.prev_appsecret_hash",
+            &self.appid,
+        )?;
         Ok(Merchant {
+            previous_appsecret,
             appsecret_hash: parse_hash(
                 &self.appsecret_hash,
                 "merchants.appsecret_hash",
@@ -415,6 +475,8 @@ struct MachineRow {
     last_seen_ms: Option<i64>,
     online_since_ms: Option<i64>,
     created_at_ms: i64,
+    prev_secret_hash: Option<String>,
+    prev_secret_expires_ms: Option<i64>,
 }
 
 impl MachineRow {
@@ -429,6 +491,12 @@ impl MachineRow {
             secret_hash: parse_hash(
                 &self.secret_hash,
                 "machines.secret_hash",
+                machine_no.as_str(),
+            )?,
+            previous_secret: previous(
+                self.prev_secret_hash.as_deref(),
+                self.prev_secret_expires_ms,
+                "machines.prev_secret_hash",
                 machine_no.as_str(),
             )?,
             online: self.online != 0,
@@ -483,6 +551,26 @@ pub(super) fn from_ms(ms: i64, column: &str) -> Result<DateTime<Utc>, StorageErr
 fn parse_hash(stored: &str, column: &str, key: &str) -> Result<SecretHash, StorageError> {
     SecretHash::parse(stored)
         .map_err(|e| StorageError::Corrupt(format!("{column} of {key:?}: {e}")))
+}
+
+/// The previous secret of a rotation; both columns are written together, so
+/// only one of them set is corrupt.
+fn previous(
+    hash: Option<&str>,
+    expires_ms: Option<i64>,
+    column: &str,
+    key: &str,
+) -> Result<Option<PreviousSecret>, StorageError> {
+    match (hash, expires_ms) {
+        (None, None) => Ok(None),
+        (Some(h), Some(ms)) => Ok(Some(PreviousSecret {
+            hash: parse_hash(h, column, key)?,
+            expires_at: from_ms(ms, column)?,
+        })),
+        _ => Err(StorageError::Corrupt(format!(
+            "{column} of {key:?}: hash and expiry must be set together"
+        ))),
+    }
 }
 
 pub(super) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {

@@ -1,0 +1,247 @@
+//! Passwords a human may choose: the `[operator]` password and the
+//! `[[services]]` passwords of the configuration file. They are verified
+//! against an argon2id PHC string (`$argon2id$v=19$m=…`), which
+//! `vendgate hash-password` produces.
+//!
+//! # Why argon2 here and HMAC-SHA256 elsewhere
+//!
+//! Secrets the gateway generates (machine secrets, AppSecrets, provisioned
+//! service passwords) carry 128 random bits: no hash cost makes them easier
+//! or harder to guess, so they get a fast salted HMAC ([`crate::secrets`]).
+//! A password a person picked may be guessable from a list; a memory-hard
+//! hash makes each guess against a leaked configuration file expensive.
+//!
+//! # Plaintext is still accepted, with a warning
+//!
+//! Existing deployments (and the environment-variable override) set these
+//! passwords in clear; refusing them would stop a gateway at upgrade. A value
+//! that does not start with `$argon2` is therefore taken as plaintext and
+//! start-up logs a warning naming the setting. A value that starts with
+//! `$argon2` but does not parse is an error, never a plaintext password.
+//!
+//! # Cost at run time
+//!
+//! One argon2id verification with the default parameters takes tens of
+//! milliseconds and 19 MiB. It runs on the blocking pool, at most
+//! [`ARGON2_CONCURRENCY`] at a time, so a burst of wrong passwords can use
+//! neither the async workers nor unbounded memory. After a success the
+//! password is remembered as a salted HMAC, so a service that reconnects (or
+//! an operator who logs in again) pays the argon2 cost once per process.
+
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use tokio::sync::Semaphore;
+
+use crate::secrets::SecretHash;
+
+/// argon2 verifications running at once, process-wide (each holds 19 MiB).
+pub const ARGON2_CONCURRENCY: usize = 2;
+static ARGON2_SLOTS: Semaphore = Semaphore::const_new(ARGON2_CONCURRENCY);
+
+/// Shortest password `hash-password` accepts (the dashboard's minimum, which
+/// can no longer be checked once only the hash is configured).
+pub const MIN_LEN: usize = 12;
+
+/// A configured password could not be used. The value is never repeated.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordError {
+    #[error("not a valid argon2 PHC string (make one with `vendgate hash-password`): {0}")]
+    BadHash(argon2::password_hash::Error),
+    /// PHC strings may legally omit the salt and the hash output; such a
+    /// value could never verify a password, so it is refused up front.
+    #[error(
+        "argon2 PHC string without a salt or hash output (make one with `vendgate hash-password`)"
+    )]
+    Incomplete,
+    #[error("the password must have at least {MIN_LEN} characters")]
+    TooShort,
+    #[error("hashing the password: {0}")]
+    Hashing(argon2::password_hash::Error),
+}
+
+/// A password from the configuration, ready to verify. `Debug` shows only
+/// whether it is hashed.
+pub struct ConfigPassword {
+    kind: Kind,
+    /// The last candidate that verified against an argon2 hash, as an HMAC
+    /// under a fresh salt (see the module docs).
+    remembered: Mutex<Option<SecretHash>>,
+}
+
+enum Kind {
+    /// A validated argon2 PHC string.
+    Argon2(Arc<str>),
+    /// A plaintext password, kept only as an HMAC in memory.
+    Plain(SecretHash),
+}
+
+impl ConfigPassword {
+    /// Parse a configured value: an argon2 PHC string, or plaintext.
+    pub fn parse(configured: &str) -> Result<Self, PasswordError> {
+        let kind = if looks_hashed(configured) {
+            let parsed = PasswordHash::new(configured).map_err(PasswordError::BadHash)?;
+            if parsed.salt.is_none() || parsed.hash.is_none() {
+                return Err(PasswordError::Incomplete);
+            }
+            Kind::Argon2(Arc::from(configured))
+        } else {
+            Kind::Plain(SecretHash::new(configured))
+        };
+        Ok(Self {
+            kind,
+            remembered: Mutex::new(None),
+        })
+    }
+
+    /// Whether the configured value is a hash (false: plaintext, warn).
+    pub fn is_hashed(&self) -> bool {
+        matches!(self.kind, Kind::Argon2(_))
+    }
+
+    /// Whether `candidate` is the password. Constant-time for plaintext; for
+    /// a hash, remembered successes are constant-time HMAC checks and
+    /// anything else is a full argon2 verification on the blocking pool.
+    pub async fn verify(&self, candidate: &str) -> bool {
+        let phc = match &self.kind {
+            Kind::Plain(h) => return h.verify(candidate),
+            Kind::Argon2(phc) => phc.clone(),
+        };
+        if self.remembered_matches(candidate) {
+            return true;
+        }
+        // The semaphore is never closed, so acquiring fails only in theory;
+        // refusing the login is the safe answer then.
+        let Ok(_slot) = ARGON2_SLOTS.acquire().await else {
+            return false;
+        };
+        let owned = candidate.to_owned();
+        let ok = tokio::task::spawn_blocking(move || verify_phc(&phc, &owned))
+            .await
+            .unwrap_or(false);
+        if ok {
+            if let Ok(mut r) = self.remembered.lock() {
+                *r = Some(SecretHash::new(candidate));
+            }
+        }
+        ok
+    }
+
+    fn remembered_matches(&self, candidate: &str) -> bool {
+        self.remembered
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|h| h.verify(candidate)))
+            .unwrap_or(false)
+    }
+}
+
+impl std::fmt::Debug for ConfigPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_hashed() {
+            "ConfigPassword(argon2)"
+        } else {
+            "ConfigPassword(plaintext)"
+        })
+    }
+}
+
+/// Whether a configured value is meant as a hash (and must parse as one).
+pub fn looks_hashed(configured: &str) -> bool {
+    configured.starts_with("$argon2")
+}
+
+/// The argon2id PHC string of `password` (default parameters: 19 MiB, 2
+/// passes, 1 lane; a fresh 16-byte salt), for `vendgate hash-password`.
+pub fn hash_password(password: &str) -> Result<String, PasswordError> {
+    if password.chars().count() < MIN_LEN {
+        return Err(PasswordError::TooShort);
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(PasswordError::Hashing)
+}
+
+/// Verify against a PHC string with the parameters it names.
+fn verify_phc(phc: &str, candidate: &str) -> bool {
+    match PasswordHash::new(phc) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(candidate.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_argon2id_with_a_fresh_salt() {
+        let a = hash_password("correct horse battery").unwrap();
+        let b = hash_password("correct horse battery").unwrap();
+        assert!(a.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{a}");
+        assert_ne!(a, b, "salted");
+        assert!(matches!(
+            hash_password("short"),
+            Err(PasswordError::TooShort)
+        ));
+    }
+
+    #[tokio::test]
+    async fn argon2_hash_verifies_only_its_password() {
+        let p = ConfigPassword::parse(&hash_password("correct horse battery").unwrap()).unwrap();
+        assert!(p.is_hashed());
+        assert!(!p.verify("correct horse batter").await);
+        assert!(!p.verify("").await);
+        assert!(p.verify("correct horse battery").await);
+        // Remembered now; a wrong one still fails after a success.
+        assert!(p.verify("correct horse battery").await);
+        assert!(!p.verify("Correct horse battery").await);
+        assert_eq!(format!("{p:?}"), "ConfigPassword(argon2)");
+    }
+
+    #[tokio::test]
+    async fn a_known_phc_string_verifies() {
+        // Made once with `vendgate hash-password`, so a change of the
+        // parameters or encoding that breaks existing config files shows here.
+        let phc = "$argon2id$v=19$m=19456,t=2,p=1$NPg+rFgFJe8u1vBXVFcfig$\
+                   U3EbfOSXZ4qDC27Wnd+AGXJRNZrHqcRd6E0EJcW5W6k";
+        let p = ConfigPassword::parse(phc).unwrap();
+        assert!(p.verify("hunter2hunter2").await);
+        assert!(!p.verify("hunter2hunter3").await);
+    }
+
+    #[tokio::test]
+    async fn plaintext_still_works_and_says_so() {
+        let p = ConfigPassword::parse("hunter2hunter2").unwrap();
+        assert!(!p.is_hashed());
+        assert!(p.verify("hunter2hunter2").await);
+        assert!(!p.verify("hunter2hunter").await);
+        assert_eq!(format!("{p:?}"), "ConfigPassword(plaintext)");
+    }
+
+    #[test]
+    fn a_broken_hash_is_an_error_not_plaintext() {
+        for bad in ["$argon2id$", "$argon2id$v=19$m=19456,t=2,p=1$!!$??"] {
+            let err = ConfigPassword::parse(bad).unwrap_err();
+            assert!(matches!(err, PasswordError::BadHash(_)), "{bad}: {err}");
+            assert!(!err.to_string().contains(bad));
+        }
+        // Well-formed PHC, but nothing to verify against.
+        for incomplete in [
+            "$argon2id$v=19$m=19456,t=2,p=1",
+            "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA",
+        ] {
+            let err = ConfigPassword::parse(incomplete).unwrap_err();
+            assert!(
+                matches!(err, PasswordError::Incomplete),
+                "{incomplete}: {err}"
+            );
+        }
+    }
+}
