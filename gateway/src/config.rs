@@ -49,11 +49,31 @@ pub struct MqttSettings {
     /// Outbound messages waiting for one connection before it is treated as a
     /// slow consumer and closed.
     pub outbound_queue: usize,
-    /// Unacknowledged QoS 1 messages in flight to one client.
+    /// Per connection: unacknowledged QoS 1/2 messages in flight to the
+    /// client (beyond wait), and the client's QoS 2 publishes not yet
+    /// released (beyond closes the connection).
     pub max_inflight: u16,
     /// Retained messages the hub keeps (oldest topics are not evicted: new ones
     /// beyond the cap are refused and counted).
     pub max_retained: usize,
+    /// Topic filters no client may subscribe to: a SUBSCRIBE whose filter
+    /// could match any topic one of these matches is answered 0x80.
+    pub deny_filters: Vec<String>,
+    /// QoS 1/2 messages queued for a service's persistent session
+    /// (clean_session = 0) while it is away; beyond are dropped and counted.
+    pub session_max_queued: usize,
+    /// The same for a machine's persistent session. 0: machines keep their
+    /// subscriptions and unacknowledged commands, but commands published
+    /// while they are away are not queued (a late dispense is worse than none).
+    pub machine_session_max_queued: usize,
+    /// A persistent session whose client stays away this long is discarded.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// PUBLISH packets per second a machine may send (token bucket); a
+    /// machine over it is disconnected and counted. 0 disables the limit.
+    pub machine_publish_rate: u32,
+    /// The bucket's size: publishes a machine may send at once.
+    pub machine_publish_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,6 +251,12 @@ impl Default for MqttSettings {
             outbound_queue: 1024,
             max_inflight: 100,
             max_retained: 200_000,
+            deny_filters: Vec::new(),
+            session_max_queued: 1000,
+            machine_session_max_queued: 0,
+            session_expiry: Duration::from_secs(3600),
+            machine_publish_rate: 50,
+            machine_publish_burst: 200,
         }
     }
 }
