@@ -595,6 +595,8 @@ impl Loop {
         let shutdown = self.hub.shutdown.clone();
         let kicked = self.session.kicked().clone();
         let max_inflight = usize::from(self.hub.settings.max_inflight.max(1));
+        // A resumed session's queued messages go out with the CONNACK.
+        self.pump(max_inflight);
         loop {
             if !self.out.is_empty() {
                 let packets = std::mem::take(&mut self.out);

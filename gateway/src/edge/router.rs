@@ -391,11 +391,17 @@ impl Router {
         if removed {
             state.subs = session.subscriptions();
             let cap = self.queue_cap(session.class);
+            // QoS 0 is not kept for an away client (as in `offer_parked`).
+            state.queue = state
+                .queue
+                .into_iter()
+                .filter(|m| m.qos != QoS::AtMostOnce)
+                .map(detached)
+                .collect();
             while state.queue.len() > cap {
                 state.queue.pop_back();
                 self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
             }
-            state.queue = state.queue.into_iter().map(detached).collect();
             for f in &mut state.inflight {
                 f.msg = detached(f.msg.clone());
             }
