@@ -324,6 +324,8 @@ pub enum ConfigError {
     Invalid(#[from] Box<figment::Error>),
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
+    #[error("configuration: mqtt.deny_filters: {0:?} is not a valid MQTT topic filter")]
+    DenyFilter(String),
 }
 
 impl Settings {
@@ -346,6 +348,15 @@ impl Settings {
         }
         if let Some(a) = overrides.http_addr {
             s.http.addr = a;
+        }
+        // A malformed deny filter would silently deny nothing.
+        if let Some(f) = s
+            .mqtt
+            .deny_filters
+            .iter()
+            .find(|f| !vendgate_proto::topic::valid_filter(f))
+        {
+            return Err(ConfigError::DenyFilter(f.clone()));
         }
         Ok(s)
     }
@@ -475,6 +486,35 @@ mod tests {
             let d = NotifierSettings::default();
             assert!(d.retry_for >= Duration::from_secs(24 * 3600));
             assert!(!d.allow_private_targets);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn mqtt_session_and_limit_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "v.toml",
+                r#"
+                [mqtt]
+                deny_filters = ["secret/#", "$SYS/#"]
+                session_expiry = "10m"
+                "#,
+            )?;
+            jail.set_env("VENDGATE_MQTT__MACHINE_PUBLISH_RATE", "5");
+            jail.set_env("VENDGATE_MQTT__SESSION_MAX_QUEUED", "7");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let m = &s.mqtt;
+            assert_eq!(m.deny_filters, vec!["secret/#", "$SYS/#"]);
+            assert_eq!(m.session_expiry, Duration::from_secs(600));
+            assert_eq!((m.machine_publish_rate, m.machine_publish_burst), (5, 200));
+            assert_eq!((m.session_max_queued, m.machine_session_max_queued), (7, 0));
+            jail.create_file("bad.toml", "[mqtt]\ndeny_filters = [\"a/#/b\"]\n")?;
+            assert!(matches!(
+                Settings::load(Some(Path::new("bad.toml")), &Overrides::default()),
+                Err(ConfigError::DenyFilter(_))
+            ));
             Ok(())
         });
     }
