@@ -321,6 +321,7 @@ impl Router {
         let mut parked = self.lock_parked();
         self.sweep(&mut parked);
         let stored = parked.map(session.class).remove(&session.client_id);
+        self.parked_count.store(parked.len(), Ordering::Relaxed);
         let mut reg = Registered::default();
         if let Some(p) = stored {
             if session.persistent && p.class == session.class {
@@ -332,27 +333,30 @@ impl Router {
                 }
             }
         }
-        self.parked_count.store(parked.len(), Ordering::Relaxed);
-        let previous = self
-            .sessions
-            .insert(session.client_id.clone(), session.clone());
-        if let Some(old) = previous {
-            // A live persistent session moves to the new connection: its
-            // subscriptions now, its queued and unacknowledged messages when
-            // the old connection has ended (`close` hands them over).
+        // A live persistent session moves to the new connection: its
+        // subscriptions now, its queued and unacknowledged messages when the
+        // old connection has ended (`close` hands them over).
+        let previous = self.sessions.get(&session.client_id).map(|s| s.clone());
+        if let Some(old) = &previous {
             if session.persistent && old.persistent && old.class == session.class {
                 reg.session_present = true;
                 reg.resumed.subs = old.subscriptions();
             }
+        }
+        // Subscriptions are installed before the session is reachable, and
+        // the service index is updated before the lock is released, so no
+        // publish finds the client neither parked nor subscribed.
+        session.set_subscriptions(std::mem::take(&mut reg.resumed.subs));
+        if let Some(old) = self
+            .sessions
+            .insert(session.client_id.clone(), session.clone())
+        {
             old.kick(KickReason::TakeOver);
             self.forget_service(old.conn_id);
             reg.took_over = true;
         }
+        self.service_subscriptions_changed(&session);
         drop(parked);
-        if !reg.resumed.subs.is_empty() {
-            session.set_subscriptions(std::mem::take(&mut reg.resumed.subs));
-            self.service_subscriptions_changed(&session);
-        }
         reg
     }
 
