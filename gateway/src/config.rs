@@ -49,11 +49,31 @@ pub struct MqttSettings {
     /// Outbound messages waiting for one connection before it is treated as a
     /// slow consumer and closed.
     pub outbound_queue: usize,
-    /// Unacknowledged QoS 1 messages in flight to one client.
+    /// Per connection: unacknowledged QoS 1/2 messages in flight to the
+    /// client (beyond wait), and the client's QoS 2 publishes not yet
+    /// released (beyond closes the connection).
     pub max_inflight: u16,
     /// Retained messages the hub keeps (oldest topics are not evicted: new ones
     /// beyond the cap are refused and counted).
     pub max_retained: usize,
+    /// Topic filters no client may subscribe to: a SUBSCRIBE whose filter
+    /// could match any topic one of these matches is answered 0x80.
+    pub deny_filters: Vec<String>,
+    /// QoS 1/2 messages queued for a service's persistent session
+    /// (clean_session = 0) while it is away; beyond are dropped and counted.
+    pub session_max_queued: usize,
+    /// The same for a machine's persistent session. 0: machines keep their
+    /// subscriptions and unacknowledged commands, but commands published
+    /// while they are away are not queued (a late dispense is worse than none).
+    pub machine_session_max_queued: usize,
+    /// A persistent session whose client stays away this long is discarded.
+    #[serde(with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// PUBLISH packets per second a machine may send (token bucket); a
+    /// machine over it is disconnected and counted. 0 disables the limit.
+    pub machine_publish_rate: u32,
+    /// The bucket's size: publishes a machine may send at once.
+    pub machine_publish_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,6 +251,12 @@ impl Default for MqttSettings {
             outbound_queue: 1024,
             max_inflight: 100,
             max_retained: 200_000,
+            deny_filters: Vec::new(),
+            session_max_queued: 1000,
+            machine_session_max_queued: 0,
+            session_expiry: Duration::from_secs(3600),
+            machine_publish_rate: 50,
+            machine_publish_burst: 200,
         }
     }
 }
@@ -298,6 +324,8 @@ pub enum ConfigError {
     Invalid(#[from] Box<figment::Error>),
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
+    #[error("configuration: mqtt.deny_filters: {0:?} is not a valid MQTT topic filter")]
+    DenyFilter(String),
 }
 
 impl Settings {
@@ -320,6 +348,15 @@ impl Settings {
         }
         if let Some(a) = overrides.http_addr {
             s.http.addr = a;
+        }
+        // A malformed deny filter would silently deny nothing.
+        if let Some(f) = s
+            .mqtt
+            .deny_filters
+            .iter()
+            .find(|f| !vendgate_proto::topic::valid_filter(f))
+        {
+            return Err(ConfigError::DenyFilter(f.clone()));
         }
         Ok(s)
     }
@@ -449,6 +486,35 @@ mod tests {
             let d = NotifierSettings::default();
             assert!(d.retry_for >= Duration::from_secs(24 * 3600));
             assert!(!d.allow_private_targets);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn mqtt_session_and_limit_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "v.toml",
+                r#"
+                [mqtt]
+                deny_filters = ["secret/#", "$SYS/#"]
+                session_expiry = "10m"
+                "#,
+            )?;
+            jail.set_env("VENDGATE_MQTT__MACHINE_PUBLISH_RATE", "5");
+            jail.set_env("VENDGATE_MQTT__SESSION_MAX_QUEUED", "7");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let m = &s.mqtt;
+            assert_eq!(m.deny_filters, vec!["secret/#", "$SYS/#"]);
+            assert_eq!(m.session_expiry, Duration::from_secs(600));
+            assert_eq!((m.machine_publish_rate, m.machine_publish_burst), (5, 200));
+            assert_eq!((m.session_max_queued, m.machine_session_max_queued), (7, 0));
+            jail.create_file("bad.toml", "[mqtt]\ndeny_filters = [\"a/#/b\"]\n")?;
+            assert!(matches!(
+                Settings::load(Some(Path::new("bad.toml")), &Overrides::default()),
+                Err(ConfigError::DenyFilter(_))
+            ));
             Ok(())
         });
     }

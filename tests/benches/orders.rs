@@ -19,7 +19,12 @@ fn main() {
 }
 
 async fn run() {
-    let gw = TestGateway::start_with(|s| s.http.rate_limit = 0).await;
+    let gw = TestGateway::start_with(|s| {
+        s.http.rate_limit = 0;
+        // One simulated machine answers thousands of commands a second here.
+        s.mqtt.machine_publish_rate = 0;
+    })
+    .await;
     let (appid, appsecret) = gw.merchant("bench").await;
     let mut sims = Vec::new();
     let mut machines = Vec::new();

@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, Subscribe, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{
+    Connect, ConnectReturnCode, LastWill, Login, Packet, Publish, Subscribe, SubscribeReasonCode,
+};
 use rumqttc::QoS;
-use vendgate_e2e::{wait_until, Client, ClientEvent, RawClient, TestGateway};
+use vendgate_e2e::{hand_machine, wait_until, Client, ClientEvent, RawClient, TestGateway};
 
 const A: &str = "10000001";
 const B: &str = "10000002";
@@ -511,5 +513,121 @@ async fn gateway_pings_a_machine() {
     assert!(gw.handle.presence.get(&m).unwrap().last_rtt_ms.is_some());
     assert!(rtt < Duration::from_secs(10));
     let _ = ClientEvent::PubAck(0);
+    gw.stop().await;
+}
+
+/// Issue 7: a stolen machine's credentials (A's) can neither read B's
+/// commands, nor forge B's acks and results, nor mark B offline (by
+/// take-over, will, or a `state` publish), and B's order completes on B's
+/// own word.
+#[tokio::test]
+async fn stolen_machine_credentials_cannot_touch_another_machine() {
+    let gw = TestGateway::start().await;
+    let (appid, appsecret) = gw.merchant("m").await;
+    let sa = gw.machine(&appid, A).await;
+    let sb = gw.machine(&appid, B).await;
+    let mut b = hand_machine(&gw, B, &sb, 5, 100).await;
+    let addr = gw.mqtt_addr;
+
+    // Take-over: A's credentials with B's client id are refused; B stays.
+    let (mut c, code) = RawClient::connect(addr, B, Some((A, &sa)), 30).await;
+    assert_eq!(code, Some(ConnectReturnCode::NotAuthorized));
+    assert!(c.closed().await);
+    // A will on B's state topic is refused at CONNECT.
+    let mut c = RawClient::tcp(addr).await;
+    let mut connect = Connect::new(A);
+    connect.keep_alive = 30;
+    connect.login = Some(Login::new(A, sa.as_str()));
+    connect.last_will = Some(LastWill::new(
+        format!("vend/v1/{B}/state"),
+        r#"{"online":false}"#,
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        true,
+    ));
+    c.send(Packet::Connect(connect)).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected CONNACK 0x05, got {other:?}"),
+    }
+
+    // Reading B's commands: every filter that could match them is refused.
+    let mut a = Client::connect(addr, A, A, &sa).await;
+    for f in [
+        format!("vend/v1/{B}/cmd/#"),
+        "vend/v1/+/cmd/dispense".to_string(),
+        "#".to_string(),
+    ] {
+        assert_eq!(
+            a.subscribe(&f, QoS::AtLeastOnce).await,
+            vec![SubscribeReasonCode::Failure],
+            "{f}"
+        );
+    }
+
+    // An order on B: B receives it (A does not) and accepts it.
+    let api = vendgate_e2e::Api::new(&gw, &appid, &appsecret);
+    let placing = tokio::spawn(async move { api.order(B, &[(1, 1)]).await });
+    let (t, p, _) = b.next_publish().await.expect("B receives the dispense");
+    assert_eq!(t, format!("vend/v1/{B}/cmd/dispense"));
+    let id = serde_json::from_slice::<serde_json::Value>(&p).unwrap()["order_id"]
+        .as_u64()
+        .expect("order_id");
+    b.client
+        .publish(
+            format!("vend/v1/{B}/ack"),
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"order_id":{id},"accepted":true}}"#),
+        )
+        .await
+        .unwrap();
+    let answered = placing.await.unwrap();
+    assert_eq!(answered["code"], 0, "{answered}");
+
+    // A forges B's result (nothing dispensed) and B's offline state: each
+    // closes A's connection and changes nothing for B.
+    let forgeries = [
+        (
+            format!("vend/v1/{B}/result"),
+            format!(
+                r#"{{"order_id":{id},"items":[{{"product_id":1,"quantity":1,"dispensed":0}}],"error":"motor_jam"}}"#
+            ),
+        ),
+        (
+            format!("vend/v1/{B}/state"),
+            r#"{"online":false}"#.to_string(),
+        ),
+    ];
+    for (topic, payload) in forgeries {
+        let a2 = Client::connect(addr, A, A, &sa).await;
+        a2.client
+            .publish(topic.clone(), QoS::AtLeastOnce, true, payload)
+            .await
+            .unwrap();
+        let mut a2 = a2;
+        assert!(a2.wait_disconnected().await.is_some(), "{topic}: A closed");
+    }
+    assert!(
+        a.wait_disconnected().await.is_some(),
+        "A's first connection was taken over"
+    );
+    assert!(gw.online(B), "B is still online");
+
+    // B's own result settles the order: one item dispensed, nothing refunded.
+    b.client
+        .publish(
+            format!("vend/v1/{B}/result"),
+            QoS::AtLeastOnce,
+            false,
+            format!(
+                r#"{{"order_id":{id},"items":[{{"product_id":1,"quantity":1,"dispensed":1}}]}}"#
+            ),
+        )
+        .await
+        .unwrap();
+    let api = vendgate_e2e::Api::new(&gw, &appid, &appsecret);
+    let o = api.wait_status(id, "completed").await;
+    assert_eq!(o["data"]["items"][0]["dispensed"], 1, "{o}");
+    assert!(gw.handle.hub.stats().acl_violations >= 5);
     gw.stop().await;
 }

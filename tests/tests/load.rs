@@ -11,7 +11,12 @@ use vendgate_sim::load::{load, LoadOptions, LoadStop};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_for_two_seconds_counts_add_up() {
-    let gw = TestGateway::start_with(|s| s.http.rate_limit = 0).await;
+    let gw = TestGateway::start_with(|s| {
+        s.http.rate_limit = 0;
+        // One simulated machine answers thousands of commands a second here.
+        s.mqtt.machine_publish_rate = 0;
+    })
+    .await;
     let (appid, appsecret) = gw.merchant("load").await;
     let mut sims = Vec::new();
     let mut machines = Vec::new();

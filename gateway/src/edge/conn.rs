@@ -1,14 +1,15 @@
 //! One client connection, from TCP accept to close: CONNECT and
-//! authentication, then the packet loop (ACL on every PUBLISH and SUBSCRIBE,
-//! QoS 0/1/2 inbound, QoS 0/1 outbound with a bounded in-flight window), keep
-//! alive enforced on what the client *sends*, and the will, presence and
-//! session clean-up at the end.
+//! authentication, then the packet loop (ACL and deny list on every PUBLISH
+//! and SUBSCRIBE, QoS 0/1/2 both ways with a bounded in-flight window, the
+//! per-machine publish rate), keep alive enforced on what the client *sends*,
+//! and the will, presence and session clean-up (or parking, for a persistent
+//! session) at the end.
 //!
 //! Idle connections hold no buffers: bytes are read into a stack buffer only
 //! once the socket is readable, and kept only while a packet is incomplete.
 //! That keeps a connected, idle machine at a few hundred bytes of heap.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
-    SubAck, SubscribeReasonCode, UnsubAck,
+    ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, PubRel,
+    Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::io::AsyncWriteExt;
@@ -28,7 +29,9 @@ use tracing::{debug, info, warn};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic::{self, Topic};
 
-use super::router::{min_qos, ClientClass, KickReason, Outbound, Session};
+use super::router::{
+    filters_overlap, ClientClass, InflightOut, KickReason, Outbound, Session, SessionState,
+};
 use super::Hub;
 use crate::metrics::edge::{ClientKind, Direction, DisconnectReason, DispenseClock};
 use crate::presence::OfflineReason;
@@ -51,6 +54,12 @@ enum End {
     TakeOver,
     SlowConsumer,
     Shutdown,
+    /// A packet larger than `max_packet_size`.
+    TooLarge,
+    /// More unreleased inbound QoS 2 publishes than `max_inflight`.
+    InflightExceeded,
+    /// A machine over `machine_publish_rate`.
+    RateLimited,
 }
 
 impl End {
@@ -59,7 +68,11 @@ impl End {
             End::Clean => OfflineReason::Clean,
             End::SocketClosed | End::TakeOver | End::SlowConsumer => OfflineReason::SocketClosed,
             End::KeepAlive => OfflineReason::KeepAliveTimeout,
-            End::Protocol(_) | End::Acl => OfflineReason::ProtocolViolation,
+            End::Protocol(_)
+            | End::Acl
+            | End::TooLarge
+            | End::InflightExceeded
+            | End::RateLimited => OfflineReason::ProtocolViolation,
             End::Shutdown => OfflineReason::Shutdown,
         }
     }
@@ -83,6 +96,9 @@ impl End {
             End::TakeOver => DisconnectReason::TakeOver,
             End::SlowConsumer => DisconnectReason::SlowConsumer,
             End::Shutdown => DisconnectReason::Shutdown,
+            End::TooLarge => DisconnectReason::PacketTooLarge,
+            End::InflightExceeded => DisconnectReason::InflightExceeded,
+            End::RateLimited => DisconnectReason::RateLimited,
         }
     }
 }
@@ -97,6 +113,7 @@ fn client_kind(class: ClientClass) -> ClientKind {
 enum ReadError {
     Eof,
     Malformed(&'static str),
+    TooLarge,
 }
 
 /// Serve one accepted TCP connection until it ends.
@@ -216,8 +233,18 @@ pub(crate) async fn handshake(
     // not live as long as the connection.
     let last_will = connect.last_will;
     let (tx, rx) = mpsc::channel(hub.settings.outbound_queue.max(1));
-    let session = Arc::new(Session::new(conn_id, client_id.clone(), class, tx));
-    let took_over = hub.router.register(session.clone());
+    // clean_session = 0 asks for a session that outlives the connection
+    // (§3.1.2.4); the router resumes a stored one or starts a new one.
+    let persistent = !connect.clean_session;
+    let session = Arc::new(Session::new(
+        conn_id,
+        client_id.clone(),
+        class,
+        persistent,
+        tx,
+    ));
+    let registered = hub.router.register(session.clone());
+    let took_over = registered.took_over;
     let epoch = match class {
         ClientClass::Machine(m) => Some((m, hub.presence.connected(m))),
         ClientClass::Service => None,
@@ -228,8 +255,7 @@ pub(crate) async fn handshake(
     hub.stats.connections.connected(client_kind(class));
     info!(%peer, %client_id, machine_no = machine_label(class), took_over, "MQTT client connected");
 
-    // Persistent sessions are not kept yet: always answer session_present = 0
-    // so a client knows to resubscribe (§3.2.2.2).
+    let resumed = registered.resumed;
     let mut state = Loop {
         hub: hub.clone(),
         session: session.clone(),
@@ -237,17 +263,27 @@ pub(crate) async fn handshake(
         epoch,
         keep_alive,
         last_rx: Instant::now(),
-        inflight: HashSet::new(),
-        next_pkid: 1,
-        qos2_in: HashSet::new(),
-        backlog: VecDeque::new(),
+        inflight: Vec::new(),
+        next_pkid: resumed.next_pkid.max(1),
+        qos2_in: resumed.qos2_in,
+        backlog: resumed.queue,
         out: Vec::new(),
         clock: DispenseClock::default(),
+        bucket: TokenBucket::new(
+            hub.settings.machine_publish_rate,
+            hub.settings.machine_publish_burst,
+        ),
     };
     state.out.push(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
-        false,
+        registered.session_present,
     )));
+    // §4.4: unacknowledged messages are sent again, in their original order,
+    // with their packet ids (PUBLISH with DUP = 1, or PUBREL once released).
+    for f in resumed.inflight {
+        state.out.push(redelivery(&f));
+        state.inflight.push(f);
+    }
     Some(Established {
         hub,
         conn,
@@ -290,9 +326,19 @@ impl Established {
             client_id,
             class,
         } = self;
-        let end = state.run(&mut conn, rx).await;
+        let mut rx = rx;
+        let end = state.run(&mut conn, &mut rx).await;
 
-        hub.router.unregister(&session);
+        // A persistent session keeps its state for the next connection; the
+        // router parks it (or hands it to a connection that took over).
+        let kept = session.persistent.then(|| SessionState {
+            subs: Vec::new(),
+            inflight: std::mem::take(&mut state.inflight),
+            queue: std::mem::take(&mut state.backlog),
+            qos2_in: std::mem::take(&mut state.qos2_in),
+            next_pkid: state.next_pkid,
+        });
+        hub.router.close(&session, &mut rx, kept);
         if end.publishes_will() {
             if let Some(will) = last_will {
                 publish_will(&hub, will);
@@ -310,7 +356,7 @@ impl Established {
                     .keep_alive_timeouts
                     .fetch_add(1, Ordering::Relaxed);
             }
-            End::Protocol(_) => {
+            End::Protocol(_) | End::TooLarge => {
                 hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
@@ -399,6 +445,7 @@ impl Conn {
                 Ok(()) => {}
                 Err(ReadError::Eof) => return Err(ConnectError::Drop("closed before CONNECT")),
                 Err(ReadError::Malformed(w)) => return Err(ConnectError::Drop(w)),
+                Err(ReadError::TooLarge) => return Err(ConnectError::Drop("packet too large")),
             }
         }
     }
@@ -446,9 +493,7 @@ impl Conn {
                 Ok(Some(p))
             }
             Err(CodecError::InsufficientBytes(_)) => Ok(None),
-            Err(CodecError::PayloadSizeLimitExceeded(_)) => {
-                Err(ReadError::Malformed("packet too large"))
-            }
+            Err(CodecError::PayloadSizeLimitExceeded(_)) => Err(ReadError::TooLarge),
             Err(_) => Err(ReadError::Malformed("malformed packet")),
         }
     }
@@ -476,12 +521,13 @@ struct Loop {
     epoch: Option<(MachineNo, u64)>,
     keep_alive: Option<Duration>,
     last_rx: Instant,
-    /// Packet ids of our QoS 1 publishes awaiting PUBACK.
-    inflight: HashSet<u16>,
+    /// Our QoS 1/2 publishes not yet acknowledged, in send order (at most
+    /// `max_inflight`, so a linear search is cheap).
+    inflight: Vec<InflightOut>,
     next_pkid: u16,
     /// Packet ids of the client's QoS 2 publishes between PUBREC and PUBREL;
     /// a duplicate id in that window is not routed again (exactly once).
-    qos2_in: HashSet<u16>,
+    qos2_in: std::collections::HashSet<u16>,
     /// Messages waiting for room in the in-flight window (retained messages on
     /// subscribe, and what the channel delivered beyond the window).
     backlog: VecDeque<Outbound>,
@@ -489,13 +535,68 @@ struct Loop {
     out: Vec<Packet>,
     /// A machine's dispense round trip, for the timing histograms.
     clock: DispenseClock,
+    /// The publish rate limit (machines only).
+    bucket: TokenBucket,
+}
+
+/// A token bucket owned by one connection's task (no lock needed; the
+/// HTTP limiter in `http/rate.rs` is keyed and shared, this one is neither).
+struct TokenBucket {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// `per_sec` = 0 disables the limit.
+    fn new(per_sec: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            per_sec: f64::from(per_sec),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.per_sec <= 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The packet that resumes one unacknowledged outbound message.
+fn redelivery(f: &InflightOut) -> Packet {
+    if f.released {
+        return Packet::PubRel(PubRel::new(f.pkid));
+    }
+    let mut p = Publish::new(f.msg.topic.as_ref(), f.msg.qos, Vec::new());
+    p.payload = f.msg.payload.clone();
+    p.retain = f.msg.retain;
+    p.pkid = f.pkid;
+    p.dup = true;
+    Packet::Publish(p)
 }
 
 impl Loop {
-    async fn run(&mut self, conn: &mut Conn, mut rx: mpsc::Receiver<Box<Outbound>>) -> End {
+    async fn run(&mut self, conn: &mut Conn, rx: &mut mpsc::Receiver<Box<Outbound>>) -> End {
         let shutdown = self.hub.shutdown.clone();
         let kicked = self.session.kicked().clone();
         let max_inflight = usize::from(self.hub.settings.max_inflight.max(1));
+        // A resumed session's queued messages go out with the CONNACK.
+        self.pump(max_inflight);
         loop {
             if !self.out.is_empty() {
                 let packets = std::mem::take(&mut self.out);
@@ -529,6 +630,7 @@ impl Loop {
                         Ok(false) => continue,
                         Err(ReadError::Eof) => return End::SocketClosed,
                         Err(ReadError::Malformed(w)) => return End::Protocol(w),
+                        Err(ReadError::TooLarge) => return End::TooLarge,
                     }
                     self.last_rx = Instant::now();
                     loop {
@@ -546,6 +648,7 @@ impl Loop {
                             }
                             Ok(None) => break,
                             Err(ReadError::Malformed(w)) => return End::Protocol(w),
+                            Err(ReadError::TooLarge) => return End::TooLarge,
                             Err(ReadError::Eof) => return End::SocketClosed,
                         }
                     }
@@ -592,11 +695,15 @@ impl Loop {
                 self.clock.on_out(t, &msg.payload);
             }
             let mut p = Publish::new(msg.topic.as_ref(), msg.qos, Vec::new());
-            p.payload = msg.payload;
+            p.payload = msg.payload.clone();
             p.retain = msg.retain;
             if msg.qos != QoS::AtMostOnce {
                 p.pkid = self.alloc_pkid();
-                self.inflight.insert(p.pkid);
+                self.inflight.push(InflightOut {
+                    pkid: p.pkid,
+                    msg,
+                    released: false,
+                });
             }
             self.hub.stats.messages_out.fetch_add(1, Ordering::Relaxed);
             self.out.push(Packet::Publish(p));
@@ -607,7 +714,7 @@ impl Loop {
         loop {
             let id = self.next_pkid;
             self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
-            if !self.inflight.contains(&id) {
+            if !self.inflight.iter().any(|f| f.pkid == id) {
                 return id;
             }
         }
@@ -618,7 +725,25 @@ impl Loop {
         match packet {
             Packet::Publish(p) => return self.on_publish(p),
             Packet::PubAck(a) => {
-                self.inflight.remove(&a.pkid);
+                self.inflight
+                    .retain(|f| !(f.pkid == a.pkid && f.msg.qos == QoS::AtLeastOnce));
+            }
+            // Outbound QoS 2 (§4.3.3): PUBREC → we release with PUBREL (and
+            // forget the message, it is delivered) → PUBCOMP ends the flow.
+            Packet::PubRec(r) => {
+                if let Some(f) = self
+                    .inflight
+                    .iter_mut()
+                    .find(|f| f.pkid == r.pkid && f.msg.qos == QoS::ExactlyOnce)
+                {
+                    f.released = true;
+                    f.msg.payload = Bytes::new();
+                }
+                // Also for an unknown id: the client is waiting for PUBREL.
+                self.out.push(Packet::PubRel(PubRel::new(r.pkid)));
+            }
+            Packet::PubComp(c) => {
+                self.inflight.retain(|f| !(f.pkid == c.pkid && f.released));
             }
             Packet::PubRel(r) => {
                 self.qos2_in.remove(&r.pkid);
@@ -644,9 +769,22 @@ impl Loop {
                         codes.push(SubscribeReasonCode::Failure);
                         continue;
                     }
-                    // Outbound QoS 2 is not offered; granting a lower QoS is
-                    // allowed (§3.9.3).
-                    let granted = min_qos(f.qos, QoS::AtLeastOnce);
+                    if let Some(d) = self
+                        .hub
+                        .settings
+                        .deny_filters
+                        .iter()
+                        .find(|d| filters_overlap(d, &f.path))
+                    {
+                        self.hub
+                            .stats
+                            .denied_subscriptions
+                            .fetch_add(1, Ordering::Relaxed);
+                        debug!(client_id = %self.session.client_id, filter = %f.path, deny = %d, "SUBSCRIBE refused by the deny list");
+                        codes.push(SubscribeReasonCode::Failure);
+                        continue;
+                    }
+                    let granted = f.qos;
                     self.session.subscribe(&f.path, granted);
                     retained.extend(self.hub.router.retained_for(&f.path, granted));
                     codes.push(SubscribeReasonCode::Success(granted));
@@ -666,12 +804,9 @@ impl Loop {
             Packet::Disconnect => return Some(End::Clean),
             Packet::Connect(_) => return Some(End::Protocol("second CONNECT")),
             // Server-to-client packets, or replies to QoS 2 we never send.
-            Packet::ConnAck(_)
-            | Packet::SubAck(_)
-            | Packet::UnsubAck(_)
-            | Packet::PingResp
-            | Packet::PubRec(_)
-            | Packet::PubComp(_) => return Some(End::Protocol("unexpected packet type")),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                return Some(End::Protocol("unexpected packet type"))
+            }
         }
         None
     }
@@ -701,6 +836,13 @@ impl Loop {
             return Some(End::Acl);
         }
         if self.epoch.is_some() {
+            // Per machine: a runaway machine is cut off before it costs the
+            // others anything (services are trusted and not limited).
+            if !self.bucket.take() {
+                self.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                warn!(client_id = %self.session.client_id, "machine over its publish rate; closing");
+                return Some(End::RateLimited);
+            }
             self.clock
                 .on_in(&self.hub.stats.timings, parsed, &p.payload);
         }
@@ -715,7 +857,8 @@ impl Loop {
                 let pkid = p.pkid;
                 if !self.qos2_in.contains(&pkid) {
                     if self.qos2_in.len() >= usize::from(self.hub.settings.max_inflight.max(1)) {
-                        return Some(End::Protocol("too many unreleased QoS 2 publishes"));
+                        warn!(client_id = %self.session.client_id, "too many unreleased QoS 2 publishes; closing");
+                        return Some(End::InflightExceeded);
                     }
                     self.qos2_in.insert(pkid);
                     self.route(p);

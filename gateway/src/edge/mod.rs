@@ -46,6 +46,10 @@ pub struct EdgeStats {
     pub acl_violations: AtomicU64,
     pub malformed: AtomicU64,
     pub keep_alive_timeouts: AtomicU64,
+    /// SUBSCRIBE filters refused by `mqtt.deny_filters`.
+    pub denied_subscriptions: AtomicU64,
+    /// Machines disconnected for exceeding `mqtt.machine_publish_rate`.
+    pub rate_limited: AtomicU64,
     pub messages_in: AtomicU64,
     pub bytes_in: AtomicU64,
     pub messages_out: AtomicU64,
@@ -95,7 +99,14 @@ impl Hub {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            router: Router::new(settings.max_retained),
+            router: Router::with_limits(
+                settings.max_retained,
+                router::SessionLimits {
+                    max_queued: settings.session_max_queued,
+                    machine_max_queued: settings.machine_session_max_queued,
+                    expiry: settings.session_expiry,
+                },
+            ),
             settings,
             presence,
             auth,

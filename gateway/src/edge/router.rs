@@ -1,14 +1,16 @@
 //! The hub's message routing: who is subscribed to what, the retained store,
-//! and fan-out of one PUBLISH to every matching session.
+//! the persistent (clean_session = 0) sessions of clients that are away, and
+//! fan-out of one PUBLISH to every matching session.
 //!
 //! Machines only ever subscribe under their own prefix, so a topic under
 //! `vend/v1/{m}/` reaches at most one machine session (looked up by key, O(1));
 //! service sessions are few and are scanned. A 10,000-machine fleet therefore
 //! costs nothing per publish beyond the service scan.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -49,6 +51,8 @@ pub struct Session {
     pub conn_id: u64,
     pub client_id: String,
     pub class: ClientClass,
+    /// CONNECT said clean_session = 0: the session outlives the connection.
+    pub persistent: bool,
     subs: Mutex<Vec<(String, QoS)>>,
     tx: mpsc::Sender<Box<Outbound>>,
     kick: CancellationToken,
@@ -60,12 +64,14 @@ impl Session {
         conn_id: u64,
         client_id: String,
         class: ClientClass,
+        persistent: bool,
         tx: mpsc::Sender<Box<Outbound>>,
     ) -> Self {
         Self {
             conn_id,
             client_id,
             class,
+            persistent,
             subs: Mutex::new(Vec::new()),
             tx,
             kick: CancellationToken::new(),
@@ -92,10 +98,7 @@ impl Session {
     /// Highest QoS granted by any of this session's filters matching `topic`.
     fn granted(&self, topic_name: &str) -> Option<QoS> {
         let subs = self.subs.lock().ok()?;
-        subs.iter()
-            .filter(|(f, _)| topic::filter_matches(f, topic_name))
-            .map(|(_, q)| *q)
-            .max_by_key(|q| *q as u8)
+        granted_in(&subs, topic_name)
     }
 
     pub fn has_subscriptions(&self) -> bool {
@@ -118,17 +121,120 @@ impl Session {
         }
     }
 
-    /// Queue a message; false when the connection cannot keep up.
-    fn offer(&self, msg: Outbound) -> bool {
+    /// A copy of the subscriptions (to park or hand over the session).
+    pub fn subscriptions(&self) -> Vec<(String, QoS)> {
+        self.subs.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn set_subscriptions(&self, subs: Vec<(String, QoS)>) {
+        if let Ok(mut s) = self.subs.lock() {
+            *s = subs;
+        }
+    }
+
+    /// Queue a message.
+    fn offer(&self, msg: Outbound) -> Offer {
         // Boxed: a channel allocates its slots in blocks of 32 up front, and
         // 32 pointers cost an idle connection far less than 32 messages.
         match self.tx.try_send(Box::new(msg)) {
-            Ok(()) => true,
-            // Closed: the connection is ending anyway; not a slow consumer.
-            Err(mpsc::error::TrySendError::Closed(_)) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => false,
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
+            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
         }
     }
+}
+
+enum Offer {
+    Queued,
+    /// The connection is ending: the message goes to its parked session, if
+    /// it keeps one (it was not lost to a slow consumer).
+    Closed,
+    /// The connection cannot keep up.
+    Full,
+}
+
+/// One outbound QoS 1/2 message not yet acknowledged by the client.
+#[derive(Debug, Clone)]
+pub struct InflightOut {
+    pub pkid: u16,
+    pub msg: Outbound,
+    /// QoS 2: PUBREC came and PUBREL was sent; waiting for PUBCOMP.
+    pub released: bool,
+}
+
+/// What a persistent session keeps between connections (MQTT 3.1.1 §3.1.2.4):
+/// its subscriptions, QoS 1/2 messages sent but not acknowledged, QoS 1/2
+/// messages queued while the client was away, and the packet ids of the
+/// client's QoS 2 publishes not yet released.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub subs: Vec<(String, QoS)>,
+    pub inflight: Vec<InflightOut>,
+    pub queue: VecDeque<Outbound>,
+    pub qos2_in: HashSet<u16>,
+    pub next_pkid: u16,
+}
+
+/// A persistent session whose client is away.
+#[derive(Debug)]
+struct Parked {
+    class: ClientClass,
+    state: SessionState,
+    since: Instant,
+}
+
+/// Parked sessions: machines by key (a topic reaches at most one), services
+/// scanned (few), as for live sessions.
+#[derive(Debug, Default)]
+struct ParkedSessions {
+    machines: HashMap<String, Parked>,
+    services: HashMap<String, Parked>,
+    last_sweep: Option<Instant>,
+}
+
+impl ParkedSessions {
+    fn map(&mut self, class: ClientClass) -> &mut HashMap<String, Parked> {
+        match class {
+            ClientClass::Machine(_) => &mut self.machines,
+            ClientClass::Service => &mut self.services,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.machines.len() + self.services.len()
+    }
+}
+
+/// Bounds of persistent sessions (from `[mqtt]`).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// QoS 1/2 messages queued for an away service session; beyond are dropped.
+    pub max_queued: usize,
+    /// The same for machines (commands are only meaningful live).
+    pub machine_max_queued: usize,
+    /// A parked session not resumed within this time is discarded.
+    pub expiry: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_queued: 1000,
+            machine_max_queued: 0,
+            expiry: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What CONNECT found for its client id.
+#[derive(Debug, Default)]
+pub struct Registered {
+    /// A live connection with this client id was taken over.
+    pub took_over: bool,
+    /// CONNACK's session present flag (§3.2.2.2).
+    pub session_present: bool,
+    /// The resumed session's state (subscriptions are already installed).
+    pub resumed: SessionState,
 }
 
 /// The outcome of a publish for the one machine a command is addressed to.
@@ -152,6 +258,10 @@ pub struct RouterStats {
     pub delivered: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub retained_refused: AtomicU64,
+    /// QoS 1/2 messages not queued for an away persistent session (full).
+    pub session_dropped: AtomicU64,
+    /// Parked sessions discarded after `session_expiry`.
+    pub sessions_expired: AtomicU64,
 }
 
 /// Sessions by client id, service subscribers, and retained messages.
@@ -166,39 +276,252 @@ pub struct Router {
     /// most of a reconnect storm's CPU).
     retained: RwLock<BTreeMap<String, (Bytes, QoS)>>,
     max_retained: usize,
+    /// Persistent sessions whose client is away. This lock also orders
+    /// `register` against `close`, so a session is always either live or
+    /// parked, never both and never lost in between.
+    parked: Mutex<ParkedSessions>,
+    /// `parked.len()`, readable without the lock: publishes skip the parked
+    /// lookup entirely while no session is parked (the common case).
+    parked_count: AtomicUsize,
+    limits: SessionLimits,
     pub stats: RouterStats,
 }
 
 impl Router {
     pub fn new(max_retained: usize) -> Self {
+        Self::with_limits(max_retained, SessionLimits::default())
+    }
+
+    pub fn with_limits(max_retained: usize, limits: SessionLimits) -> Self {
         Self {
             sessions: DashMap::new(),
             service_subscribers: RwLock::new(HashMap::new()),
             retained: RwLock::new(BTreeMap::new()),
             max_retained,
+            parked: Mutex::new(ParkedSessions::default()),
+            parked_count: AtomicUsize::new(0),
+            limits,
             stats: RouterStats::default(),
         }
     }
 
-    /// Register a new session under its client id, kicking the previous one
-    /// (MQTT take-over). Returns true when a live session was taken over.
-    pub fn register(&self, session: Arc<Session>) -> bool {
-        let previous = self.sessions.insert(session.client_id.clone(), session);
-        match previous {
-            Some(old) => {
-                old.kick(KickReason::TakeOver);
-                self.forget_service(old.conn_id);
-                true
-            }
-            None => false,
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, ParkedSessions> {
+        // A panic while holding it cannot leave the maps inconsistent (every
+        // update is a single insert or remove), so a poisoned lock is usable.
+        match self.parked.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
         }
     }
 
+    /// Register a new session under its client id, kicking the previous one
+    /// (MQTT take-over), and resume or discard the client's stored session
+    /// (§3.1.2.4): clean_session = 1 discards it, 0 resumes it.
+    pub fn register(&self, session: Arc<Session>) -> Registered {
+        let mut parked = self.lock_parked();
+        self.sweep(&mut parked);
+        let stored = parked.map(session.class).remove(&session.client_id);
+        self.parked_count.store(parked.len(), Ordering::Relaxed);
+        let mut reg = Registered::default();
+        if let Some(p) = stored {
+            if session.persistent && p.class == session.class {
+                if p.since.elapsed() >= self.limits.expiry {
+                    self.stats.sessions_expired.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    reg.session_present = true;
+                    reg.resumed = p.state;
+                }
+            }
+        }
+        // A live persistent session moves to the new connection: its
+        // subscriptions now, its queued and unacknowledged messages when the
+        // old connection has ended (`close` hands them over).
+        let previous = self.sessions.get(&session.client_id).map(|s| s.clone());
+        if let Some(old) = &previous {
+            if session.persistent && old.persistent && old.class == session.class {
+                reg.session_present = true;
+                reg.resumed.subs = old.subscriptions();
+            }
+        }
+        // Subscriptions are installed before the session is reachable, and
+        // the service index is updated before the lock is released, so no
+        // publish finds the client neither parked nor subscribed.
+        session.set_subscriptions(std::mem::take(&mut reg.resumed.subs));
+        if let Some(old) = self
+            .sessions
+            .insert(session.client_id.clone(), session.clone())
+        {
+            old.kick(KickReason::TakeOver);
+            self.forget_service(old.conn_id);
+            reg.took_over = true;
+        }
+        self.service_subscriptions_changed(&session);
+        drop(parked);
+        reg
+    }
+
     /// Remove a session if it is still the registered one for its client id.
+    /// Used by tests; connections end through [`Router::close`].
     pub fn unregister(&self, session: &Session) {
         self.sessions
             .remove_if(&session.client_id, |_, s| s.conn_id == session.conn_id);
         self.forget_service(session.conn_id);
+    }
+
+    /// A connection ended. A persistent session is parked with `state`
+    /// (plus whatever is still in its channel); if a newer connection already
+    /// took the client id over, the messages are handed to it instead.
+    pub fn close(
+        &self,
+        session: &Session,
+        rx: &mut mpsc::Receiver<Box<Outbound>>,
+        state: Option<SessionState>,
+    ) {
+        let mut parked = self.lock_parked();
+        let removed = self
+            .sessions
+            .remove_if(&session.client_id, |_, s| s.conn_id == session.conn_id)
+            .is_some();
+        self.forget_service(session.conn_id);
+        // From here a publisher's `offer` answers Closed and comes to the
+        // parked map, which it can only read once this lock is released.
+        rx.close();
+        let Some(mut state) = state.filter(|_| session.persistent) else {
+            return;
+        };
+        while let Ok(m) = rx.try_recv() {
+            state.queue.push_back(*m);
+        }
+        if removed {
+            state.subs = session.subscriptions();
+            let cap = self.queue_cap(session.class);
+            // QoS 0 is not kept for an away client (as in `offer_parked`).
+            state.queue = state
+                .queue
+                .into_iter()
+                .filter(|m| m.qos != QoS::AtMostOnce)
+                .map(detached)
+                .collect();
+            while state.queue.len() > cap {
+                state.queue.pop_back();
+                self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            for f in &mut state.inflight {
+                f.msg = detached(f.msg.clone());
+            }
+            parked.map(session.class).insert(
+                session.client_id.clone(),
+                Parked {
+                    class: session.class,
+                    state,
+                    since: Instant::now(),
+                },
+            );
+            self.parked_count.store(parked.len(), Ordering::Relaxed);
+            return;
+        }
+        drop(parked);
+        // Taken over: the new connection owns the session now. Unacknowledged
+        // messages go to it again (with new packet ids); if it started clean,
+        // the session ended with the old connection.
+        let Some(new) = self.sessions.get(&session.client_id).map(|s| s.clone()) else {
+            return;
+        };
+        if !new.persistent || new.class != session.class {
+            return;
+        }
+        let msgs = state
+            .inflight
+            .into_iter()
+            .filter(|f| !f.released)
+            .map(|f| f.msg)
+            .chain(state.queue);
+        for m in msgs {
+            match new.offer(m) {
+                Offer::Queued | Offer::Closed => {}
+                Offer::Full => {
+                    self.slow(&new);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn queue_cap(&self, class: ClientClass) -> usize {
+        match class {
+            ClientClass::Machine(_) => self.limits.machine_max_queued,
+            ClientClass::Service => self.limits.max_queued,
+        }
+    }
+
+    /// Discard parked sessions older than the expiry; at most once a minute
+    /// (or once per expiry, if shorter) so a connect storm does not rescan.
+    fn sweep(&self, parked: &mut ParkedSessions) {
+        let now = Instant::now();
+        let every = self.limits.expiry.min(Duration::from_secs(60));
+        if parked
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t) < every)
+        {
+            return;
+        }
+        parked.last_sweep = Some(now);
+        let expiry = self.limits.expiry;
+        let mut expired = 0u64;
+        for map in [&mut parked.machines, &mut parked.services] {
+            map.retain(|_, p| {
+                let keep = now.duration_since(p.since) < expiry;
+                expired += u64::from(!keep);
+                keep
+            });
+        }
+        self.stats
+            .sessions_expired
+            .fetch_add(expired, Ordering::Relaxed);
+        self.parked_count.store(parked.len(), Ordering::Relaxed);
+    }
+
+    /// Persistent sessions whose client is away.
+    pub fn parked_count(&self) -> usize {
+        self.parked_count.load(Ordering::Relaxed)
+    }
+
+    /// Queue a message for a parked session, or for the live session that
+    /// replaced it meanwhile. QoS 0 is not queued (§3.1.2.4 allows either).
+    fn offer_parked(
+        &self,
+        class: ClientClass,
+        client_id: &str,
+        topic_name: &str,
+        make: &dyn Fn(QoS) -> Outbound,
+    ) {
+        let mut parked = self.lock_parked();
+        if let Some(p) = parked.map(class).get_mut(client_id) {
+            let Some(g) = granted_in(&p.state.subs, topic_name) else {
+                return;
+            };
+            let msg = make(g);
+            if msg.qos == QoS::AtMostOnce {
+                return;
+            }
+            if p.state.queue.len() < self.queue_cap(class) {
+                p.state.queue.push_back(detached(msg));
+            } else {
+                self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        // Not parked: it may have resumed between the publisher's look-up
+        // and this lock (register holds it while installing the session).
+        let live = self.sessions.get(client_id).map(|s| s.clone());
+        drop(parked);
+        if let Some(s) = live {
+            if let Some(g) = s.granted(topic_name) {
+                if let Offer::Full = s.offer(make(g)) {
+                    self.slow(&s);
+                }
+            }
+        }
     }
 
     fn forget_service(&self, conn_id: u64) {
@@ -252,22 +575,35 @@ impl Router {
             retain: false,
         };
 
+        let any_parked = self.parked_count() > 0;
         let machine = match topic::machine_of(topic_name) {
             None => MachineDelivery::NotAMachineTopic,
             Some(m) => match self.sessions.get(m.as_str()).map(|s| s.clone()) {
                 Some(s) if s.class == ClientClass::Machine(m) => match s.granted(topic_name) {
-                    Some(g) => {
-                        if s.offer(make(g)) {
+                    Some(g) => match s.offer(make(g)) {
+                        Offer::Queued => {
                             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                             MachineDelivery::Queued
-                        } else {
+                        }
+                        Offer::Closed => {
+                            if s.persistent {
+                                self.offer_parked(s.class, &s.client_id, topic_name, &make);
+                            }
+                            MachineDelivery::NotConnected
+                        }
+                        Offer::Full => {
                             self.slow(&s);
                             MachineDelivery::Backpressure
                         }
-                    }
+                    },
                     None => MachineDelivery::NotSubscribed,
                 },
-                _ => MachineDelivery::NotConnected,
+                _ => {
+                    if any_parked {
+                        self.offer_parked(ClientClass::Machine(m), m.as_str(), topic_name, &make);
+                    }
+                    MachineDelivery::NotConnected
+                }
             },
         };
 
@@ -277,14 +613,43 @@ impl Router {
         };
         for s in services {
             if let Some(g) = s.granted(topic_name) {
-                if s.offer(make(g)) {
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.slow(&s);
+                match s.offer(make(g)) {
+                    Offer::Queued => {
+                        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Offer::Closed => {
+                        if s.persistent {
+                            self.offer_parked(s.class, &s.client_id, topic_name, &make);
+                        }
+                    }
+                    Offer::Full => self.slow(&s),
                 }
             }
         }
+        if any_parked {
+            self.offer_parked_services(topic_name, &make);
+        }
         machine
+    }
+
+    /// Queue a message for every parked service session it matches.
+    fn offer_parked_services(&self, topic_name: &str, make: &dyn Fn(QoS) -> Outbound) {
+        let mut parked = self.lock_parked();
+        let cap = self.limits.max_queued;
+        for p in parked.services.values_mut() {
+            let Some(g) = granted_in(&p.state.subs, topic_name) else {
+                continue;
+            };
+            let msg = make(g);
+            if msg.qos == QoS::AtMostOnce {
+                continue;
+            }
+            if p.state.queue.len() < cap {
+                p.state.queue.push_back(detached(msg));
+            } else {
+                self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn slow(&self, s: &Arc<Session>) {
@@ -335,6 +700,45 @@ impl Router {
     }
 }
 
+/// A message to be kept while its client is away: its own copy of the
+/// payload, which otherwise is a view into the publisher's read buffer and
+/// would pin that whole buffer for as long as the session is parked.
+fn detached(mut m: Outbound) -> Outbound {
+    m.payload = Bytes::copy_from_slice(&m.payload);
+    m
+}
+
+/// Overlapping subscriptions (§3.3.5): the message is delivered once, at the
+/// highest QoS any matching filter granted.
+fn granted_in(subs: &[(String, QoS)], topic_name: &str) -> Option<QoS> {
+    subs.iter()
+        .filter(|(f, _)| topic::filter_matches(f, topic_name))
+        .map(|(_, q)| *q)
+        .max_by_key(|q| *q as u8)
+}
+
+/// Whether some topic name matches both filters (both already valid). Used by
+/// the deny list: a subscription that could receive any denied topic is
+/// refused, so `#` is refused when anything is denied, except `$` topics,
+/// which a leading wildcard never matches (§4.7.2).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let leading_wild = |f: &str| f.starts_with(['+', '#']);
+    if (a.starts_with('$') && leading_wild(b)) || (b.starts_with('$') && leading_wild(a)) {
+        return false;
+    }
+    let mut la = a.split('/');
+    let mut lb = b.split('/');
+    loop {
+        match (la.next(), lb.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(x), Some(y)) if x == y => {}
+            _ => return false,
+        }
+    }
+}
+
 pub fn min_qos(a: QoS, b: QoS) -> QoS {
     if (a as u8) <= (b as u8) {
         a
@@ -353,7 +757,10 @@ mod tests {
         class: ClientClass,
     ) -> (Arc<Session>, mpsc::Receiver<Box<Outbound>>) {
         let (tx, rx) = mpsc::channel(4);
-        (Arc::new(Session::new(id, client.into(), class, tx)), rx)
+        (
+            Arc::new(Session::new(id, client.into(), class, false, tx)),
+            rx,
+        )
     }
 
     #[test]
@@ -389,8 +796,8 @@ mod tests {
         let r = Router::new(10);
         let (a, _ra) = session(1, "svc", ClientClass::Service);
         let (b, _rb) = session(2, "svc", ClientClass::Service);
-        assert!(!r.register(a.clone()));
-        assert!(r.register(b.clone()));
+        assert!(!r.register(a.clone()).took_over);
+        assert!(r.register(b.clone()).took_over);
         assert_eq!(a.kick_reason(), Some(KickReason::TakeOver));
         r.unregister(&a);
         assert_eq!(r.session_count(), 1);
@@ -449,5 +856,96 @@ mod tests {
             r.publish("x", Bytes::from_static(b"1"), QoS::AtMostOnce, false);
         }
         assert_eq!(s.kick_reason(), Some(KickReason::SlowConsumer));
+    }
+
+    fn persistent(id: u64, client: &str) -> (Arc<Session>, mpsc::Receiver<Box<Outbound>>) {
+        let (tx, rx) = mpsc::channel(8);
+        let s = Session::new(id, client.into(), ClientClass::Service, true, tx);
+        (Arc::new(s), rx)
+    }
+
+    #[test]
+    fn persistent_session_parks_queues_bounded_and_resumes() {
+        let limits = SessionLimits {
+            max_queued: 2,
+            ..SessionLimits::default()
+        };
+        let r = Router::with_limits(10, limits);
+        let (a, mut rxa) = persistent(1, "svc");
+        assert!(!r.register(a.clone()).session_present);
+        a.subscribe("x/#", QoS::ExactlyOnce);
+        r.service_subscriptions_changed(&a);
+        r.close(&a, &mut rxa, Some(SessionState::default()));
+        assert_eq!(r.parked_count(), 1);
+        for p in ["1", "2", "3"] {
+            r.publish("x/y", Bytes::from(p), QoS::AtLeastOnce, false);
+        }
+        // QoS 0 is not queued for an away client.
+        r.publish("x/y", Bytes::from_static(b"0"), QoS::AtMostOnce, false);
+        assert_eq!(r.stats.session_dropped.load(Ordering::Relaxed), 1);
+
+        let (b, _rxb) = persistent(2, "svc");
+        let reg = r.register(b.clone());
+        assert!(reg.session_present);
+        let got: Vec<_> = reg
+            .resumed
+            .queue
+            .iter()
+            .map(|m| m.payload.clone())
+            .collect();
+        assert_eq!(got, vec![Bytes::from("1"), Bytes::from("2")]);
+        assert_eq!(
+            b.subscriptions(),
+            vec![("x/#".to_string(), QoS::ExactlyOnce)]
+        );
+        assert_eq!(r.parked_count(), 0);
+    }
+
+    #[test]
+    fn clean_session_discards_and_expiry_forgets() {
+        let r = Router::with_limits(
+            10,
+            SessionLimits {
+                expiry: Duration::ZERO,
+                ..SessionLimits::default()
+            },
+        );
+        let (a, mut rxa) = persistent(1, "svc");
+        r.register(a.clone());
+        a.subscribe("x", QoS::AtLeastOnce);
+        r.close(&a, &mut rxa, Some(SessionState::default()));
+        let (b, _rxb) = persistent(2, "svc");
+        assert!(!r.register(b).session_present, "expired");
+        assert_eq!(r.stats.sessions_expired.load(Ordering::Relaxed), 1);
+
+        let r = Router::new(10);
+        let (a, mut rxa) = persistent(1, "svc");
+        r.register(a.clone());
+        r.close(&a, &mut rxa, Some(SessionState::default()));
+        let (tx, _rx) = mpsc::channel(4);
+        let clean = Arc::new(Session::new(
+            2,
+            "svc".into(),
+            ClientClass::Service,
+            false,
+            tx,
+        ));
+        assert!(!r.register(clean.clone()).session_present);
+        assert_eq!(
+            r.parked_count(),
+            0,
+            "clean_session = 1 discards the stored session"
+        );
+    }
+
+    #[test]
+    fn overlapping_filters() {
+        assert!(filters_overlap("#", "secret/x"));
+        assert!(filters_overlap("a/+/c", "a/b/#"));
+        assert!(filters_overlap("a/#", "a"));
+        assert!(!filters_overlap("a/+", "a"));
+        assert!(!filters_overlap("a/b", "a/c"));
+        assert!(!filters_overlap("#", "$SYS/#"));
+        assert!(filters_overlap("$SYS/+", "$SYS/#"));
     }
 }

@@ -139,10 +139,16 @@ pub enum DisconnectReason {
     Shutdown,
     /// CONNECT refused: wrong or unknown credentials.
     AuthFailure,
+    /// A packet larger than `mqtt.max_packet_size`.
+    PacketTooLarge,
+    /// More unreleased QoS 2 publishes than `mqtt.max_inflight`.
+    InflightExceeded,
+    /// A machine over `mqtt.machine_publish_rate`.
+    RateLimited,
 }
 
 impl DisconnectReason {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::Clean,
         Self::SocketClosed,
         Self::KeepAliveTimeout,
@@ -152,6 +158,9 @@ impl DisconnectReason {
         Self::SlowConsumer,
         Self::Shutdown,
         Self::AuthFailure,
+        Self::PacketTooLarge,
+        Self::InflightExceeded,
+        Self::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -165,6 +174,9 @@ impl DisconnectReason {
             Self::SlowConsumer => "slow_consumer",
             Self::Shutdown => "shutdown",
             Self::AuthFailure => "auth_failure",
+            Self::PacketTooLarge => "packet_too_large",
+            Self::InflightExceeded => "inflight_exceeded",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

@@ -89,6 +89,10 @@ struct Series {
     disconnects: [[Counter; DisconnectReason::ALL.len()]; 2],
     sessions: Gauge,
     slow_consumers: Counter,
+    persistent_sessions_away: Gauge,
+    session_dropped: Counter,
+    sessions_expired: Counter,
+    denied_subscriptions: Counter,
     machines_online: Gauge,
     machines_provisioned: Gauge,
     machines_flapping: Gauge,
@@ -307,6 +311,26 @@ impl Metrics {
                 "Connections closed because they did not read their messages.",
                 &[],
             ),
+            persistent_sessions_away: r.gauge(
+                "vendgate_mqtt_persistent_sessions_away",
+                "Persistent (clean_session = 0) sessions kept for a client that is away.",
+                &[],
+            ),
+            session_dropped: r.counter(
+                "vendgate_mqtt_session_dropped_total",
+                "QoS 1/2 messages not queued for an away persistent session because its queue was full.",
+                &[],
+            ),
+            sessions_expired: r.counter(
+                "vendgate_mqtt_sessions_expired_total",
+                "Persistent sessions discarded after mqtt.session_expiry without their client.",
+                &[],
+            ),
+            denied_subscriptions: r.counter(
+                "vendgate_mqtt_denied_subscriptions_total",
+                "SUBSCRIBE filters answered 0x80 because of mqtt.deny_filters.",
+                &[],
+            ),
             machines_online: r.gauge("vendgate_machines_online", "Machines online now.", &[]),
             machines_provisioned: r.gauge(
                 "vendgate_machines_provisioned",
@@ -516,6 +540,13 @@ impl Metrics {
         s.sessions.set(gw.hub.router.session_count() as f64);
         s.slow_consumers
             .absolute(l(&gw.hub.router.stats.slow_consumers));
+        s.persistent_sessions_away
+            .set(gw.hub.router.parked_count() as f64);
+        s.session_dropped
+            .absolute(l(&gw.hub.router.stats.session_dropped));
+        s.sessions_expired
+            .absolute(l(&gw.hub.router.stats.sessions_expired));
+        s.denied_subscriptions.absolute(l(&e.denied_subscriptions));
 
         let p = Self::presence_counts(gw);
         s.machines_online.set(p.online as f64);
