@@ -13,7 +13,8 @@
 //! - [`storage`]: the storage trait and its SQLite implementation.
 //! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
 //! - [`provision`]: the `vendgate merchant|machine|service add/list` commands.
-//! - [`http`]: the HTTP listener.
+//! - [`http`]: the HTTP listener (plain or HTTPS).
+//! - [`tls`]: rustls server configurations from PEM files, client-certificate identity.
 //! - [`notifier`]: webhook delivery from the outbox.
 //! - [`metrics`]: Prometheus exposition, operator counters and observers.
 //! - [`top`]: `vendgate top`, a terminal view of a running gateway's metrics.
@@ -35,6 +36,7 @@ pub mod secrets;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod top;
 pub mod uplink;
 

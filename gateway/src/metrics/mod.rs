@@ -88,6 +88,13 @@ struct Series {
     disconnects: [[Counter; DisconnectReason::ALL.len()]; 2],
     sessions: Gauge,
     slow_consumers: Counter,
+    connections: Gauge,
+    rejected: [Counter; 2],
+    connect_timeouts: Counter,
+    tls_handshake_failures: Counter,
+    oversized_packets: Counter,
+    auth_throttled: [Counter; 2],
+    http_rate_limited: Counter,
     machines_online: Gauge,
     machines_provisioned: Gauge,
     machines_flapping: Gauge,
@@ -221,6 +228,9 @@ pub struct Metrics {
     /// Whether the notifier's task runs (start-up wraps it).
     pub webhooks: Arc<WebhookObserver>,
     pub directory: MachineDirectory,
+    /// Open API requests refused with 10003 (any endpoint, not only
+    /// `POST /orders`, which `order_requests` also counts by code).
+    pub http_rate_limited: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -299,6 +309,45 @@ impl Metrics {
             slow_consumers: r.counter(
                 "vendgate_mqtt_slow_consumers_total",
                 "Connections closed because they did not read their messages.",
+                &[],
+            ),
+            connections: r.gauge(
+                "vendgate_mqtt_connections",
+                "Open MQTT connections, plain and TLS, before and after CONNECT (limited by mqtt.max_connections).",
+                &[],
+            ),
+            rejected: ["max_connections", "accept_rate"].map(|reason| {
+                r.counter(
+                    "vendgate_mqtt_connections_rejected_total",
+                    "Connections closed at accept by a limit (mqtt.max_connections, mqtt.accept_rate).",
+                    &[("reason", reason)],
+                )
+            }),
+            connect_timeouts: r.counter(
+                "vendgate_mqtt_connect_timeouts_total",
+                "Connections closed for want of a TLS handshake and CONNECT within mqtt.connect_timeout.",
+                &[],
+            ),
+            tls_handshake_failures: r.counter(
+                "vendgate_mqtt_tls_handshake_failures_total",
+                "Failed TLS handshakes on the MQTT TLS listener (untrusted client certificates included).",
+                &[],
+            ),
+            oversized_packets: r.counter(
+                "vendgate_mqtt_oversized_packets_total",
+                "Connections closed for a packet over mqtt.max_packet_size.",
+                &[],
+            ),
+            auth_throttled: crate::edge::limits::ThrottleScope::ALL.map(|scope| {
+                r.counter(
+                    "vendgate_mqtt_auth_throttled_total",
+                    "CONNECTs refused by failed-auth throttling, by the key that was blocked.",
+                    &[("scope", scope.as_str())],
+                )
+            }),
+            http_rate_limited: r.counter(
+                "vendgate_http_rate_limited_total",
+                "Open API requests refused with 10003 by the per-merchant rate limit.",
                 &[],
             ),
             machines_online: r.gauge("vendgate_machines_online", "Machines online now.", &[]),
@@ -394,6 +443,7 @@ impl Metrics {
             series,
             started: std::time::Instant::now(),
             order_requests: Default::default(),
+            http_rate_limited: AtomicU64::new(0),
             order_request_duration,
             accept_latency,
             dispense_duration,
@@ -502,6 +552,17 @@ impl Metrics {
         s.sessions.set(gw.hub.router.session_count() as f64);
         s.slow_consumers
             .absolute(l(&gw.hub.router.stats.slow_consumers));
+        s.connections.set(gw.hub.gate.live() as f64);
+        s.rejected[0].absolute(l(&e.rejected_max_connections));
+        s.rejected[1].absolute(l(&e.rejected_accept_rate));
+        s.connect_timeouts.absolute(l(&e.connect_timeouts));
+        s.tls_handshake_failures
+            .absolute(l(&e.tls_handshake_failures));
+        s.oversized_packets.absolute(l(&e.oversized_packets));
+        for (c, a) in s.auth_throttled.iter().zip(&e.auth_throttled) {
+            c.absolute(l(a));
+        }
+        s.http_rate_limited.absolute(l(&self.http_rate_limited));
 
         let p = Self::presence_counts(gw);
         s.machines_online.set(p.online as f64);
