@@ -230,6 +230,15 @@ fn address_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Usernames longer than this are not tracked by name (no account has such a
+/// name, and 100,000 tracked 64 KiB names would be gigabytes); their
+/// failures still count against the address.
+const MAX_TRACKED_USERNAME: usize = 256;
+
+fn username_key(u: &str) -> Option<String> {
+    (u.len() <= MAX_TRACKED_USERNAME).then(|| u.to_string())
+}
+
 impl AuthThrottle {
     pub fn new(settings: AuthThrottleSettings) -> Self {
         Self {
@@ -246,7 +255,7 @@ impl AuthThrottle {
         if self.addresses.blocked(&ip, now) {
             return Some(ThrottleScope::Address);
         }
-        let user = username?.to_string();
+        let user = username_key(username?)?;
         if self.usernames.blocked(&user, now) && lock(&self.last_good).get(&user) != Some(&ip) {
             return Some(ThrottleScope::Username);
         }
@@ -256,8 +265,8 @@ impl AuthThrottle {
     /// A CONNECT failed on its credentials.
     pub fn failed(&self, ip: IpAddr, username: Option<&str>, now: Instant) {
         self.addresses.fail(&self.settings, &address_key(ip), now);
-        if let Some(u) = username {
-            self.usernames.fail(&self.settings, &u.to_string(), now);
+        if let Some(u) = username.and_then(username_key) {
+            self.usernames.fail(&self.settings, &u, now);
         }
     }
 
@@ -373,6 +382,15 @@ mod tests {
             t.failed(IpAddr::from([10, 0, 0, i]), None, now);
         }
         assert!(lock(&t.addresses.entries).len() <= 3);
+        // Huge usernames are not kept as keys; the address still counts.
+        let long = "x".repeat(MAX_TRACKED_USERNAME + 1);
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let t = AuthThrottle::new(settings());
+        for _ in 0..4 {
+            t.failed(ip, Some(&long), now);
+        }
+        assert!(lock(&t.usernames.entries).is_empty());
+        assert_eq!(t.check(ip, Some(&long), now), Some(ThrottleScope::Address));
     }
 
     #[test]
