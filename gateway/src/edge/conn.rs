@@ -193,7 +193,10 @@ pub(crate) async fn handshake(
             .throttle
             .check(peer.ip(), username, std::time::Instant::now())
         {
-            warn!(%peer, client_id = %connect.client_id, username = username.unwrap_or(""), scope = scope.as_str(), "MQTT CONNECT refused: too many failed attempts");
+            // debug, not warn: a throttled flood must not flood the logs too;
+            // the failures that caused the block were logged, and
+            // vendgate_mqtt_auth_throttled_total counts these.
+            debug!(%peer, client_id = %connect.client_id, username = username.unwrap_or(""), scope = scope.as_str(), "MQTT CONNECT refused: too many failed attempts");
             hub.stats.auth_throttled[scope as usize].fetch_add(1, Ordering::Relaxed);
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("throttled", username);
