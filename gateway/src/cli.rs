@@ -316,11 +316,17 @@ async fn open(settings: &Settings) -> anyhow::Result<std::sync::Arc<dyn storage:
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     telemetry::init(&settings.log);
+    let settings_https = settings.http.tls.is_some();
     let gateway = Gateway::build(settings).await?;
     eprintln!(
-        "vendgate listening: mqtt={} http={}{}",
+        "vendgate listening: mqtt={}{} http={}{}{}",
         gateway.mqtt_addr(),
+        gateway
+            .mqtt_tls_addr()
+            .map(|a| format!(" mqtt+tls={a}"))
+            .unwrap_or_default(),
         gateway.http_addr(),
+        if settings_https { " (https)" } else { "" },
         gateway
             .metrics_addr()
             .map(|a| format!(" metrics={a}"))

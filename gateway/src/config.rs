@@ -74,6 +74,87 @@ pub struct MqttSettings {
     pub machine_publish_rate: u32,
     /// The bucket's size: publishes a machine may send at once.
     pub machine_publish_burst: u32,
+    /// Serve plain (unencrypted) MQTT on `addr` even when it is not a
+    /// loopback address. Without it start-up refuses such an address.
+    pub allow_plaintext: bool,
+    /// MQTT over TLS on a listener of its own (usually port 8883).
+    pub tls: Option<MqttTlsSettings>,
+    /// Open connections (plain and TLS together, before and after CONNECT);
+    /// beyond, a new connection is closed at once. 0 disables.
+    pub max_connections: usize,
+    /// New connections accepted per second (token bucket), so a flood of
+    /// connects cannot exhaust the handshake and authentication path; beyond,
+    /// a new connection is closed at once. 0 disables.
+    pub accept_rate: u32,
+    /// Connections accepted at once before `accept_rate` applies (a fleet
+    /// reconnecting after an outage).
+    pub accept_burst: u32,
+    /// Failed-authentication throttling (brute-force protection).
+    pub auth_throttle: AuthThrottleSettings,
+}
+
+/// `[mqtt.tls]`: the TLS listener. PEM files are read at start-up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttTlsSettings {
+    pub addr: SocketAddr,
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that sign machines' client certificates. Set, a
+    /// machine may authenticate with a certificate whose subject CN is its
+    /// machine_no instead of a password; unset, no certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for MqttTlsSettings {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            client_ca: None,
+        }
+    }
+}
+
+/// `[mqtt.auth_throttle]`: after `max_failures_per_*` failed CONNECTs
+/// within `window`, further CONNECTs from that address (or for that
+/// username) are refused with CONNACK 5 without checking the password, for
+/// `cooldown`, doubling with each repeat up to `max_cooldown`. Refused
+/// attempts do not count as failures, so a real machine retrying with its
+/// right password gets in once the cooldown ends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthThrottleSettings {
+    /// Per source address (IPv6: per /64). Generous, because many machines
+    /// may share one address behind a carrier NAT. 0 disables.
+    pub max_failures_per_address: u32,
+    /// Per username (a machine_no or a service account). 0 disables.
+    pub max_failures_per_username: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_cooldown: Duration,
+    /// Addresses and usernames tracked at most (memory bound under a
+    /// distributed attack); idle entries are pruned first.
+    pub max_tracked: usize,
+}
+
+impl Default for AuthThrottleSettings {
+    fn default() -> Self {
+        Self {
+            max_failures_per_address: 20,
+            max_failures_per_username: 5,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(300),
+            max_tracked: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +170,21 @@ pub struct HttpSettings {
     pub rate_limit: u32,
     /// Requests a merchant may send at once before the rate applies.
     pub rate_burst: u32,
+    /// Serve plain HTTP on `addr` even when it is not a loopback address.
+    /// Without it (and without `[http.tls]`) start-up refuses such an address.
+    pub allow_plaintext: bool,
+    /// Set: `addr` serves HTTPS only.
+    pub tls: Option<HttpTlsSettings>,
+}
+
+/// `[http.tls]`: HTTPS on the HTTP listener. PEM files read at start-up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpTlsSettings {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -244,7 +340,9 @@ impl Default for Settings {
 impl Default for MqttSettings {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            // Plain listeners default to loopback: a public one needs TLS or
+            // an explicit `allow_plaintext`.
+            addr: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_packet_size: 64 * 1024,
             connect_timeout: Duration::from_secs(5),
             machine_max_idle: Duration::from_secs(90),
@@ -257,6 +355,12 @@ impl Default for MqttSettings {
             session_expiry: Duration::from_secs(3600),
             machine_publish_rate: 50,
             machine_publish_burst: 200,
+            allow_plaintext: false,
+            tls: None,
+            max_connections: 50_000,
+            accept_rate: 1_000,
+            accept_burst: 20_000,
+            auth_throttle: AuthThrottleSettings::default(),
         }
     }
 }
@@ -264,11 +368,13 @@ impl Default for MqttSettings {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             http_status: HttpStatusMode::Ok,
             max_body: 64 * 1024,
             rate_limit: 200,
             rate_burst: 400,
+            allow_plaintext: false,
+            tls: None,
         }
     }
 }
@@ -290,6 +396,8 @@ pub struct MetricsSettings {
     /// (keeps them off a public API address). Unset: `/metrics` is served on
     /// the HTTP listener.
     pub addr: Option<SocketAddr>,
+    /// Allow `addr` (plain HTTP) on a non-loopback address.
+    pub allow_plaintext: bool,
 }
 
 /// The operator credential (HTTP Basic) of `/dashboard`. The dashboard is
@@ -326,6 +434,20 @@ pub enum ConfigError {
     MissingFile(PathBuf),
     #[error("configuration: mqtt.deny_filters: {0:?} is not a valid MQTT topic filter")]
     DenyFilter(String),
+    #[error(
+        "{listener} listener {setting} = {addr} would serve plaintext on a non-loopback address; \
+         set {allow} = true (env {env}=true) to allow it, or bind it to 127.0.0.1{tls_hint}"
+    )]
+    Plaintext {
+        listener: &'static str,
+        setting: &'static str,
+        addr: SocketAddr,
+        allow: &'static str,
+        env: &'static str,
+        tls_hint: &'static str,
+    },
+    #[error("{0} is set but empty: give the PEM file's path")]
+    MissingPem(&'static str),
 }
 
 impl Settings {
@@ -359,6 +481,64 @@ impl Settings {
             return Err(ConfigError::DenyFilter(f.clone()));
         }
         Ok(s)
+    }
+
+    /// Refuse plaintext listeners on non-loopback addresses unless their
+    /// `allow_plaintext` says so, and TLS sections without their files.
+    /// `Gateway::build` calls it before binding anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.mqtt.addr.ip().is_loopback() && !self.mqtt.allow_plaintext {
+            return Err(ConfigError::Plaintext {
+                listener: "MQTT",
+                setting: "mqtt.addr",
+                addr: self.mqtt.addr,
+                allow: "mqtt.allow_plaintext",
+                env: "VENDGATE_MQTT__ALLOW_PLAINTEXT",
+                tls_hint: " and serve machines on [mqtt.tls]",
+            });
+        }
+        if self.http.tls.is_none()
+            && !self.http.addr.ip().is_loopback()
+            && !self.http.allow_plaintext
+        {
+            return Err(ConfigError::Plaintext {
+                listener: "HTTP",
+                setting: "http.addr",
+                addr: self.http.addr,
+                allow: "http.allow_plaintext",
+                env: "VENDGATE_HTTP__ALLOW_PLAINTEXT",
+                tls_hint: ", or configure [http.tls]",
+            });
+        }
+        if let Some(addr) = self.metrics.addr {
+            if !addr.ip().is_loopback() && !self.metrics.allow_plaintext {
+                return Err(ConfigError::Plaintext {
+                    listener: "metrics",
+                    setting: "metrics.addr",
+                    addr,
+                    allow: "metrics.allow_plaintext",
+                    env: "VENDGATE_METRICS__ALLOW_PLAINTEXT",
+                    tls_hint: "",
+                });
+            }
+        }
+        if let Some(t) = &self.mqtt.tls {
+            if t.cert.as_os_str().is_empty() {
+                return Err(ConfigError::MissingPem("mqtt.tls.cert"));
+            }
+            if t.key.as_os_str().is_empty() {
+                return Err(ConfigError::MissingPem("mqtt.tls.key"));
+            }
+        }
+        if let Some(t) = &self.http.tls {
+            if t.cert.as_os_str().is_empty() {
+                return Err(ConfigError::MissingPem("http.tls.cert"));
+            }
+            if t.key.as_os_str().is_empty() {
+                return Err(ConfigError::MissingPem("http.tls.key"));
+            }
+        }
+        Ok(())
     }
 
     /// Settings for tests: everything on loopback port 0, state in `dir`.
@@ -486,6 +666,50 @@ mod tests {
             let d = NotifierSettings::default();
             assert!(d.retry_for >= Duration::from_secs(24 * 3600));
             assert!(!d.allow_private_targets);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tls_and_limit_settings_load_and_plaintext_is_refused_on_public_addresses() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "v.toml",
+                r#"
+                [mqtt]
+                addr = "0.0.0.0:1883"
+                [mqtt.tls]
+                cert = "/etc/vg/cert.pem"
+                key = "/etc/vg/key.pem"
+                client_ca = "/etc/vg/machines-ca.pem"
+                [mqtt.auth_throttle]
+                cooldown = "30s"
+                "#,
+            )?;
+            jail.set_env("VENDGATE_MQTT__MAX_CONNECTIONS", "7");
+            jail.set_env("VENDGATE_HTTP__TLS__CERT", "/etc/vg/http.pem");
+            jail.set_env("VENDGATE_HTTP__TLS__KEY", "/etc/vg/http.key");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let t = s.mqtt.tls.clone().expect("mqtt.tls");
+            assert_eq!(t.addr.port(), 8883, "default TLS port");
+            assert_eq!(t.client_ca, Some(PathBuf::from("/etc/vg/machines-ca.pem")));
+            assert_eq!(s.mqtt.max_connections, 7);
+            assert_eq!(s.mqtt.auth_throttle.cooldown, Duration::from_secs(30));
+            assert_eq!(s.mqtt.auth_throttle.max_failures_per_username, 5);
+            assert!(s.http.tls.is_some());
+            // Plain MQTT on 0.0.0.0 without allow_plaintext: refused, naming the setting.
+            let err = s.validate().expect_err("plaintext on 0.0.0.0").to_string();
+            assert!(err.contains("mqtt.allow_plaintext"), "{err}");
+            jail.set_env("VENDGATE_MQTT__ALLOW_PLAINTEXT", "true");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            // HTTP is on loopback by default, and TLS anyway.
+            assert!(s.validate().is_ok());
+            // Defaults bind plain listeners to loopback only, so they validate.
+            let d = Settings::default();
+            assert!(d.mqtt.addr.ip().is_loopback() && d.http.addr.ip().is_loopback());
+            assert!(d.validate().is_ok());
             Ok(())
         });
     }

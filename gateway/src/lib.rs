@@ -14,7 +14,8 @@
 //! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
 //! - [`passwords`]: argon2id verification of the human-chosen passwords in the configuration.
 //! - [`provision`]: the `vendgate merchant|machine|service add/list/rotate-secret` commands.
-//! - [`http`]: the HTTP listener.
+//! - [`http`]: the HTTP listener (plain or HTTPS).
+//! - [`tls`]: rustls server configurations from PEM files, client-certificate identity.
 //! - [`notifier`]: webhook delivery from the outbox.
 //! - [`metrics`]: Prometheus exposition, operator counters and observers.
 //! - [`top`]: `vendgate top`, a terminal view of a running gateway's metrics.
@@ -37,6 +38,7 @@ pub mod secrets;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod top;
 pub mod uplink;
 

@@ -47,19 +47,45 @@ pub struct GatewayHandle {
     pub shutdown: CancellationToken,
 }
 
+/// The HTTP listener: plain, or HTTPS with `[http.tls]`.
+enum HttpListener {
+    Plain(tokio::net::TcpListener),
+    Tls(tokio::net::TcpListener, Arc<rustls::ServerConfig>),
+}
+
 /// A built, bound, not yet running gateway.
 pub struct Gateway {
     handle: GatewayHandle,
     edge: Edge,
-    http: tokio::net::TcpListener,
+    /// `[mqtt.tls]`: MQTT over TLS.
+    edge_tls: Option<Edge>,
+    http: HttpListener,
     /// `[metrics] addr`: `/metrics` on its own listener.
     admin: Option<crate::http::ops::AdminListener>,
     mqtt_addr: SocketAddr,
+    mqtt_tls_addr: Option<SocketAddr>,
     http_addr: SocketAddr,
 }
 
 impl Gateway {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Before anything is opened or bound: plaintext on a public address
+        // and TLS without its files are refused here, with the setting named.
+        settings.validate()?;
+        let mqtt_tls = match &settings.mqtt.tls {
+            Some(t) => Some(
+                crate::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &[])
+                    .context("building the MQTT TLS configuration ([mqtt.tls])")?,
+            ),
+            None => None,
+        };
+        let http_tls = match &settings.http.tls {
+            Some(t) => Some(
+                crate::tls::server_config(&t.cert, &t.key, None, &[b"http/1.1"])
+                    .context("building the HTTPS configuration ([http.tls])")?,
+            ),
+            None => None,
+        };
         let store = open_storage(&settings).await?;
         let key_path = settings.webhook_key_path();
         let webhook_key = Arc::new(
@@ -111,14 +137,27 @@ impl Gateway {
             shutdown.clone(),
         ));
         metrics.instrument_edge(&hub);
-        let edge = Edge::bind(settings.mqtt.addr, hub.clone())
+        let edge = Edge::bind(settings.mqtt.addr, hub.clone(), None)
             .await
             .with_context(|| format!("binding the MQTT listener on {}", settings.mqtt.addr))?;
         let mqtt_addr = edge.local_addr()?;
-        let http = tokio::net::TcpListener::bind(settings.http.addr)
+        let edge_tls = match (&settings.mqtt.tls, mqtt_tls) {
+            (Some(t), Some(config)) => Some(
+                Edge::bind(t.addr, hub.clone(), Some(config))
+                    .await
+                    .with_context(|| format!("binding the MQTT TLS listener on {}", t.addr))?,
+            ),
+            _ => None,
+        };
+        let mqtt_tls_addr = edge_tls.as_ref().map(Edge::local_addr).transpose()?;
+        let http_tcp = tokio::net::TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("binding the HTTP listener on {}", settings.http.addr))?;
-        let http_addr = http.local_addr()?;
+        let http_addr = http_tcp.local_addr()?;
+        let http = match http_tls {
+            Some(config) => HttpListener::Tls(http_tcp, config),
+            None => HttpListener::Plain(http_tcp),
+        };
         let admin = crate::http::ops::AdminListener::bind(&settings).await?;
         let commands: Arc<dyn CommandBus> =
             Arc::new(LocalCommands::new(hub.clone(), presence.clone(), pings));
@@ -150,15 +189,22 @@ impl Gateway {
         Ok(Self {
             handle,
             edge,
+            edge_tls,
             http,
             admin,
             mqtt_addr,
+            mqtt_tls_addr,
             http_addr,
         })
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The MQTT-over-TLS listener, when `[mqtt.tls]` is set.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -177,7 +223,7 @@ impl Gateway {
     /// Run until `handle().shutdown` is cancelled.
     pub async fn run(self) -> anyhow::Result<()> {
         let h = self.handle;
-        info!(mqtt = %self.mqtt_addr, http = %self.http_addr, "vendgate running");
+        info!(mqtt = %self.mqtt_addr, mqtt_tls = ?self.mqtt_tls_addr, http = %self.http_addr, https = matches!(self.http, HttpListener::Tls(..)), "vendgate running");
 
         let persist_stop = CancellationToken::new();
         let persister = spawn_presence_persister(h.clone(), persist_stop.clone());
@@ -190,6 +236,7 @@ impl Gateway {
                 .observe(h.notifier.clone().run(h.shutdown.clone())),
         );
         let edge_task = tokio::spawn(self.edge.run());
+        let edge_tls_task = self.edge_tls.map(|e| tokio::spawn(e.run()));
         let expiry = h.orders.spawn_expiry();
         let cancels = h.orders.spawn_cancel_delivery();
         let _metrics_upkeep = h.metrics.spawn_upkeep(h.shutdown.clone());
@@ -199,9 +246,19 @@ impl Gateway {
             let app = crate::http::router(h.clone(), h.orders.clone());
             let listener = self.http;
             tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                    .await
+                match listener {
+                    HttpListener::Plain(l) => {
+                        axum::serve(l, app)
+                            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                            .await
+                    }
+                    HttpListener::Tls(l, config) => {
+                        let l = crate::http::tls::TlsListener::spawn(l, config, shutdown.clone())?;
+                        axum::serve(l, app)
+                            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                            .await
+                    }
+                }
             })
         };
 
@@ -214,6 +271,11 @@ impl Gateway {
             .is_err()
         {
             warn!("MQTT edge did not stop in time");
+        }
+        if let Some(t) = edge_tls_task {
+            if tokio::time::timeout(SHUTDOWN_STEP, t).await.is_err() {
+                warn!("MQTT TLS edge did not stop in time");
+            }
         }
         match tokio::time::timeout(SHUTDOWN_STEP, http_task).await {
             Ok(Ok(Err(e))) => error!(error = %e, "HTTP server failed"),

@@ -1,6 +1,7 @@
 //! Test harness for end-to-end tests: a real gateway on loopback port 0 with a
 //! fresh SQLite file in a temp dir, provisioning helpers, a raw MQTT client
-//! for protocol-level tests, and condition waits with deadlines (no sleeps).
+//! for protocol-level tests (over TCP or TLS), a test CA for TLS tests, and
+//! condition waits with deadlines (no sleeps).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,8 +9,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Login, Packet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use std::sync::Arc;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use vendgate::secrets::{generate_secret, SecretHash};
 use vendgate::storage::{NewMachine, NewMerchant, NewService};
@@ -23,6 +27,8 @@ pub const DEADLINE: Duration = Duration::from_secs(15);
 pub struct TestGateway {
     pub dir: tempfile::TempDir,
     pub mqtt_addr: SocketAddr,
+    /// The MQTT TLS listener, when the test configured `[mqtt.tls]`.
+    pub mqtt_tls_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub handle: GatewayHandle,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -44,10 +50,12 @@ impl TestGateway {
         tune(&mut settings);
         let gw = Gateway::build(settings).await.expect("gateway builds");
         let (mqtt_addr, http_addr, handle) = (gw.mqtt_addr(), gw.http_addr(), gw.handle());
+        let mqtt_tls_addr = gw.mqtt_tls_addr();
         let task = tokio::spawn(gw.run());
         Self {
             dir,
             mqtt_addr,
+            mqtt_tls_addr,
             http_addr,
             handle,
             task: Some(task),
@@ -181,20 +189,29 @@ where
     }
 }
 
-/// A byte-level MQTT 3.1.1 client for protocol tests.
-pub struct RawClient {
-    pub stream: TcpStream,
+/// A byte-level MQTT 3.1.1 client for protocol tests, over TCP or TLS.
+pub struct RawClient<S = TcpStream> {
+    pub stream: S,
     buf: BytesMut,
 }
 
-impl RawClient {
+impl RawClient<TcpStream> {
     pub async fn tcp(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("tcp connect");
         stream.set_nodelay(true).ok();
-        Self {
-            stream,
-            buf: BytesMut::new(),
-        }
+        Self::over(stream)
+    }
+
+    /// TCP from a chosen local address (any of 127.0.0.0/8 on Linux), so a
+    /// test can play clients at different source addresses.
+    pub async fn tcp_from(local: std::net::IpAddr, addr: SocketAddr) -> Self {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .expect("bind local address");
+        let stream = socket.connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).ok();
+        Self::over(stream)
     }
 
     /// TCP + CONNECT; returns the client and the CONNACK code (None when the
@@ -205,26 +222,51 @@ impl RawClient {
         login: Option<(&str, &str)>,
         keep_alive: u16,
     ) -> (Self, Option<ConnectReturnCode>) {
-        let mut c = Self::tcp(addr).await;
+        Self::tcp(addr)
+            .await
+            .mqtt_connect(client_id, login, keep_alive)
+            .await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    pub fn over(stream: S) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Send CONNECT; returns the client and the CONNACK code (None when the
+    /// server closed without CONNACK).
+    pub async fn mqtt_connect(
+        mut self,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        keep_alive: u16,
+    ) -> (Self, Option<ConnectReturnCode>) {
         let mut connect = Connect::new(client_id);
         connect.keep_alive = keep_alive;
         connect.login = login.map(|(u, p)| Login::new(u, p));
-        c.send(Packet::Connect(connect)).await;
-        let code = match c.recv().await {
+        self.send(Packet::Connect(connect)).await;
+        let code = match self.recv().await {
             Some(Packet::ConnAck(ConnAck { code, .. })) => Some(code),
             _ => None,
         };
-        (c, code)
+        (self, code)
     }
 
     pub async fn send(&mut self, p: Packet) {
         let mut out = BytesMut::new();
         p.write(&mut out, usize::MAX).expect("encode");
-        let _ = self.stream.write_all(&out).await;
+        self.send_raw(&out).await;
     }
 
+    /// Write and flush (TLS buffers records until flushed).
     pub async fn send_raw(&mut self, bytes: &[u8]) {
-        let _ = self.stream.write_all(bytes).await;
+        if self.stream.write_all(bytes).await.is_ok() {
+            let _ = self.stream.flush().await;
+        }
     }
 
     /// Next packet, or None when the connection closed (or nothing came before
@@ -261,6 +303,135 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A throwaway certificate authority for TLS tests (rcgen, in memory).
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate issued by a [`TestCa`], with its key.
+pub struct Leaf {
+    pub cert: CertificateDer<'static>,
+    pub cert_pem: String,
+    pub key_pem: String,
+    key_der: Vec<u8>,
+}
+
+impl Leaf {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivatePkcs8KeyDer::from(self.key_der.clone()).into()
+    }
+
+    /// Write `{name}.pem` and `{name}.key` into `dir`; returns their paths.
+    pub fn write(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, &self.cert_pem).expect("write cert");
+        std::fs::write(&k, &self.key_pem).expect("write key");
+        (c, k)
+    }
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        Self {
+            issuer: rcgen::CertifiedIssuer::self_signed(p, key).expect("CA certificate"),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    /// Write the CA certificate to `dir/{name}`; returns the path.
+    pub fn write(&self, dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, self.pem()).expect("write CA");
+        p
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1.
+    pub fn server(&self) -> Leaf {
+        self.issue(
+            "localhost",
+            vec!["localhost".into(), "127.0.0.1".into()],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        )
+    }
+
+    /// A client certificate whose subject CN is `cn` (a machine_no).
+    pub fn client(&self, cn: &str) -> Leaf {
+        self.issue(cn, Vec::new(), rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn issue(&self, cn: &str, sans: Vec<String>, eku: rcgen::ExtendedKeyUsagePurpose) -> Leaf {
+        let mut p = rcgen::CertificateParams::new(sans).expect("leaf params");
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.extended_key_usages = vec![eku];
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = p.signed_by(&key, &self.issuer).expect("sign leaf");
+        Leaf {
+            cert: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// A client configuration trusting this CA, optionally presenting `client`.
+    pub fn client_config(&self, client: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der()).expect("trust CA");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots);
+        Arc::new(match client {
+            Some(l) => builder
+                .with_client_auth_cert(vec![l.cert.clone()], l.key())
+                .expect("client cert"),
+            None => builder.with_no_client_auth(),
+        })
+    }
+}
+
+/// A TLS connection to `addr` as `localhost`; Err when the handshake fails.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true).ok();
+    let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+    tokio::time::timeout(
+        DEADLINE,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// A rumqttc client driven on its own task; received publishes and

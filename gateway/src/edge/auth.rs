@@ -1,5 +1,6 @@
 //! CONNECT authentication: decides whether a client is a machine (client id =
-//! username = machine_no, password = its secret) or a service account, and
+//! username = machine_no, password = its secret, or a verified client
+//! certificate whose subject CN is the machine_no) or a service account, and
 //! answers with the MQTT 3.1.1 CONNACK code otherwise. Secrets are compared
 //! in constant time and never logged. During a rotation's grace period a
 //! machine's previous secret is accepted too, and counted.
@@ -36,6 +37,8 @@ pub enum Refusal {
     BadClientId,
     UnknownService,
     StorageUnavailable,
+    /// A verified client certificate whose CN is not a machine number.
+    BadCertificate,
 }
 
 impl Refusal {
@@ -57,7 +60,17 @@ impl Refusal {
             Self::BadClientId => "bad_client_id",
             Self::UnknownService => "unknown_service",
             Self::StorageUnavailable => "storage_unavailable",
+            Self::BadCertificate => "bad_certificate",
         }
+    }
+
+    /// Counts towards failed-auth throttling: a guess that did not match.
+    /// Storage trouble and client-id rules are not guesses.
+    pub fn is_credential_failure(self) -> bool {
+        matches!(
+            self,
+            Self::NoCredentials | Self::UnknownMachine | Self::WrongSecret | Self::UnknownService
+        )
     }
 }
 
@@ -78,11 +91,17 @@ impl Authenticator {
         self
     }
 
+    /// `cert_cn`: the subject CN of the client certificate the TLS handshake
+    /// verified against `mqtt.tls.client_ca`, if any. It then decides alone.
     pub async fn authenticate(
         &self,
         client_id: &str,
         login: Option<&Login>,
+        cert_cn: Option<&str>,
     ) -> Result<ClientClass, Refusal> {
+        if let Some(cn) = cert_cn {
+            return self.authenticate_certificate(client_id, login, cn).await;
+        }
         let Some(login) = login else {
             return Err(Refusal::NoCredentials);
         };
@@ -153,6 +172,35 @@ impl Authenticator {
         } else {
             Err(Refusal::WrongSecret)
         }
+    }
+}
+
+impl Authenticator {
+    /// A machine by certificate: the CN is an 8-digit machine_no that is
+    /// provisioned now (deleting the machine revokes the certificate's use),
+    /// and the client id, and the username if one is sent, are that number.
+    /// A password, if sent, is not needed and not checked.
+    async fn authenticate_certificate(
+        &self,
+        client_id: &str,
+        login: Option<&Login>,
+        cn: &str,
+    ) -> Result<ClientClass, Refusal> {
+        let Ok(machine_no) = cn.parse::<MachineNo>() else {
+            return Err(Refusal::BadCertificate);
+        };
+        if client_id != cn || login.is_some_and(|l| !l.username.is_empty() && l.username != cn) {
+            return Err(Refusal::ClientIdMismatch);
+        }
+        let stored = self
+            .store
+            .machine(&machine_no)
+            .await
+            .map_err(|_| Refusal::StorageUnavailable)?;
+        if stored.is_none() {
+            return Err(Refusal::UnknownMachine);
+        }
+        Ok(ClientClass::Machine(machine_no))
     }
 }
 

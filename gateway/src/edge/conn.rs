@@ -7,7 +7,8 @@
 //!
 //! Idle connections hold no buffers: bytes are read into a stack buffer only
 //! once the socket is readable, and kept only while a packet is incomplete.
-//! That keeps a connected, idle machine at a few hundred bytes of heap.
+//! That keeps a connected, idle machine at a few hundred bytes of heap (plus
+//! rustls' connection state on the TLS listener).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -21,17 +22,18 @@ use rumqttc::mqttbytes::v4::{
     Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic::{self, Topic};
 
+use super::limits::ConnSlot;
 use super::router::{
     filters_overlap, ClientClass, InflightOut, KickReason, Outbound, Session, SessionState,
 };
+use super::stream::Stream;
 use super::Hub;
 use crate::metrics::edge::{ClientKind, Direction, DisconnectReason, DispenseClock};
 use crate::presence::OfflineReason;
@@ -116,18 +118,51 @@ enum ReadError {
     TooLarge,
 }
 
-/// Serve one accepted TCP connection until it ends.
-/// CONNECT, authentication and registration. The established session runs
+/// The TLS handshake (on the TLS listener), CONNECT, authentication and
+/// registration of one accepted TCP connection. The established session runs
 /// as a task of its own (`Established::run`), so the handshake's larger
 /// state is freed once CONNACK is queued: an idle connection then costs only
-/// the session loop's state.
+/// the session loop's state. `slot` is the connection's place under
+/// `max_connections`, held until the connection ends.
 pub(crate) async fn handshake(
     hub: Arc<Hub>,
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    slot: ConnSlot,
 ) -> Option<Established> {
     // Without NODELAY every QoS 1 round trip pays Nagle + delayed ACK (~40 ms).
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    // One deadline covers the TLS handshake and CONNECT: a peer that stalls
+    // either holds its connection (and slot) no longer than connect_timeout.
+    let deadline = Instant::now() + hub.settings.connect_timeout;
+    let (stream, cert_cn) = match tls {
+        None => (Stream::Plain(tcp), None),
+        // Boxed: the handshake future is large and short-lived.
+        Some(acceptor) => match timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
+            Ok(Ok(s)) => {
+                let cn = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(crate::tls::common_name);
+                (Stream::tls(s), cn)
+            }
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                hub.stats
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Err(_) => {
+                debug!(%peer, "no TLS handshake within the connect timeout");
+                hub.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        },
+    };
     let mut conn = Conn {
         stream,
         rbuf: BytesMut::new(),
@@ -138,7 +173,7 @@ pub(crate) async fn handshake(
     // (the storage lookup especially) and live only until CONNACK, while an
     // async fn's state is as large as its largest await point for as long as
     // the connection lives.
-    let connect = match timeout(hub.settings.connect_timeout, Box::pin(conn.read_connect())).await {
+    let connect = match timeout_at(deadline, Box::pin(conn.read_connect())).await {
         Ok(Ok(c)) => c,
         Ok(Err(ConnectError::Refuse(code))) => {
             let _ = conn
@@ -151,22 +186,67 @@ pub(crate) async fn handshake(
         Ok(Err(ConnectError::Drop(why))) => {
             debug!(%peer, why, "connection dropped before CONNECT");
             hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            if why == TOO_LARGE {
+                hub.stats.oversized_packets.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         }
         Err(_) => {
             debug!(%peer, "no CONNECT within the connect timeout");
+            hub.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
             return None;
         }
     };
 
-    let class = match Box::pin(
-        hub.auth
-            .authenticate(&connect.client_id, connect.login.as_ref()),
-    )
+    // Brute-force protection: refused before the password is even looked at.
+    // A verified certificate cannot be guessed, so it is not throttled.
+    let username = connect
+        .login
+        .as_ref()
+        .map(|l| l.username.as_str())
+        .filter(|u| !u.is_empty());
+    if cert_cn.is_none() {
+        if let Some(scope) = hub
+            .throttle
+            .check(peer.ip(), username, std::time::Instant::now())
+        {
+            // debug, not warn: a throttled flood must not flood the logs too;
+            // the failures that caused the block were logged, and
+            // vendgate_mqtt_auth_throttled_total counts these.
+            debug!(%peer, client_id = %connect.client_id, username = username.unwrap_or(""), scope = scope.as_str(), "MQTT CONNECT refused: too many failed attempts");
+            hub.stats.auth_throttled[scope as usize].fetch_add(1, Ordering::Relaxed);
+            hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
+            hub.stats.connections.refused("throttled", username);
+            let _ = conn
+                .write_packets(&[Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::NotAuthorized,
+                    false,
+                ))])
+                .await;
+            return None;
+        }
+    }
+
+    let class = match Box::pin(hub.auth.authenticate(
+        &connect.client_id,
+        connect.login.as_ref(),
+        cert_cn.as_deref(),
+    ))
     .await
     {
-        Ok(c) => c,
+        Ok(c) => {
+            if cert_cn.is_none() {
+                if let Some(u) = username {
+                    hub.throttle.succeeded(peer.ip(), u);
+                }
+            }
+            c
+        }
         Err(refusal) => {
+            if refusal.is_credential_failure() {
+                hub.throttle
+                    .failed(peer.ip(), username, std::time::Instant::now());
+            }
             // The username is not a secret; the password is never logged.
             let user = connect
                 .login
@@ -286,6 +366,7 @@ pub(crate) async fn handshake(
     }
     Some(Established {
         hub,
+        _slot: slot,
         conn,
         state,
         rx,
@@ -301,6 +382,8 @@ pub(crate) async fn handshake(
 /// A connection past CONNACK.
 pub(crate) struct Established {
     hub: Arc<Hub>,
+    /// Frees the connection's place under `max_connections` when dropped.
+    _slot: ConnSlot,
     conn: Conn,
     state: Loop,
     rx: mpsc::Receiver<Box<Outbound>>,
@@ -316,6 +399,7 @@ impl Established {
     pub(crate) async fn run(self) {
         let Established {
             hub,
+            _slot,
             mut conn,
             mut state,
             rx,
@@ -356,8 +440,12 @@ impl Established {
                     .keep_alive_timeouts
                     .fetch_add(1, Ordering::Relaxed);
             }
-            End::Protocol(_) | End::TooLarge => {
+            End::Protocol(_) => {
                 hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+            End::TooLarge => {
+                hub.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                hub.stats.oversized_packets.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -408,8 +496,11 @@ enum ConnectError {
     Drop(&'static str),
 }
 
+/// Why a connection closed on an oversized packet (also counted apart).
+const TOO_LARGE: &str = "packet too large";
+
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     max_packet: usize,
 }
@@ -439,13 +530,16 @@ impl Conn {
                         ConnectReturnCode::RefusedProtocolVersion,
                     ))
                 }
+                Err(CodecError::PayloadSizeLimitExceeded(_)) => {
+                    return Err(ConnectError::Drop(TOO_LARGE))
+                }
                 Err(_) => return Err(ConnectError::Drop("malformed CONNECT")),
             }
             match self.fill().await {
                 Ok(()) => {}
                 Err(ReadError::Eof) => return Err(ConnectError::Drop("closed before CONNECT")),
                 Err(ReadError::Malformed(w)) => return Err(ConnectError::Drop(w)),
-                Err(ReadError::TooLarge) => return Err(ConnectError::Drop("packet too large")),
+                Err(ReadError::TooLarge) => return Err(ConnectError::Drop(TOO_LARGE)),
             }
         }
     }
@@ -468,12 +562,13 @@ impl Conn {
     fn try_fill(&mut self) -> Result<bool, ReadError> {
         let mut chunk = [0u8; READ_CHUNK];
         match self.stream.try_read(&mut chunk) {
-            Ok(0) => Err(ReadError::Eof),
-            Ok(n) => {
-                self.rbuf.extend_from_slice(&chunk[..n]);
+            Ok(Some(0)) => Err(ReadError::Eof),
+            Ok(Some(n)) => {
+                let chunk = chunk.get(..n).ok_or(ReadError::Eof)?;
+                self.rbuf.extend_from_slice(chunk);
                 Ok(true)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Ok(None) => Ok(false),
             Err(_) => Err(ReadError::Eof),
         }
     }

@@ -6,11 +6,15 @@
 //!
 //! - `conn`: one connection's protocol state machine.
 //! - `router`: sessions, subscriptions, retained messages, fan-out.
-//! - `auth`: CONNECT credentials.
+//! - `auth`: CONNECT credentials (password or client certificate).
+//! - `limits`: connection cap, accept rate, failed-auth throttling.
+//! - `stream`: plain or TLS byte stream, read on readiness.
 
 pub mod auth;
 mod conn;
+pub mod limits;
 pub mod router;
+mod stream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,13 +26,14 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic::{self, Command, Uplink};
 
 use crate::config::MqttSettings;
 use crate::presence::PresenceRegistry;
 use auth::Authenticator;
+use limits::{AcceptGate, AuthThrottle, Rejection, ThrottleScope};
 use router::{MachineDelivery, Router};
 
 /// Receives every uplink a machine publishes on one of its protocol topics,
@@ -62,6 +67,33 @@ pub struct EdgeStats {
     pub timings: crate::metrics::edge::Timings,
     /// True while the accept loop runs (`/readyz`).
     pub accepting: std::sync::atomic::AtomicBool,
+    /// Connections closed at accept: over `max_connections`.
+    pub rejected_max_connections: AtomicU64,
+    /// Connections closed at accept: over `accept_rate`.
+    pub rejected_accept_rate: AtomicU64,
+    /// Connections without a CONNECT (or TLS handshake) in `connect_timeout`.
+    pub connect_timeouts: AtomicU64,
+    /// TLS handshakes that failed (bad or untrusted client certificate,
+    /// plaintext on the TLS port, protocol errors).
+    pub tls_handshake_failures: AtomicU64,
+    /// Packets over `max_packet_size` (the connection is closed).
+    pub oversized_packets: AtomicU64,
+    /// CONNECTs refused by the failed-auth throttle, by [`ThrottleScope`].
+    pub auth_throttled: [AtomicU64; 2],
+}
+
+impl EdgeStats {
+    pub fn rejected(&self, r: Rejection) {
+        let c = match r {
+            Rejection::MaxConnections => &self.rejected_max_connections,
+            Rejection::AcceptRate => &self.rejected_accept_rate,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn throttled(&self, scope: ThrottleScope) -> u64 {
+        self.auth_throttled[scope as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// A copy of the counters, for tests and the CLI.
@@ -86,6 +118,9 @@ pub struct Hub {
     pub(crate) auth: Authenticator,
     pub(crate) uplinks: Arc<dyn UplinkHandler>,
     pub stats: EdgeStats,
+    /// Open-connection cap and accept rate, shared by both listeners.
+    pub gate: Arc<AcceptGate>,
+    pub(crate) throttle: AuthThrottle,
     conn_ids: AtomicU64,
     pub(crate) shutdown: CancellationToken,
 }
@@ -107,6 +142,12 @@ impl Hub {
                     expiry: settings.session_expiry,
                 },
             ),
+            gate: Arc::new(AcceptGate::new(
+                settings.max_connections,
+                settings.accept_rate,
+                settings.accept_burst,
+            )),
+            throttle: AuthThrottle::new(settings.auth_throttle.clone()),
             settings,
             presence,
             auth,
@@ -165,20 +206,26 @@ impl Hub {
     }
 }
 
-/// The bound listener; `run` accepts until shutdown.
+/// A bound listener (plain, or TLS with `tls`); `run` accepts until shutdown.
 pub struct Edge {
     listener: TcpListener,
     hub: Arc<Hub>,
     tasks: TaskTracker,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Edge {
-    pub async fn bind(addr: SocketAddr, hub: Arc<Hub>) -> std::io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        hub: Arc<Hub>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         Ok(Self {
             listener,
             hub,
             tasks: TaskTracker::new(),
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
         })
     }
 
@@ -196,10 +243,21 @@ impl Edge {
                 _ = shutdown.cancelled() => break,
                 r = self.listener.accept() => match r {
                     Ok((stream, peer)) => {
+                        // Over the cap or the rate: close at once (dropping
+                        // the socket), before any task or buffer exists.
+                        let slot = match self.hub.gate.admit() {
+                            Ok(s) => s,
+                            Err(r) => {
+                                self.hub.stats.rejected(r);
+                                debug!(%peer, reason = ?r, "MQTT connection refused at accept");
+                                continue;
+                            }
+                        };
                         let hub = self.hub.clone();
                         let tasks = self.tasks.clone();
+                        let tls = self.tls.clone();
                         self.tasks.spawn(async move {
-                            if let Some(session) = conn::handshake(hub, stream, peer).await {
+                            if let Some(session) = conn::handshake(hub, stream, peer, tls, slot).await {
                                 tasks.spawn(session.run());
                             }
                         });

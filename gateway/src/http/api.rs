@@ -99,6 +99,9 @@ pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<St
             if s.rate.allow(&m.appid) {
                 Ok(m.appid)
             } else {
+                s.gw.metrics
+                    .http_rate_limited
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Err(ErrorCode::RateLimited)
             }
         }

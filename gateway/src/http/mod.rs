@@ -7,6 +7,7 @@
 //! - `events`: the merchant's webhook events (list, replay).
 //! - `ops`: `/metrics`, `/healthz`, `/readyz`, the admin listener.
 //! - `dashboard`: the operator dashboard and its JSON endpoints.
+//! - `tls`: the HTTPS listener (`[http.tls]`).
 
 mod api;
 pub mod dashboard;
@@ -14,6 +15,7 @@ pub mod envelope;
 mod events;
 pub mod ops;
 mod rate;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -183,7 +183,7 @@ impl DisconnectReason {
 
 /// Every `reason` label of refused CONNECTs: the authenticator's refusals
 /// (`edge::auth::Refusal::as_str`) and the edge's own checks.
-pub const REFUSALS: [&str; 10] = [
+pub const REFUSALS: [&str; 12] = [
     "no_credentials",
     "unknown_machine",
     "wrong_secret",
@@ -193,6 +193,8 @@ pub const REFUSALS: [&str; 10] = [
     "storage_unavailable",
     "protocol_version",
     "will_not_allowed",
+    "bad_certificate",
+    "throttled",
     "other",
 ];
 
@@ -230,6 +232,7 @@ impl ConnectionStats {
                 | "wrong_secret"
                 | "client_id_mismatch"
                 | "unknown_service"
+                | "bad_certificate"
         );
         if credentials {
             // The authenticator's own rule: an all-digit username is a machine.

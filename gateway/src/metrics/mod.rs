@@ -93,6 +93,13 @@ struct Series {
     session_dropped: Counter,
     sessions_expired: Counter,
     denied_subscriptions: Counter,
+    connections: Gauge,
+    rejected: [Counter; 2],
+    connect_timeouts: Counter,
+    tls_handshake_failures: Counter,
+    oversized_packets: Counter,
+    auth_throttled: [Counter; 2],
+    http_rate_limited: Counter,
     machines_online: Gauge,
     machines_provisioned: Gauge,
     machines_flapping: Gauge,
@@ -231,6 +238,9 @@ pub struct Metrics {
     /// Uses of previous secrets during rotation grace periods; the edge's
     /// authenticator and the open API count into it.
     pub previous_secrets: Arc<PreviousSecretUses>,
+    /// Open API requests refused with 10003 (any endpoint, not only
+    /// `POST /orders`, which `order_requests` also counts by code).
+    pub http_rate_limited: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -329,6 +339,45 @@ impl Metrics {
             denied_subscriptions: r.counter(
                 "vendgate_mqtt_denied_subscriptions_total",
                 "SUBSCRIBE filters answered 0x80 because of mqtt.deny_filters.",
+                &[],
+            ),
+            connections: r.gauge(
+                "vendgate_mqtt_connections",
+                "Open MQTT connections, plain and TLS, before and after CONNECT (limited by mqtt.max_connections).",
+                &[],
+            ),
+            rejected: ["max_connections", "accept_rate"].map(|reason| {
+                r.counter(
+                    "vendgate_mqtt_connections_rejected_total",
+                    "Connections closed at accept by a limit (mqtt.max_connections, mqtt.accept_rate).",
+                    &[("reason", reason)],
+                )
+            }),
+            connect_timeouts: r.counter(
+                "vendgate_mqtt_connect_timeouts_total",
+                "Connections closed for want of a TLS handshake and CONNECT within mqtt.connect_timeout.",
+                &[],
+            ),
+            tls_handshake_failures: r.counter(
+                "vendgate_mqtt_tls_handshake_failures_total",
+                "Failed TLS handshakes on the MQTT TLS listener (untrusted client certificates included).",
+                &[],
+            ),
+            oversized_packets: r.counter(
+                "vendgate_mqtt_oversized_packets_total",
+                "Connections closed for a packet over mqtt.max_packet_size.",
+                &[],
+            ),
+            auth_throttled: crate::edge::limits::ThrottleScope::ALL.map(|scope| {
+                r.counter(
+                    "vendgate_mqtt_auth_throttled_total",
+                    "CONNECTs refused by failed-auth throttling, by the key that was blocked.",
+                    &[("scope", scope.as_str())],
+                )
+            }),
+            http_rate_limited: r.counter(
+                "vendgate_http_rate_limited_total",
+                "Open API requests refused with 10003 by the per-merchant rate limit.",
                 &[],
             ),
             machines_online: r.gauge("vendgate_machines_online", "Machines online now.", &[]),
@@ -431,6 +480,7 @@ impl Metrics {
             series,
             started: std::time::Instant::now(),
             order_requests: Default::default(),
+            http_rate_limited: AtomicU64::new(0),
             order_request_duration,
             accept_latency,
             dispense_duration,
@@ -547,6 +597,17 @@ impl Metrics {
         s.sessions_expired
             .absolute(l(&gw.hub.router.stats.sessions_expired));
         s.denied_subscriptions.absolute(l(&e.denied_subscriptions));
+        s.connections.set(gw.hub.gate.live() as f64);
+        s.rejected[0].absolute(l(&e.rejected_max_connections));
+        s.rejected[1].absolute(l(&e.rejected_accept_rate));
+        s.connect_timeouts.absolute(l(&e.connect_timeouts));
+        s.tls_handshake_failures
+            .absolute(l(&e.tls_handshake_failures));
+        s.oversized_packets.absolute(l(&e.oversized_packets));
+        for (c, a) in s.auth_throttled.iter().zip(&e.auth_throttled) {
+            c.absolute(l(a));
+        }
+        s.http_rate_limited.absolute(l(&self.http_rate_limited));
 
         let p = Self::presence_counts(gw);
         s.machines_online.set(p.online as f64);
