@@ -9,21 +9,31 @@
 //!   back). Provisioned secrets, and soon orders and money, must not vanish
 //!   after we have answered "ok", so every commit waits for the fsync.
 //! - Foreign keys on: a machine cannot point at a missing merchant.
+//! - Writes on the order path go through one group-commit writer
+//!   (`sqlite_writer`): one connection of its own, concurrent writes batched
+//!   into one transaction and one fsync, each in a savepoint. Reads and the
+//!   rarer writes (provisioning, presence, outbox) use the pool.
+//! - Merchants are cached in memory after their first read: a merchant row
+//!   never changes once created (there is no update or delete), and API
+//!   authentication reads it on every request.
 //! - Timestamps are INTEGER unix milliseconds, machine numbers TEXT (leading
 //!   zeros), so the schema ports to PostgreSQL as it is.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dashmap::DashMap;
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Connection;
+use sqlx::{ConnectOptions, Connection};
 use vendgate_proto::machine::MachineNo;
 
+use super::sqlite_writer::Writer;
 use super::{
     Machine, Merchant, NewMachine, NewMerchant, NewService, PresenceWrite, ServiceAccount, Storage,
     StorageError,
@@ -46,6 +56,13 @@ const MAX_CONNECTIONS: u32 = 8;
 #[derive(Debug, Clone)]
 pub struct SqliteStorage {
     pool: SqlitePool,
+    /// The group-commit writer for the order path.
+    writer: Arc<Writer>,
+    /// Merchants by appid, filled on read. Rows are immutable after
+    /// creation (no update or delete exists); a command that changes a
+    /// merchant must remove its entry here. Misses are not cached, so a
+    /// merchant created by the CLI is found on its first request.
+    merchants: Arc<DashMap<String, Merchant>>,
 }
 
 impl SqliteStorage {
@@ -69,10 +86,15 @@ impl SqliteStorage {
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(backend)?;
-        let storage = Self { pool };
+        let writer_conn = options.connect().await.map_err(backend)?;
+        let storage = Self {
+            pool,
+            writer: Arc::new(Writer::spawn(writer_conn)),
+            merchants: Arc::new(DashMap::new()),
+        };
         storage.migrate().await?;
         Ok(storage)
     }
@@ -95,6 +117,11 @@ impl SqliteStorage {
     /// The underlying pool, for backend-specific tools and tests.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The group-commit writer.
+    pub(super) fn writer(&self) -> &Writer {
+        &self.writer
     }
 }
 
@@ -127,7 +154,10 @@ impl Storage for SqliteStorage {
     }
 
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError> {
-        sqlx::query_as::<_, MerchantRow>(
+        if let Some(m) = self.merchants.get(appid) {
+            return Ok(Some(m.clone()));
+        }
+        let found = sqlx::query_as::<_, MerchantRow>(
             "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms \
              FROM merchants WHERE appid = ?",
         )
@@ -136,7 +166,11 @@ impl Storage for SqliteStorage {
         .await
         .map_err(backend)?
         .map(MerchantRow::into_merchant)
-        .transpose()
+        .transpose()?;
+        if let Some(m) = &found {
+            self.merchants.insert(m.appid.clone(), m.clone());
+        }
+        Ok(found)
     }
 
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError> {
@@ -326,6 +360,8 @@ impl Storage for SqliteStorage {
     }
 
     async fn close(&self) {
+        // Writes queued before the close still commit.
+        self.writer.close().await;
         self.pool.close().await;
     }
 }
