@@ -451,7 +451,7 @@ mod tests {
     async fn put(s: &SqliteStorage, id: &str, appid: &str, key: &str, created: i64) {
         let mut tx = s.pool().begin().await.unwrap();
         super::super::sqlite_orders::insert_outbox(
-            &mut *tx,
+            &mut tx,
             &NewOutboxEvent {
                 event_id: id.into(),
                 merchant_appid: appid.into(),
@@ -663,7 +663,7 @@ mod tests {
         assert_eq!(s.outbox_backlog().await.unwrap(), OutboxBacklog::default());
         let mut tx = s.pool().begin().await.unwrap();
         super::super::sqlite_orders::insert_outbox(
-            &mut *tx,
+            &mut tx,
             &NewOutboxEvent {
                 event_id: "o1".into(),
                 merchant_appid: "vga".into(),

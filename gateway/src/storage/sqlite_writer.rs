@@ -31,7 +31,7 @@ use futures::future::BoxFuture;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tracing::{debug, error};
 
 use super::sqlite::backend;
 use super::StorageError;
@@ -71,9 +71,9 @@ pub(super) struct Writer {
 
 /// What the writer has committed so far (jobs / batches = the batching).
 #[derive(Debug, Default)]
-pub(super) struct WriterStats {
-    pub batches: AtomicU64,
-    pub jobs: AtomicU64,
+struct WriterStats {
+    batches: AtomicU64,
+    jobs: AtomicU64,
 }
 
 impl std::fmt::Debug for Msg {
@@ -100,7 +100,8 @@ impl Writer {
     }
 
     /// Committed batches and jobs.
-    pub(super) fn stats(&self) -> &WriterStats {
+    #[cfg(test)]
+    fn stats(&self) -> &WriterStats {
         &self.stats
     }
 
@@ -134,6 +135,12 @@ impl Writer {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Msg::Close(done)).await.is_ok() {
             let _ = wait.await;
+            // How well batching worked over the process's life.
+            debug!(
+                batches = self.stats.batches.load(Ordering::Relaxed),
+                jobs = self.stats.jobs.load(Ordering::Relaxed),
+                "group-commit writer closed"
+            );
         }
     }
 }
