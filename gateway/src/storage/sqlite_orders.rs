@@ -424,29 +424,41 @@ impl OrderStorage for SqliteStorage {
         batch: &[(MachineNo, Vec<InventoryItem>)],
         at: DateTime<Utc>,
     ) -> Result<(), StorageError> {
-        let mut tx = self.pool().begin().await.map_err(backend)?;
-        for (m, items) in batch {
-            sqlx::query("DELETE FROM inventory WHERE machine_no = ?")
-                .bind(m.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            for it in items {
-                sqlx::query(
-                    "INSERT OR REPLACE INTO inventory (machine_no, product_id, stock, price, updated_at_ms) \
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(m.as_str())
-                .bind(it.product_id)
-                .bind(i64::from(it.stock))
-                .bind(it.price)
-                .bind(at.timestamp_millis())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            }
-        }
-        tx.commit().await.map_err(backend)
+        // Through the group-commit writer too: machines report stock after
+        // every dispense, and a pool transaction would wait on SQLite's write
+        // lock (seconds, in the busy handler's sleeps) while the writer keeps
+        // taking it.
+        let batch = batch.to_vec();
+        let at_ms = at.timestamp_millis();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    for (m, items) in &batch {
+                        sqlx::query("DELETE FROM inventory WHERE machine_no = ?")
+                            .bind(m.as_str())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(backend)?;
+                        for it in items {
+                            sqlx::query(
+                                "INSERT OR REPLACE INTO inventory (machine_no, product_id, stock, price, updated_at_ms) \
+                                 VALUES (?, ?, ?, ?, ?)",
+                            )
+                            .bind(m.as_str())
+                            .bind(it.product_id)
+                            .bind(i64::from(it.stock))
+                            .bind(it.price)
+                            .bind(at_ms)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(backend)?;
+                        }
+                    }
+                    Ok(true)
+                })
+            })
+            .await?;
+        Ok(())
     }
 
     async fn inventories(&self) -> Result<Vec<(MachineNo, Vec<InventoryItem>)>, StorageError> {
