@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,39 +28,72 @@ fn pydeps() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(REPO).join("target/pydeps"))
 }
 
-fn python() -> tokio::process::Command {
-    let mut c = tokio::process::Command::new("python3");
+/// `pydeps()` ahead of any PYTHONPATH already set.
+fn pythonpath() -> std::ffi::OsString {
     let mut path = pydeps().into_os_string();
     if let Some(existing) = std::env::var_os("PYTHONPATH") {
         path.push(":");
         path.push(existing);
     }
-    c.env("PYTHONPATH", path)
+    path
+}
+
+fn python() -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("python3");
+    c.env("PYTHONPATH", pythonpath())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     c
 }
 
-/// Run one paho check against `gw` as a fresh service account. A missing
-/// python3 or paho-mqtt fails the test with the command that installs it:
-/// a conformance suite that silently skips proves nothing.
-async fn paho(gw: &TestGateway, check: &str) {
-    let probe = python()
+/// Whether python3 can import paho-mqtt 2.x from `pydeps()`.
+fn paho_present() -> bool {
+    std::process::Command::new("python3")
+        .env("PYTHONPATH", pythonpath())
         .args([
             "-c",
             "import paho.mqtt; assert paho.mqtt.__version__.startswith('2.')",
         ])
+        .stdin(Stdio::null())
         .output()
-        .await;
-    match probe {
-        Ok(o) if o.status.success() => {}
-        other => panic!(
-            "python3 with paho-mqtt 2.x is required for the conformance tests and was not found \
-             ({other:?}); install it with: python3 -m pip install --target {} 'paho-mqtt==2.*' \
-             (.ci/run does this)",
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Make paho-mqtt available once per test binary: present already (`.ci/run`
+/// installs it), or installed now with pip into `pydeps()` so the README's
+/// test command works on a machine that has python3 and pip. Anything else
+/// fails the test with the command that installs it: a conformance suite
+/// that silently skips proves nothing.
+fn ensure_paho() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        if paho_present() {
+            return Ok(());
+        }
+        let install = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--target"])
+            .arg(pydeps())
+            .arg("paho-mqtt==2.*")
+            .stdin(Stdio::null())
+            .output();
+        match install {
+            Ok(o) if o.status.success() && paho_present() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    if let Err(why) = ready {
+        panic!(
+            "python3 with paho-mqtt 2.x is required for the conformance tests and could not be \
+             found or installed ({why}); install it with: python3 -m pip install --target {} \
+             'paho-mqtt==2.*' (.ci/run does this)",
             pydeps().display()
-        ),
+        );
     }
+}
+
+/// Run one paho check against `gw` as a fresh service account.
+async fn paho(gw: &TestGateway, check: &str) {
+    ensure_paho();
     let (user, pass) = gw.service(check).await;
     let script = PathBuf::from(REPO).join("tests/conformance/paho_checks.py");
     let run = python()

@@ -151,6 +151,12 @@ pub struct OrderService {
     inventory_writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     ids: OrderIds,
     idempotency_locks: IdempotencyLocks,
+    /// Machine → owning merchant, filled on first use. A machine's owner
+    /// never changes once provisioned (there is no transfer or delete), so
+    /// entries never go stale; unknown machines are not cached, so one the
+    /// CLI adds later is found. A future transfer command must clear its
+    /// entry.
+    owners: DashMap<MachineNo, String>,
     /// Cancels to deliver when a machine (re)connects: orders given up on
     /// while the machine could not be reached.
     pending_cancels: DashMap<MachineNo, Vec<u64>>,
@@ -192,6 +198,7 @@ impl OrderService {
             inventory_writer: std::sync::Mutex::new(None),
             ids: OrderIds::default(),
             idempotency_locks: DashMap::new(),
+            owners: DashMap::new(),
             pending_cancels: DashMap::new(),
             stats: OrderStats::default(),
             notifier,
@@ -329,9 +336,8 @@ impl OrderService {
 
     async fn place_new(&self, req: &PlaceRequest) -> Result<u64, OrderError> {
         let req = req.clone();
-        let machine = self.store.machine(&req.machine_no).await?;
         // Another merchant's machine answers exactly like an absent one.
-        if machine.is_none_or(|m| m.merchant_appid != req.merchant) {
+        if !self.owned_by(&req.machine_no, &req.merchant).await? {
             return Err(OrderError::MachineNotFound);
         }
         if !self.presence.is_online(&req.machine_no) {
@@ -397,6 +403,19 @@ impl OrderService {
         }
         // The worker always answers; a dropped sender means shutdown.
         answer.await.unwrap_or(Err(OrderError::Internal))
+    }
+
+    /// Whether `merchant` owns machine `m` (cached: see `owners`).
+    async fn owned_by(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
+        if let Some(owner) = self.owners.get(m) {
+            return Ok(owner.as_str() == merchant);
+        }
+        let Some(machine) = self.store.machine(m).await? else {
+            return Ok(false);
+        };
+        let owned = machine.merchant_appid == merchant;
+        self.owners.insert(*m, machine.merchant_appid);
+        Ok(owned)
     }
 
     /// Orders waiting behind the one in flight on machine `m`.

@@ -32,6 +32,7 @@ pub mod outbox;
 pub mod sqlite;
 mod sqlite_orders;
 mod sqlite_outbox;
+mod sqlite_writer;
 
 pub use orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
 pub use outbox::{

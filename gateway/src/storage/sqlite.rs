@@ -9,21 +9,31 @@
 //!   back). Provisioned secrets, and soon orders and money, must not vanish
 //!   after we have answered "ok", so every commit waits for the fsync.
 //! - Foreign keys on: a machine cannot point at a missing merchant.
+//! - Writes on the order path go through one group-commit writer
+//!   (`sqlite_writer`): one connection of its own, concurrent writes batched
+//!   into one transaction and one fsync, each in a savepoint. Reads and the
+//!   rarer writes (provisioning, presence, outbox) use the pool.
+//! - Merchants are cached in memory for a second after each read: API
+//!   authentication reads one on every request, and a row changes only on a
+//!   secret rotation, which may come from the CLI in another process.
 //! - Timestamps are INTEGER unix milliseconds, machine numbers TEXT (leading
 //!   zeros), so the schema ports to PostgreSQL as it is.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use dashmap::DashMap;
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::Connection;
+use sqlx::{ConnectOptions, Connection};
 use vendgate_proto::machine::MachineNo;
 
+use super::sqlite_writer::Writer;
 use super::{
     Machine, Merchant, NewMachine, NewMerchant, NewService, PresenceWrite, ServiceAccount, Storage,
     StorageError,
@@ -33,6 +43,8 @@ use crate::secrets::{PreviousSecret, SecretHash};
 /// Schema migrations, embedded at compile time.
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 
+/// How long a cached merchant row is trusted (see `SqliteStorage::merchants`).
+const MERCHANT_CACHE_TTL: Duration = Duration::from_secs(1);
 /// How long a statement waits for another connection's (or process's) write
 /// lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,6 +58,15 @@ const MAX_CONNECTIONS: u32 = 8;
 #[derive(Debug, Clone)]
 pub struct SqliteStorage {
     pool: SqlitePool,
+    /// The group-commit writer for the order path.
+    writer: Arc<Writer>,
+    /// Merchants by appid with the time they were read, filled on read and
+    /// trusted for [`MERCHANT_CACHE_TTL`]. A merchant's row changes when its
+    /// secret is rotated, usually by the CLI in another process, so an entry
+    /// cannot be invalidated from here alone; the short TTL bounds how long a
+    /// rotation takes to reach a running gateway. Misses are not cached, so
+    /// a merchant created by the CLI is found on its first request.
+    merchants: Arc<DashMap<String, (Merchant, Instant)>>,
 }
 
 impl SqliteStorage {
@@ -69,10 +90,15 @@ impl SqliteStorage {
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(backend)?;
-        let storage = Self { pool };
+        let writer_conn = options.connect().await.map_err(backend)?;
+        let storage = Self {
+            pool,
+            writer: Arc::new(Writer::spawn(writer_conn)),
+            merchants: Arc::new(DashMap::new()),
+        };
         storage.migrate().await?;
         Ok(storage)
     }
@@ -95,6 +121,11 @@ impl SqliteStorage {
     /// The underlying pool, for backend-specific tools and tests.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The group-commit writer.
+    pub(super) fn writer(&self) -> &Writer {
+        &self.writer
     }
 }
 
@@ -128,7 +159,12 @@ impl Storage for SqliteStorage {
     }
 
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError> {
-        sqlx::query_as::<_, MerchantRow>(
+        if let Some(m) = self.merchants.get(appid) {
+            if m.1.elapsed() < MERCHANT_CACHE_TTL {
+                return Ok(Some(m.0.clone()));
+            }
+        }
+        let found = sqlx::query_as::<_, MerchantRow>(
             "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms, \
              prev_appsecret_hash, prev_appsecret_expires_ms \
              FROM merchants WHERE appid = ?",
@@ -138,7 +174,17 @@ impl Storage for SqliteStorage {
         .await
         .map_err(backend)?
         .map(MerchantRow::into_merchant)
-        .transpose()
+        .transpose()?;
+        match &found {
+            Some(m) => {
+                self.merchants
+                    .insert(m.appid.clone(), (m.clone(), Instant::now()));
+            }
+            None => {
+                self.merchants.remove(appid);
+            }
+        }
+        Ok(found)
     }
 
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError> {
@@ -267,6 +313,8 @@ impl Storage for SqliteStorage {
         .execute(&self.pool)
         .await
         .map_err(backend)?;
+        // This process sees its own rotation at once; others within the TTL.
+        self.merchants.remove(appid);
         Ok(done.rows_affected() == 1)
     }
 
@@ -377,6 +425,8 @@ impl Storage for SqliteStorage {
     }
 
     async fn close(&self) {
+        // Writes queued before the close still commit.
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

@@ -1,11 +1,15 @@
 //! [`OrderStorage`] for SQLite: orders, lines, timeline and inventory, each
-//! write one transaction, status changes compare-and-set on `status`.
+//! write one transaction, status changes compare-and-set on `status`. The
+//! order-path writes go through the group-commit writer (`sqlite_writer`):
+//! each is one savepoint of a shared transaction, acknowledged after its
+//! commit.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::error::ErrorKind;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::Row;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
@@ -44,7 +48,7 @@ fn order_insert_error(e: sqlx::Error) -> StorageError {
 }
 
 async fn insert_event(
-    tx: &mut Transaction<'_, Sqlite>,
+    conn: &mut SqliteConnection,
     order_id: i64,
     ev: &OrderEvent,
 ) -> Result<(), StorageError> {
@@ -53,7 +57,7 @@ async fn insert_event(
         .bind(ev.at.timestamp_millis())
         .bind(&ev.kind)
         .bind(ev.detail.to_string())
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await
         .map_err(backend)?;
     Ok(())
@@ -61,7 +65,7 @@ async fn insert_event(
 
 /// Write one outbox row inside the caller's transaction; due at once.
 pub(super) async fn insert_outbox(
-    tx: &mut Transaction<'_, Sqlite>,
+    conn: &mut SqliteConnection,
     o: &NewOutboxEvent,
 ) -> Result<(), StorageError> {
     let order_id = o.order_id.map(id_i64).transpose()?;
@@ -78,10 +82,100 @@ pub(super) async fn insert_outbox(
     .bind(&o.body)
     .bind(o.created_at.timestamp_millis())
     .bind(o.created_at.timestamp_millis())
-    .execute(&mut **tx)
+    .execute(&mut *conn)
     .await
     .map_err(backend)?;
     Ok(())
+}
+
+/// The order row, its lines and its first event (one savepoint of a group
+/// commit).
+async fn write_order(
+    conn: &mut SqliteConnection,
+    id: i64,
+    o: &NewOrder,
+    ev: &OrderEvent,
+) -> Result<(), StorageError> {
+    let at = o.created_at.timestamp_millis();
+    sqlx::query(
+        "INSERT INTO orders (order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
+         pay_later, status, amount, created_at_ms, updated_at_ms, pay_deadline_ms) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(&o.merchant_appid)
+    .bind(o.machine_no.as_str())
+    .bind(&o.out_trade_no)
+    .bind(&o.request_fingerprint)
+    .bind(i64::from(o.pay_later))
+    .bind(o.status.as_str())
+    .bind(o.amount)
+    .bind(at)
+    .bind(at)
+    .bind(opt_ms(o.pay_deadline))
+    .execute(&mut *conn)
+    .await
+    .map_err(order_insert_error)?;
+    for (i, l) in o.lines.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO order_items (order_id, line, product_id, quantity, dispensed, unit_price) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(i64::try_from(i).unwrap_or(i64::MAX))
+        .bind(l.product_id)
+        .bind(i64::from(l.quantity))
+        .bind(i64::from(l.dispensed))
+        .bind(l.unit_price)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    }
+    insert_event(conn, id, ev).await
+}
+
+/// A status change compare-and-set on `from`, with its event and webhook;
+/// Ok(false) when the stored status moved on (nothing written).
+async fn write_change(
+    conn: &mut SqliteConnection,
+    id: i64,
+    from: Status,
+    change: &OrderChange,
+    ev: &OrderEvent,
+    outbox: Option<&NewOutboxEvent>,
+) -> Result<bool, StorageError> {
+    let done = sqlx::query(
+        "UPDATE orders SET status = ?, error = ?, result_applied = ?, refund_amount = ?, \
+         dispense_deadline_ms = ?, updated_at_ms = ? WHERE order_id = ? AND status = ?",
+    )
+    .bind(change.status.as_str())
+    .bind(&change.error)
+    .bind(i64::from(change.result_applied))
+    .bind(change.refund_amount)
+    .bind(opt_ms(change.dispense_deadline))
+    .bind(change.at.timestamp_millis())
+    .bind(id)
+    .bind(from.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    for (i, l) in change.lines.iter().enumerate() {
+        sqlx::query("UPDATE order_items SET dispensed = ? WHERE order_id = ? AND line = ?")
+            .bind(i64::from(l.dispensed))
+            .bind(id)
+            .bind(i64::try_from(i).unwrap_or(i64::MAX))
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+    }
+    insert_event(conn, id, ev).await?;
+    if let Some(o) = outbox {
+        insert_outbox(conn, o).await?;
+    }
+    Ok(true)
 }
 
 impl SqliteStorage {
@@ -157,44 +251,16 @@ impl SqliteStorage {
 impl OrderStorage for SqliteStorage {
     async fn insert_order(&self, o: &NewOrder, ev: &OrderEvent) -> Result<(), StorageError> {
         let id = id_i64(o.order_id)?;
-        let mut tx = self.pool().begin().await.map_err(backend)?;
-        let at = o.created_at.timestamp_millis();
-        sqlx::query(
-            "INSERT INTO orders (order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
-             pay_later, status, amount, created_at_ms, updated_at_ms, pay_deadline_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(&o.merchant_appid)
-        .bind(o.machine_no.as_str())
-        .bind(&o.out_trade_no)
-        .bind(&o.request_fingerprint)
-        .bind(i64::from(o.pay_later))
-        .bind(o.status.as_str())
-        .bind(o.amount)
-        .bind(at)
-        .bind(at)
-        .bind(opt_ms(o.pay_deadline))
-        .execute(&mut *tx)
-        .await
-        .map_err(order_insert_error)?;
-        for (i, l) in o.lines.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO order_items (order_id, line, product_id, quantity, dispensed, unit_price) \
-                 VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(id)
-            .bind(i64::try_from(i).unwrap_or(i64::MAX))
-            .bind(l.product_id)
-            .bind(i64::from(l.quantity))
-            .bind(i64::from(l.dispensed))
-            .bind(l.unit_price)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        }
-        insert_event(&mut tx, id, ev).await?;
-        tx.commit().await.map_err(backend)
+        let (o, ev) = (o.clone(), ev.clone());
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    write_order(conn, id, &o, &ev).await?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        Ok(())
     }
 
     async fn order(&self, order_id: u64) -> Result<Option<StoredOrder>, StorageError> {
@@ -236,40 +302,14 @@ impl OrderStorage for SqliteStorage {
         outbox: Option<&NewOutboxEvent>,
     ) -> Result<bool, StorageError> {
         let id = id_i64(order_id)?;
-        let mut tx = self.pool().begin().await.map_err(backend)?;
-        let done = sqlx::query(
-            "UPDATE orders SET status = ?, error = ?, result_applied = ?, refund_amount = ?, \
-             dispense_deadline_ms = ?, updated_at_ms = ? WHERE order_id = ? AND status = ?",
-        )
-        .bind(change.status.as_str())
-        .bind(&change.error)
-        .bind(i64::from(change.result_applied))
-        .bind(change.refund_amount)
-        .bind(opt_ms(change.dispense_deadline))
-        .bind(change.at.timestamp_millis())
-        .bind(id)
-        .bind(from.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        for (i, l) in change.lines.iter().enumerate() {
-            sqlx::query("UPDATE order_items SET dispensed = ? WHERE order_id = ? AND line = ?")
-                .bind(i64::from(l.dispensed))
-                .bind(id)
-                .bind(i64::try_from(i).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        insert_event(&mut tx, id, ev).await?;
-        if let Some(o) = outbox {
-            insert_outbox(&mut tx, o).await?;
-        }
-        tx.commit().await.map_err(backend)?;
-        Ok(true)
+        let (change, ev, outbox) = (change.clone(), ev.clone(), outbox.cloned());
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    write_change(conn, id, from, &change, &ev, outbox.as_ref()).await
+                })
+            })
+            .await
     }
 
     async fn mark_refunded(
@@ -279,23 +319,28 @@ impl OrderStorage for SqliteStorage {
         ev: &OrderEvent,
     ) -> Result<bool, StorageError> {
         let id = id_i64(order_id)?;
-        let mut tx = self.pool().begin().await.map_err(backend)?;
-        let done = sqlx::query(
-            "UPDATE orders SET refunded_at_ms = ?, updated_at_ms = ? \
-             WHERE order_id = ? AND refunded_at_ms IS NULL AND refund_amount > 0",
-        )
-        .bind(at.timestamp_millis())
-        .bind(at.timestamp_millis())
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        insert_event(&mut tx, id, ev).await?;
-        tx.commit().await.map_err(backend)?;
-        Ok(true)
+        let ev = ev.clone();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    let done = sqlx::query(
+                        "UPDATE orders SET refunded_at_ms = ?, updated_at_ms = ? \
+                         WHERE order_id = ? AND refunded_at_ms IS NULL AND refund_amount > 0",
+                    )
+                    .bind(at.timestamp_millis())
+                    .bind(at.timestamp_millis())
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(backend)?;
+                    if done.rows_affected() != 1 {
+                        return Ok(false);
+                    }
+                    insert_event(conn, id, &ev).await?;
+                    Ok(true)
+                })
+            })
+            .await
     }
 
     async fn count_unpaid(
@@ -320,9 +365,16 @@ impl OrderStorage for SqliteStorage {
 
     async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError> {
         let id = id_i64(order_id)?;
-        let mut tx = self.pool().begin().await.map_err(backend)?;
-        insert_event(&mut tx, id, ev).await?;
-        tx.commit().await.map_err(backend)
+        let ev = ev.clone();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    insert_event(conn, id, &ev).await?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        Ok(())
     }
 
     async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError> {
@@ -372,29 +424,41 @@ impl OrderStorage for SqliteStorage {
         batch: &[(MachineNo, Vec<InventoryItem>)],
         at: DateTime<Utc>,
     ) -> Result<(), StorageError> {
-        let mut tx = self.pool().begin().await.map_err(backend)?;
-        for (m, items) in batch {
-            sqlx::query("DELETE FROM inventory WHERE machine_no = ?")
-                .bind(m.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            for it in items {
-                sqlx::query(
-                    "INSERT OR REPLACE INTO inventory (machine_no, product_id, stock, price, updated_at_ms) \
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(m.as_str())
-                .bind(it.product_id)
-                .bind(i64::from(it.stock))
-                .bind(it.price)
-                .bind(at.timestamp_millis())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            }
-        }
-        tx.commit().await.map_err(backend)
+        // Through the group-commit writer too: machines report stock after
+        // every dispense, and a pool transaction would wait on SQLite's write
+        // lock (seconds, in the busy handler's sleeps) while the writer keeps
+        // taking it.
+        let batch = batch.to_vec();
+        let at_ms = at.timestamp_millis();
+        self.writer()
+            .write(move |conn| {
+                Box::pin(async move {
+                    for (m, items) in &batch {
+                        sqlx::query("DELETE FROM inventory WHERE machine_no = ?")
+                            .bind(m.as_str())
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(backend)?;
+                        for it in items {
+                            sqlx::query(
+                                "INSERT OR REPLACE INTO inventory (machine_no, product_id, stock, price, updated_at_ms) \
+                                 VALUES (?, ?, ?, ?, ?)",
+                            )
+                            .bind(m.as_str())
+                            .bind(it.product_id)
+                            .bind(i64::from(it.stock))
+                            .bind(it.price)
+                            .bind(at_ms)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(backend)?;
+                        }
+                    }
+                    Ok(true)
+                })
+            })
+            .await?;
+        Ok(())
     }
 
     async fn inventories(&self) -> Result<Vec<(MachineNo, Vec<InventoryItem>)>, StorageError> {

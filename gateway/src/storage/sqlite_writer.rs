@@ -1,0 +1,460 @@
+//! The SQLite group-commit writer: one task owning one connection that runs
+//! concurrent write jobs in one transaction and one fsync, each job in its own
+//! SAVEPOINT, answering every caller only after the COMMIT has returned.
+//!
+//! Why: with `synchronous = FULL` every commit waits for an fsync, and SQLite
+//! has one writer at a time anyway. Under load, separate transactions queue
+//! on the write lock (and on the busy handler's sleeps) and each pays its own
+//! fsync; here they queue on a channel instead and share one. There is no
+//! timer: while one batch commits, the next one gathers, so at low load a job
+//! commits alone at once and at high load batches grow by themselves.
+//!
+//! Guarantees:
+//! - a job's `Ok` reaches its caller only after the transaction holding its
+//!   writes has committed (and so been fsync'd): acknowledged means durable;
+//! - a job that fails is rolled back to its savepoint and only its caller
+//!   sees the error; the rest of the batch commits;
+//! - if the batch itself cannot commit, every caller of that batch gets the
+//!   error (nothing of it is on disk);
+//! - [`Writer::close`] lets every job queued before it finish and commit.
+//!
+//! Group commit is a detail of the SQLite backend: the [`Storage`] trait
+//! stays a plain "one call, one transaction" contract that a pooled database
+//! implements directly.
+//!
+//! [`Storage`]: super::Storage
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use sqlx::sqlite::SqliteConnection;
+use sqlx::Connection;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error};
+
+use super::sqlite::backend;
+use super::StorageError;
+
+/// Most jobs in one transaction: bounds how long one commit holds SQLite's
+/// write lock (other processes, readers' checkpoints) and the batch's memory.
+pub(super) const MAX_BATCH: usize = 256;
+/// Jobs waiting for the writer before callers wait for room (backpressure).
+const QUEUE: usize = 4096;
+
+/// A write job: runs on the writer's connection inside a savepoint. Returns
+/// the operation's answer (`update_order`'s compare-and-set, say; `true` for
+/// plain writes).
+type Work = Box<
+    dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<bool, StorageError>>
+        + Send,
+>;
+
+struct Job {
+    work: Work,
+    reply: oneshot::Sender<Result<bool, StorageError>>,
+}
+
+enum Msg {
+    Job(Job),
+    /// Commit what was queued before, then stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle: cheap to share; the task ends on [`Writer::close`] or when
+/// every handle is dropped.
+#[derive(Debug)]
+pub(super) struct Writer {
+    tx: mpsc::Sender<Msg>,
+    stats: Arc<WriterStats>,
+}
+
+/// What the writer has committed so far (jobs / batches = the batching).
+#[derive(Debug, Default)]
+struct WriterStats {
+    batches: AtomicU64,
+    jobs: AtomicU64,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Job(_) => "Job",
+            Msg::Close(_) => "Close",
+        })
+    }
+}
+
+fn closed() -> StorageError {
+    StorageError::Backend("storage writer closed".into())
+}
+
+impl Writer {
+    /// Start the writer task on `conn` (a connection of its own, not one of
+    /// the read pool's).
+    pub(super) fn spawn(conn: SqliteConnection) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(WriterStats::default());
+        tokio::spawn(run(conn, rx, stats.clone()));
+        Self { tx, stats }
+    }
+
+    /// Committed batches and jobs.
+    #[cfg(test)]
+    fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    /// Messages waiting for the writer.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Run `work` in the next group commit; answers after the commit.
+    pub(super) async fn write<F>(&self, work: F) -> Result<bool, StorageError>
+    where
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<bool, StorageError>>
+            + Send
+            + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            work: Box::new(work),
+            reply,
+        };
+        self.tx.send(Msg::Job(job)).await.map_err(|_| closed())?;
+        // A dropped reply means the writer stopped before running the job:
+        // nothing of it was written.
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Commit everything queued so far, then stop; later writes fail with
+    /// `Backend`. Idempotent.
+    pub(super) async fn close(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Close(done)).await.is_ok() {
+            let _ = wait.await;
+            // How well batching worked over the process's life.
+            debug!(
+                batches = self.stats.batches.load(Ordering::Relaxed),
+                jobs = self.stats.jobs.load(Ordering::Relaxed),
+                "group-commit writer closed"
+            );
+        }
+    }
+}
+
+async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>, stats: Arc<WriterStats>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let mut close = None;
+        match rx.recv().await {
+            Some(Msg::Job(j)) => batch.push(j),
+            Some(Msg::Close(done)) => close = Some(done),
+            None => break,
+        }
+        // Take whatever else is already waiting: that is the group.
+        while close.is_none() && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Job(j)) => batch.push(j),
+                Ok(Msg::Close(done)) => close = Some(done),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            if commit_batch(&mut conn, &mut batch).await {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.jobs.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        if let Some(done) = close {
+            // Refuse what comes after the close: senders see a closed
+            // channel, queued-after jobs are dropped unanswered (their
+            // callers get `Backend`, nothing of theirs was written).
+            rx.close();
+            let _ = conn.close().await;
+            let _ = done.send(());
+            return;
+        }
+    }
+    let _ = conn.close().await;
+}
+
+/// One transaction for the whole batch; answers every job. True when it
+/// committed.
+async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) -> bool {
+    let (works, replies): (Vec<Work>, Vec<_>) = batch.drain(..).map(|j| (j.work, j.reply)).unzip();
+    let n = works.len();
+    match run_batch(conn, works).await {
+        Ok(results) => {
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(r);
+            }
+            true
+        }
+        Err(e) => {
+            // The transaction rolled back (sqlx rolls back a dropped
+            // transaction): nothing of this batch is durable, so no job of
+            // it may be answered Ok, not even those that had succeeded.
+            error!(error = %e, jobs = n, "group commit failed");
+            let why = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(StorageError::Backend(
+                    format!("group commit failed: {why}").into(),
+                )));
+            }
+            false
+        }
+    }
+}
+
+/// BEGIN, one savepoint per job, COMMIT. Err only when the transaction as a
+/// whole failed; a job's own failure is in its slot of the Ok vector.
+async fn run_batch(
+    conn: &mut SqliteConnection,
+    mut works: Vec<Work>,
+) -> Result<Vec<Result<bool, StorageError>>, StorageError> {
+    let mut results = Vec::with_capacity(works.len());
+    // IMMEDIATE takes the write lock up front (waiting out another process's
+    // writer under the busy timeout) instead of failing on the read-to-write
+    // upgrade half-way through the batch.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
+    if works.len() == 1 {
+        // A job alone (the common case at low load) needs no savepoint: its
+        // failure rolls back the transaction, which holds nothing else. Two
+        // statements fewer per write.
+        if let Some(work) = works.pop() {
+            let r = work(&mut tx).await;
+            if r.is_ok() {
+                tx.commit().await.map_err(backend)?;
+            } else {
+                tx.rollback().await.map_err(backend)?;
+            }
+            return Ok(vec![r]);
+        }
+    }
+    for work in works {
+        // A nested sqlx transaction is a SAVEPOINT.
+        let mut sp = tx.begin().await.map_err(backend)?;
+        let r = work(&mut sp).await;
+        if r.is_ok() {
+            sp.commit().await.map_err(backend)?;
+        } else {
+            // If even the rollback to the savepoint fails, the transaction
+            // is unusable: the whole batch fails.
+            sp.rollback().await.map_err(backend)?;
+        }
+        results.push(r);
+    }
+    tx.commit().await.map_err(backend)?;
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    use sqlx::ConnectOptions;
+
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    async fn setup() -> (tempfile::TempDir, SqliteConnectOptions, Arc<Writer>) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SqliteConnectOptions::from_str("sqlite://w.db")
+            .unwrap()
+            .filename(dir.path().join("w.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full);
+        let mut c = opts.connect().await.unwrap();
+        sqlx::query("CREATE TABLE t (v INTEGER NOT NULL UNIQUE)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        let w = Arc::new(Writer::spawn(opts.connect().await.unwrap()));
+        (dir, opts, w)
+    }
+
+    async fn insert(w: &Writer, v: i64) -> Result<bool, StorageError> {
+        w.write(move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO t (v) VALUES (?)")
+                    .bind(v)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(backend)?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// Values in `t`, read through a connection of its own: only committed
+    /// rows are visible there.
+    async fn committed(opts: &SqliteConnectOptions) -> Vec<i64> {
+        let mut c = opts.connect().await.unwrap();
+        let v = sqlx::query_scalar("SELECT v FROM t ORDER BY v")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        v
+    }
+
+    /// Occupy the writer with a job that waits for the returned sender, so
+    /// that what is sent meanwhile queues up as the next batch.
+    async fn hold(w: &Arc<Writer>) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        let (go, wait) = oneshot::channel::<()>();
+        let (started_tx, started) = oneshot::channel::<()>();
+        let w2 = w.clone();
+        let held = tokio::spawn(async move {
+            w2.write(move |_| {
+                Box::pin(async move {
+                    let _ = started_tx.send(());
+                    let _ = wait.await;
+                    Ok(true)
+                })
+            })
+            .await
+            .unwrap();
+        });
+        tokio::time::timeout(DEADLINE, started)
+            .await
+            .unwrap()
+            .unwrap();
+        (go, held)
+    }
+
+    async fn wait_queued(w: &Writer, n: usize) {
+        tokio::time::timeout(DEADLINE, async {
+            while w.queued() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    fn spawn_insert(
+        w: &Arc<Writer>,
+        v: i64,
+    ) -> tokio::task::JoinHandle<Result<bool, StorageError>> {
+        let w = w.clone();
+        tokio::spawn(async move { insert(&w, v).await })
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_share_one_commit() {
+        let (_dir, opts, w) = setup().await;
+        let (go, held) = hold(&w).await;
+        let calls: Vec<_> = (0..10).map(|v| spawn_insert(&w, v)).collect();
+        wait_queued(&w, 10).await;
+        go.send(()).unwrap();
+        held.await.unwrap();
+        for c in calls {
+            assert!(c.await.unwrap().unwrap());
+        }
+        // The held job alone, then the ten together.
+        assert_eq!(w.stats().batches.load(Ordering::Relaxed), 2);
+        assert_eq!(w.stats().jobs.load(Ordering::Relaxed), 11);
+        assert_eq!(committed(&opts).await, (0..10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_rolls_back_alone() {
+        let (_dir, opts, w) = setup().await;
+        let (go, held) = hold(&w).await;
+        let ok1 = spawn_insert(&w, 1);
+        wait_queued(&w, 1).await;
+        // Writes a row, then fails: the row must not survive.
+        let failing = tokio::spawn({
+            let w = w.clone();
+            async move {
+                w.write(|c| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO t (v) VALUES (2)")
+                            .execute(&mut *c)
+                            .await
+                            .map_err(backend)?;
+                        Err(StorageError::Duplicate("test"))
+                    })
+                })
+                .await
+            }
+        });
+        wait_queued(&w, 2).await;
+        // A constraint violation inside the batch: also rolled back alone.
+        let dup = spawn_insert(&w, 1);
+        wait_queued(&w, 3).await;
+        let ok3 = spawn_insert(&w, 3);
+        wait_queued(&w, 4).await;
+        go.send(()).unwrap();
+        held.await.unwrap();
+        assert!(ok1.await.unwrap().unwrap());
+        assert!(matches!(
+            failing.await.unwrap(),
+            Err(StorageError::Duplicate("test"))
+        ));
+        assert!(matches!(dup.await.unwrap(), Err(StorageError::Backend(_))));
+        assert!(ok3.await.unwrap().unwrap());
+        assert_eq!(w.stats().batches.load(Ordering::Relaxed), 2);
+        assert_eq!(committed(&opts).await, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_alone_leaves_nothing() {
+        let (_dir, opts, w) = setup().await;
+        assert!(insert(&w, 1).await.unwrap());
+        // Alone in its batch (no savepoint): the whole transaction rolls back.
+        assert!(matches!(insert(&w, 1).await, Err(StorageError::Backend(_))));
+        assert!(insert(&w, 2).await.unwrap());
+        assert_eq!(committed(&opts).await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn every_acknowledged_write_is_committed() {
+        let (_dir, opts, w) = setup().await;
+        for v in 0..5 {
+            assert!(insert(&w, v).await.unwrap());
+            // Seen by another connection: committed, not merely written
+            // inside the writer's open transaction.
+            assert_eq!(committed(&opts).await, (0..=v).collect::<Vec<_>>());
+        }
+        // And still there after the writer is gone and the file reopened.
+        w.close().await;
+        assert_eq!(committed(&opts).await, (0..5).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn close_commits_what_was_queued_and_refuses_the_rest() {
+        let (_dir, opts, w) = setup().await;
+        let (go, held) = hold(&w).await;
+        let calls: Vec<_> = (0..5).map(|v| spawn_insert(&w, v)).collect();
+        wait_queued(&w, 5).await;
+        let closing = tokio::spawn({
+            let w = w.clone();
+            async move { w.close().await }
+        });
+        wait_queued(&w, 6).await;
+        go.send(()).unwrap();
+        held.await.unwrap();
+        tokio::time::timeout(DEADLINE, closing)
+            .await
+            .unwrap()
+            .unwrap();
+        for c in calls {
+            assert!(c.await.unwrap().unwrap());
+        }
+        assert_eq!(committed(&opts).await, (0..5).collect::<Vec<_>>());
+        assert!(matches!(insert(&w, 9).await, Err(StorageError::Backend(_))));
+        // Closing twice is harmless.
+        w.close().await;
+    }
+}
