@@ -15,7 +15,9 @@ use sha2::Sha256;
 use vendgate::config::ServiceCredential;
 use vendgate::secrets::{SecretHash, WebhookKey};
 use vendgate::storage::Storage;
-use vendgate_e2e::{ready_sim, sim_config, wait_until, Api, RawClient, TestGateway};
+use vendgate_e2e::{
+    ready_sim, sim_config, wait_until, wait_until_async, Api, RawClient, TestGateway,
+};
 use vendgate_proto::machine::MachineNo;
 
 const M1: &str = "40000001";
@@ -165,6 +167,16 @@ async fn machine_old_and_new_secrets_connect_during_the_grace_then_only_the_new(
     gw.stop().await;
 }
 
+/// A rotation made by another process (the CLI) reaches the running gateway
+/// within its merchant cache's TTL (one second): wait until `appsecret`
+/// authenticates.
+async fn new_appsecret_reaches(gw: &TestGateway, appid: &str, appsecret: &str) {
+    wait_until_async("the rotated AppSecret reaches the gateway", || async {
+        Api::new(gw, appid, appsecret).get("/machines").await["code"] == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn merchant_old_and_new_appsecrets_work_during_the_grace_then_only_the_new() {
     let gw = TestGateway::start().await;
@@ -173,10 +185,7 @@ async fn merchant_old_and_new_appsecrets_work_during_the_grace_then_only_the_new
     let code = |v: serde_json::Value| v["code"].as_i64().unwrap_or(-1);
 
     let second = rotate_merchant(cli.as_ref(), &key, &appid, HOUR).await;
-    assert_eq!(
-        code(Api::new(&gw, &appid, &second).get("/machines").await),
-        0
-    );
+    new_appsecret_reaches(&gw, &appid, &second).await;
     assert_eq!(
         code(Api::new(&gw, &appid, &first).get("/machines").await),
         0,
@@ -204,6 +213,7 @@ async fn merchant_old_and_new_appsecrets_work_during_the_grace_then_only_the_new
 
     // No grace: the previous AppSecret is refused from the next request on.
     let third = rotate_merchant(cli.as_ref(), &key, &appid, Duration::ZERO).await;
+    new_appsecret_reaches(&gw, &appid, &third).await;
     assert_eq!(
         code(Api::new(&gw, &appid, &second).get("/machines").await),
         10002
@@ -228,6 +238,7 @@ async fn merchant_old_and_new_appsecrets_work_during_the_grace_then_only_the_new
         )
         .await
         .expect("rotate"));
+    new_appsecret_reaches(&gw, &appid, "fourth-secret").await;
     assert_eq!(
         code(Api::new(&gw, &appid, &third).get("/machines").await),
         10002
