@@ -105,6 +105,13 @@ device = {
     "json_inventory_text": b'{"items":[{"product_id":1,"stock":4294967295,"price":-9223372036854775808}]}',
     "json_deep": b"[" * 200 + b"]" * 200,
 }
+# Crashes found, kept as regression inputs (docs/fuzzing.md).
+device_crashes = {
+    # Two lines of product 1: every result was refused ("product listed
+    # twice"), the order went unknown with a full refund.
+    "repeated_product_lines": dev(1, 0, 0, 0, 0),
+    "repeated_product_lines_partial": dev(2, 0, 1, 0, 0, 0, 1, 0x00, 1, lb(""), 0x01, 3, 1, 0, 2, lb("motor_jam")),
+}
 
 GET, POST, PUT, DELETE = 0, 1, 2, 3
 T = {"orders": 0, "order": 1, "pay": 2, "refund": 3, "machines": 4, "machine": 5, "events": 6,
@@ -146,9 +153,25 @@ api = {
     "healthz": http(GET, "healthz", 0, 0),
     "readyz": http(GET, "readyz", 0, 0),
     "metrics": http(GET, "metrics", 0, 0),
-    "dashboard_summary": http(GET, "summary", 0, 0),
-    "dashboard_order": http(GET, "dash_order", 0, 1),
+    "dashboard_summary": http(GET, "summary", 0x40, 0),
+    "dashboard_order": http(GET, "dash_order", 0x40, 1),
+    "dashboard_summary_no_login": http(GET, "summary", 0, 0),
 }
+
+# Crashes found: a path segment that is not UTF-8 once percent-decoded was
+# answered by axum's plain-text 400 outside the envelope.
+http_crashes = {
+    "path_not_utf8_machine": http(GET, "machine", 1, 0, seg="%E9%00"),
+    "path_not_utf8_order": http(GET, "order", 1, 0, seg="%ff"),
+    "path_not_utf8_replay": http(POST, "replay", 1, 0, seg="%C3%28"),
+}
+
+for target, crashes in [("device_payload", device_crashes), ("http_api", http_crashes)]:
+    d = os.path.join(ROOT, target)
+    os.makedirs(d, exist_ok=True)
+    for name, data in crashes.items():
+        with open(os.path.join(d, "crash-" + name), "wb") as f:
+            f.write(data)
 
 for target, seeds in [("mqtt_decode", packets), ("edge_session", edge), ("device_payload", device), ("http_api", api)]:
     d = os.path.join(ROOT, target)

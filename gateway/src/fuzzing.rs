@@ -38,6 +38,8 @@ pub const MAX_PACKET: usize = 64 * 1024;
 /// above what a step needs, so a loaded machine never trips it.
 const STEP: Duration = Duration::from_secs(20);
 
+const OPERATOR_PASSWORD: &str = "fuzz-operator-password";
+
 /// `mqtt_decode`: decode arbitrary bytes as a stream of MQTT 3.1.1 packets the
 /// way the edge does (`Packet::read` bounded by the packet size), until the
 /// bytes run out or the decoder refuses them. Invariant: no panic, and every
@@ -135,6 +137,9 @@ impl Harness {
         // Bounded stalls when an input leaves an order unanswered.
         settings.orders.accept_timeout = Duration::from_secs(2);
         settings.orders.dispense_timeout = Duration::from_secs(5);
+        // The dashboard answers 503 until an operator is configured.
+        settings.operator.username = "operator".into();
+        settings.operator.password = OPERATOR_PASSWORD.into();
         let built = rt.block_on(async move {
             let gw = Gateway::build(settings).await.expect("gateway builds");
             let (mqtt, handle) = (gw.mqtt_addr(), gw.handle());
@@ -621,6 +626,12 @@ impl Harness {
         }
         if auth & 0x80 != 0 {
             req = req.header("Content-Type", "application/json");
+        }
+        if auth & 0x40 != 0 {
+            use base64::Engine;
+            let basic = base64::engine::general_purpose::STANDARD
+                .encode(format!("operator:{OPERATOR_PASSWORD}"));
+            req = req.header("Authorization", format!("Basic {basic}"));
         }
         if !header_name.is_empty() {
             req = req.header(header_name.as_slice(), header_value.as_slice());
