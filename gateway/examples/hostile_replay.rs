@@ -61,6 +61,11 @@ fn main() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(200);
+    if cfg!(panic = "abort") {
+        println!("built with panic = \"abort\": any panic ends this process");
+    } else {
+        println!("warning: built with unwinding; a panic in a spawned task would go unnoticed here (use --profile release-abort)");
+    }
     let h = Harness::new();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     type Target<'a> = (&'a str, Box<dyn Fn(&[u8]) + 'a>);
@@ -75,10 +80,17 @@ fn main() {
         for d in &inputs {
             run(d);
         }
-        let n = if *name == "device_payload" { random / 4 } else { random };
+        let n = if *name == "device_payload" {
+            random / 4
+        } else {
+            random
+        };
         for _ in 0..n {
             run(&rng.input(&inputs));
         }
-        println!("{name}: {} corpus inputs + {n} random, no panic", inputs.len());
+        println!(
+            "{name}: {} corpus inputs + {n} random, no panic",
+            inputs.len()
+        );
     }
 }

@@ -184,9 +184,21 @@ impl Harness {
                 .await
                 .expect("service");
             let stock = vec![
-                InventoryItem { product_id: 1, stock: 1_000_000, price: 350 },
-                InventoryItem { product_id: 2, stock: 1_000_000, price: 200 },
-                InventoryItem { product_id: 3, stock: 1_000_000, price: 1 },
+                InventoryItem {
+                    product_id: 1,
+                    stock: 1_000_000,
+                    price: 350,
+                },
+                InventoryItem {
+                    product_id: 2,
+                    stock: 1_000_000,
+                    price: 200,
+                },
+                InventoryItem {
+                    product_id: 3,
+                    stock: 1_000_000,
+                    price: 1,
+                },
             ];
             let mut sims = Vec::new();
             for (no, secret, behaviour) in [
@@ -315,7 +327,10 @@ impl Harness {
                 tokio::time::timeout(STEP, rd.read_to_end(&mut sink)).await
             };
             let ((), r) = tokio::join!(write, read);
-            assert!(r.is_ok(), "the edge did not close a connection whose client stopped sending");
+            assert!(
+                r.is_ok(),
+                "the edge did not close a connection whose client stopped sending"
+            );
         });
         self.check_alive();
     }
@@ -344,9 +359,21 @@ impl Harness {
         let a = self.ack_machine;
         let stock = msg::InventoryMsg {
             items: vec![
-                InventoryItem { product_id: 1, stock: 1_000_000, price: 350 },
-                InventoryItem { product_id: 2, stock: 1_000_000, price: 200 },
-                InventoryItem { product_id: 3, stock: 1_000_000, price: 1 },
+                InventoryItem {
+                    product_id: 1,
+                    stock: 1_000_000,
+                    price: 350,
+                },
+                InventoryItem {
+                    product_id: 2,
+                    stock: 1_000_000,
+                    price: 200,
+                },
+                InventoryItem {
+                    product_id: 3,
+                    stock: 1_000_000,
+                    price: 1,
+                },
             ],
         };
         // The machine's own snapshot, as it publishes on connect: earlier
@@ -377,7 +404,12 @@ impl Harness {
             if placing.is_finished() {
                 break;
             }
-            if let Ok(Some(o)) = self.handle.store.order_by_out_trade_no(&self.appid, &otn).await {
+            if let Ok(Some(o)) = self
+                .handle
+                .store
+                .order_by_out_trade_no(&self.appid, &otn)
+                .await
+            {
                 if orders.awaiting_ack(o.order_id) {
                     current = Some(o.order_id);
                     break;
@@ -396,7 +428,11 @@ impl Harness {
         while !r.is_empty() && ops < 32 {
             ops += 1;
             let op = r.u8();
-            let machine = if op & 0x10 == 0 { a } else { self.quiet_machine };
+            let machine = if op & 0x10 == 0 {
+                a
+            } else {
+                self.quiet_machine
+            };
             let order_id = match (op >> 5) & 3 {
                 0 | 1 => current.unwrap_or(0),
                 2 => previous.unwrap_or(1),
@@ -445,7 +481,11 @@ impl Harness {
                             }
                         })
                         .collect();
-                    msg::encode(&ResultMsg { order_id, items, error: r.opt_str() })
+                    msg::encode(&ResultMsg {
+                        order_id,
+                        items,
+                        error: r.opt_str(),
+                    })
                 }),
                 3 => (Uplink::Inventory, {
                     let n = usize::from(r.u8() % 4);
@@ -461,9 +501,14 @@ impl Harness {
                 // State and pong go to the never-connected machine with a
                 // made-up epoch: an `{"online":false}` for the connected one
                 // would take it offline for every later case.
-                _ => (if op & 1 == 0 { Uplink::State } else { Uplink::Pong }, {
-                    format!(r#"{{"online":{},"id":{}}}"#, op & 2 == 0, order_id).into_bytes()
-                }),
+                _ => (
+                    if op & 1 == 0 {
+                        Uplink::State
+                    } else {
+                        Uplink::Pong
+                    },
+                    { format!(r#"{{"online":{},"id":{}}}"#, op & 2 == 0, order_id).into_bytes() },
+                ),
             };
             let payload = if raw { r.bytes().to_vec() } else { payload };
             let payload = Bytes::from(payload);
@@ -483,7 +528,11 @@ impl Harness {
 
         // Settle like a healthy machine: accept, then dispense everything.
         if let Some(id) = current {
-            let ack = AckMsg { order_id: id, accepted: true, reason: None };
+            let ack = AckMsg {
+                order_id: id,
+                accepted: true,
+                reason: None,
+            };
             self.handle
                 .uplinks
                 .on_uplink(a, 0, Uplink::Ack, &Bytes::from(msg::encode(&ack)));
@@ -497,7 +546,11 @@ impl Harness {
                         dispensed: l.quantity,
                     })
                     .collect();
-                let result = ResultMsg { order_id: id, items, error: None };
+                let result = ResultMsg {
+                    order_id: id,
+                    items,
+                    error: None,
+                };
                 orders.on_result(a, Bytes::from(msg::encode(&result))).await;
             }
         }
@@ -540,7 +593,10 @@ impl Harness {
             o.amount
         );
         for l in &o.lines {
-            assert!(l.dispensed <= l.quantity, "dispensed more than ordered: {l:?}");
+            assert!(
+                l.dispensed <= l.quantity,
+                "dispensed more than ordered: {l:?}"
+            );
         }
         for s in self.handle.orders.inventory.view(&self.ack_machine) {
             assert!(
@@ -612,7 +668,10 @@ impl Harness {
             0 => (None, None),
             1 => (Some(self.appid.clone()), Some(self.appsecret.clone())),
             2 => (Some(self.appid.clone()), Some("wrong".to_owned())),
-            3 => (Some(self.other_appid.clone()), Some(self.other_appsecret.clone())),
+            3 => (
+                Some(self.other_appid.clone()),
+                Some(self.other_appsecret.clone()),
+            ),
             _ => (
                 Some(String::from_utf8_lossy(&header_value).into_owned()),
                 Some(segment.clone()),

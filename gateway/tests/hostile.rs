@@ -94,7 +94,18 @@ fn mqtt_stream() -> impl Strategy<Value = Vec<u8>> {
         any::<u8>(),
         proptest::collection::vec(
             (
-                prop_oneof![Just(0x10u8), Just(0x30), Just(0x32), Just(0x34), Just(0x62), Just(0x82), Just(0xa2), Just(0xc0), Just(0xe0), any::<u8>()],
+                prop_oneof![
+                    Just(0x10u8),
+                    Just(0x30),
+                    Just(0x32),
+                    Just(0x34),
+                    Just(0x62),
+                    Just(0x82),
+                    Just(0xa2),
+                    Just(0xc0),
+                    Just(0xe0),
+                    any::<u8>()
+                ],
                 proptest::collection::vec(any::<u8>(), 0..40),
             ),
             0..6,
