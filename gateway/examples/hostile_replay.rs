@@ -41,7 +41,7 @@ impl Rng {
     fn input(&mut self, corpus: &[Vec<u8>]) -> Vec<u8> {
         let pick = usize::try_from(self.next()).unwrap_or(0);
         let mut v = match corpus.get(pick % corpus.len().max(1)) {
-            Some(c) if self.next() % 4 != 0 => c.clone(),
+            Some(c) if !self.next().is_multiple_of(4) => c.clone(),
             _ => (0..self.next() % 128).map(|_| self.next() as u8).collect(),
         };
         for _ in 0..self.next() % 4 {
