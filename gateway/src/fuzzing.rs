@@ -245,6 +245,22 @@ impl Harness {
         }
     }
 
+    /// Run a future on the harness's runtime (regression tests that drive
+    /// the gateway directly).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// The merchant that owns the harness's machines.
+    pub fn merchant(&self) -> &str {
+        &self.appid
+    }
+
+    /// The normally behaving simulated machine.
+    pub fn shop_machine(&self) -> MachineNo {
+        self.shop_machine
+    }
+
     /// After every case: nothing panicked on the gateway's threads, and the
     /// MQTT edge still accepts.
     fn check_alive(&self) {

@@ -147,6 +147,61 @@ fn http_api_arbitrary() {
     });
 }
 
+/// The `device_payload` finding end to end: a real simulated machine reports
+/// each line of an order that repeats a product; the order must complete
+/// (it used to be refused and go `unknown` with a full refund).
+#[test]
+fn repeated_product_lines_complete_on_a_real_machine() {
+    use vendgate::orders::state::Status;
+    use vendgate::orders::PlaceRequest;
+    let h = Harness::new();
+    h.block_on(async {
+        let id = h
+            .handle
+            .orders
+            .place(PlaceRequest {
+                merchant: h.merchant().to_owned(),
+                machine_no: h.shop_machine(),
+                lines: vec![(1, 1), (1, 2)],
+                out_trade_no: None,
+                pay_later: false,
+            })
+            .await
+            .expect("order accepted");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let o = h
+                .handle
+                .store
+                .order(id)
+                .await
+                .expect("storage")
+                .expect("order");
+            if o.status == Status::Completed {
+                assert_eq!(o.refund_amount, 0);
+                assert!(
+                    o.lines.iter().all(|l| l.dispensed == l.quantity),
+                    "{:?}",
+                    o.lines
+                );
+                break;
+            }
+            assert!(
+                !o.status.is_final() && o.status != Status::Unknown,
+                "order ended {:?} ({:?})",
+                o.status,
+                o.error
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order still {:?}",
+                o.status
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+}
+
 #[test]
 fn reachability_follows_the_state_machine() {
     use vendgate::orders::state::Status::*;
