@@ -21,12 +21,15 @@
 //! - [`top`]: `vendgate top`, a terminal view of a running gateway's metrics.
 //! - [`cli`]: the `vendgate` command line.
 //! - [`demo`]: `vendgate demo`, the gateway with simulated machines in one process.
+//! - `fuzzing` (hidden): bodies of the fuzz targets and hostile-input tests (docs/fuzzing.md).
 
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod edge;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod notifier;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tracing::info;
 use vendgate_proto::codes::ErrorCode;
 
-use super::api::{err, ok, Answer, Merchant};
+use super::api::{err, ok, Answer, Merchant, Segment};
 use super::AppState;
 use crate::storage::{OutboxEntry, OutboxStatus, ReplayOutcome};
 
@@ -90,7 +90,7 @@ async fn list_events(
 async fn replay_event(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
-    Path(event_id): Path<String>,
+    Segment(event_id): Segment,
 ) -> Answer {
     match s
         .gw

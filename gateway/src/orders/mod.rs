@@ -1109,6 +1109,12 @@ impl OrderService {
         }
     }
 
+    /// Whether order `id` is in flight and waiting for its machine's ack
+    /// (the hostile-input harness plays the machine's answers).
+    pub(crate) fn awaiting_ack(&self, id: u64) -> bool {
+        self.acks.contains_key(&id)
+    }
+
     async fn late_accept(&self, m: MachineNo, order_id: u64) {
         let Ok(Some(o)) = self.store.order(order_id).await else {
             return;
@@ -1119,7 +1125,9 @@ impl OrderService {
         }
     }
 
-    async fn on_result(&self, m: MachineNo, payload: Bytes) {
+    /// Apply a machine's result. `pub(crate)` so the hostile-input harness
+    /// (`fuzzing`) can await it instead of the dispatcher's spawned task.
+    pub(crate) async fn on_result(&self, m: MachineNo, payload: Bytes) {
         let Ok(r) = msg::decode::<ResultMsg>(&payload) else {
             self.stats
                 .malformed_device_messages

@@ -196,13 +196,9 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
             if order.result_applied {
                 return Ok(Transition::Unchanged);
             }
-            check_result(order, items)?;
-            for l in &mut next.lines {
-                l.dispensed = items
-                    .iter()
-                    .find(|(p, _, _)| *p == l.product_id)
-                    .map(|(_, _, d)| *d)
-                    .unwrap_or(0);
+            let dispensed = result_per_line(order, items)?;
+            for (l, d) in next.lines.iter_mut().zip(dispensed) {
+                l.dispensed = d;
             }
             let wanted: u64 = next.lines.iter().map(|l| u64::from(l.quantity)).sum();
             let got: u64 = next.lines.iter().map(|l| u64::from(l.dispensed)).sum();
@@ -238,29 +234,54 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
     Ok(Transition::Changed(next))
 }
 
-/// A result must name exactly the order's products, with the ordered
-/// quantities and no more dispensed than ordered.
+/// Whether `items` could settle `order` (see [`result_per_line`]).
 pub fn check_result(order: &Order, items: &[(i64, u32, u32)]) -> Result<(), TransitionError> {
+    result_per_line(order, items).map(|_| ())
+}
+
+/// A result must name exactly the order's lines, with the ordered
+/// quantities and no more dispensed than ordered. Returns what was dispensed
+/// per order line (0 for a line the result leaves out).
+///
+/// An order may repeat a product (`POST /orders` accepts repeated lines and
+/// the command carries each), and the machine reports each command line, so
+/// each result item settles the first line not yet reported with its product
+/// and quantity. Matching by product alone refused every result of such an
+/// order ("product listed twice"), leaving it `unknown` with a full refund
+/// although the goods came out (found by the `device_payload` fuzz target).
+fn result_per_line(order: &Order, items: &[(i64, u32, u32)]) -> Result<Vec<u32>, TransitionError> {
+    let mut dispensed: Vec<Option<u32>> = vec![None; order.lines.len()];
     for (p, q, d) in items {
-        let Some(line) = order.lines.iter().find(|l| l.product_id == *p) else {
+        if !order.lines.iter().any(|l| l.product_id == *p) {
             return Err(TransitionError::BadResult("product not in the order"));
-        };
-        if *q != line.quantity {
-            return Err(TransitionError::BadResult(
-                "quantity differs from the order",
-            ));
         }
+        let open = order
+            .lines
+            .iter()
+            .zip(dispensed.iter_mut())
+            .filter(|(l, got)| l.product_id == *p && got.is_none());
+        let mut same_quantity = None;
+        let mut any_open = false;
+        for (l, got) in open {
+            any_open = true;
+            if l.quantity == *q {
+                same_quantity = Some(got);
+                break;
+            }
+        }
+        let Some(slot) = same_quantity else {
+            return Err(TransitionError::BadResult(if any_open {
+                "quantity differs from the order"
+            } else {
+                "product listed twice"
+            }));
+        };
         if d > q {
             return Err(TransitionError::BadResult("dispensed more than ordered"));
         }
+        *slot = Some(*d);
     }
-    let mut seen: Vec<i64> = items.iter().map(|(p, _, _)| *p).collect();
-    seen.sort_unstable();
-    seen.dedup();
-    if seen.len() != items.len() {
-        return Err(TransitionError::BadResult("product listed twice"));
-    }
-    Ok(())
+    Ok(dispensed.into_iter().map(|d| d.unwrap_or(0)).collect())
 }
 
 #[cfg(test)]
@@ -293,6 +314,36 @@ mod tests {
             Ok(Transition::Changed(o)) => o,
             other => panic!("expected a change, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn repeated_product_lines_settle_line_by_line() {
+        let line = |q| Line {
+            product_id: 1,
+            quantity: q,
+            dispensed: 0,
+            unit_price: 100,
+        };
+        let mut o = Order::new(vec![line(1), line(2)], false);
+        o.status = Status::Dispensing;
+        // Reported in another order than the command's lines.
+        let ev = Event::Result {
+            items: vec![(1, 2, 1), (1, 1, 1)],
+            error: None,
+        };
+        let next = changed(apply(&o, &ev));
+        assert_eq!(next.status, Status::PartiallyDispensed);
+        assert_eq!(
+            next.lines.iter().map(|l| l.dispensed).collect::<Vec<_>>(),
+            vec![1, 1]
+        );
+        assert_eq!(next.refund_amount(), 100);
+        // One line more than ordered is still refused.
+        let ev = Event::Result {
+            items: vec![(1, 1, 1), (1, 2, 2), (1, 1, 1)],
+            error: None,
+        };
+        assert!(matches!(apply(&o, &ev), Err(TransitionError::BadResult(_))));
     }
 
     #[test]
