@@ -227,6 +227,18 @@ impl PresenceRegistry {
         self.machines.iter().filter(|e| e.online).count()
     }
 
+    /// The machines online now, in machine number order.
+    pub fn online_machines(&self) -> Vec<MachineNo> {
+        let mut v: Vec<_> = self
+            .machines
+            .iter()
+            .filter(|e| e.online)
+            .map(|e| *e.key())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Every machine the registry has seen since start.
     pub fn snapshot(&self) -> Vec<MachinePresence> {
         let mut v: Vec<_> = self.machines.iter().map(|e| view(*e.key(), &e)).collect();

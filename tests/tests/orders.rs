@@ -453,10 +453,26 @@ async fn merchants_are_isolated() {
         other.get("/machines").await["data"],
         json!({"page": 1, "page_size": 20})
     );
+    // The online listing is served from presence: another merchant's online
+    // machine is not in it, and it pages like the full listing.
+    assert_eq!(
+        other.get("/machines?online=true").await["data"],
+        json!({"page": 1, "page_size": 20})
+    );
     let mine = api.get("/machines?online=true").await;
     assert_eq!(mine["data"]["total"], 1);
     assert_eq!(mine["data"]["machines"][0]["machine_no"], M1);
     assert_eq!(mine["data"]["machines"][0]["online"], true);
+    assert_eq!(
+        mine["data"]["machines"][0],
+        api.get("/machines").await["data"]["machines"][0],
+        "same row as the full listing"
+    );
+    let past_the_end = api.get("/machines?online=true&page=2").await;
+    assert_eq!(past_the_end["data"]["total"], 1);
+    assert!(past_the_end["data"]["machines"]
+        .as_array()
+        .is_none_or(|l| l.is_empty()));
     assert_eq!(code(&api.get("/machines?page_size=101").await), 20001);
     assert_eq!(code(&api.get("/machines/1234").await), 20002);
     gw.stop().await;

@@ -176,9 +176,7 @@ pub(crate) async fn handshake(
     let connect = match timeout_at(deadline, Box::pin(conn.read_connect())).await {
         Ok(Ok(c)) => c,
         Ok(Err(ConnectError::Refuse(code))) => {
-            let _ = conn
-                .write_packets(&[Packet::ConnAck(ConnAck::new(code, false))])
-                .await;
+            conn.refuse(code).await;
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("protocol_version", None);
             return None;
@@ -217,12 +215,7 @@ pub(crate) async fn handshake(
             hub.stats.auth_throttled[scope as usize].fetch_add(1, Ordering::Relaxed);
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("throttled", username);
-            let _ = conn
-                .write_packets(&[Packet::ConnAck(ConnAck::new(
-                    ConnectReturnCode::NotAuthorized,
-                    false,
-                ))])
-                .await;
+            conn.refuse(ConnectReturnCode::NotAuthorized).await;
             return None;
         }
     }
@@ -259,9 +252,7 @@ pub(crate) async fn handshake(
                 refusal.as_str(),
                 connect.login.as_ref().map(|l| l.username.as_str()),
             );
-            let _ = conn
-                .write_packets(&[Packet::ConnAck(ConnAck::new(refusal.code(), false))])
-                .await;
+            conn.refuse(refusal.code()).await;
             return None;
         }
     };
@@ -272,12 +263,7 @@ pub(crate) async fn handshake(
     let client_id = if connect.client_id.is_empty() {
         if !connect.clean_session {
             hub.stats.connections.refused("bad_client_id", None);
-            let _ = conn
-                .write_packets(&[Packet::ConnAck(ConnAck::new(
-                    ConnectReturnCode::BadClientId,
-                    false,
-                ))])
-                .await;
+            conn.refuse(ConnectReturnCode::BadClientId).await;
             return None;
         }
         format!("vendgate-auto-{conn_id}")
@@ -292,12 +278,7 @@ pub(crate) async fn handshake(
             warn!(%peer, %client_id, "MQTT CONNECT refused: will topic not allowed");
             hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("will_not_allowed", None);
-            let _ = conn
-                .write_packets(&[Packet::ConnAck(ConnAck::new(
-                    ConnectReturnCode::NotAuthorized,
-                    false,
-                ))])
-                .await;
+            conn.refuse(ConnectReturnCode::NotAuthorized).await;
             return None;
         }
     }
@@ -591,6 +572,14 @@ impl Conn {
             Err(CodecError::PayloadSizeLimitExceeded(_)) => Err(ReadError::TooLarge),
             Err(_) => Err(ReadError::Malformed("malformed packet")),
         }
+    }
+
+    /// Answer CONNECT with a refusal (session present is always 0 then,
+    /// §3.2.2.2); the connection is closed by the caller returning.
+    async fn refuse(&mut self, code: ConnectReturnCode) {
+        let _ = self
+            .write_packets(&[Packet::ConnAck(ConnAck::new(code, false))])
+            .await;
     }
 
     async fn write_packets(&mut self, packets: &[Packet]) -> Result<usize, ()> {

@@ -406,7 +406,7 @@ impl OrderService {
     }
 
     /// Whether `merchant` owns machine `m` (cached: see `owners`).
-    async fn owned_by(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
+    pub async fn owned_by(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
         if let Some(owner) = self.owners.get(m) {
             return Ok(owner.as_str() == merchant);
         }
