@@ -1,6 +1,7 @@
 //! The device edge over real sockets: authentication, ACL, presence, the
 //! service class as a general MQTT broker, and hostile bytes.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rumqttc::mqttbytes::v4::{
@@ -629,5 +630,52 @@ async fn stolen_machine_credentials_cannot_touch_another_machine() {
     let o = api.wait_status(id, "completed").await;
     assert_eq!(o["data"]["items"][0]["dispensed"], 1, "{o}");
     assert!(gw.handle.hub.stats().acl_violations >= 5);
+    gw.stop().await;
+}
+
+/// A machine may publish only its own uplinks: a forged command on its own
+/// command topic (or any topic PROTOCOL.md does not define) reaches no one,
+/// is counted, and the machine stays connected.
+#[tokio::test]
+async fn machine_publishes_only_its_uplinks() {
+    let gw = TestGateway::start().await;
+    let (appid, _) = gw.merchant("m").await;
+    let sa = gw.machine(&appid, A).await;
+    let (user, pass) = gw.service("observer").await;
+    let mut observer = Client::connect(gw.mqtt_addr, "observer", &user, &pass).await;
+    observer.subscribe("vend/v1/#", QoS::AtLeastOnce).await;
+    let mut a = hand_machine(&gw, A, &sa, 5, 100).await;
+    // hand_machine's inventory reaches the observer first.
+    let (t, _, _) = observer.next_publish().await.expect("inventory");
+    assert_eq!(t, format!("vend/v1/{A}/inventory"));
+    let before = gw.handle.hub.stats.acl_violations.load(Ordering::Relaxed);
+
+    for topic in [
+        format!("vend/v1/{A}/cmd/dispense"),
+        format!("vend/v1/{A}/bogus"),
+    ] {
+        a.client
+            .publish(topic, QoS::AtLeastOnce, false, r#"{"order_id":1}"#)
+            .await
+            .unwrap();
+    }
+    a.client
+        .publish(
+            format!("vend/v1/{A}/state"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"online":true}"#,
+        )
+        .await
+        .unwrap();
+    // One connection's publishes are handled in order: the state arriving
+    // first means the two before it were dropped.
+    let (t, _, _) = observer.next_publish().await.expect("state");
+    assert_eq!(t, format!("vend/v1/{A}/state"));
+    assert_eq!(
+        gw.handle.hub.stats.acl_violations.load(Ordering::Relaxed),
+        before + 2
+    );
+    assert!(gw.handle.presence.is_online(&A.parse().unwrap()));
     gw.stop().await;
 }

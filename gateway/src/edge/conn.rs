@@ -955,9 +955,23 @@ impl Loop {
 
     fn route(&mut self, p: Publish) {
         if let Some((m, epoch)) = self.epoch {
-            if let Some(Topic::Uplink(tm, kind)) = topic::parse(&p.topic) {
-                if tm == m {
+            match topic::parse(&p.topic) {
+                Some(Topic::Uplink(tm, kind)) if tm == m => {
                     self.hub.uplinks.on_uplink(m, epoch, kind, &p.payload);
+                }
+                // Under its own prefix (the ACL let it through) but not one of
+                // its uplinks (PROTOCOL.md): its own command topic, which
+                // service clients would take for a command the gateway sent,
+                // or a topic no firmware should use. Dropped and counted; the
+                // connection stays, so a firmware bug does not become a
+                // reconnect loop.
+                _ => {
+                    self.hub
+                        .stats
+                        .acl_violations
+                        .fetch_add(1, Ordering::Relaxed);
+                    debug!(machine_no = %m, topic = %p.topic, "machine PUBLISH on a topic that is not one of its uplinks; dropped");
+                    return;
                 }
             }
         }
