@@ -644,7 +644,7 @@ async fn machine_publishes_only_its_uplinks() {
     let (user, pass) = gw.service("observer").await;
     let mut observer = Client::connect(gw.mqtt_addr, "observer", &user, &pass).await;
     observer.subscribe("vend/v1/#", QoS::AtLeastOnce).await;
-    let mut a = hand_machine(&gw, A, &sa, 5, 100).await;
+    let a = hand_machine(&gw, A, &sa, 5, 100).await;
     // hand_machine's inventory reaches the observer first.
     let (t, _, _) = observer.next_publish().await.expect("inventory");
     assert_eq!(t, format!("vend/v1/{A}/inventory"));
