@@ -509,3 +509,62 @@ async fn machine_over_publish_rate_is_disconnected_others_unaffected() {
     assert_eq!(t, format!("vend/v1/{B}/cmd/ping"));
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn persistent_take_over_moves_the_session_to_the_new_connection() {
+    let gw = TestGateway::start().await;
+    let (u, p) = gw.service("move").await;
+    let (mut old, _, _) = connect_raw(&gw, "raw-move", (&u, &p), false).await;
+    subscribe_raw(&mut old, "mv/#", QoS::AtLeastOnce).await;
+    publish(&gw, "mv/1", "unacked", QoS::AtLeastOnce);
+    assert_eq!(recv_publish(&mut old).await.topic, "mv/1");
+    let (mut new, code, present) = connect_raw(&gw, "raw-move", (&u, &p), false).await;
+    assert_eq!((code, present), (ConnectReturnCode::Success, true));
+    assert!(old.closed().await, "the old connection is taken over");
+    // The old connection's unacknowledged message, then new traffic through
+    // the subscription the new connection never made itself.
+    let again = recv_publish(&mut new).await;
+    assert_eq!(again.topic, "mv/1");
+    new.send(Packet::PubAck(PubAck::new(again.pkid))).await;
+    publish(&gw, "mv/2", "new", QoS::AtLeastOnce);
+    assert_eq!(recv_publish(&mut new).await.topic, "mv/2");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn persistent_machine_keeps_subscriptions_but_queues_no_commands() {
+    const M: &str = "20000003";
+    let gw = TestGateway::start().await;
+    let (appid, _) = gw.merchant("m").await;
+    let secret = gw.machine(&appid, M).await;
+    let m: vendgate_proto::machine::MachineNo = M.parse().unwrap();
+    let (mut c, _, present) = connect_raw(&gw, M, (M, &secret), false).await;
+    assert!(!present);
+    subscribe_raw(&mut c, &format!("vend/v1/{M}/cmd/#"), QoS::AtLeastOnce).await;
+    drop(c);
+    wait_until("parked", || gw.handle.hub.router.parked_count() == 1).await;
+    let ping = |id: u32| {
+        gw.handle.hub.send_command(
+            &m,
+            vendgate_proto::topic::Command::Ping,
+            format!(r#"{{"id":{id}}}"#).into(),
+        )
+    };
+    assert_eq!(
+        ping(1),
+        vendgate::edge::router::MachineDelivery::NotConnected
+    );
+    let (mut c, _, present) = connect_raw(&gw, M, (M, &secret), false).await;
+    assert!(present, "subscriptions kept");
+    // Nothing was queued (machine_session_max_queued = 0): PINGRESP first.
+    c.send(Packet::PingReq).await;
+    assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+    ping(2);
+    let p = recv_publish(&mut c).await;
+    assert_eq!(
+        p.payload.as_ref(),
+        br#"{"id":2}"#,
+        "the kept subscription serves"
+    );
+    gw.stop().await;
+}
