@@ -5,7 +5,7 @@
 # loopback port with TCP_NODELAY, and stopped by its PID. Needs jq and
 # python3 (for free ports). Loopback only; every load is bounded.
 #
-#   bench/compare.sh            # full run (~3 minutes on 2 cores)
+#   bench/compare.sh            # full run (~2 minutes on 2 cores)
 #   MACHINES=2000 bench/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
