@@ -677,5 +677,24 @@ async fn machine_publishes_only_its_uplinks() {
         before + 2
     );
     assert!(gw.handle.presence.is_online(&A.parse().unwrap()));
+
+    // Nor as its will, which the hub would publish for it: refused at CONNECT
+    // (before any take-over, so the connected machine stays).
+    let mut c = RawClient::tcp(gw.mqtt_addr).await;
+    let mut connect = Connect::new(A);
+    connect.keep_alive = 30;
+    connect.login = Some(Login::new(A, sa.as_str()));
+    connect.last_will = Some(LastWill::new(
+        format!("vend/v1/{A}/cmd/dispense"),
+        r#"{"order_id":1}"#,
+        rumqttc::mqttbytes::QoS::AtLeastOnce,
+        false,
+    ));
+    c.send(Packet::Connect(connect)).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ConnectReturnCode::NotAuthorized),
+        other => panic!("expected CONNACK 0x05, got {other:?}"),
+    }
+    assert!(gw.handle.presence.is_online(&A.parse().unwrap()));
     gw.stop().await;
 }

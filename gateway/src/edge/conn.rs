@@ -272,9 +272,15 @@ pub(crate) async fn handshake(
     };
 
     // The will is published by the hub on the client's behalf, so it must obey
-    // the same ACL as the client's own publishes.
+    // the same ACL as the client's own publishes, and for a machine be one of
+    // its uplinks: the only topics of its prefix that `route` passes on.
     if let Some(will) = &connect.last_will {
-        if !topic::valid_publish_topic(&will.topic) || !may_publish(class, &will.topic) {
+        let machine_non_uplink =
+            matches!(class, ClientClass::Machine(m) if !is_own_uplink(m, &will.topic));
+        if !topic::valid_publish_topic(&will.topic)
+            || !may_publish(class, &will.topic)
+            || machine_non_uplink
+        {
             warn!(%peer, %client_id, "MQTT CONNECT refused: will topic not allowed");
             hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("will_not_allowed", None);
@@ -450,6 +456,11 @@ fn publish_will(hub: &Hub, will: LastWill) {
     );
     hub.router
         .publish(&will.topic, will.message, will.qos, will.retain);
+}
+
+/// Whether `topic_name` is one of machine `m`'s uplink topics (PROTOCOL.md).
+fn is_own_uplink(m: MachineNo, topic_name: &str) -> bool {
+    matches!(topic::parse(topic_name), Some(Topic::Uplink(tm, _)) if tm == m)
 }
 
 /// The publish ACL: machines under their own prefix, services anywhere but
