@@ -76,6 +76,25 @@ impl SqliteStorage {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent).await.map_err(backend)?;
         }
+        // Two processes opening a fresh file at once (gateway and CLI): the
+        // first connections turn the file to WAL, and SQLite answers another
+        // connection's set-up SQLITE_BUSY at that moment without waiting in
+        // the busy handler (seen ~3 % of the time with six concurrent opens).
+        // Set-up is idempotent, so it is retried until the busy timeout.
+        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Self::open_once(path).await {
+                Err(OpenError::Busy(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(OpenError::Busy(e)) => return Err(backend(e)),
+                Err(OpenError::Other(e)) => return Err(e),
+                Ok(s) => return Ok(s),
+            }
+        }
+    }
+
+    async fn open_once(path: &Path) -> Result<Self, OpenError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -91,31 +110,14 @@ impl SqliteStorage {
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options.clone())
-            .await
-            .map_err(backend)?;
-        let writer_conn = options.connect().await.map_err(backend)?;
-        let storage = Self {
+            .await?;
+        migrate(&pool).await?;
+        let writer_conn = options.connect().await?;
+        Ok(Self {
             pool,
             writer: Arc::new(Writer::spawn(writer_conn)),
             merchants: Arc::new(DashMap::new()),
-        };
-        storage.migrate().await?;
-        Ok(storage)
-    }
-
-    /// The SQLite migrator of sqlx takes no lock, so two processes opening a
-    /// fresh file at once (gateway and CLI) could both try to create the
-    /// tables. Running it inside our own `BEGIN IMMEDIATE` transaction
-    /// serialises them: the second waits for the write lock (busy timeout),
-    /// then finds the migrations applied. sqlx nests each migration's own
-    /// transaction as a savepoint inside ours.
-    async fn migrate(&self) -> Result<(), StorageError> {
-        let mut conn = self.pool.acquire().await.map_err(backend)?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
-        // `run_direct` rather than `run`: the latter's `Acquire` bound makes the
-        // future not provably `Send`, so `open` could not be spawned.
-        MIGRATOR.run_direct(&mut *tx).await.map_err(backend)?;
-        tx.commit().await.map_err(backend)
+        })
     }
 
     /// The underlying pool, for backend-specific tools and tests.
@@ -471,6 +473,42 @@ pub(super) fn presence_epoch(w: &PresenceWrite) -> Result<i64, StorageError> {
     i64::try_from(w.epoch).map_err(|_| {
         StorageError::Backend(format!("presence epoch {} exceeds i64", w.epoch).into())
     })
+}
+
+/// The SQLite migrator of sqlx takes no lock, so two processes opening a
+/// fresh file at once (gateway and CLI) could both try to create the
+/// tables. Running it inside our own `BEGIN IMMEDIATE` transaction
+/// serialises them: the second waits for the write lock (busy timeout),
+/// then finds the migrations applied. sqlx nests each migration's own
+/// transaction as a savepoint inside ours.
+async fn migrate(pool: &SqlitePool) -> Result<(), OpenError> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    // `run_direct` rather than `run`: the latter's `Acquire` bound makes the
+    // future not provably `Send`, so `open` could not be spawned.
+    MIGRATOR.run_direct(&mut *tx).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => OpenError::from(e),
+        e => OpenError::Other(backend(e)),
+    })?;
+    Ok(tx.commit().await?)
+}
+
+/// Why one attempt to open the database failed: busy (retried) or not.
+enum OpenError {
+    Busy(sqlx::Error),
+    Other(StorageError),
+}
+
+impl From<sqlx::Error> for OpenError {
+    fn from(e: sqlx::Error) -> Self {
+        let busy = matches!(&e, sqlx::Error::Database(db)
+            if matches!(db.code().as_deref(), Some("5" | "6" | "517" | "261")));
+        if busy {
+            Self::Busy(e)
+        } else {
+            Self::Other(backend(e))
+        }
+    }
 }
 
 /// Rows per multi-row INSERT in bulk provisioning: 4 bound values each, far
