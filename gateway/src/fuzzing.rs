@@ -183,23 +183,7 @@ impl Harness {
                 })
                 .await
                 .expect("service");
-            let stock = vec![
-                InventoryItem {
-                    product_id: 1,
-                    stock: 1_000_000,
-                    price: 350,
-                },
-                InventoryItem {
-                    product_id: 2,
-                    stock: 1_000_000,
-                    price: 200,
-                },
-                InventoryItem {
-                    product_id: 3,
-                    stock: 1_000_000,
-                    price: 1,
-                },
-            ];
+            let stock = fuzz_stock();
             let mut sims = Vec::new();
             for (no, secret, behaviour) in [
                 ("10000001", &secrets[0], vendgate_sim::Behaviour::NeverAck),
@@ -374,23 +358,7 @@ impl Harness {
         let orders = &self.handle.orders;
         let a = self.ack_machine;
         let stock = msg::InventoryMsg {
-            items: vec![
-                InventoryItem {
-                    product_id: 1,
-                    stock: 1_000_000,
-                    price: 350,
-                },
-                InventoryItem {
-                    product_id: 2,
-                    stock: 1_000_000,
-                    price: 200,
-                },
-                InventoryItem {
-                    product_id: 3,
-                    stock: 1_000_000,
-                    price: 1,
-                },
-            ],
+            items: fuzz_stock(),
         };
         // The machine's own snapshot, as it publishes on connect: earlier
         // cases may have replaced it.
@@ -853,4 +821,16 @@ impl<'a> Reader<'a> {
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.data)
     }
+}
+
+/// The harness machines' stock: ample, so stock never decides a case.
+fn fuzz_stock() -> Vec<InventoryItem> {
+    [(1, 350), (2, 200), (3, 1)]
+        .into_iter()
+        .map(|(product_id, price)| InventoryItem {
+            product_id,
+            stock: 1_000_000,
+            price,
+        })
+        .collect()
 }

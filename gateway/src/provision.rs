@@ -757,6 +757,15 @@ mod tests {
         );
     }
 
+    /// `machine rotate-secret` for machine 00000001; its `key=value` output.
+    async fn rotate_00000001(store: &dyn Storage, grace: Duration) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        machine_rotate_secret(store, no("00000001"), grace, &mut out)
+            .await
+            .unwrap();
+        kv(&out)
+    }
+
     #[tokio::test]
     async fn machine_rotation_keeps_the_old_secret_for_the_grace_only() {
         let (_dir, store) = store().await;
@@ -767,16 +776,7 @@ mod tests {
             .unwrap();
         let first = kv(&out)[0].1.clone();
 
-        let mut out = Vec::new();
-        machine_rotate_secret(
-            store.as_ref(),
-            no("00000001"),
-            Duration::from_secs(3600),
-            &mut out,
-        )
-        .await
-        .unwrap();
-        let kv1 = kv(&out);
+        let kv1 = rotate_00000001(store.as_ref(), Duration::from_secs(3600)).await;
         assert_eq!(kv1[0].0, "secret");
         assert_eq!(kv1[1].0, "previous_valid_until");
         let second = kv1[0].1.clone();
@@ -793,16 +793,9 @@ mod tests {
         assert_eq!(check(&m, &first), SecretMatch::Previous);
 
         // Rotating again during the grace: the first secret is gone at once.
-        let mut out = Vec::new();
-        machine_rotate_secret(
-            store.as_ref(),
-            no("00000001"),
-            Duration::from_secs(3600),
-            &mut out,
-        )
-        .await
-        .unwrap();
-        let third = kv(&out)[0].1.clone();
+        let third = rotate_00000001(store.as_ref(), Duration::from_secs(3600)).await[0]
+            .1
+            .clone();
         let m = store.machine(&no("00000001")).await.unwrap().unwrap();
         assert_eq!(check(&m, &third), SecretMatch::Current);
         assert_eq!(check(&m, &second), SecretMatch::Previous);
@@ -819,11 +812,10 @@ mod tests {
         assert_eq!(check(&m, &third), SecretMatch::None);
 
         // Zero grace: no previous secret at all.
-        let mut out = Vec::new();
-        machine_rotate_secret(store.as_ref(), no("00000001"), Duration::ZERO, &mut out)
-            .await
-            .unwrap();
-        assert_eq!(kv(&out)[1], ("previous_valid_until".into(), "none".into()));
+        assert_eq!(
+            rotate_00000001(store.as_ref(), Duration::ZERO).await[1],
+            ("previous_valid_until".into(), "none".into())
+        );
         let m = store.machine(&no("00000001")).await.unwrap().unwrap();
         assert!(m.previous_secret.is_none());
         assert_eq!(check(&m, "fourth"), SecretMatch::None);
