@@ -30,6 +30,100 @@ pub struct Settings {
     /// Service accounts from configuration (in addition to those provisioned
     /// with `vendgate service add`).
     pub services: Vec<ServiceCredential>,
+    /// Several nodes on NATS and PostgreSQL; off unless `nats_urls` is set.
+    pub cluster: ClusterSettings,
+    /// Database connection pool (PostgreSQL).
+    pub database: DatabaseSettings,
+}
+
+/// Cluster mode (docs/scale-out.md). The NATS client settings are chosen for
+/// fast failure detection: a frozen server is noticed after about three
+/// pings, and a reconnect does not wait on a hung server for long.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Every NATS server of the cluster (the client fails over between
+    /// them); empty: single node, the default.
+    pub nats_urls: Vec<String>,
+    /// This node's id, unique in the cluster; empty: the host name.
+    pub node_id: String,
+    /// First token of every subject, so clusters can share NATS.
+    pub subject_prefix: String,
+    /// Optional NATS credentials.
+    pub nats_user: Option<String>,
+    pub nats_password: Option<String>,
+    /// NATS client ping: a frozen server is noticed after ~3 of these.
+    #[serde(with = "humantime_serde")]
+    pub nats_ping_interval: Duration,
+    /// Longest wait to connect to one NATS server before trying the next.
+    #[serde(with = "humantime_serde")]
+    pub nats_connection_timeout: Duration,
+    /// How long an order forwarded to the owning node waits for its answer
+    /// beyond `orders.accept_timeout`; past it the order is treated like a
+    /// missing ack (30002, cancel owed).
+    #[serde(with = "humantime_serde")]
+    pub owner_answer_slack: Duration,
+    /// How long "no responders" (the machine just moved; the new owner's
+    /// subscription is not visible yet) is retried before 30002.
+    #[serde(with = "humantime_serde")]
+    pub no_responders_retry: Duration,
+    /// Node heartbeat to PostgreSQL and NATS.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A node whose heartbeat is older than this is dead: another node
+    /// offlines its machines (they re-home through the load balancer).
+    #[serde(with = "humantime_serde")]
+    pub node_dead_after: Duration,
+    /// Forward every machine uplink to the other nodes' hubs, so service
+    /// clients on any node see every machine.
+    pub forward_uplinks: bool,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            nats_urls: Vec::new(),
+            node_id: String::new(),
+            subject_prefix: "vendgate".into(),
+            nats_user: None,
+            nats_password: None,
+            nats_ping_interval: Duration::from_secs(1),
+            nats_connection_timeout: Duration::from_secs(1),
+            owner_answer_slack: Duration::from_secs(2),
+            no_responders_retry: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(1),
+            node_dead_after: Duration::from_secs(5),
+            forward_uplinks: true,
+        }
+    }
+}
+
+impl ClusterSettings {
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+}
+
+/// The PostgreSQL pool (SQLite uses one writer and a few readers of its own).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a query waits for a free connection, and how long a
+    /// connection attempt may take, before the operation fails (50000):
+    /// with the database down, orders fail fast instead of hanging.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -333,6 +427,8 @@ impl Default for Settings {
             metrics: MetricsSettings::default(),
             operator: OperatorSettings::default(),
             services: Vec::new(),
+            cluster: ClusterSettings::default(),
+            database: DatabaseSettings::default(),
         }
     }
 }
@@ -578,6 +674,9 @@ impl Settings {
         }
         if !s.operator.password.is_empty() {
             s.operator.password = "<redacted>".into();
+        }
+        if s.cluster.nats_password.is_some() {
+            s.cluster.nats_password = Some("<redacted>".into());
         }
         if let Some((scheme, rest)) = s.database_url.split_once("://") {
             // postgres://user:password@host → keep the host, drop the password.

@@ -734,6 +734,7 @@ impl OrderService {
                 result_applied: next.result_applied,
                 refund_amount: next.refund_amount(),
                 dispense_deadline,
+                cancel_pending: owes_cancel(ev),
                 at: now,
             };
             let mut d = detail.clone();
@@ -1238,6 +1239,13 @@ impl OrderService {
 /// Why a rejected order was rejected, for answering repeats: the gateway's
 /// own reasons are delivery failures (30002); anything else is the machine's
 /// refusal reason (30005).
+/// Whether giving up with `ev` leaves a dispense command that may have
+/// reached the machine: a cancel is then owed until one is handed over.
+/// A command that was never handed to a connection owes none.
+fn owes_cancel(ev: &Event) -> bool {
+    matches!(ev, Event::NotAccepted(r) if !r.starts_with("not_delivered") && r != "queue_full")
+}
+
 fn is_delivery_failure(error: &str) -> bool {
     error == "accept_timeout" || error == "gateway_restart" || error.starts_with("not_delivered")
 }

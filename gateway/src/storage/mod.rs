@@ -27,6 +27,7 @@ use vendgate_proto::machine::MachineNo;
 
 use crate::secrets::{PreviousSecret, SecretHash};
 
+pub mod cluster;
 pub mod orders;
 pub mod outbox;
 pub mod sqlite;
@@ -34,6 +35,7 @@ mod sqlite_orders;
 mod sqlite_outbox;
 mod sqlite_writer;
 
+pub use cluster::{ClusterStorage, Due, NodeRow, Ownership};
 pub use orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
 pub use outbox::{
     Attempt, AttemptResult, ClaimRequest, ClaimedEvent, MachineEvent, OutboxBacklog, OutboxEntry,
@@ -138,7 +140,7 @@ pub enum StorageError {
 
 /// The storage operations the gateway and the provisioning commands need.
 #[async_trait::async_trait]
-pub trait Storage: OrderStorage + OutboxStorage + Send + Sync + 'static {
+pub trait Storage: OrderStorage + OutboxStorage + ClusterStorage + Send + Sync + 'static {
     /// Err(Duplicate("merchant")) if the appid is taken.
     async fn create_merchant(&self, m: NewMerchant) -> Result<Merchant, StorageError>;
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError>;

@@ -59,6 +59,11 @@ pub struct OrderChange {
     pub result_applied: bool,
     pub refund_amount: i64,
     pub dispense_deadline: Option<DateTime<Utc>>,
+    /// Stored as the order's `cancel_pending` flag: the change gives up on
+    /// an order whose dispense command may have reached the machine, so a
+    /// cancel is owed until one is handed to the machine's connection
+    /// ([`super::ClusterStorage::pending_cancels`]).
+    pub cancel_pending: bool,
     pub at: DateTime<Utc>,
 }
 
