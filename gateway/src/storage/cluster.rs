@@ -71,13 +71,17 @@ pub trait ClusterStorage: Send + Sync + 'static {
     ) -> Result<Vec<Ownership>, StorageError>;
 
     /// Insert or replace this node's row with a new incarnation (start-up,
-    /// or after it found itself reaped).
+    /// or after it found itself reaped). Returns the machines stored online
+    /// with this node as owner: connections of a previous incarnation (a
+    /// crash and restart under the same id) that no longer exist. The
+    /// caller writes them offline at that epoch, like
+    /// [`ClusterStorage::orphaned_machines`].
     async fn register_node(
         &self,
         node: &str,
         incarnation: &str,
         at: DateTime<Utc>,
-    ) -> Result<(), StorageError>;
+    ) -> Result<Vec<(MachineNo, u64)>, StorageError>;
 
     /// Refresh the node's heartbeat. Ok(false) when its row is gone or
     /// carries another incarnation: another node declared this one dead
