@@ -1,0 +1,104 @@
+//! Real-process fixtures for vendgate's cluster tests.
+//!
+//! # Layout
+//!
+//! - [`process`]: one guarded child process (own process group, log file,
+//!   signals by PID, killed on Drop, a watchdog that kills it when the test
+//!   process dies however it dies).
+//! - [`nats`]: [`NatsCluster`], n `nats-server`s forming one cluster.
+//! - [`haproxy`]: [`Haproxy`] in front of gateway nodes (MQTT sticky on the
+//!   client id, HTTP round robin, `/readyz` health checks).
+//! - [`pg`]: [`PgServer`], throwaway PostgreSQL servers.
+//! - [`node`]: [`GatewayNode`], the `vendgate` binary with a generated
+//!   cluster configuration.
+//! - [`relay`]: [`Relay`], a switchable TCP relay to move a machine between
+//!   nodes without restarting the simulated machine.
+//!
+//! Every fixture panics with an install hint when the binary it needs is
+//! missing: the cluster tests never skip silently.
+
+pub mod haproxy;
+pub mod nats;
+pub mod node;
+pub mod pg;
+pub mod process;
+pub mod relay;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use haproxy::{Backend, Haproxy};
+pub use nats::NatsCluster;
+pub use node::{GatewayNode, NodeOptions, Timings};
+pub use pg::PgServer;
+pub use relay::Relay;
+
+/// The packages the cluster tests need, for the panic message.
+pub const INSTALL_HINT: &str = "apt-get install -y nats-server postgresql haproxy";
+
+/// A free loopback TCP port (bound, then released: another process could
+/// take it in between, which is rare enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A free loopback address.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// The path of `name`, looked up in `PATH` and then in `extra_dirs`;
+/// panics with "<name> is needed for the cluster tests: apt-get install …"
+/// when it is nowhere.
+pub fn require_binary(name: &str, extra_dirs: &[&str]) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path)
+        .chain(extra_dirs.iter().map(PathBuf::from))
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
+    for d in dirs {
+        let p = d.join(name);
+        if is_executable(&p) {
+            return p;
+        }
+    }
+    panic!("{name} is needed for the cluster tests: {INSTALL_HINT}");
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Waits until `cond` holds, re-checking every `every`; Err with the time
+/// waited at the deadline.
+pub async fn wait_for<F, Fut>(limit: Duration, every: Duration, mut cond: F) -> Result<(), Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let t = tokio::time::Instant::now();
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if t.elapsed() >= limit {
+            return Err(t.elapsed());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A short-timeout HTTP client for the fixtures' own probes.
+pub fn probe_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("HTTP client")
+}
