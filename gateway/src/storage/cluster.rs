@@ -103,8 +103,7 @@ pub trait ClusterStorage: Send + Sync + 'static {
     /// caller writes them offline at that epoch with
     /// [`super::OutboxStorage::record_presence_batch_with_events`], so a
     /// machine that reconnected meanwhile (newer epoch) is left alone.
-    async fn orphaned_machines(&self, limit: usize)
-        -> Result<Vec<(MachineNo, u64)>, StorageError>;
+    async fn orphaned_machines(&self, limit: usize) -> Result<Vec<(MachineNo, u64)>, StorageError>;
 
     /// Every node row, with its online machine count, by node id.
     async fn nodes(&self) -> Result<Vec<NodeRow>, StorageError>;
