@@ -1268,6 +1268,7 @@ mod tests {
         let e2 = store.take_ownership(&m, "n2", t(2_000)).await.unwrap();
         let (e1, e2) = (e1.unwrap(), e2.unwrap());
         assert!(e2 > e1, "{e1} then {e2}");
+        // The online flag is the presence write's, at the new epoch.
         let own = store.ownership(Some(&[m])).await.unwrap();
         assert_eq!(
             own,
@@ -1275,14 +1276,14 @@ mod tests {
                 machine_no: m,
                 epoch: e2,
                 node: Some("n2".into()),
-                online: true
+                online: false
             }]
         );
-        let row = store.machine(&m).await.unwrap().unwrap();
         assert_eq!(
-            (row.online_since, row.last_seen),
-            (Some(t(2_000)), Some(t(2_000)))
+            store.machine(&m).await.unwrap().unwrap().last_seen,
+            Some(t(2_000))
         );
+        store.record_presence(&m, true, e2, t(2_000)).await.unwrap();
         // The loser's late offline write (older epoch) is stale.
         store
             .record_presence(&m, false, e1, t(2_500))
@@ -1377,6 +1378,14 @@ mod tests {
             .take_ownership(&no("00000003"), "n2", t(1_100))
             .await
             .unwrap();
+        // The presence writes that follow each take-over.
+        for m in ["00000001", "00000002", "00000003"] {
+            let e = store.ownership(Some(&[no(m)])).await.unwrap()[0].epoch;
+            store
+                .record_presence(&no(m), true, e, t(1_100))
+                .await
+                .unwrap();
+        }
         // One of n1's machines went offline on its own.
         let e2 = store.ownership(Some(&[no("00000002")])).await.unwrap()[0].epoch;
         store

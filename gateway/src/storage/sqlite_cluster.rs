@@ -112,8 +112,8 @@ impl ClusterStorage for SqliteStorage {
             .write_value(move |conn| {
                 Box::pin(async move {
                     sqlx::query_scalar(
-                        "UPDATE machines SET presence_epoch = presence_epoch + 1, online = 1, \
-                         owner_node = ?1, online_since_ms = ?2, last_seen_ms = ?2 \
+                        "UPDATE machines SET presence_epoch = presence_epoch + 1, \
+                         owner_node = ?1, last_seen_ms = ?2 \
                          WHERE machine_no = ?3 RETURNING presence_epoch",
                     )
                     .bind(node)
