@@ -31,6 +31,7 @@ pub mod cluster;
 pub mod orders;
 pub mod outbox;
 pub mod sqlite;
+mod sqlite_cluster;
 mod sqlite_orders;
 mod sqlite_outbox;
 mod sqlite_writer;
