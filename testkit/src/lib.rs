@@ -38,9 +38,47 @@ pub use relay::Relay;
 /// The packages the cluster tests need, for the panic message.
 pub const INSTALL_HINT: &str = "apt-get install -y nats-server postgresql haproxy";
 
-/// A free loopback TCP port (bound, then released: another process could
-/// take it in between, which is rare enough for tests).
+/// A free loopback TCP port for a server a fixture starts.
+///
+/// Not one the kernel picks for port 0: that comes from the ephemeral range,
+/// which is also where every outgoing connection's local port comes from,
+/// so between releasing it and the server binding it, some connection (a
+/// NATS route dialling, a client) can take it ("address already in use" was
+/// seen). Instead a random port below the ephemeral range, checked by
+/// binding it, and never handed out twice by this process.
 pub fn free_port() -> u16 {
+    use std::collections::hash_map::RandomState;
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(1));
+    if high > low + 1000 {
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let given = given.get_or_insert_with(HashSet::new);
+        let seed = RandomState::new();
+        for i in 0u32..10_000 {
+            let r = seed.hash_one((std::process::id(), i));
+            let port = low + u16::try_from(r % u64::from(high - low)).unwrap_or(0);
+            if given.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
