@@ -403,7 +403,7 @@ impl Gateway {
             let _ = tokio::time::timeout(SHUTDOWN_STEP, t).await;
         }
         if let Some(c) = &h.cluster {
-            c.flush().await;
+            c.leave().await;
         } else if let Err(e) = h.store.reset_presence().await {
             // Every connection of this process is gone.
             warn!(error = %e, "could not mark machines offline at shutdown");
