@@ -90,8 +90,8 @@ impl ClusterStorage for PgStorage {
         // Concurrent takers queue on the row lock; each increments the
         // committed value of the one before, so the epochs differ.
         let epoch: Option<i64> = sqlx::query_scalar(
-            "UPDATE machines SET presence_epoch = presence_epoch + 1, online = true, \
-             owner_node = $1, online_since_ms = $2, last_seen_ms = $2 \
+            "UPDATE machines SET presence_epoch = presence_epoch + 1, \
+             owner_node = $1, last_seen_ms = $2 \
              WHERE machine_no = $3 RETURNING presence_epoch",
         )
         .bind(node)
