@@ -1,5 +1,6 @@
 //! Test harness for end-to-end tests: a real gateway on loopback port 0 with a
-//! fresh SQLite file in a temp dir, provisioning helpers, a raw MQTT client
+//! fresh SQLite file in a temp dir (or, with `VENDGATE_TEST_DATABASE=postgres`,
+//! a fresh PostgreSQL database: [`pg`]), provisioning helpers, a raw MQTT client
 //! for protocol-level tests (over TCP or TLS), a test CA for TLS tests, and
 //! condition waits with deadlines (no sleeps).
 
@@ -19,6 +20,8 @@ use vendgate::secrets::{generate_secret, SecretHash};
 use vendgate::storage::{NewMachine, NewMerchant, NewService};
 use vendgate::{Gateway, GatewayHandle, Settings};
 use vendgate_proto::machine::MachineNo;
+
+pub mod pg;
 
 /// Generous: the suite must pass on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -47,6 +50,11 @@ impl TestGateway {
     pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Settings)) -> Self {
         init_logs();
         let mut settings = Settings::for_tests(dir.path());
+        match std::env::var("VENDGATE_TEST_DATABASE").as_deref() {
+            Ok("postgres") => settings.database_url = pg::database_for_dir(dir.path()).await,
+            Ok("sqlite") | Ok("") | Err(_) => {}
+            Ok(other) => panic!("VENDGATE_TEST_DATABASE={other:?}: use postgres or sqlite"),
+        }
         tune(&mut settings);
         let gw = Gateway::build(settings).await.expect("gateway builds");
         let (mqtt_addr, http_addr, handle) = (gw.mqtt_addr(), gw.http_addr(), gw.handle());
