@@ -50,10 +50,8 @@ impl TestGateway {
     pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Settings)) -> Self {
         init_logs();
         let mut settings = Settings::for_tests(dir.path());
-        match std::env::var("VENDGATE_TEST_DATABASE").as_deref() {
-            Ok("postgres") => settings.database_url = pg::database_for_dir(dir.path()).await,
-            Ok("sqlite") | Ok("") | Err(_) => {}
-            Ok(other) => panic!("VENDGATE_TEST_DATABASE={other:?}: use postgres or sqlite"),
+        if on_postgres() {
+            settings.database_url = pg::database_for_dir(dir.path()).await;
         }
         tune(&mut settings);
         let gw = Gateway::build(settings).await.expect("gateway builds");
@@ -156,6 +154,25 @@ impl TestGateway {
 impl Drop for TestGateway {
     fn drop(&mut self) {
         self.handle.shutdown.cancel();
+    }
+}
+
+/// Whether this test process runs the gateway on PostgreSQL: when
+/// `VENDGATE_TEST_DATABASE=postgres`, or for the `pg_*` test targets
+/// (tests/Cargo.toml), which run the order, money and webhook tests a
+/// second time on PostgreSQL within `cargo test --workspace`.
+pub fn on_postgres() -> bool {
+    match std::env::var("VENDGATE_TEST_DATABASE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") => false,
+        Ok("") | Err(_) => std::env::current_exe()
+            .ok()
+            .and_then(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().starts_with("pg_"))
+            })
+            .unwrap_or(false),
+        Ok(other) => panic!("VENDGATE_TEST_DATABASE={other:?}: use postgres or sqlite"),
     }
 }
 
