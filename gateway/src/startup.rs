@@ -403,7 +403,7 @@ impl Gateway {
             let _ = tokio::time::timeout(SHUTDOWN_STEP, t).await;
         }
         if let Some(c) = &h.cluster {
-            c.flush().await;
+            c.leave().await;
         } else if let Err(e) = h.store.reset_presence().await {
             // Every connection of this process is gone.
             warn!(error = %e, "could not mark machines offline at shutdown");
@@ -415,15 +415,13 @@ impl Gateway {
 }
 
 async fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
-    let Some(path) = settings.sqlite_path() else {
-        anyhow::bail!(
-            "unsupported database_url {:?} (sqlite://PATH)",
-            settings.database_url
-        );
-    };
-    storage::open_sqlite(&path)
+    // The SQLite path is worth naming; a PostgreSQL URL may hold a password.
+    storage::open(settings)
         .await
-        .with_context(|| format!("opening the database {}", path.display()))
+        .with_context(|| match settings.sqlite_path() {
+            Some(path) => format!("opening the database {}", path.display()),
+            None => "opening the database".to_string(),
+        })
 }
 
 /// Writes presence changes to storage so other processes (the CLI, later other

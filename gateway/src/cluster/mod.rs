@@ -344,11 +344,15 @@ impl Cluster {
             node: self.node.clone(),
             at: ev.at,
         };
-        self.view.apply(&note);
         let m = ev.machine_no;
+        // Arriving from another node (or first seen): its reservations were
+        // that node's memory. A reconnect to this same node keeps ours,
+        // which include jobs queued here and not yet stored.
+        let arriving = self.view.node_of(&m).as_deref() != Some(self.node.as_str());
+        self.view.apply(&note);
         if ev.online {
             self.serve(m, ev.epoch);
-            if let Some(orders) = self.orders.get() {
+            if let (true, Some(orders)) = (arriving, self.orders.get()) {
                 let orders = orders.clone();
                 tokio::spawn(async move { orders.adopt(m).await });
             }
@@ -807,8 +811,30 @@ impl Cluster {
         self.view.live_nodes(self.settings.node_dead_after)
     }
 
-    /// Flush what is queued for NATS (shutdown).
-    pub async fn flush(&self) {
+    /// Shutdown, after the edge closed every connection: tell the other
+    /// nodes at once that this node's machines are gone (their presence
+    /// notes would otherwise wait for the database re-read), stop serving,
+    /// and flush NATS.
+    pub async fn leave(&self) {
+        let held: Vec<(MachineNo, u64)> = self
+            .serving
+            .iter()
+            .map(|e| (*e.key(), e.value().0))
+            .collect();
+        let now = Utc::now();
+        for (m, epoch) in held {
+            if let Some((_, (_, stop))) = self.serving.remove(&m) {
+                stop.cancel();
+            }
+            let note = PresenceNote {
+                machine_no: m,
+                online: false,
+                epoch,
+                node: self.node.clone(),
+                at: now,
+            };
+            self.publish_json(self.subjects.presence(), &note).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
     }
 }

@@ -119,6 +119,11 @@ impl ClusterView {
             .filter(|r| r.online && r.node != me)
     }
 
+    /// The node the view last saw machine `m` on.
+    pub fn node_of(&self, m: &MachineNo) -> Option<String> {
+        self.machines.get(m).map(|e| e.0.node.clone())
+    }
+
     /// Every machine online on another node than `me`.
     pub fn remote_online(&self, me: &str) -> Vec<(MachineNo, Remote)> {
         self.machines

@@ -518,8 +518,9 @@ const BULK_ROWS: usize = 500;
 const INSERT_MACHINE: &str = "INSERT INTO machines \
      (machine_no, merchant_appid, secret_hash, created_at_ms) VALUES (?, ?, ?, ?)";
 
+/// A `merchants` row; decodes from either backend (no flag columns).
 #[derive(sqlx::FromRow)]
-struct MerchantRow {
+pub(super) struct MerchantRow {
     appid: String,
     name: String,
     notify_url: Option<String>,
@@ -531,7 +532,7 @@ struct MerchantRow {
 }
 
 impl MerchantRow {
-    fn into_merchant(self) -> Result<Merchant, StorageError> {
+    pub(super) fn into_merchant(self) -> Result<Merchant, StorageError> {
         let previous_appsecret = previous(
             self.prev_appsecret_hash.as_deref(),
             self.prev_appsecret_expires_ms,
@@ -554,8 +555,10 @@ impl MerchantRow {
     }
 }
 
+/// A `machines` row; `online` is 0/1 (PostgreSQL selects its BOOLEAN as
+/// an integer to share this type).
 #[derive(sqlx::FromRow)]
-struct MachineRow {
+pub(super) struct MachineRow {
     machine_no: String,
     merchant_appid: String,
     secret_hash: String,
@@ -568,7 +571,7 @@ struct MachineRow {
 }
 
 impl MachineRow {
-    fn into_machine(self) -> Result<Machine, StorageError> {
+    pub(super) fn into_machine(self) -> Result<Machine, StorageError> {
         let machine_no = self.machine_no.parse::<MachineNo>().map_err(|_| {
             StorageError::Corrupt(format!(
                 "machines.machine_no {:?} is not a machine number",
@@ -603,8 +606,9 @@ impl MachineRow {
     }
 }
 
+/// A `services` row; decodes from either backend.
 #[derive(sqlx::FromRow)]
-struct ServiceRow {
+pub(super) struct ServiceRow {
     username: String,
     name: String,
     password_hash: String,
@@ -612,7 +616,7 @@ struct ServiceRow {
 }
 
 impl ServiceRow {
-    fn into_service(self) -> Result<ServiceAccount, StorageError> {
+    pub(super) fn into_service(self) -> Result<ServiceAccount, StorageError> {
         Ok(ServiceAccount {
             password_hash: parse_hash(
                 &self.password_hash,
@@ -626,7 +630,7 @@ impl ServiceRow {
     }
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
