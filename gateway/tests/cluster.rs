@@ -84,16 +84,20 @@ struct Merchant {
 
 impl Cluster {
     async fn start(opts: ClusterOptions) -> Cluster {
+        vendgate_testkit::require_cluster_binaries();
         let t = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("vg-cluster-")
             .tempdir()
             .expect("temp dir");
         let nats = NatsCluster::start(3).await;
-        let pg = opts.dedicated_pg.then(PgServer::start);
+        let pg = match opts.dedicated_pg {
+            true => Some(PgServer::dedicated().await),
+            false => None,
+        };
         let db = match &pg {
-            Some(pg) => pg.create_database(),
-            None => PgServer::shared().create_database(),
+            Some(pg) => pg.create_database().await,
+            None => PgServer::shared_async().await.create_database().await,
         };
         let key = dir.path().join("webhook.key");
         let timings = timings();
@@ -1745,7 +1749,7 @@ async fn postgres_outage_fails_orders_fast_and_service_resumes() {
 
     let pg = c.pg.as_ref().expect("dedicated PostgreSQL");
     let stopped = Instant::now();
-    pg.stop();
+    pg.stop().await;
     // From the stop: the readiness probe gives storage up to 2 s.
     wait(
         "/readyz failing on every node",
@@ -1791,7 +1795,7 @@ async fn postgres_outage_fails_orders_fast_and_service_resumes() {
     let outage = stopped.elapsed();
 
     let restarted = Instant::now();
-    pg.start_again();
+    pg.start().await;
     let ready = wait(
         "every node ready again",
         Duration::from_secs(15),

@@ -8,7 +8,8 @@
 //! - [`nats`]: [`NatsCluster`], n `nats-server`s forming one cluster.
 //! - [`haproxy`]: [`Haproxy`] in front of gateway nodes (MQTT sticky on the
 //!   client id, HTTP round robin, `/readyz` health checks).
-//! - [`pg`]: [`PgServer`], throwaway PostgreSQL servers.
+//! - [`pg`]: [`PgServer`], throwaway PostgreSQL servers (one per test
+//!   process with a database per test, or a dedicated one to stop and start).
 //! - [`node`]: [`GatewayNode`], the `vendgate` binary with a generated
 //!   cluster configuration.
 //! - [`relay`]: [`Relay`], a switchable TCP relay to move a machine between
@@ -37,6 +38,21 @@ pub use relay::Relay;
 
 /// The packages the cluster tests need, for the panic message.
 pub const INSTALL_HINT: &str = "apt-get install -y nats-server postgresql haproxy";
+
+/// Panics with "<name> is needed for the cluster tests: apt-get install …"
+/// unless `nats-server`, `haproxy` and PostgreSQL 15 are all installed, so a
+/// cluster test fails at once and clearly rather than half-way.
+pub fn require_cluster_binaries() {
+    require_binary("nats-server", &[]);
+    require_binary("haproxy", &[]);
+    let pg = Path::new("/usr/lib/postgresql/15/bin");
+    if !["postgres", "initdb", "pg_ctl", "psql"]
+        .iter()
+        .all(|b| is_executable(&pg.join(b)))
+    {
+        panic!("PostgreSQL 15 is needed for the cluster tests: {INSTALL_HINT}");
+    }
+}
 
 /// A free loopback TCP port for a server a fixture starts.
 ///

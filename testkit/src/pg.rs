@@ -1,294 +1,424 @@
-//! [`PgServer`]: throwaway PostgreSQL 15 servers for tests. One server per
-//! test process ([`PgServer::shared`]) on which each test creates a fresh
-//! database, or a dedicated one ([`PgServer::start`]) that a test may stop
-//! and start again (a database outage).
+//! A throwaway PostgreSQL 15 for tests: one server per test process
+//! ([`PgServer::shared`]) with a fresh database per test
+//! ([`PgServer::create_database`]), or a dedicated server a test may stop and
+//! start ([`PgServer::dedicated`]). With `VENDGATE_TEST_PG_URL` set, the
+//! shared server is that one instead (databases are created on it and left
+//! there).
 //!
-//! The server runs `postgres` directly (not `pg_ctl`), so it is our child
-//! and its whole process group goes with the fixture or its watchdog. As
-//! root it runs as the `postgres` user; the data directory belongs to that
-//! user. fsync is off: these databases are thrown away.
+//! A spawned server is stopped and its directory removed when the test
+//! process exits, however it exits (a panic, a failed assertion, SIGKILL): a
+//! watchdog shell, started first, holds the read end of a pipe whose write
+//! end only this process has; when the process is gone the read sees EOF and
+//! the watchdog runs `pg_ctl stop -m immediate` and `rm -rf`.
+//!
+//! (Moved here from the e2e crate's harness, which re-exports it, so the
+//! cluster tests of the gateway crate share it.)
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::process::{log_tail, Proc, Spec};
-use crate::{free_port, require_binary, INSTALL_HINT};
+/// Where Debian's `postgresql-15` puts the server binaries.
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+const MISSING: &str = "PostgreSQL 15 is needed for this test: apt-get install -y postgresql \
+                       (the cluster tests also need nats-server and haproxy)";
+/// Set to `postgres://…` to use that server instead of spawning one.
+pub const URL_ENV: &str = "VENDGATE_TEST_PG_URL";
 
-/// Where Debian puts the server binaries.
-const PG_BIN_DIRS: &[&str] = &[
-    "/usr/lib/postgresql/15/bin",
-    "/usr/lib/postgresql/16/bin",
-    "/usr/lib/postgresql/17/bin",
-];
-/// initdb plus the first start, and a restart.
-const START_DEADLINE: Duration = Duration::from_secs(30);
+/// Servers spawned by this process (their directories' names).
+static SPAWNED: AtomicU64 = AtomicU64::new(0);
 
 /// A PostgreSQL server for tests.
 pub struct PgServer {
-    port: u16,
-    bin: PathBuf,
-    isready: PathBuf,
-    createdb: PathBuf,
-    data: PathBuf,
-    run: PathBuf,
-    log: PathBuf,
-    user: Option<(u32, u32)>,
-    proc: Mutex<Option<Proc>>,
-    /// Set for the process-wide server, whose Drop never runs: its watchdog
-    /// removes the directory instead.
-    keep_dir_for_watchdog: bool,
-    dir: Mutex<Option<tempfile::TempDir>>,
+    target: Target,
+    /// Databases created so far (their names).
+    next_db: AtomicU64,
 }
 
-static SHARED: OnceLock<PgServer> = OnceLock::new();
-static NEXT_DB: AtomicU64 = AtomicU64::new(1);
+enum Target {
+    /// `VENDGATE_TEST_PG_URL`: someone else's server.
+    External {
+        url: String,
+    },
+    Spawned(Spawned),
+}
+
+struct Spawned {
+    /// `data/` (the cluster) and `run/` (socket, log), owned by postgres.
+    dir: PathBuf,
+    port: u16,
+    /// Running as root: the binaries run as `postgres` (initdb refuses root).
+    as_postgres: bool,
+    /// Whether this is the per-process shared server (never stopped by a test).
+    shared: bool,
+    /// The watchdog, whose stdin is the pipe (see the module docs).
+    watchdog: Mutex<Option<Child>>,
+}
 
 impl PgServer {
-    /// The server shared by every test of this process (started on first
-    /// use; its watchdog stops it when the process exits).
+    /// The server of this test process, started on first use (about a
+    /// second; blocking: from async code prefer [`PgServer::shared_async`]).
+    /// Safe to call from many tests at once.
     pub fn shared() -> &'static PgServer {
-        SHARED.get_or_init(|| PgServer::launch(true))
+        static SHARED: OnceLock<PgServer> = OnceLock::new();
+        SHARED.get_or_init(|| match std::env::var(URL_ENV) {
+            Ok(url) if !url.is_empty() => PgServer {
+                target: Target::External { url },
+                next_db: AtomicU64::new(0),
+            },
+            _ => PgServer::spawn(true),
+        })
     }
 
-    /// A dedicated server for one test, stopped on Drop.
-    pub fn start() -> PgServer {
-        PgServer::launch(false)
+    /// [`PgServer::shared`] without blocking the caller's runtime thread.
+    pub async fn shared_async() -> &'static PgServer {
+        blocking(PgServer::shared).await
     }
 
-    fn launch(process_wide: bool) -> PgServer {
-        let bin_dir = PG_BIN_DIRS
-            .iter()
-            .map(PathBuf::from)
-            .find(|d| d.join("postgres").exists())
-            .unwrap_or_else(|| {
-                panic!("PostgreSQL is needed for the cluster tests: {INSTALL_HINT}")
-            });
-        let initdb = require_binary("initdb", &[&bin_dir.display().to_string()]);
-        let dir = tempfile::Builder::new()
-            .prefix("vg-pg-")
-            .tempdir()
-            .expect("temp dir");
-        let (data, run) = (dir.path().join("data"), dir.path().join("run"));
-        std::fs::create_dir_all(&run).expect("socket dir");
-        let user = postgres_user();
-        if let Some((uid, gid)) = user {
-            // initdb creates `data` itself; the parent and the socket dir
-            // must belong to the server's user.
-            chown(dir.path(), uid, gid);
-            chown(&run, uid, gid);
-        }
-        let mut cmd = Command::new(&initdb);
-        cmd.arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C.UTF-8",
-            "--no-sync",
-        ]);
-        as_user(&mut cmd, user);
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run initdb: {e}"));
-        assert!(
-            out.status.success(),
-            "initdb failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let s = PgServer {
-            port: free_port(),
-            bin: bin_dir.join("postgres"),
-            isready: require_binary("pg_isready", PG_BIN_DIRS),
-            createdb: require_binary("createdb", PG_BIN_DIRS),
-            log: run.join("postgres.log"),
-            data,
-            run,
-            user,
-            proc: Mutex::new(None),
-            keep_dir_for_watchdog: process_wide,
-            dir: Mutex::new(Some(dir)),
-        };
-        s.start_again();
-        s
+    /// A server of its own (always spawned, even with `VENDGATE_TEST_PG_URL`
+    /// set), for tests that stop and start PostgreSQL; stopped and removed
+    /// on drop.
+    pub async fn dedicated() -> PgServer {
+        blocking(|| PgServer::spawn(false)).await
     }
 
-    /// The port it listens on (127.0.0.1).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `postgres://postgres@127.0.0.1:{port}/{db}`.
-    pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-
-    /// Creates a fresh, empty database and returns its URL.
-    pub fn create_database(&self) -> String {
+    /// A new, empty database on this server; returns its URL.
+    pub async fn create_database(&self) -> String {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        // Unique on a server shared by several test processes (and hosts).
         let name = format!(
-            "vg_{}_{}",
+            "vg_{}_{nanos}_{}",
             std::process::id(),
-            NEXT_DB.fetch_add(1, Ordering::Relaxed)
+            self.next_db.fetch_add(1, Ordering::Relaxed)
         );
-        let out = Command::new(&self.createdb)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
+        let admin = self.url_of(None);
+        let out = tokio::process::Command::new(bin("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &admin, "-c"])
+            .arg(format!("CREATE DATABASE {name}"))
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("{MISSING} (running psql: {e})"));
+        check(&out, "CREATE DATABASE");
+        self.url_of(Some(&name))
+    }
+
+    /// The URL of database `db` (None: the server's own, for admin work).
+    pub fn url_of(&self, db: Option<&str>) -> String {
+        match &self.target {
+            Target::External { url } => match db {
+                Some(db) => with_database(url, db),
+                None => url.clone(),
+            },
+            Target::Spawned(s) => format!(
+                "postgres://postgres@127.0.0.1:{}/{}",
+                s.port,
+                db.unwrap_or("postgres")
+            ),
+        }
+    }
+
+    /// Stop a dedicated server (fast shutdown: connections are closed).
+    pub async fn stop(&self) {
+        let s = self.own("stop");
+        let data = s.dir.join("data");
+        let out = s
+            .pg_ctl_async(&[
+                "-D",
+                path_str(&data),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                "stop",
+            ])
+            .await;
+        check(&out, "pg_ctl stop");
+    }
+
+    /// Start a dedicated server again, on the same port.
+    pub async fn start(&self) {
+        let s = self.own("start");
+        let out = s.pg_ctl_async(&s.start_args(s.port)).await;
+        check(&out, "pg_ctl start");
+    }
+
+    /// The server's log file (None for an external server).
+    pub fn log_path(&self) -> Option<PathBuf> {
+        match &self.target {
+            Target::Spawned(s) => Some(s.dir.join("run/pg.log")),
+            Target::External { .. } => None,
+        }
+    }
+
+    /// The last `lines` lines of the server's log (empty for an external
+    /// server).
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.log_path()
+            .map(|p| crate::process::log_tail(&p, lines))
+            .unwrap_or_default()
+    }
+
+    fn own(&self, what: &str) -> &Spawned {
+        match &self.target {
+            Target::Spawned(s) if !s.shared => s,
+            _ => panic!("PgServer::{what} is for a dedicated server (PgServer::dedicated)"),
+        }
+    }
+
+    /// initdb and start in a fresh directory, with the watchdog.
+    fn spawn(shared: bool) -> PgServer {
+        for b in ["initdb", "pg_ctl", "postgres", "psql"] {
+            assert!(bin(b).exists(), "{MISSING}");
+        }
+        let as_postgres = fs::metadata("/proc/self")
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false);
+        let dir = std::env::temp_dir().join(format!(
+            "vendgate-pg-{}-{}",
+            std::process::id(),
+            SPAWNED.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("run")).expect("creating the PostgreSQL temp dir");
+        let s = Spawned {
+            watchdog: Mutex::new(Some(watchdog(&dir, as_postgres))),
+            dir,
+            port: 0,
+            as_postgres,
+            shared,
+        };
+        if as_postgres {
+            let out = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&s.dir)
+                .output()
+                .expect("chown");
+            check(&out, "chown to postgres");
+        }
+        let data = s.dir.join("data");
+        let out = s.run(
+            &bin("initdb"),
+            &[
+                "-D",
+                path_str(&data),
                 "-U",
                 "postgres",
-                &name,
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run createdb: {e}"));
-        assert!(
-            out.status.success(),
-            "createdb {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
         );
-        self.url(&name)
-    }
-
-    /// Stops the server (fast shutdown: connections are closed, nothing is
-    /// lost) and waits for it to exit.
-    pub fn stop(&self) {
-        if let Some(mut p) = self.lock().take() {
-            p.terminate(libc::SIGINT, Duration::from_secs(10));
-        }
-    }
-
-    /// SIGKILL the server (a crash; it recovers on the next start).
-    pub fn kill(&self) {
-        if let Some(mut p) = self.lock().take() {
-            p.kill();
-        }
-    }
-
-    /// Starts the server (again) on the same port and data, and waits until
-    /// it accepts connections.
-    pub fn start_again(&self) {
-        let mut guard = self.lock();
-        if guard.as_mut().is_some_and(Proc::running) {
-            return;
-        }
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("-D").arg(&self.data).args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-k",
-            &self.run.display().to_string(),
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-            "-c",
-            "max_connections=400",
-        ]);
-        as_user(&mut cmd, self.user);
-        let cleanup = self
-            .keep_dir_for_watchdog
-            .then(|| {
-                self.dir
-                    .lock()
-                    .ok()
-                    .and_then(|d| d.as_ref().map(|d| d.path().to_path_buf()))
-            })
-            .flatten();
-        *guard = Some(Proc::spawn(Spec {
-            name: format!("postgres :{}", self.port),
-            command: cmd,
-            log: self.log.clone(),
-            graceful_signal: Some(libc::SIGINT),
-            cleanup_dir: cleanup,
-        }));
-        drop(guard);
-        let t = Instant::now();
-        while !self.accepting() {
-            let alive = self.lock().as_mut().is_some_and(Proc::running);
-            if !alive || t.elapsed() > START_DEADLINE {
-                panic!(
-                    "PostgreSQL on port {} did not start (running: {alive}):\n{}",
-                    self.port,
-                    log_tail(&self.log, 30)
-                );
+        check(&out, "initdb");
+        // A free port can be taken by someone else between our probe and
+        // the server's bind: try a few.
+        let mut last = None;
+        for _ in 0..5 {
+            let port = crate::free_port();
+            let out = s.run(&bin("pg_ctl"), &s.start_args(port));
+            if out.status.success() {
+                return PgServer {
+                    target: Target::Spawned(Spawned { port, ..s }),
+                    next_db: AtomicU64::new(0),
+                };
             }
-            std::thread::sleep(Duration::from_millis(50));
+            last = Some(out);
         }
+        let log = fs::read_to_string(s.dir.join("run/pg.log")).unwrap_or_default();
+        panic!(
+            "PostgreSQL did not start: {:?}\n{log}",
+            last.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        );
+    }
+}
+
+impl Spawned {
+    fn start_args(&self, port: u16) -> Vec<String> {
+        let run = self.dir.join("run");
+        vec![
+            "-D".into(),
+            path_str(&self.dir.join("data")).into(),
+            "-l".into(),
+            path_str(&run.join("pg.log")).into(),
+            "-w".into(),
+            "-t".into(),
+            "30".into(),
+            "-o".into(),
+            // Many tests at once, each with a gateway pool: more than the
+            // default 100 connections.
+            format!(
+                "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=on -c max_connections=400",
+                path_str(&run)
+            ),
+            "start".into(),
+        ]
     }
 
-    /// Whether the server accepts connections now (`pg_isready`).
-    pub fn accepting(&self) -> bool {
-        Command::new(&self.isready)
-            .args([
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-t",
-                "1",
-            ])
-            .status()
-            .is_ok_and(|s| s.success())
+    fn run<S: AsRef<std::ffi::OsStr>>(&self, program: &Path, args: &[S]) -> Output {
+        run_pg(program, args, &self.dir, self.as_postgres)
     }
 
-    pub fn log_tail(&self, lines: usize) -> String {
-        log_tail(&self.log, lines)
+    async fn pg_ctl_async(&self, args: &[impl ToString]) -> Output {
+        let (dir, as_postgres) = (self.dir.clone(), self.as_postgres);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        blocking(move || run_pg(&bin("pg_ctl"), &args, &dir, as_postgres)).await
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Proc>> {
-        self.proc
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// Run a PostgreSQL binary in `dir`, as postgres when we are root.
+fn run_pg<S: AsRef<std::ffi::OsStr>>(
+    program: &Path,
+    args: &[S],
+    dir: &Path,
+    as_postgres: bool,
+) -> Output {
+    let mut c = if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    // pg_ctl sends the server's output to the log (-l), so no child of the
+    // server holds these pipes open after pg_ctl returns.
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{MISSING} (running {}: {e})", program.display()))
 }
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        self.stop();
-        if let Ok(mut d) = self.dir.lock() {
-            d.take();
+        if let Target::Spawned(s) = &self.target {
+            let child = s.watchdog.lock().ok().and_then(|mut w| w.take());
+            if let Some(mut child) = child {
+                // EOF on its stdin: it stops the server and removes the
+                // directory; wait for that, so nothing is left behind.
+                drop(child.stdin.take());
+                let _ = child.wait();
+            }
         }
     }
 }
 
-/// (uid, gid) of the `postgres` user when we are root (PostgreSQL refuses
-/// to run as root); None otherwise (run as ourselves).
-fn postgres_user() -> Option<(u32, u32)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let line = passwd
-        .lines()
-        .find(|l| l.starts_with("postgres:"))
-        .unwrap_or_else(|| panic!("no postgres user (root cannot run PostgreSQL): {INSTALL_HINT}"));
-    let f: Vec<&str> = line.split(':').collect();
-    let uid = f.get(2).and_then(|v| v.parse().ok()).expect("postgres uid");
-    let gid = f.get(3).and_then(|v| v.parse().ok()).expect("postgres gid");
-    Some((uid, gid))
+/// The watchdog: blocks reading a pipe from this process, then cleans up.
+/// In a process group of its own, so a Ctrl-C to the test run does not kill
+/// it before it has cleaned up.
+fn watchdog(dir: &Path, as_postgres: bool) -> Child {
+    let as_user = if as_postgres {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
+    let script = format!(
+        "cat >/dev/null; \
+         if [ -f \"$1/data/postmaster.pid\" ]; then \
+           {as_user}\"$2\" -D \"$1/data\" -m immediate -w -t 30 stop >/dev/null 2>&1; \
+         fi; rm -rf \"$1\""
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("vendgate-pg-watchdog")
+        .arg(dir)
+        .arg(bin("pg_ctl"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("starting the PostgreSQL watchdog")
 }
 
-fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
-    use std::os::unix::process::CommandExt;
-    if let Some((uid, gid)) = user {
-        cmd.uid(uid).gid(gid);
-        // The home of root is not readable by postgres; run from /.
-        cmd.current_dir("/");
+/// The URL of this gateway data directory's database: created on the shared
+/// server on first use and remembered in the directory, so a gateway
+/// restarted on the same directory finds its data again.
+pub async fn database_for_dir(dir: &Path) -> String {
+    let file = dir.join("postgres-url");
+    if let Ok(url) = tokio::fs::read_to_string(&file).await {
+        return url.trim().to_string();
+    }
+    let url = PgServer::shared_async().await.create_database().await;
+    tokio::fs::write(&file, &url)
+        .await
+        .expect("remembering the test database");
+    url
+}
+
+/// Run `f` off the runtime's threads; its panic (say, the message that
+/// PostgreSQL is missing) becomes the caller's.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("PostgreSQL set-up task failed: {e}"),
+        },
     }
 }
 
-fn chown(path: &std::path::Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+fn bin(name: &str) -> PathBuf {
+    Path::new(BIN).join(name)
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn check(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `url` with its database replaced by `db` (query parameters kept).
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |i| authority + i);
+    let mut out = format!("{}/{db}", &base[..path]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_replaced_in_urls() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/base?sslmode=disable", "x"),
+            "postgres://u:p@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+        assert_eq!(
+            with_database("postgresql://h:1/", "x"),
+            "postgresql://h:1/x"
+        );
+    }
 }

@@ -426,19 +426,10 @@ async fn relay_switches_targets_and_holds_the_old_connection_until_the_node_clos
 
 // ---------------------------------------------------------------- PostgreSQL
 
-fn psql(port: u16, db: &str, sql: &str) -> Result<String, String> {
-    let out = std::process::Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-        ])
-        .args(["-tAc", sql])
+fn psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new("/usr/lib/postgresql/15/bin/psql")
+        .args(["-X", "-d", url, "-tAc", sql])
+        .env("PGCONNECT_TIMEOUT", "3")
         .output()
         .map_err(|e| e.to_string())?;
     if out.status.success() {
@@ -448,37 +439,28 @@ fn psql(port: u16, db: &str, sql: &str) -> Result<String, String> {
     }
 }
 
-#[test]
-fn postgres_creates_databases_and_stops_and_starts() {
-    let pg = PgServer::start();
-    let url = pg.create_database();
-    let db = url.rsplit('/').next().unwrap().to_string();
-    assert_eq!(psql(pg.port(), &db, "select 1+1").unwrap(), "2");
-    psql(
-        pg.port(),
-        &db,
-        "create table t(x int); insert into t values (7)",
-    )
-    .unwrap();
-    pg.stop();
-    assert!(!pg.accepting());
-    assert!(psql(pg.port(), &db, "select 1").is_err());
-    pg.start_again();
-    assert_eq!(
-        psql(pg.port(), &db, "select x from t").unwrap(),
-        "7",
-        "data survives"
-    );
-    let other = pg.create_database();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_creates_databases_and_stops_and_starts() {
+    let pg = PgServer::dedicated().await;
+    let url = pg.create_database().await;
+    assert_eq!(psql(&url, "select 1+1").unwrap(), "2");
+    psql(&url, "create table t(x int); insert into t values (7)").unwrap();
+    pg.stop().await;
+    assert!(psql(&url, "select 1").is_err(), "stopped");
+    pg.start().await;
+    assert_eq!(psql(&url, "select x from t").unwrap(), "7", "data survives");
+    let other = pg.create_database().await;
     assert_ne!(other, url);
-    // The shared server is a different one.
-    let shared = PgServer::shared();
-    assert_ne!(shared.port(), pg.port());
-    let u = shared.create_database();
-    assert_eq!(
-        psql(shared.port(), u.rsplit('/').next().unwrap(), "select 3").unwrap(),
-        "3"
+    assert!(
+        pg.log_tail(5).contains("database system is ready"),
+        "{}",
+        pg.log_tail(20)
     );
+    // The shared server is a different one.
+    let shared = PgServer::shared_async().await;
+    assert_ne!(shared.url_of(None), pg.url_of(None));
+    let u = shared.create_database().await;
+    assert_eq!(psql(&u, "select 3").unwrap(), "3");
 }
 
 // ---------------------------------------------------------------- watchdog
@@ -494,13 +476,13 @@ async fn abort_child() {
         return;
     };
     let nats = NatsCluster::start(2).await;
-    let pg = PgServer::shared();
+    let db = PgServer::shared_async().await.create_database().await;
     let h = Haproxy::start(&[]).await;
     let pids: Vec<String> = [nats.pid(0), nats.pid(1), Some(h.pid())]
         .into_iter()
         .flatten()
         .map(|p| p.to_string())
-        .chain([format!("pgport:{}", pg.port())])
+        .chain([format!("pgurl:{db}")])
         .collect();
     std::fs::write(&pidfile, pids.join("\n")).unwrap();
     std::process::abort();
@@ -531,10 +513,10 @@ async fn a_test_process_that_aborts_leaves_no_process_behind() {
     assert!(!status.success(), "the child aborted");
     let text = std::fs::read_to_string(&pidfile).expect("the child wrote its PIDs");
     let mut pids = Vec::new();
-    let mut pg_port = None;
+    let mut pg_url = None;
     for l in text.lines() {
-        match l.strip_prefix("pgport:") {
-            Some(p) => pg_port = p.parse::<u16>().ok(),
+        match l.strip_prefix("pgurl:") {
+            Some(u) => pg_url = Some(u.to_string()),
             None => pids.push(l.parse::<u32>().unwrap()),
         }
     }
@@ -552,9 +534,10 @@ async fn a_test_process_that_aborts_leaves_no_process_behind() {
         )
     });
     // The child's PostgreSQL (its process-wide server) stops too.
-    let port = pg_port.expect("pg port");
-    wait_for(LIMIT, Duration::from_millis(100), || async move {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+    let url = pg_url.expect("pg url");
+    wait_for(LIMIT, Duration::from_millis(100), || {
+        let url = url.clone();
+        async move { psql(&url, "select 1").is_err() }
     })
     .await
     .expect("the aborted process's PostgreSQL stopped");

@@ -21,7 +21,9 @@ use vendgate::storage::{NewMachine, NewMerchant, NewService};
 use vendgate::{Gateway, GatewayHandle, Settings};
 use vendgate_proto::machine::MachineNo;
 
-pub mod pg;
+/// The PostgreSQL fixture lives in the testkit crate (the gateway's cluster
+/// tests use it too); re-exported so `vendgate_e2e::pg` keeps working.
+pub use vendgate_testkit::pg;
 
 /// Generous: the suite must pass on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(15);
