@@ -1085,30 +1085,53 @@ async fn orders_on_any_node_complete_on_the_owning_node() {
         "cluster figures: (a) online on every node {converged:?} after the last connect, \
          slowest cross-node order answer {slowest:?}, repeated dispense commands {repeated}"
     );
-    // Last, so it does not hide the checks above: API.md's GET /machines
-    // shows each machine's stock; a merchant behind the load balancer asks
-    // any node, so every node must answer with the stock.
-    for a in &apis {
-        for s in &sims {
-            let m = s.machine_no();
-            let own = u64::from(s.stock().first().map(|i| i.stock).unwrap_or(0));
-            let r = poll_value(
-                Duration::from_secs(5),
-                || a.stock(&m),
-                |v| *v == Some((own, 0)),
-            )
-            .await;
-            assert!(
-                r.is_ok(),
-                "{}: GET /machines/{m} stock {:?}, the machine has {own} (stock must not depend on the node asked)",
-                a.name,
-                r.unwrap_or_else(|e| e)
-            );
-        }
-    }
     for s in &sims {
         s.shutdown().await;
     }
+}
+
+/// (a2) A machine's stock and reservations read the same on every node:
+/// API.md's `GET /machines/{m}` shows `stock` (stock, reserved), and a
+/// merchant behind the load balancer reaches any node. One machine on gw1;
+/// after an order completes every node shows its stock, and a `pay_later`
+/// reservation shows as reserved on every node (bound: 5 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_and_reservations_read_the_same_on_every_node() {
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let m = c.merchant(None);
+    let creds = c.machines(&m, 15_000_000, 1);
+    let apis: Vec<Api> = (0..3).map(|i| c.api(i, &m)).collect();
+    let sim = spawn_sim(
+        c.nodes[0].mqtt_addr().to_string(),
+        &creds[0],
+        Behaviour::Normal,
+    );
+    let sims = vec![sim.clone()];
+    wait_machines_ready(&sims, &apis).await;
+    let machine = sim.machine_no();
+    let v = apis[1].order(&machine, 1, false).await.expect("answer");
+    assert_eq!(v["code"], 0, "{v}");
+    let id = v["data"]["order_id"].as_u64().expect("order_id");
+    settle(&apis[0], &[id], &["completed"], DEADLINE).await;
+    let v = apis[2].order(&machine, 2, true).await.expect("answer");
+    assert_eq!(v["code"], 0, "pay_later: {v}");
+    let own = u64::from(STOCK - 1);
+    let mut views = Vec::new();
+    for a in &apis {
+        let r = poll_value(
+            Duration::from_secs(5),
+            || a.stock(&machine),
+            |v| *v == Some((own, 2)),
+        )
+        .await;
+        views.push((a.name.clone(), r.is_ok(), r.unwrap_or_else(|e| e)));
+    }
+    assert!(
+        views.iter().all(|(_, ok, _)| *ok),
+        "GET /machines/{machine} (stock, reserved) per node {views:?}; the machine (on gw1) has {own} with 2 reserved: \
+         every node must answer the same"
+    );
+    sim.shutdown().await;
 }
 
 /// A poll of one machine's `online` on one node.
@@ -1145,6 +1168,14 @@ fn poll_presence(
         })
         .collect();
     (polls, tasks)
+}
+
+/// How many times the machine has connected (CONNACKs in its journal).
+fn connects(sim: &SimHandle) -> usize {
+    sim.journal()
+        .iter()
+        .filter(|e| e.event == JournalEvent::Connected)
+        .count()
 }
 
 /// When the sim's `n`-th CONNACK (1-based) arrived.
@@ -1313,17 +1344,26 @@ async fn sigkill_of_a_gateway_node_during_a_burst_loses_nothing() {
     let (victim, held) = c.busiest_node().await;
     assert!(held > 0, "some node holds machines");
     let before = burst.successes();
+    let connects_before: Vec<usize> = sims.iter().map(connects).collect();
     let killed = Instant::now();
     c.nodes[victim].kill();
     let live: Vec<Api> = (0..3)
         .filter(|&i| i != victim)
         .map(|i| apis[i].clone())
         .collect();
+    // Back: the victim's machines have reconnected (through haproxy, to the
+    // others), every machine is subscribed, and every live node shows all
+    // of them online.
     let back = wait(
         "all machines back online through haproxy",
         DEADLINE,
         || async {
-            sims.iter().all(SimHandle::ready) && {
+            let reconnected = sims
+                .iter()
+                .zip(&connects_before)
+                .filter(|(s, n)| connects(s) > **n)
+                .count() as u64;
+            reconnected >= held && sims.iter().all(SimHandle::ready) && {
                 let mut all = true;
                 for a in &live {
                     all &= a.online_total().await == Some(6);
@@ -1487,11 +1527,23 @@ async fn webhook_events_survive_node_loss_in_order_and_none_lost() {
         burst.successes() >= 30
     })
     .await;
-    let (victim, _) = c.busiest_node().await;
+    let (victim, held) = c.busiest_node().await;
+    let connects_before: Vec<usize> = sims.iter().map(connects).collect();
     let killed = Instant::now();
     c.nodes[victim].kill();
+    // Its machines re-home and the orders go on, for all machines.
+    wait("the killed node's machines re-homed", DEADLINE, || async {
+        let reconnected = sims
+            .iter()
+            .zip(&connects_before)
+            .filter(|(s, n)| connects(s) > **n)
+            .count() as u64;
+        reconnected >= held && sims.iter().all(SimHandle::ready)
+    })
+    .await;
+    let rehomed = Instant::now();
     wait("orders after the kill", DEADLINE, || async {
-        burst.successes_after(killed) >= 30 && sims.iter().all(SimHandle::ready)
+        burst.successes_after(rehomed) >= 30
     })
     .await;
     let answers = burst.stop().await;
@@ -1518,6 +1570,10 @@ async fn webhook_events_survive_node_loss_in_order_and_none_lost() {
     })
     .await;
     let (events, repeats) = receiver.distinct();
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for h in &events {
+        *kinds.entry(h.kind.as_str()).or_default() += 1;
+    }
     let mut per_order: HashMap<u64, Vec<&Hit>> = HashMap::new();
     for h in &events {
         assert_signed(h, &m.secret);
@@ -1559,9 +1615,10 @@ async fn webhook_events_survive_node_loss_in_order_and_none_lost() {
     assert_dispensed_once(&sims);
     assert_dispenses_match_answers(&c, (victim + 1) % 3, &ids, unanswered(&answers), &sims).await;
     println!(
-        "cluster figures: (e) killed gw{}; {} orders settled {by_status:?}; {} distinct events ({} repeated deliveries, \
+        "cluster figures: (e) killed gw{} (its machines re-homed in {:?}); {} orders settled {by_status:?}; {} distinct events {kinds:?} ({} repeated deliveries, \
          deduplicated by event id); all final events in {waited:?} after settling",
         victim + 1,
+        rehomed.duration_since(killed),
         ids.len(),
         events.len(),
         repeats
