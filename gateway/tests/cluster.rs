@@ -66,6 +66,14 @@ struct ClusterOptions {
     env: Vec<(&'static str, String)>,
 }
 
+/// One cluster at a time in this test process: nine processes plus the
+/// simulated machines already fill two cores, and the bounds the tests
+/// assert are for an unshared cluster. Taken by [`Cluster::start`] and held
+/// until the cluster is dropped, so `cargo test` (which runs tests on as many
+/// threads as cores) and `--test-threads=1` behave alike.
+static ONE_AT_A_TIME: std::sync::LazyLock<Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(Arc::default);
+
 /// Three NATS servers, PostgreSQL, three gateway nodes, haproxy.
 struct Cluster {
     nodes: Vec<GatewayNode>,
@@ -75,6 +83,8 @@ struct Cluster {
     dir: Option<tempfile::TempDir>,
     client: reqwest::Client,
     timings: Timings,
+    // Last: released after everything above is gone.
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
 struct Merchant {
@@ -85,6 +95,7 @@ struct Merchant {
 impl Cluster {
     async fn start(opts: ClusterOptions) -> Cluster {
         vendgate_testkit::require_cluster_binaries();
+        let turn = ONE_AT_A_TIME.clone().lock_owned().await;
         let t = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("vg-cluster-")
@@ -153,6 +164,7 @@ impl Cluster {
                 .build()
                 .expect("HTTP client"),
             timings,
+            _turn: turn,
         };
         c.haproxy.wait_up(&["gw1", "gw2", "gw3"], DEADLINE).await;
         println!("cluster figures: cluster up in {:?}", t.elapsed());
