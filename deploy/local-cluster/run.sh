@@ -669,5 +669,8 @@ while :; do
       log "$name (pid $pid) exited; see $LOGS/$name.log"
     fi
   done
-  sleep 2
+  # `wait` returns at once on a signal; a foreground sleep would make bash
+  # skip the trap when only this process (not its group) got SIGINT.
+  sleep 2 &
+  wait $! || true
 done
