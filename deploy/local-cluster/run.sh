@@ -140,7 +140,11 @@ stop_all() {
   for kind in gw haproxy nats; do
     for p in "${PROCS[@]}"; do
       read -r name pid start <<<"$p"
-      case $name in "$kind"*) stop_proc "$name" "$pid" "$start" 20 ;; esac
+      # A gateway's shutdown steps take up to 10 s each.
+      case $kind:$name in
+        gw:gw*) stop_proc "$name" "$pid" "$start" 75 ;;
+        haproxy:haproxy | nats:nats*) stop_proc "$name" "$pid" "$start" 20 ;;
+      esac
     done
   done
   if [ -n "$PGDATA" ] && [ -f "$PGDATA/postmaster.pid" ]; then
