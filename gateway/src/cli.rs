@@ -308,10 +308,7 @@ pub fn hash_password(mut input: impl std::io::BufRead, out: &mut impl Write) -> 
 }
 
 async fn open(settings: &Settings) -> anyhow::Result<std::sync::Arc<dyn storage::Storage>> {
-    let path = settings
-        .sqlite_path()
-        .context("only sqlite:// databases are supported")?;
-    Ok(storage::open_sqlite(&path).await?)
+    Ok(storage::open(settings).await?)
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

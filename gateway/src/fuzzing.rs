@@ -377,6 +377,7 @@ impl Harness {
             lines,
             out_trade_no: Some(otn.clone()),
             pay_later: false,
+            forwarded: None,
         };
         let svc = orders.clone();
         let placing = tokio::spawn(async move { svc.place(req).await });

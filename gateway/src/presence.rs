@@ -131,6 +131,12 @@ impl PresenceRegistry {
     /// epoch which the connection must present when it ends.
     pub fn connected(&self, machine_no: MachineNo) -> u64 {
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        self.connected_at(machine_no, epoch)
+    }
+
+    /// [`Self::connected`] under an epoch taken elsewhere (cluster mode: the
+    /// cluster-wide counter). Returns `epoch`.
+    pub fn connected_at(&self, machine_no: MachineNo, epoch: u64) -> u64 {
         let now = Utc::now();
         let took_over;
         {

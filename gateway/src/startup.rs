@@ -14,17 +14,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::cluster::Cluster;
 use crate::commands::{CommandBus, LocalCommands, PingTable};
 use crate::config::Settings;
 use crate::edge::auth::Authenticator;
-use crate::edge::{Edge, Hub};
+use crate::edge::{Edge, Hub, UplinkForwarder};
 use crate::notifier::{machine_event, Notifier};
 use crate::orders::{OrderService, OrderUplinks};
 use crate::passwords::ConfigPassword;
-use crate::presence::PresenceRegistry;
+use crate::presence::{MachinePresence, PresenceRegistry};
 use crate::secrets::WebhookKey;
 use crate::storage::{self, PresenceChange, PresenceWrite, Storage};
 use crate::uplink::DeviceUplinks;
+use vendgate_proto::machine::MachineNo;
 
 /// Longest a shutdown step may take before we give up on it.
 const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
@@ -44,7 +46,58 @@ pub struct GatewayHandle {
     pub notifier: Arc<Notifier>,
     /// Encrypts merchants' AppSecrets for webhook signing (provisioning).
     pub webhook_key: Arc<WebhookKey>,
+    /// Cluster mode: this node's view of and link to the others.
+    pub cluster: Option<Arc<Cluster>>,
     pub shutdown: CancellationToken,
+}
+
+impl GatewayHandle {
+    /// Machine `m` as the API shows it: this node's registry, or in a
+    /// cluster the view of the node holding it (online there).
+    pub fn machine_presence(&self, m: &MachineNo) -> Option<MachinePresence> {
+        let local = self.presence.get(m);
+        if local.as_ref().is_some_and(|p| p.online) {
+            return local;
+        }
+        let remote = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.view.remote(m, c.node()));
+        match remote {
+            Some(r) => Some(MachinePresence {
+                machine_no: *m,
+                online: true,
+                epoch: r.epoch,
+                online_since: Some(r.since),
+                last_seen: local.as_ref().and_then(|p| p.last_seen).max(Some(r.since)),
+                firmware: local.as_ref().and_then(|p| p.firmware.clone()),
+                last_rtt_ms: None,
+                flaps: local.as_ref().map(|p| p.flaps).unwrap_or(0),
+                last_offline_reason: None,
+            }),
+            None => local,
+        }
+    }
+
+    /// Online on this node or, in a cluster, on any node.
+    pub fn machine_online(&self, m: &MachineNo) -> bool {
+        self.presence.is_online(m)
+            || self
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.view.remote(m, c.node()).is_some())
+    }
+
+    /// Every machine online anywhere, in machine number order.
+    pub fn online_machines(&self) -> Vec<MachineNo> {
+        let mut v = self.presence.online_machines();
+        if let Some(c) = &self.cluster {
+            v.extend(c.view.remote_online(c.node()).into_iter().map(|(m, _)| m));
+            v.sort_unstable();
+            v.dedup();
+        }
+        v
+    }
 }
 
 /// The HTTP listener: plain, or HTTPS with `[http.tls]`.
@@ -86,6 +139,11 @@ impl Gateway {
             ),
             None => None,
         };
+        if settings.cluster.enabled() && settings.sqlite_path().is_some() {
+            anyhow::bail!(
+                "cluster mode ([cluster] nats_urls) needs a database all nodes share: set database_url = \"postgres://…\""
+            );
+        }
         let store = open_storage(&settings).await?;
         let key_path = settings.webhook_key_path();
         let webhook_key = Arc::new(
@@ -98,11 +156,15 @@ impl Gateway {
             settings.notifier.clone(),
         )
         .context("building the webhook client")?;
-        // Nothing is connected to a process that is just starting.
-        store
-            .reset_presence()
-            .await
-            .context("resetting presence in storage")?;
+        // Nothing is connected to a process that is just starting. (In a
+        // cluster the other nodes' machines are online: this node writes
+        // offline only what a previous incarnation of itself held.)
+        if !settings.cluster.enabled() {
+            store
+                .reset_presence()
+                .await
+                .context("resetting presence in storage")?;
+        }
 
         let shutdown = CancellationToken::new();
         let presence = Arc::new(PresenceRegistry::new());
@@ -126,7 +188,11 @@ impl Gateway {
             }
             services.push((c.username.clone(), password));
         }
-        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let node = settings
+            .cluster
+            .enabled()
+            .then(|| crate::cluster::node_id(&settings.cluster.node_id));
+        let metrics = Arc::new(crate::metrics::Metrics::for_node(node.as_deref()));
         let auth = Authenticator::new(store.clone(), services)
             .count_previous_secret_uses(metrics.previous_secrets.clone());
         let hub = Arc::new(Hub::new(
@@ -159,8 +225,32 @@ impl Gateway {
             None => HttpListener::Plain(http_tcp),
         };
         let admin = crate::http::ops::AdminListener::bind(&settings).await?;
-        let commands: Arc<dyn CommandBus> =
-            Arc::new(LocalCommands::new(hub.clone(), presence.clone(), pings));
+        let local = Arc::new(LocalCommands::new(hub.clone(), presence.clone(), pings));
+        let cluster = if settings.cluster.enabled() {
+            let c = Cluster::start(
+                &settings,
+                store.clone(),
+                hub.clone(),
+                presence.clone(),
+                local.clone(),
+                notifier.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .context("joining the cluster")?;
+            let forwarder: Option<Arc<dyn UplinkForwarder>> = settings
+                .cluster
+                .forward_uplinks
+                .then(|| c.clone() as Arc<dyn UplinkForwarder>);
+            hub.join_cluster(c.clone(), forwarder);
+            Some(c)
+        } else {
+            None
+        };
+        let commands: Arc<dyn CommandBus> = match &cluster {
+            Some(c) => c.clone(),
+            None => local,
+        };
         let orders = OrderService::new(
             store.clone(),
             presence.clone(),
@@ -171,6 +261,10 @@ impl Gateway {
         );
         // Before recovery, so orders given up at restart are counted too.
         let _ = orders.stats.observer.set(metrics.orders.clone());
+        if let Some(c) = &cluster {
+            orders.set_remote(c.clone());
+            c.attach_orders(orders.clone());
+        }
         orders.recover().await.context("recovering open orders")?;
         uplinks.set_order_handler(Arc::new(OrderUplinks(orders.clone())));
         let handle = GatewayHandle {
@@ -184,6 +278,7 @@ impl Gateway {
             metrics,
             notifier,
             webhook_key,
+            cluster,
             shutdown,
         };
         Ok(Self {
@@ -235,6 +330,7 @@ impl Gateway {
                 .clone()
                 .observe(h.notifier.clone().run(h.shutdown.clone())),
         );
+        let cluster_tasks = h.cluster.as_ref().map(|c| c.spawn()).unwrap_or_default();
         let edge_task = tokio::spawn(self.edge.run());
         let edge_tls_task = self.edge_tls.map(|e| tokio::spawn(e.run()));
         let expiry = h.orders.spawn_expiry();
@@ -303,8 +399,13 @@ impl Gateway {
         {
             warn!("webhook notifier did not stop in time");
         }
-        // Every connection of this process is gone.
-        if let Err(e) = h.store.reset_presence().await {
+        for t in cluster_tasks {
+            let _ = tokio::time::timeout(SHUTDOWN_STEP, t).await;
+        }
+        if let Some(c) = &h.cluster {
+            c.leave().await;
+        } else if let Err(e) = h.store.reset_presence().await {
+            // Every connection of this process is gone.
             warn!(error = %e, "could not mark machines offline at shutdown");
         }
         h.store.close().await;
@@ -314,15 +415,13 @@ impl Gateway {
 }
 
 async fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
-    let Some(path) = settings.sqlite_path() else {
-        anyhow::bail!(
-            "unsupported database_url {:?} (sqlite://PATH)",
-            settings.database_url
-        );
-    };
-    storage::open_sqlite(&path)
+    // The SQLite path is worth naming; a PostgreSQL URL may hold a password.
+    storage::open(settings)
         .await
-        .with_context(|| format!("opening the database {}", path.display()))
+        .with_context(|| match settings.sqlite_path() {
+            Some(path) => format!("opening the database {}", path.display()),
+            None => "opening the database".to_string(),
+        })
 }
 
 /// Writes presence changes to storage so other processes (the CLI, later other

@@ -165,6 +165,7 @@ fn repeated_product_lines_complete_on_a_real_machine() {
                 lines: vec![(1, 1), (1, 2)],
                 out_trade_no: None,
                 pay_later: false,
+                forwarded: None,
             })
             .await
             .expect("order accepted");

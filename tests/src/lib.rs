@@ -1,5 +1,6 @@
 //! Test harness for end-to-end tests: a real gateway on loopback port 0 with a
-//! fresh SQLite file in a temp dir, provisioning helpers, a raw MQTT client
+//! fresh SQLite file in a temp dir (or, with `VENDGATE_TEST_DATABASE=postgres`,
+//! a fresh PostgreSQL database: [`pg`]), provisioning helpers, a raw MQTT client
 //! for protocol-level tests (over TCP or TLS), a test CA for TLS tests, and
 //! condition waits with deadlines (no sleeps).
 
@@ -19,6 +20,8 @@ use vendgate::secrets::{generate_secret, SecretHash};
 use vendgate::storage::{NewMachine, NewMerchant, NewService};
 use vendgate::{Gateway, GatewayHandle, Settings};
 use vendgate_proto::machine::MachineNo;
+
+pub mod pg;
 
 /// Generous: the suite must pass on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -47,6 +50,9 @@ impl TestGateway {
     pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Settings)) -> Self {
         init_logs();
         let mut settings = Settings::for_tests(dir.path());
+        if on_postgres() {
+            settings.database_url = pg::database_for_dir(dir.path()).await;
+        }
         tune(&mut settings);
         let gw = Gateway::build(settings).await.expect("gateway builds");
         let (mqtt_addr, http_addr, handle) = (gw.mqtt_addr(), gw.http_addr(), gw.handle());
@@ -148,6 +154,25 @@ impl TestGateway {
 impl Drop for TestGateway {
     fn drop(&mut self) {
         self.handle.shutdown.cancel();
+    }
+}
+
+/// Whether this test process runs the gateway on PostgreSQL: when
+/// `VENDGATE_TEST_DATABASE=postgres`, or for the `pg_*` test targets
+/// (tests/Cargo.toml), which run the order, money and webhook tests a
+/// second time on PostgreSQL within `cargo test --workspace`.
+pub fn on_postgres() -> bool {
+    match std::env::var("VENDGATE_TEST_DATABASE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") => false,
+        Ok("") | Err(_) => std::env::current_exe()
+            .ok()
+            .and_then(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().starts_with("pg_"))
+            })
+            .unwrap_or(false),
+        Ok(other) => panic!("VENDGATE_TEST_DATABASE={other:?}: use postgres or sqlite"),
     }
 }
 

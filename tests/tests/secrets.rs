@@ -26,7 +26,8 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// What `vendgate` CLI commands open: the gateway's database file through
 /// their own pool, and the webhook key from its data directory.
 async fn cli_side(gw: &TestGateway) -> (Arc<dyn Storage>, WebhookKey) {
-    let store = vendgate::storage::open_sqlite(&gw.dir.path().join("vendgate.db"))
+    // The CLI opens the gateway's database from the same settings.
+    let store = vendgate::storage::open(&gw.handle.settings)
         .await
         .expect("open the gateway's database");
     let key = WebhookKey::load_or_create(&gw.handle.settings.webhook_key_path())

@@ -310,10 +310,31 @@ pub(crate) async fn handshake(
         persistent,
         tx,
     ));
+    // Cluster mode: the epoch comes from the cluster before anything local
+    // changes, so a refused CONNECT leaves the old session alone.
+    let cluster_epoch = match (class, hub.epochs.get()) {
+        (ClientClass::Machine(m), Some(source)) => match source.acquire(m).await {
+            Some(e) => Some(e),
+            None => {
+                warn!(%peer, %client_id, "MQTT CONNECT refused: no cluster epoch (database unreachable)");
+                hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
+                hub.stats.connections.refused("unavailable", None);
+                conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                return None;
+            }
+        },
+        _ => None,
+    };
     let registered = hub.router.register(session.clone());
     let took_over = registered.took_over;
     let epoch = match class {
-        ClientClass::Machine(m) => Some((m, hub.presence.connected(m))),
+        ClientClass::Machine(m) => Some((
+            m,
+            match cluster_epoch {
+                Some(e) => hub.presence.connected_at(m, e),
+                None => hub.presence.connected(m),
+            },
+        )),
         ClientClass::Service => None,
     };
     hub.stats
@@ -987,6 +1008,11 @@ impl Loop {
             }
         }
         let payload: Bytes = p.payload;
+        if self.epoch.is_some() {
+            if let Some(f) = self.hub.forwarder.get() {
+                f.forward(&p.topic, &payload, p.qos, p.retain);
+            }
+        }
         self.hub.router.publish(&p.topic, payload, p.qos, p.retain);
     }
 }

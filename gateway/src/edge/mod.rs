@@ -18,7 +18,7 @@ mod stream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
@@ -34,13 +34,29 @@ use crate::config::MqttSettings;
 use crate::presence::PresenceRegistry;
 use auth::Authenticator;
 use limits::{AcceptGate, AuthThrottle, Rejection, ThrottleScope};
-use router::{MachineDelivery, Router};
+use router::{ClientClass, MachineDelivery, Router};
 
 /// Receives every uplink a machine publishes on one of its protocol topics,
 /// after the ACL. Called on the connection's task: implementations must not
 /// block (hand work to a channel or a spawned task).
 pub trait UplinkHandler: Send + Sync + 'static {
     fn on_uplink(&self, machine_no: MachineNo, epoch: u64, kind: Uplink, payload: &Bytes);
+}
+
+/// Where a machine connection's epoch comes from in cluster mode: a
+/// cluster-wide counter (PostgreSQL), so connections to different nodes are
+/// ordered. Without one the local presence registry numbers them.
+#[async_trait::async_trait]
+pub trait EpochSource: Send + Sync + 'static {
+    /// The machine's CONNECT was accepted here; None refuses it (the
+    /// database cannot be reached: the machine retries, possibly elsewhere).
+    async fn acquire(&self, machine_no: MachineNo) -> Option<u64>;
+}
+
+/// Receives every machine uplink the edge routed, to copy it to the other
+/// nodes' hubs (cluster mode). Must not block.
+pub trait UplinkForwarder: Send + Sync + 'static {
+    fn forward(&self, topic: &str, payload: &Bytes, qos: QoS, retain: bool);
 }
 
 /// Counters of the edge (exported as Prometheus metrics by the metrics module).
@@ -123,6 +139,9 @@ pub struct Hub {
     pub(crate) throttle: AuthThrottle,
     conn_ids: AtomicU64,
     pub(crate) shutdown: CancellationToken,
+    /// Cluster mode: epochs from the cluster, uplinks copied to other nodes.
+    pub(crate) epochs: OnceLock<Arc<dyn EpochSource>>,
+    pub(crate) forwarder: OnceLock<Arc<dyn UplinkForwarder>>,
 }
 
 impl Hub {
@@ -155,7 +174,37 @@ impl Hub {
             stats: EdgeStats::default(),
             conn_ids: AtomicU64::new(1),
             shutdown,
+            epochs: OnceLock::new(),
+            forwarder: OnceLock::new(),
         }
+    }
+
+    /// Cluster mode: take machine epochs from `epochs` and copy uplinks to
+    /// `forwarder` (None: keep uplinks on this node). Set before the
+    /// listeners run.
+    pub fn join_cluster(
+        &self,
+        epochs: Arc<dyn EpochSource>,
+        forwarder: Option<Arc<dyn UplinkForwarder>>,
+    ) {
+        let _ = self.epochs.set(epochs);
+        if let Some(f) = forwarder {
+            let _ = self.forwarder.set(f);
+        }
+    }
+
+    /// Close the connection(s) of machine `m` (another node took it over,
+    /// or this node was fenced). Returns how many were closed.
+    pub fn kick_machine(&self, m: &MachineNo) -> usize {
+        self.router
+            .kick_where(|c| matches!(c, ClientClass::Machine(x) if x == m))
+    }
+
+    /// Close every machine connection (this node was declared dead: the
+    /// machines reconnect and take new epochs).
+    pub fn kick_all_machines(&self) -> usize {
+        self.router
+            .kick_where(|c| matches!(c, ClientClass::Machine(_)))
     }
 
     fn next_conn_id(&self) -> u64 {

@@ -360,6 +360,19 @@ impl Router {
         reg
     }
 
+    /// Kick every live session whose class matches (as a take-over: no
+    /// will). A scan: for the rare cross-node take-over and for fencing.
+    pub fn kick_where(&self, pick: impl Fn(&ClientClass) -> bool) -> usize {
+        let mut n = 0;
+        for s in self.sessions.iter() {
+            if pick(&s.class) {
+                s.kick(KickReason::TakeOver);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Remove a session if it is still the registered one for its client id.
     /// Used by tests; connections end through [`Router::close`].
     pub fn unregister(&self, session: &Session) {

@@ -265,6 +265,7 @@ async fn place_order(
         lines: parsed.lines,
         out_trade_no: parsed.out_trade_no,
         pay_later: parsed.pay_later,
+        forwarded: None,
     };
     let m = req.machine_no;
     let pay_later = req.pay_later;
@@ -411,7 +412,7 @@ async fn refund_order(
 }
 
 fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
-    let p = s.gw.presence.get(&m.machine_no);
+    let p = s.gw.machine_presence(&m.machine_no);
     let stock: Vec<Value> = s
         .orders
         .inventory
@@ -464,7 +465,7 @@ async fn list_machines(
     };
     let filtered: Vec<_> = machines
         .iter()
-        .filter(|m| online_filter.is_none_or(|want| s.gw.presence.is_online(&m.machine_no) == want))
+        .filter(|m| online_filter.is_none_or(|want| s.gw.machine_online(&m.machine_no) == want))
         .collect();
     let total = filtered.len();
     let list: Vec<Value> = filtered
@@ -488,7 +489,7 @@ async fn list_online_machines(
     page_size: usize,
 ) -> Answer {
     let mut mine = Vec::new();
-    for m in s.gw.presence.online_machines() {
+    for m in s.gw.online_machines() {
         match s.gw.orders.owned_by(&m, merchant).await {
             Ok(true) => mine.push(m),
             Ok(false) => {}

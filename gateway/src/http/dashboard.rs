@@ -93,6 +93,7 @@ pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
         .route("/dashboard/api/summary", get(summary))
         .route("/dashboard/api/machines", get(machines))
         .route("/dashboard/api/orders/{order_id}", get(order))
+        .route("/dashboard/api/cluster", get(cluster))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_operator,
@@ -288,6 +289,41 @@ fn internal() -> Response {
 
 /// The numbers of the page's cards, tables and charts. Counters are
 /// cumulative; the page turns successive samples into rates.
+/// The cluster: each node with its machine count (heartbeats on NATS) and
+/// its database row. Single node: `{"cluster": false}`.
+async fn cluster(State(state): State<DashState>) -> Response {
+    let gw = &state.gw;
+    let Some(c) = &gw.cluster else {
+        return Json(json!({ "cluster": false })).into_response();
+    };
+    let rows = match gw.store.nodes().await {
+        Ok(r) => r,
+        Err(_) => return internal(),
+    };
+    let live = c.node_machines();
+    let nodes: Vec<Value> = rows
+        .iter()
+        .map(|n| {
+            json!({
+                "node_id": n.node_id,
+                "alive": live.contains_key(&n.node_id),
+                "machines": live.get(&n.node_id).copied().unwrap_or(0),
+                "online_machines_stored": n.online_machines,
+                "started_at": rfc3339(Some(n.started_at)),
+                "heartbeat_at": rfc3339(Some(n.heartbeat_at)),
+            })
+        })
+        .collect();
+    Json(json!({
+        "cluster": true,
+        "node": c.node(),
+        "nats": if c.nats_connected() { "connected" } else { "disconnected" },
+        "nodes": nodes,
+        "machines_online": gw.online_machines().len(),
+    }))
+    .into_response()
+}
+
 async fn summary(State(state): State<DashState>) -> Response {
     let gw = &state.gw;
     let m = &gw.metrics;
@@ -428,8 +464,8 @@ async fn machines(
         .filter(|e| q.q.is_empty() || e.machine_no.as_str().contains(q.q.as_str()))
         .filter(|e| match q.filter {
             Filter::All => true,
-            Filter::Online => gw.presence.is_online(&e.machine_no),
-            Filter::Offline => !gw.presence.is_online(&e.machine_no),
+            Filter::Online => gw.machine_online(&e.machine_no),
+            Filter::Offline => !gw.machine_online(&e.machine_no),
             Filter::Flapping => gw
                 .presence
                 .get(&e.machine_no)
@@ -442,7 +478,7 @@ async fn machines(
         .skip((q.page - 1).saturating_mul(q.page_size))
         .take(q.page_size)
         .map(|e| {
-            let p = gw.presence.get(&e.machine_no);
+            let p = gw.machine_presence(&e.machine_no);
             json!({
                 "machine_no": e.machine_no.as_str(),
                 "online": p.as_ref().is_some_and(|p| p.online),

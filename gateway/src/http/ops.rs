@@ -71,12 +71,19 @@ pub async fn readiness(gw: &GatewayHandle) -> (bool, serde_json::Value) {
         NotifierState::Running => "running",
         NotifierState::Stopped => "stopped",
     };
-    let ready = storage == "ok" && accepting && notifier != "stopped";
+    // Cluster mode: without NATS this node cannot reach machines held
+    // elsewhere nor be reached for its own.
+    let nats = gw.cluster.as_ref().map(|c| c.nats_connected());
+    let ready = storage == "ok" && accepting && notifier != "stopped" && nats != Some(false);
+    let mut checks = json!({ "storage": storage, "mqtt": mqtt, "notifier": notifier });
+    if let Some(up) = nats {
+        checks["nats"] = json!(if up { "ok" } else { "disconnected" });
+    }
     (
         ready,
         json!({
             "status": if ready { "ready" } else { "not_ready" },
-            "checks": { "storage": storage, "mqtt": mqtt, "notifier": notifier },
+            "checks": checks,
         }),
     )
 }

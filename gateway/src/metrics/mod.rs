@@ -251,10 +251,20 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let recorder = match PrometheusBuilder::new().set_buckets(&BUCKETS) {
+        Self::for_node(None)
+    }
+
+    /// Cluster mode: every series carries `node="{node}"`, so a Prometheus
+    /// scraping all nodes can sum or split them.
+    pub fn for_node(node: Option<&str>) -> Self {
+        let builder = || match node {
+            Some(n) => PrometheusBuilder::new().add_global_label("node", n),
+            None => PrometheusBuilder::new(),
+        };
+        let recorder = match builder().set_buckets(&BUCKETS) {
             Ok(b) => b.build_recorder(),
             // Only fails on an empty bucket list; summaries are still valid.
-            Err(_) => PrometheusBuilder::new().build_recorder(),
+            Err(_) => builder().build_recorder(),
         };
         let handle = recorder.handle();
         let r = Registrar(&recorder);
@@ -558,6 +568,11 @@ impl Metrics {
             }
             c.queued_orders += gw.orders.queued(&p.machine_no) as u64;
         }
+        // Cluster mode: machines online on the other nodes count too (this
+        // node's own are in its registry).
+        if let Some(cl) = &gw.cluster {
+            c.online += cl.view.remote_online(cl.node()).len() as u64;
+        }
         c
     }
 
@@ -659,7 +674,48 @@ impl Metrics {
 
         let mut out = self.handle.render();
         process::ProcessStats::read().render(&mut out);
+        if let Some(c) = &gw.cluster {
+            render_cluster(&mut out, c);
+        }
         out
+    }
+}
+
+/// Cluster series, written directly: the member label's values are the
+/// nodes alive now, not a set fixed at start.
+fn render_cluster(out: &mut String, c: &crate::cluster::Cluster) {
+    use std::fmt::Write;
+    let node = c.node();
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let st = &c.stats;
+    let counters: [(&str, &str, u64); 10] = [
+        ("vendgate_cluster_forwarded_total", "Orders, payments, commands and pings sent to the node holding the machine.", l(&st.forwarded)),
+        ("vendgate_cluster_forward_lost_total", "Forwarded orders whose owner never answered (settled from the database like a missing ack).", l(&st.forward_lost)),
+        ("vendgate_cluster_no_responder_retries_total", "Owner requests retried because nobody answered yet (a machine just moved).", l(&st.no_responder_retries)),
+        ("vendgate_cluster_requests_served_total", "Requests from other nodes answered for machines held here.", l(&st.served)),
+        ("vendgate_cluster_takeovers_closed_total", "Connections closed here because another node took the machine over.", l(&st.takeovers_closed)),
+        ("vendgate_cluster_fenced_total", "Times this node found itself declared dead and closed its machine connections.", l(&st.fenced)),
+        ("vendgate_cluster_machines_reaped_total", "Machines of dead nodes this node wrote offline.", l(&st.machines_reaped)),
+        ("vendgate_cluster_uplinks_out_total", "Machine uplinks copied to the other nodes.", l(&st.uplinks_out)),
+        ("vendgate_cluster_uplinks_in_total", "Machine uplinks copied here from other nodes.", l(&st.uplinks_in)),
+        ("vendgate_cluster_uplinks_dropped_total", "Uplink copies dropped because NATS could not keep up.", l(&st.uplinks_dropped)),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node}\"}} {v}"
+        );
+    }
+    let members = c.node_machines();
+    let _ = writeln!(out, "# HELP vendgate_cluster_nodes Nodes heard from within node_dead_after.\n# TYPE vendgate_cluster_nodes gauge\nvendgate_cluster_nodes{{node=\"{node}\"}} {}", members.len());
+    let _ = writeln!(out, "# HELP vendgate_cluster_member_machines Machines connected to each live node, as its heartbeat says.\n# TYPE vendgate_cluster_member_machines gauge");
+    let mut members: Vec<_> = members.into_iter().collect();
+    members.sort();
+    for (member, machines) in members {
+        let _ = writeln!(
+            out,
+            "vendgate_cluster_member_machines{{node=\"{node}\",member=\"{member}\"}} {machines}"
+        );
     }
 }
 

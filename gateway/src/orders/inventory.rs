@@ -94,6 +94,16 @@ impl Inventory {
         }
     }
 
+    /// Replace the machine's reservations with those of `lines` (a node
+    /// adopting a machine rebuilds them from its open orders).
+    pub fn set_reserved(&self, m: MachineNo, lines: &[Line]) {
+        let mut e = self.machines.entry(m).or_default();
+        e.reserved.clear();
+        for l in lines {
+            *e.reserved.entry(l.product_id).or_default() += l.quantity;
+        }
+    }
+
     /// Give an order's reservation back. Reported stock is not touched: the
     /// machine publishes a fresh snapshot after every dispense (PROTOCOL.md
     /// rule 5), usually before its result has been applied here, so

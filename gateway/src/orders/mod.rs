@@ -38,14 +38,14 @@ use crate::config::OrderSettings;
 use crate::edge::UplinkHandler;
 use crate::presence::PresenceRegistry;
 use crate::storage::{
-    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, Storage, StorageError, StoredOrder,
+    Due, NewOrder, NewOutboxEvent, OrderChange, OrderEvent, Storage, StorageError, StoredOrder,
 };
 use ids::OrderIds;
 use inventory::{Inventory, Shortfall};
 use state::{apply, check_result, Event, Line, Order, Status, Transition, TransitionError};
 
 /// Why an order was not accepted; each maps to one API code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum OrderError {
     #[error("machine not found")]
     MachineNotFound,
@@ -106,6 +106,35 @@ pub struct PlaceRequest {
     pub lines: Vec<(i64, u32)>,
     pub out_trade_no: Option<String>,
     pub pay_later: bool,
+    /// Set when another node forwarded the request to this one, the owner
+    /// of the machine's connection (cluster mode).
+    pub forwarded: Option<Forwarded>,
+}
+
+/// What the node that took a request tells the owner it forwards it to.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarded {
+    /// The id the requester chose, so that if the owner's answer is lost
+    /// the requester can find the order and settle it.
+    pub order_id: u64,
+    /// The requester stops waiting soon after this: a job still queued
+    /// then is answered 30002 without being dispatched.
+    pub dispatch_by: tokio::time::Instant,
+}
+
+/// Cluster mode: how the order service reaches machines connected to other
+/// nodes (implemented over NATS by `crate::cluster`).
+#[async_trait::async_trait]
+pub trait RemoteMachines: Send + Sync + 'static {
+    /// Whether machine `m` is online on another node.
+    fn is_remote(&self, m: &MachineNo) -> bool;
+    /// Have the owning node place the order (it runs the local path).
+    async fn place(&self, req: &PlaceRequest, order_id: u64) -> Result<u64, OrderError>;
+    /// Have the owning node dispatch a paid `pay_later` order.
+    async fn pay(&self, m: &MachineNo, merchant: &str, order_id: u64) -> Result<u64, OrderError>;
+    /// A sweep on this node released an order's reservation: the owner of
+    /// the machine, which holds its stock figures, must release it too.
+    fn released(&self, m: &MachineNo, lines: &[Line]);
 }
 
 /// Counters (exported by the metrics module).
@@ -124,6 +153,14 @@ pub struct OrderStats {
     /// Where committed status changes are reported for metrics and the
     /// dashboard (set once at start-up).
     pub observer: std::sync::OnceLock<Arc<crate::metrics::OrderObserver>>,
+}
+
+/// Why a job did not get its order accepted, and whether its reservation
+/// goes back (a paid order that stays unpaid keeps it).
+struct Failed {
+    order_id: u64,
+    error: OrderError,
+    release: bool,
 }
 
 struct Job {
@@ -157,9 +194,8 @@ pub struct OrderService {
     /// CLI adds later is found. A future transfer command must clear its
     /// entry.
     owners: DashMap<MachineNo, String>,
-    /// Cancels to deliver when a machine (re)connects: orders given up on
-    /// while the machine could not be reached.
-    pending_cancels: DashMap<MachineNo, Vec<u64>>,
+    /// Cluster mode: machines connected to other nodes.
+    remote: std::sync::OnceLock<Arc<dyn RemoteMachines>>,
     pub stats: OrderStats,
     /// Woken after a change wrote a webhook event, so delivery starts at once.
     notifier: Arc<crate::notifier::Notifier>,
@@ -199,7 +235,7 @@ impl OrderService {
             ids: OrderIds::default(),
             idempotency_locks: DashMap::new(),
             owners: DashMap::new(),
-            pending_cancels: DashMap::new(),
+            remote: std::sync::OnceLock::new(),
             stats: OrderStats::default(),
             notifier,
             shutdown,
@@ -229,6 +265,12 @@ impl OrderService {
     /// give up on orders that were dispatching when the process stopped
     /// (their merchant never got an answer), and re-arm dispense deadlines.
     pub async fn recover(&self) -> Result<(), StorageError> {
+        if self.remote.get().is_some() {
+            // Cluster mode: other nodes are running. Stock is rebuilt per
+            // machine as it connects here ([`Self::adopt`]); orders a dead
+            // node left behind are settled by the sweeps.
+            return Ok(());
+        }
         for (m, items) in self.store.inventories().await? {
             self.inventory.set_snapshot(m, &items);
         }
@@ -244,18 +286,12 @@ impl OrderService {
             match o.status {
                 Status::AwaitingPayment => self.inventory.restore(o.machine_no, &o.lines),
                 Status::Dispatching => {
-                    let applied = self
+                    // The command may have left: the change records a cancel
+                    // owed, delivered when the machine is back (its TTL is
+                    // the last guard).
+                    let _ = self
                         .transition(&o, &Event::NotAccepted("gateway_restart".into()), json!({}))
                         .await;
-                    if matches!(applied, Ok(Some(_))) {
-                        // The command may have left: make sure it is never
-                        // executed. Nobody is connected yet, so the cancel goes
-                        // out when the machine is back (its TTL is the last guard).
-                        self.pending_cancels
-                            .entry(o.machine_no)
-                            .or_default()
-                            .push(o.order_id);
-                    }
                 }
                 Status::Dispensing => {
                     self.inventory.restore(o.machine_no, &o.lines);
@@ -323,15 +359,37 @@ impl OrderService {
             tokio::time::sleep(Duration::from_millis(20)).await;
             existing = self.load(existing.order_id).await?;
         }
-        match existing.status {
-            Status::Rejected => match existing.error.as_deref() {
-                Some(e) if is_delivery_failure(e) => Err(OrderError::Offline),
-                Some(reason) => Err(OrderError::Refused(reason.to_string())),
-                None => Err(OrderError::Offline),
-            },
-            Status::Dispatching => Err(OrderError::Offline),
-            _ => Ok(existing.order_id),
+        outcome(&existing)
+    }
+
+    /// Cluster mode: the owning node's answer about `o` never came (it died
+    /// with the request, or the answer was lost). Treated exactly like a
+    /// missing ack: a `dispatching` order is given up with a cancel owed
+    /// (sent now if the machine is reachable, else when it reconnects); an
+    /// order the owner did settle is answered from what it recorded. The
+    /// dispense is never sent again.
+    pub(crate) async fn give_up_lost(&self, mut o: StoredOrder) -> Result<u64, OrderError> {
+        for _ in 0..4 {
+            if o.status != Status::Dispatching {
+                return outcome(&o);
+            }
+            match self
+                .transition(&o, &Event::NotAccepted("owner_lost".into()), json!({}))
+                .await
+            {
+                Ok(Some(_)) => {
+                    self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
+                    self.release(o.machine_no, &o.lines);
+                    if self.send_cancel(o.machine_no, o.order_id).await.is_ok() {
+                        let _ = self.store.cancel_delivered(o.order_id).await;
+                    }
+                    return Err(OrderError::NotAccepted);
+                }
+                // Changed under us (the owner recorded the ack after all).
+                Ok(None) | Err(_) => o = self.load(o.order_id).await?,
+            }
         }
+        Err(OrderError::NotAccepted)
     }
 
     async fn place_new(&self, req: &PlaceRequest) -> Result<u64, OrderError> {
@@ -341,6 +399,13 @@ impl OrderService {
             return Err(OrderError::MachineNotFound);
         }
         if !self.presence.is_online(&req.machine_no) {
+            if req.forwarded.is_none() {
+                if let Some(remote) = self.remote.get() {
+                    if remote.is_remote(&req.machine_no) {
+                        return remote.place(&req, self.ids.next()).await;
+                    }
+                }
+            }
             return Err(OrderError::Offline);
         }
         if req.pay_later {
@@ -366,9 +431,12 @@ impl OrderService {
                     }
                 }
             })?;
+        let order_id = match req.forwarded {
+            Some(f) => f.order_id,
+            None => self.ids.next(),
+        };
         if req.pay_later {
             // Reserve and answer at once; no command until payment.
-            let order_id = self.ids.next();
             let deadline = chrono::Duration::from_std(self.settings.unpaid_timeout)
                 .ok()
                 .map(|d| Utc::now() + d);
@@ -385,7 +453,7 @@ impl OrderService {
         }
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            order_id: self.ids.next(),
+            order_id,
             req,
             lines,
             paid: None,
@@ -403,6 +471,12 @@ impl OrderService {
         }
         // The worker always answers; a dropped sender means shutdown.
         answer.await.unwrap_or(Err(OrderError::Internal))
+    }
+
+    /// Cluster mode: reach machines on other nodes through `remote`. Set
+    /// before [`Self::recover`].
+    pub fn set_remote(&self, remote: Arc<dyn RemoteMachines>) {
+        let _ = self.remote.set(remote);
     }
 
     /// Whether `merchant` owns machine `m` (cached: see `owners`).
@@ -479,9 +553,15 @@ impl OrderService {
                 }
                 order_id
             }
-            Err((order_id, e)) => {
-                self.inventory.release(m, &lines);
-                let _ = reply.send(Err(e));
+            Err(Failed {
+                order_id,
+                error,
+                release,
+            }) => {
+                if release {
+                    self.inventory.release(m, &lines);
+                }
+                let _ = reply.send(Err(error));
                 order_id
             }
         };
@@ -495,18 +575,52 @@ impl OrderService {
         req: &PlaceRequest,
         lines: &[Line],
         paid: Option<StoredOrder>,
-    ) -> Result<Accepted, (u64, OrderError)> {
+    ) -> Result<Accepted, Failed> {
         let m = req.machine_no;
-        if !self.presence.is_online(&m) {
-            return Err((order_id, OrderError::Offline));
+        // A paid order keeps its reservation (it stays unpaid) unless this
+        // job moves it on; a new order's reservation is this job's.
+        let fail = |error, release| Failed {
+            order_id,
+            error,
+            release,
+        };
+        // Gone meanwhile; or a forwarded job that waited in the queue past
+        // the requester's patience: the requester has answered 30002 (or is
+        // about to), so the order must not start now.
+        let late = req
+            .forwarded
+            .is_some_and(|f| tokio::time::Instant::now() >= f.dispatch_by);
+        if late || !self.presence.is_online(&m) {
+            return Err(fail(OrderError::Offline, paid.is_none()));
         }
         let stored = match paid {
-            // A paid pay_later order: already stored, now `dispatching`.
-            Some(o) => o,
+            // A pay_later order is paid only now, right before its command
+            // leaves, so it is never `dispatching` while queued: a
+            // `dispatching` order older than the accept timeout is one its
+            // node lost. Exactly one of this payment and the expiry wins.
+            Some(mut o) => match self.transition(&o, &Event::Paid, json!({})).await {
+                Ok(Some(next)) if next.status == Status::Dispatching => {
+                    o.status = next.status;
+                    o.updated_at = Utc::now();
+                    o
+                }
+                Ok(_) | Err(_) => return Err(fail(OrderError::StateConflict, false)),
+            },
             // Durable before anything leaves.
-            None => self.persist_new(order_id, req, lines, false, None).await?,
+            None => self
+                .persist_new(order_id, req, lines, false, None)
+                .await
+                .map_err(|(id, e)| Failed {
+                    order_id: id,
+                    error: e,
+                    release: true,
+                })?,
         };
-        self.send_and_wait(stored).await
+        self.send_and_wait(stored).await.map_err(|(id, e)| Failed {
+            order_id: id,
+            error: e,
+            release: true,
+        })
     }
 
     /// Insert a new order (retrying on an id collision).
@@ -901,6 +1015,17 @@ impl OrderService {
     /// under the same online and accept rules as placing. Exactly one of a
     /// payment and the expiry wins (compare-and-set on the status).
     pub async fn pay(&self, merchant: &str, order_id: u64) -> Result<u64, OrderError> {
+        self.pay_with(merchant, order_id, None).await
+    }
+
+    /// [`Self::pay`]; `forwarded`: another node sent it here, the owner,
+    /// and stops waiting soon after this instant.
+    pub async fn pay_with(
+        &self,
+        merchant: &str,
+        order_id: u64,
+        forwarded: Option<tokio::time::Instant>,
+    ) -> Result<u64, OrderError> {
         let Some(o) = self.store.order(order_id).await? else {
             return Err(OrderError::OrderNotFound);
         };
@@ -912,44 +1037,36 @@ impl OrderService {
         }
         // Offline: stay unpaid (the merchant may retry until the deadline).
         if !self.presence.is_online(&o.machine_no) {
+            if forwarded.is_none() {
+                if let Some(remote) = self.remote.get() {
+                    if remote.is_remote(&o.machine_no) {
+                        return remote.pay(&o.machine_no, merchant, order_id).await;
+                    }
+                }
+            }
             return Err(OrderError::Offline);
-        }
-        if self
-            .transition(&o, &Event::Paid, json!({}))
-            .await?
-            .is_none()
-        {
-            return Err(OrderError::StateConflict);
-        }
-        let paid = self.load(order_id).await?;
-        if paid.status != Status::Dispatching {
-            return Err(OrderError::StateConflict);
         }
         let (reply, answer) = oneshot::channel();
         let req = PlaceRequest {
             merchant: merchant.to_string(),
-            machine_no: paid.machine_no,
-            lines: paid
-                .lines
-                .iter()
-                .map(|l| (l.product_id, l.quantity))
-                .collect(),
-            out_trade_no: paid.out_trade_no.clone(),
+            machine_no: o.machine_no,
+            lines: o.lines.iter().map(|l| (l.product_id, l.quantity)).collect(),
+            out_trade_no: o.out_trade_no.clone(),
             pay_later: true,
+            forwarded: forwarded.map(|dispatch_by| Forwarded {
+                order_id,
+                dispatch_by,
+            }),
         };
         let job = Job {
             order_id,
             req,
-            lines: paid.lines.clone(),
-            paid: Some(paid.clone()),
+            lines: o.lines.clone(),
+            paid: Some(o.clone()),
             reply,
         };
-        if let Err(e) = self.queue(paid.machine_no).try_send(job) {
-            drop(e);
-            let _ = self
-                .transition(&paid, &Event::NotAccepted("queue_full".into()), json!({}))
-                .await;
-            self.inventory.release(paid.machine_no, &paid.lines);
+        if self.queue(o.machine_no).try_send(job).is_err() {
+            // Still unpaid, its stock still held: the merchant may retry.
             self.stats.busy.fetch_add(1, Ordering::Relaxed);
             return Err(OrderError::Busy);
         }
@@ -976,31 +1093,89 @@ impl OrderService {
         self.load(order_id).await
     }
 
-    /// Expire unpaid orders whose deadline has passed (also those that passed
-    /// while the gateway was down), releasing their reservations.
-    pub async fn expire_due(&self) -> Result<usize, OrderError> {
+    /// One sweep over due orders, claimed with a lease so that sweeps on
+    /// several nodes share the work (the status compare-and-set is the final
+    /// guard): unpaid orders past their deadline expire and release their
+    /// stock; dispensing orders past their deadline become `unknown`;
+    /// dispatching orders nobody settled (their node died between sending
+    /// the command and recording the answer) are given up with a cancel
+    /// owed. Returns how many orders changed.
+    pub async fn sweep_due(&self) -> Result<usize, OrderError> {
+        const BATCH: usize = 256;
         let now = Utc::now();
-        let due: Vec<StoredOrder> = self
-            .store
-            .orders_in_status(&[Status::AwaitingPayment])
-            .await?
-            .into_iter()
-            .filter(|o| o.pay_deadline.is_some_and(|d| d <= now))
-            .collect();
-        let mut expired = 0;
-        for o in due {
-            // A payment racing this loses or wins on the status CAS.
-            if let Ok(Some(_)) = self.transition(&o, &Event::PaymentExpired, json!({})).await {
-                self.inventory.release(o.machine_no, &o.lines);
-                info!(machine_no = %o.machine_no, order_id = o.order_id, "unpaid order expired; stock released");
-                expired += 1;
+        let lease_until = now + chrono::Duration::seconds(30);
+        let slack = self.settings.accept_timeout + STALE_DISPATCH_SLACK;
+        let stale_before = now - chrono::Duration::from_std(slack).unwrap_or(chrono::Duration::MAX);
+        let mut changed = 0;
+        for due in [
+            Due::Unpaid,
+            Due::DispenseDeadline,
+            Due::StaleDispatch {
+                updated_before: stale_before,
+            },
+        ] {
+            let claimed = self
+                .store
+                .claim_due_orders(due, now, lease_until, BATCH)
+                .await?;
+            for o in claimed {
+                let ev = match due {
+                    Due::Unpaid => Event::PaymentExpired,
+                    Due::DispenseDeadline => Event::DispenseDeadline,
+                    Due::StaleDispatch { .. } => Event::NotAccepted("dispatch_lost".into()),
+                };
+                // A payment or a result racing this loses or wins on the CAS.
+                if let Ok(Some(_)) = self.transition(&o, &ev, json!({ "by": "sweep" })).await {
+                    changed += 1;
+                    match due {
+                        Due::Unpaid => {
+                            info!(machine_no = %o.machine_no, order_id = o.order_id, "unpaid order expired; stock released")
+                        }
+                        Due::DispenseDeadline => {
+                            self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                            warn!(machine_no = %o.machine_no, order_id = o.order_id, "no result before the dispense deadline: unknown");
+                        }
+                        Due::StaleDispatch { .. } => {
+                            warn!(machine_no = %o.machine_no, order_id = o.order_id, "dispatching order left by a stopped node given up; cancel owed")
+                        }
+                    }
+                    self.release(o.machine_no, &o.lines);
+                }
             }
         }
-        Ok(expired)
+        Ok(changed)
     }
 
-    /// Deliver pending cancels to machines as they come online. A machine
-    /// subscribes right after CONNACK, so delivery is retried briefly.
+    /// Give an order's reservation back, here and (cluster mode) on the
+    /// node that holds the machine.
+    fn release(&self, m: MachineNo, lines: &[Line]) {
+        self.inventory.release(m, lines);
+        if !self.presence.is_online(&m) {
+            if let Some(r) = self.remote.get() {
+                r.released(&m, lines);
+            }
+        }
+    }
+
+    /// Cluster mode: machine `m` just connected to this node. Its stock
+    /// figures come with its inventory snapshot; the quantities held by its
+    /// open orders are rebuilt from storage (the node that held it before
+    /// had them in memory).
+    pub async fn adopt(&self, m: MachineNo) {
+        match self.store.open_orders(&m).await {
+            Ok(open) => {
+                let lines: Vec<Line> = open.into_iter().flat_map(|o| o.lines).collect();
+                self.inventory.set_reserved(m, &lines);
+            }
+            Err(e) => {
+                warn!(machine_no = %m, error = %e, "could not rebuild the machine's reservations")
+            }
+        }
+    }
+
+    /// Deliver the cancels owed to machines as they come online (on this
+    /// node). A machine subscribes right after CONNACK, so delivery is
+    /// retried briefly.
     pub fn spawn_cancel_delivery(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         let mut rx = self.presence.subscribe();
@@ -1010,69 +1185,68 @@ impl OrderService {
                     _ = me.shutdown.cancelled() => return,
                     ev = rx.recv() => ev,
                 };
-                let m = match ev {
-                    Ok(ev) if ev.online => ev.machine_no,
+                match ev {
+                    Ok(ev) if ev.online => me.clone().deliver_cancels(ev.machine_no, ev.epoch),
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Missed events: try every machine with cancels waiting.
-                        let waiting: Vec<MachineNo> =
-                            me.pending_cancels.iter().map(|e| *e.key()).collect();
-                        for m in waiting {
-                            me.clone().deliver_cancels(m);
+                        // Missed events: try every machine online here.
+                        for p in me.presence.snapshot() {
+                            if p.online {
+                                me.clone().deliver_cancels(p.machine_no, p.epoch);
+                            }
                         }
-                        continue;
                     }
                     Err(_) => return,
-                };
-                if me.pending_cancels.contains_key(&m) {
-                    me.clone().deliver_cancels(m);
                 }
             }
         })
     }
 
-    fn deliver_cancels(self: Arc<Self>, m: MachineNo) {
+    fn deliver_cancels(self: Arc<Self>, m: MachineNo, epoch: u64) {
         tokio::spawn(async move {
-            let Some((_, ids)) = self.pending_cancels.remove(&m) else {
-                return;
+            let ids = match self.store.pending_cancels(&m).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    warn!(machine_no = %m, error = %e, "could not read the cancels owed");
+                    return;
+                }
             };
             for id in ids {
-                let mut delivered = false;
                 let payload = Bytes::from(msg::encode(&CancelCmd { order_id: id }));
                 for _ in 0..50 {
+                    // This connection only: a later one delivers them itself.
+                    if self.presence.online_epoch(&m) != Some(epoch) {
+                        return;
+                    }
                     if self
                         .commands
                         .send(&m, Command::Cancel, payload.clone())
                         .await
                         .is_ok()
                     {
-                        delivered = true;
                         let ev = event(
                             "cancel_sent",
                             json!({ "delivered": true, "after": "reconnect" }),
                         );
                         let _ = self.store.append_order_event(id, &ev).await;
+                        let _ = self.store.cancel_delivered(id).await;
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                if !delivered {
-                    // Gone again: keep it for the next connection.
-                    self.pending_cancels.entry(m).or_default().push(id);
                 }
             }
         });
     }
 
-    /// Runs [`Self::expire_due`] until shutdown.
+    /// Runs [`Self::sweep_due`] until shutdown.
     pub fn spawn_expiry(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         let period = (self.settings.unpaid_timeout / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(1));
         tokio::spawn(async move {
             loop {
-                if let Err(e) = me.expire_due().await {
-                    warn!(error = %e, "expiry sweep failed");
+                if let Err(e) = me.sweep_due().await {
+                    warn!(error = %e, "order sweep failed");
                 }
                 tokio::select! {
                     _ = me.shutdown.cancelled() => return,
@@ -1239,6 +1413,11 @@ impl OrderService {
 /// Why a rejected order was rejected, for answering repeats: the gateway's
 /// own reasons are delivery failures (30002); anything else is the machine's
 /// refusal reason (30005).
+/// A `dispatching` order older than the accept timeout plus this was left
+/// by a node that stopped: a live node settles it within the accept timeout
+/// (forwarded requests wait `owner_answer_slack` longer, well below this).
+const STALE_DISPATCH_SLACK: Duration = Duration::from_secs(15);
+
 /// Whether giving up with `ev` leaves a dispense command that may have
 /// reached the machine: a cancel is then owed until one is handed over.
 /// A command that was never handed to a connection owes none.
@@ -1246,8 +1425,25 @@ fn owes_cancel(ev: &Event) -> bool {
     matches!(ev, Event::NotAccepted(r) if !r.starts_with("not_delivered") && r != "queue_full")
 }
 
+/// The merchant's answer for an order placed earlier (a repeat, or one
+/// whose owner's answer was lost).
+fn outcome(o: &StoredOrder) -> Result<u64, OrderError> {
+    match o.status {
+        Status::Rejected => match o.error.as_deref() {
+            Some(e) if is_delivery_failure(e) => Err(OrderError::Offline),
+            Some(reason) => Err(OrderError::Refused(reason.to_string())),
+            None => Err(OrderError::Offline),
+        },
+        Status::Dispatching => Err(OrderError::Offline),
+        _ => Ok(o.order_id),
+    }
+}
+
 fn is_delivery_failure(error: &str) -> bool {
-    error == "accept_timeout" || error == "gateway_restart" || error.starts_with("not_delivered")
+    matches!(
+        error,
+        "accept_timeout" | "gateway_restart" | "dispatch_lost" | "owner_lost"
+    ) || error.starts_with("not_delivered")
 }
 
 /// Identifies a request body for idempotency: the same out_trade_no with a

@@ -52,10 +52,12 @@ pub struct NodeRow {
 #[async_trait::async_trait]
 pub trait ClusterStorage: Send + Sync + 'static {
     /// A machine's CONNECT was accepted on `node`: in one statement, the
-    /// stored epoch becomes `epoch + 1`, `online` true, the owner `node`,
-    /// `online_since` and `last_seen` `at`. Returns the new epoch; Ok(None)
-    /// for an unknown machine. Two nodes taking the same machine at once get
-    /// two different epochs; the larger one is the owner.
+    /// stored epoch becomes `epoch + 1`, the owner `node`, `last_seen` `at`.
+    /// Returns the new epoch; Ok(None) for an unknown machine. Two nodes
+    /// taking the same machine at once get two different epochs; the larger
+    /// one is the owner. The online flag is left to the presence write that
+    /// follows at this epoch (which also emits `machine.online` when it
+    /// flips the flag).
     async fn take_ownership(
         &self,
         m: &MachineNo,
@@ -103,8 +105,7 @@ pub trait ClusterStorage: Send + Sync + 'static {
     /// caller writes them offline at that epoch with
     /// [`super::OutboxStorage::record_presence_batch_with_events`], so a
     /// machine that reconnected meanwhile (newer epoch) is left alone.
-    async fn orphaned_machines(&self, limit: usize)
-        -> Result<Vec<(MachineNo, u64)>, StorageError>;
+    async fn orphaned_machines(&self, limit: usize) -> Result<Vec<(MachineNo, u64)>, StorageError>;
 
     /// Every node row, with its online machine count, by node id.
     async fn nodes(&self) -> Result<Vec<NodeRow>, StorageError>;

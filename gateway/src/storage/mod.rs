@@ -16,8 +16,10 @@
 //! merchant's AppSecret, also kept encrypted under a key that lives outside
 //! the database (`secrets::WebhookKey`), because webhooks are signed with it.
 //!
-//! The trait speaks plain Rust types only: SQLite is the one backend today
-//! ([`sqlite`]); a PostgreSQL backend is meant to implement the same trait.
+//! The trait speaks plain Rust types only. Two backends implement it:
+//! SQLite ([`sqlite`], one file, single node) and PostgreSQL ([`postgres`],
+//! shared by the nodes of a cluster); [`open`] picks one by
+//! `database_url`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,7 +32,12 @@ use crate::secrets::{PreviousSecret, SecretHash};
 pub mod cluster;
 pub mod orders;
 pub mod outbox;
+pub mod postgres;
+mod postgres_cluster;
+mod postgres_orders;
+mod postgres_outbox;
 pub mod sqlite;
+mod sqlite_cluster;
 mod sqlite_orders;
 mod sqlite_outbox;
 mod sqlite_writer;
@@ -42,6 +49,7 @@ pub use outbox::{
     OutboxStatus, OutboxStorage, PresenceChange, ReplayOutcome, WebhookAttempt,
 };
 
+pub use postgres::PgStorage;
 pub use sqlite::SqliteStorage;
 
 /// A merchant to create.
@@ -207,4 +215,29 @@ pub trait Storage: OrderStorage + OutboxStorage + ClusterStorage + Send + Sync +
 /// schema up to date.
 pub async fn open_sqlite(path: &Path) -> Result<Arc<dyn Storage>, StorageError> {
     Ok(Arc::new(SqliteStorage::open(path).await?))
+}
+
+/// Open the database `settings.database_url` names and bring its schema up
+/// to date: empty or `sqlite://PATH` is SQLite (at
+/// [`crate::config::Settings::sqlite_path`]), `postgres://` or
+/// `postgresql://` is PostgreSQL with the `[database]` pool settings.
+pub async fn open(settings: &crate::config::Settings) -> Result<Arc<dyn Storage>, StorageError> {
+    let url = settings.database_url.as_str();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PgStorage::open(url, &settings.database).await?));
+    }
+    match settings.sqlite_path() {
+        Some(path) => open_sqlite(&path).await,
+        None => {
+            // Only the scheme: the rest of a URL may hold a password.
+            let scheme = url.split_once("://").map_or("(none)", |(s, _)| s);
+            Err(StorageError::Backend(
+                format!(
+                    "unsupported database_url scheme {scheme:?}: use sqlite://PATH, \
+                     postgres:// or postgresql://"
+                )
+                .into(),
+            ))
+        }
+    }
 }

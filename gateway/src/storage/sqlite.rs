@@ -518,8 +518,9 @@ const BULK_ROWS: usize = 500;
 const INSERT_MACHINE: &str = "INSERT INTO machines \
      (machine_no, merchant_appid, secret_hash, created_at_ms) VALUES (?, ?, ?, ?)";
 
+/// A `merchants` row; decodes from either backend (no flag columns).
 #[derive(sqlx::FromRow)]
-struct MerchantRow {
+pub(super) struct MerchantRow {
     appid: String,
     name: String,
     notify_url: Option<String>,
@@ -531,7 +532,7 @@ struct MerchantRow {
 }
 
 impl MerchantRow {
-    fn into_merchant(self) -> Result<Merchant, StorageError> {
+    pub(super) fn into_merchant(self) -> Result<Merchant, StorageError> {
         let previous_appsecret = previous(
             self.prev_appsecret_hash.as_deref(),
             self.prev_appsecret_expires_ms,
@@ -554,8 +555,10 @@ impl MerchantRow {
     }
 }
 
+/// A `machines` row; `online` is 0/1 (PostgreSQL selects its BOOLEAN as
+/// an integer to share this type).
 #[derive(sqlx::FromRow)]
-struct MachineRow {
+pub(super) struct MachineRow {
     machine_no: String,
     merchant_appid: String,
     secret_hash: String,
@@ -568,7 +571,7 @@ struct MachineRow {
 }
 
 impl MachineRow {
-    fn into_machine(self) -> Result<Machine, StorageError> {
+    pub(super) fn into_machine(self) -> Result<Machine, StorageError> {
         let machine_no = self.machine_no.parse::<MachineNo>().map_err(|_| {
             StorageError::Corrupt(format!(
                 "machines.machine_no {:?} is not a machine number",
@@ -603,8 +606,9 @@ impl MachineRow {
     }
 }
 
+/// A `services` row; decodes from either backend.
 #[derive(sqlx::FromRow)]
-struct ServiceRow {
+pub(super) struct ServiceRow {
     username: String,
     name: String,
     password_hash: String,
@@ -612,7 +616,7 @@ struct ServiceRow {
 }
 
 impl ServiceRow {
-    fn into_service(self) -> Result<ServiceAccount, StorageError> {
+    pub(super) fn into_service(self) -> Result<ServiceAccount, StorageError> {
         Ok(ServiceAccount {
             password_hash: parse_hash(
                 &self.password_hash,
@@ -626,7 +630,7 @@ impl ServiceRow {
     }
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
@@ -688,7 +692,8 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
-    use crate::storage::open_sqlite;
+    use crate::orders::state::{Line, Status};
+    use crate::storage::{open_sqlite, Due, NewOrder, NodeRow, OrderChange, OrderEvent, Ownership};
 
     async fn open() -> (TempDir, Arc<dyn Storage>) {
         let dir = tempfile::tempdir().unwrap();
@@ -1192,5 +1197,491 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
+    }
+
+    // ClusterStorage.
+
+    fn ev(kind: &str, at: i64) -> OrderEvent {
+        OrderEvent {
+            at: t(at),
+            kind: kind.into(),
+            detail: serde_json::json!({}),
+        }
+    }
+
+    /// An order of machine `m` (of merchant vga) in `status`, created at
+    /// `created`, due for payment at `pay_deadline`.
+    async fn order(store: &dyn Storage, id: u64, m: &str, status: Status, pay_deadline: i64) {
+        store
+            .insert_order(
+                &NewOrder {
+                    order_id: id,
+                    merchant_appid: "vga".into(),
+                    machine_no: no(m),
+                    out_trade_no: None,
+                    request_fingerprint: None,
+                    pay_later: false,
+                    status,
+                    lines: vec![Line {
+                        product_id: 7,
+                        quantity: 2,
+                        dispensed: 0,
+                        unit_price: 150,
+                    }],
+                    amount: 300,
+                    created_at: t(1_000),
+                    pay_deadline: Some(t(pay_deadline)),
+                },
+                &ev("created", 1_000),
+            )
+            .await
+            .unwrap();
+    }
+
+    fn change(status: Status, cancel_pending: bool, at: i64) -> OrderChange {
+        OrderChange {
+            status,
+            lines: vec![Line {
+                product_id: 7,
+                quantity: 2,
+                dispensed: 0,
+                unit_price: 150,
+            }],
+            error: None,
+            result_applied: false,
+            refund_amount: 0,
+            dispense_deadline: Some(t(at + 1_000)),
+            cancel_pending,
+            at: t(at),
+        }
+    }
+
+    async fn machines(store: &dyn Storage, ms: &[&str]) {
+        merchant(store, "vga").await;
+        for m in ms {
+            store.create_machine(new_machine(m, "vga")).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn take_ownership_epochs_increase_and_never_repeat() {
+        let (_dir, store) = open().await;
+        machines(store.as_ref(), &["00000001"]).await;
+        let m = no("00000001");
+        let e1 = store.take_ownership(&m, "n1", t(1_000)).await.unwrap();
+        let e2 = store.take_ownership(&m, "n2", t(2_000)).await.unwrap();
+        let (e1, e2) = (e1.unwrap(), e2.unwrap());
+        assert!(e2 > e1, "{e1} then {e2}");
+        // The online flag is the presence write's, at the new epoch.
+        let own = store.ownership(Some(&[m])).await.unwrap();
+        assert_eq!(
+            own,
+            [Ownership {
+                machine_no: m,
+                epoch: e2,
+                node: Some("n2".into()),
+                online: false
+            }]
+        );
+        assert_eq!(
+            store.machine(&m).await.unwrap().unwrap().last_seen,
+            Some(t(2_000))
+        );
+        store.record_presence(&m, true, e2, t(2_000)).await.unwrap();
+        // The loser's late offline write (older epoch) is stale.
+        store
+            .record_presence(&m, false, e1, t(2_500))
+            .await
+            .unwrap();
+        assert!(store.machine(&m).await.unwrap().unwrap().online);
+
+        // Concurrent takers get distinct epochs.
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                let s = store.clone();
+                tokio::spawn(async move {
+                    s.take_ownership(&no("00000001"), &format!("n{i}"), t(3_000))
+                        .await
+                        .unwrap()
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for c in calls {
+            got.push(c.await.unwrap());
+        }
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), 8);
+        assert!(got[0] > e2);
+
+        assert_eq!(
+            store
+                .take_ownership(&no("99999999"), "n1", t(1))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn ownership_lists_known_machines_in_order() {
+        let (_dir, store) = open().await;
+        machines(store.as_ref(), &["00000002", "00000001", "00000003"]).await;
+        store
+            .take_ownership(&no("00000003"), "n1", t(1))
+            .await
+            .unwrap();
+        let all = store.ownership(None).await.unwrap();
+        let nos: Vec<&str> = all.iter().map(|o| o.machine_no.as_str()).collect();
+        assert_eq!(nos, ["00000001", "00000002", "00000003"]);
+        assert_eq!(
+            all[0],
+            Ownership {
+                machine_no: no("00000001"),
+                epoch: 0,
+                node: None,
+                online: false
+            }
+        );
+        let some = store
+            .ownership(Some(&[no("00000003"), no("99999999"), no("00000001")]))
+            .await
+            .unwrap();
+        let nos: Vec<&str> = some.iter().map(|o| o.machine_no.as_str()).collect();
+        assert_eq!(nos, ["00000001", "00000003"]);
+        assert_eq!(some[1].node.as_deref(), Some("n1"));
+        assert!(store.ownership(Some(&[])).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn node_rows_heartbeats_reaping_and_orphans() {
+        let (_dir, store) = open().await;
+        machines(store.as_ref(), &["00000001", "00000002", "00000003"]).await;
+        assert!(store
+            .register_node("n1", "i1", t(1_000))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .register_node("n2", "j1", t(1_000))
+            .await
+            .unwrap()
+            .is_empty());
+        let e1 = store
+            .take_ownership(&no("00000001"), "n1", t(1_100))
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .take_ownership(&no("00000002"), "n1", t(1_100))
+            .await
+            .unwrap();
+        store
+            .take_ownership(&no("00000003"), "n2", t(1_100))
+            .await
+            .unwrap();
+        // The presence writes that follow each take-over.
+        for m in ["00000001", "00000002", "00000003"] {
+            let e = store.ownership(Some(&[no(m)])).await.unwrap()[0].epoch;
+            store
+                .record_presence(&no(m), true, e, t(1_100))
+                .await
+                .unwrap();
+        }
+        // One of n1's machines went offline on its own.
+        let e2 = store.ownership(Some(&[no("00000002")])).await.unwrap()[0].epoch;
+        store
+            .record_presence(&no("00000002"), false, e2, t(1_200))
+            .await
+            .unwrap();
+
+        assert!(store.node_heartbeat("n1", "i1", t(2_000)).await.unwrap());
+        assert!(!store.node_heartbeat("n1", "other", t(2_000)).await.unwrap());
+        assert!(!store.node_heartbeat("n9", "i1", t(2_000)).await.unwrap());
+        let nodes = store.nodes().await.unwrap();
+        assert_eq!(
+            nodes,
+            [
+                NodeRow {
+                    node_id: "n1".into(),
+                    incarnation: "i1".into(),
+                    started_at: t(1_000),
+                    heartbeat_at: t(2_000),
+                    online_machines: 1
+                },
+                NodeRow {
+                    node_id: "n2".into(),
+                    incarnation: "j1".into(),
+                    started_at: t(1_000),
+                    heartbeat_at: t(1_000),
+                    online_machines: 1
+                }
+            ]
+        );
+        assert!(store.orphaned_machines(10).await.unwrap().is_empty());
+
+        // n2 stopped heartbeating: reaped once, its machine is orphaned.
+        assert_eq!(store.reap_nodes(t(1_500)).await.unwrap(), ["n2"]);
+        assert!(store.reap_nodes(t(1_500)).await.unwrap().is_empty());
+        assert!(!store.node_heartbeat("n2", "j1", t(3_000)).await.unwrap());
+        let e3 = store.ownership(Some(&[no("00000003")])).await.unwrap()[0].epoch;
+        assert_eq!(
+            store.orphaned_machines(10).await.unwrap(),
+            [(no("00000003"), e3)]
+        );
+        assert!(store.orphaned_machines(0).await.unwrap().is_empty());
+
+        // n1 restarts under the same id: its previous incarnation's online
+        // machines come back, and the old incarnation's heartbeat fails.
+        let left = store.register_node("n1", "i2", t(4_000)).await.unwrap();
+        assert_eq!(left, [(no("00000001"), e1)]);
+        assert!(!store.node_heartbeat("n1", "i1", t(4_001)).await.unwrap());
+        assert!(store.node_heartbeat("n1", "i2", t(4_001)).await.unwrap());
+        let n1 = &store.nodes().await.unwrap()[0];
+        assert_eq!((n1.incarnation.as_str(), n1.started_at), ("i2", t(4_000)));
+    }
+
+    #[tokio::test]
+    async fn claim_due_orders_leases_each_order_once() {
+        let (_dir, store) = open().await;
+        machines(store.as_ref(), &["00000001"]).await;
+        order(
+            store.as_ref(),
+            1,
+            "00000001",
+            Status::AwaitingPayment,
+            5_000,
+        )
+        .await;
+        order(
+            store.as_ref(),
+            2,
+            "00000001",
+            Status::AwaitingPayment,
+            4_000,
+        )
+        .await;
+        order(
+            store.as_ref(),
+            3,
+            "00000001",
+            Status::AwaitingPayment,
+            9_000,
+        )
+        .await;
+        let claim = |now: i64, limit: usize| {
+            let s = store.clone();
+            async move {
+                s.claim_due_orders(Due::Unpaid, t(now), t(now + 60_000), limit)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.order_id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert!(claim(3_999, 10).await.is_empty());
+        // Oldest deadline first, at most `limit`.
+        assert_eq!(claim(6_000, 1).await, [2]);
+        assert_eq!(claim(6_000, 10).await, [1]);
+        // Inside the leases: nothing again.
+        assert!(claim(7_000, 10).await.is_empty());
+        // After them: due again (the caller's CAS did not happen), with 3
+        // whose deadline has passed meanwhile.
+        assert_eq!(claim(66_000, 10).await, [2, 1, 3]);
+        let full = store
+            .claim_due_orders(Due::Unpaid, t(200_000), t(260_000), 10)
+            .await
+            .unwrap();
+        assert_eq!(full.len(), 3);
+        assert_eq!(full[0].lines.len(), 1);
+        assert_eq!(full[0].status, Status::AwaitingPayment);
+
+        // Other kinds: dispensing past its deadline, dispatching gone stale.
+        assert!(store
+            .update_order(
+                2,
+                Status::AwaitingPayment,
+                &change(Status::Dispatching, false, 10_000),
+                &ev("paid", 10_000),
+                None
+            )
+            .await
+            .unwrap());
+        assert!(store
+            .update_order(
+                1,
+                Status::AwaitingPayment,
+                &change(Status::Dispatching, false, 10_000),
+                &ev("paid", 10_000),
+                None
+            )
+            .await
+            .unwrap());
+        assert!(store
+            .update_order(
+                1,
+                Status::Dispatching,
+                &change(Status::Dispensing, false, 11_000),
+                &ev("accepted", 11_000),
+                None
+            )
+            .await
+            .unwrap());
+        let stale = store
+            .claim_due_orders(
+                Due::StaleDispatch {
+                    updated_before: t(10_001),
+                },
+                t(300_000),
+                t(360_000),
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(stale.iter().map(|o| o.order_id).collect::<Vec<_>>(), [2]);
+        let late = store
+            .claim_due_orders(Due::DispenseDeadline, t(300_000), t(360_000), 10)
+            .await
+            .unwrap();
+        assert_eq!(late.iter().map(|o| o.order_id).collect::<Vec<_>>(), [1]);
+        assert!(store
+            .claim_due_orders(Due::DispenseDeadline, t(300_000), t(360_000), 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .claim_due_orders(Due::DispenseDeadline, t(300_000), t(360_000), 0)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_sweeps_never_share_an_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let a = open_sqlite(&path).await.unwrap();
+        let b = open_sqlite(&path).await.unwrap();
+        machines(a.as_ref(), &["00000001"]).await;
+        for id in 1..=60 {
+            order(
+                a.as_ref(),
+                id,
+                "00000001",
+                Status::AwaitingPayment,
+                1_000 + id as i64,
+            )
+            .await;
+        }
+        let sweep = |s: Arc<dyn Storage>| {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..20 {
+                    let batch = s
+                        .claim_due_orders(Due::Unpaid, t(5_000), t(65_000), 4)
+                        .await
+                        .unwrap();
+                    got.extend(batch.into_iter().map(|o| o.order_id));
+                }
+                got
+            })
+        };
+        let (x, y) = tokio::join!(sweep(a.clone()), sweep(b.clone()));
+        let mut all = x.unwrap();
+        all.extend(y.unwrap());
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "an order was claimed twice");
+        assert_eq!(n, 60);
+    }
+
+    #[tokio::test]
+    async fn pending_cancels_and_open_orders() {
+        let (_dir, store) = open().await;
+        machines(store.as_ref(), &["00000001", "00000002"]).await;
+        for id in 1..=4 {
+            order(store.as_ref(), id, "00000001", Status::Dispatching, 9_000).await;
+        }
+        order(
+            store.as_ref(),
+            5,
+            "00000002",
+            Status::AwaitingPayment,
+            9_000,
+        )
+        .await;
+        order(
+            store.as_ref(),
+            6,
+            "00000001",
+            Status::AwaitingPayment,
+            9_000,
+        )
+        .await;
+        // 2 then 1 give up owing a cancel; 3 fails without one.
+        for (id, at) in [(2, 2_000), (1, 3_000)] {
+            assert!(store
+                .update_order(
+                    id,
+                    Status::Dispatching,
+                    &change(Status::Failed, true, at),
+                    &ev("not_accepted", at),
+                    None
+                )
+                .await
+                .unwrap());
+        }
+        assert!(store
+            .update_order(
+                3,
+                Status::Dispatching,
+                &change(Status::Failed, false, 4_000),
+                &ev("refused", 4_000),
+                None
+            )
+            .await
+            .unwrap());
+        assert!(store
+            .update_order(
+                4,
+                Status::Dispatching,
+                &change(Status::Dispensing, false, 4_000),
+                &ev("accepted", 4_000),
+                None
+            )
+            .await
+            .unwrap());
+        assert_eq!(
+            store.pending_cancels(&no("00000001")).await.unwrap(),
+            [2, 1]
+        );
+        assert!(store
+            .pending_cancels(&no("00000002"))
+            .await
+            .unwrap()
+            .is_empty());
+        store.cancel_delivered(2).await.unwrap();
+        store.cancel_delivered(2).await.unwrap();
+        store.cancel_delivered(999).await.unwrap();
+        store.cancel_delivered(u64::MAX).await.unwrap();
+        assert_eq!(store.pending_cancels(&no("00000001")).await.unwrap(), [1]);
+
+        let open: Vec<(u64, Status)> = store
+            .open_orders(&no("00000001"))
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| (o.order_id, o.status))
+            .collect();
+        assert_eq!(
+            open,
+            [(4, Status::Dispensing), (6, Status::AwaitingPayment)]
+        );
+        assert_eq!(store.open_orders(&no("00000002")).await.unwrap().len(), 1);
+        assert!(store.open_orders(&no("00000003")).await.unwrap().is_empty());
     }
 }

@@ -18,11 +18,11 @@ use super::sqlite::{backend, from_ms, SqliteStorage};
 use super::StorageError;
 use crate::orders::state::{Line, Status};
 
-const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
+pub(super) const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
      pay_later, status, amount, refund_amount, error, result_applied, created_at_ms, updated_at_ms, \
      dispense_deadline_ms, pay_deadline_ms, refunded_at_ms";
 
-fn id_i64(id: u64) -> Result<i64, StorageError> {
+pub(super) fn id_i64(id: u64) -> Result<i64, StorageError> {
     i64::try_from(id).map_err(|_| StorageError::Corrupt(format!("order id {id} out of range")))
 }
 
@@ -144,15 +144,19 @@ async fn write_change(
     ev: &OrderEvent,
     outbox: Option<&NewOutboxEvent>,
 ) -> Result<bool, StorageError> {
+    // A status change ends whatever a sweep claimed the order for, so its
+    // lease is dropped: in its new status the order is due on its own terms.
     let done = sqlx::query(
         "UPDATE orders SET status = ?, error = ?, result_applied = ?, refund_amount = ?, \
-         dispense_deadline_ms = ?, updated_at_ms = ? WHERE order_id = ? AND status = ?",
+         dispense_deadline_ms = ?, cancel_pending = ?, sweep_lease_until_ms = NULL, \
+         updated_at_ms = ? WHERE order_id = ? AND status = ?",
     )
     .bind(change.status.as_str())
     .bind(&change.error)
     .bind(i64::from(change.result_applied))
     .bind(change.refund_amount)
     .bind(opt_ms(change.dispense_deadline))
+    .bind(i64::from(change.cancel_pending))
     .bind(change.at.timestamp_millis())
     .bind(id)
     .bind(from.as_str())
@@ -179,7 +183,8 @@ async fn write_change(
 }
 
 impl SqliteStorage {
-    async fn load_orders(
+    /// Rows of [`ORDER_COLUMNS`] with their lines, as stored orders.
+    pub(super) async fn load_orders(
         &self,
         rows: Vec<sqlx::sqlite::SqliteRow>,
     ) -> Result<Vec<StoredOrder>, StorageError> {

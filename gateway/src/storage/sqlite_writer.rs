@@ -129,6 +129,30 @@ impl Writer {
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
+    /// [`Writer::write`] for a job that answers with a value (rows of an
+    /// `UPDATE … RETURNING`, say). The value is handed over only after the
+    /// commit: if the batch fails, the caller gets the error, never a value
+    /// that was rolled back.
+    pub(super) async fn write_value<T, F>(&self, work: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StorageError>>
+            + Send
+            + 'static,
+    {
+        let (tx, mut rx) = oneshot::channel();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let v = work(conn).await?;
+                let _ = tx.send(v);
+                Ok(true)
+            })
+        })
+        .await?;
+        rx.try_recv()
+            .map_err(|_| StorageError::Backend("storage writer lost a job's answer".into()))
+    }
+
     /// Commit everything queued so far, then stop; later writes fail with
     /// `Backend`. Idempotent.
     pub(super) async fn close(&self) {

@@ -1,0 +1,120 @@
+//! What nodes say to each other on NATS: the subjects and the JSON bodies.
+//! Every subject starts with `[cluster] subject_prefix`, so several clusters
+//! can share one NATS.
+
+use serde::{Deserialize, Serialize};
+use vendgate_proto::machine::MachineNo;
+
+use crate::orders::state::Line;
+use crate::orders::OrderError;
+
+/// Subject builders for one prefix.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Requests for the connection of machine `m` under `epoch`. Only the
+    /// node holding that very connection subscribes, so a request that
+    /// names an old epoch finds no responder instead of a stale connection.
+    pub fn owner(&self, m: &MachineNo, epoch: u64) -> String {
+        format!("{}.own.{m}.{epoch}", self.prefix)
+    }
+
+    /// Presence changes of every node ([`super::view::PresenceNote`]); an
+    /// online note is also the take-over announcement.
+    pub fn presence(&self) -> String {
+        format!("{}.presence", self.prefix)
+    }
+
+    /// Node heartbeats ([`super::view::Heartbeat`]).
+    pub fn heartbeat(&self) -> String {
+        format!("{}.node", self.prefix)
+    }
+
+    /// Reservations released by a sweep on a node that does not hold the
+    /// machine ([`Released`]).
+    pub fn released(&self) -> String {
+        format!("{}.released", self.prefix)
+    }
+
+    /// Machine uplinks copied to every node's hub (headers carry the topic).
+    pub fn uplinks(&self) -> String {
+        format!("{}.uplink", self.prefix)
+    }
+}
+
+/// Header names of forwarded uplinks.
+pub const H_TOPIC: &str = "Vendgate-Topic";
+pub const H_NODE: &str = "Vendgate-Node";
+pub const H_QOS: &str = "Vendgate-Qos";
+pub const H_RETAIN: &str = "Vendgate-Retain";
+
+/// An order request forwarded to the owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlaceOnOwner {
+    pub order_id: u64,
+    pub merchant: String,
+    pub machine_no: MachineNo,
+    pub lines: Vec<(i64, u32)>,
+    pub out_trade_no: Option<String>,
+    pub pay_later: bool,
+    /// How long the requester waits for the answer, from sending.
+    pub wait_ms: u64,
+}
+
+/// A request to the node holding a machine's connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum OwnerRequest {
+    Place(PlaceOnOwner),
+    Pay {
+        merchant: String,
+        order_id: u64,
+        wait_ms: u64,
+    },
+    /// Publish a command on the machine's topic (`suffix` as in
+    /// `Command::suffix`), payload base64.
+    Command {
+        suffix: String,
+        payload: String,
+    },
+    Ping {
+        timeout_ms: u64,
+    },
+}
+
+/// The owner's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum OwnerReply {
+    Placed {
+        order_id: u64,
+    },
+    Failed {
+        error: OrderError,
+    },
+    Delivered,
+    NotDelivered {
+        error: String,
+    },
+    Pong {
+        rtt_us: u64,
+    },
+    /// The connection the subject names is gone from this node.
+    Moved,
+}
+
+/// A released reservation (see [`Subjects::released`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Released {
+    pub machine_no: MachineNo,
+    pub lines: Vec<Line>,
+}
