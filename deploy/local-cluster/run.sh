@@ -109,7 +109,7 @@ spawn() {
   PROCS+=("$name $pid ${st#* }")
 }
 
-# TERM, then KILL after $2 seconds.
+# stop_proc NAME PID STARTTIME GRACE: SIGTERM, then SIGKILL after GRACE seconds.
 stop_proc() {
   local name=$1 pid=$2 start=$3 grace=$4 i
   running "$pid" "$start" || return 0
