@@ -86,17 +86,17 @@ fleet() { # gateway csv outfile [extra args]
 # ------------------------------------------------ (f) the cross-node hop
 "$B/vendgate" machine add --merchant "$APPID" --count 64 --first 20000000 \
   --secrets-out "$W/s64.csv" --config "$CONF" >/dev/null
-fleet "127.0.0.1:${NODE_MQTT[0]}" "$W/s64.csv" "$W/fleet64.out" --products 1:1000000:100
+fleet "${NODE_MQTT[0]}" "$W/s64.csv" "$W/fleet64.out" --products 1:1000000:100
 F64=${PIDS[-1]}
 # Wait until the other nodes' views have the machines.
 for _ in $(seq 100); do
   n=$(curl -sf -H "Appid: $APPID" -H "AppSecret: $APPSECRET" \
-    "http://127.0.0.1:${NODE_HTTP[1]}/api/openapi/v1/machines?online=true&page_size=100" | jq '.data.total // 0')
+    "${NODE_HTTP[1]}/api/openapi/v1/machines?online=true&page_size=100" | jq '.data.total // 0')
   [ "$n" -ge 64 ] && break; sleep 0.1
 done
 for c in 1 64; do
-  read -r t1 a1 b1 u1 < <(load "http://127.0.0.1:${NODE_HTTP[0]}" "$W/s64.csv" $c "${NODE_PIDS[0]}")
-  read -r t2 a2 b2 u2 < <(load "http://127.0.0.1:${NODE_HTTP[1]}" "$W/s64.csv" $c "${NODE_PIDS[1]}")
+  read -r t1 a1 b1 u1 < <(load "${NODE_HTTP[0]}" "$W/s64.csv" $c "${NODE_PIDS[0]}")
+  read -r t2 a2 b2 u2 < <(load "${NODE_HTTP[1]}" "$W/s64.csv" $c "${NODE_PIDS[1]}")
   row "(f) orders c=$c, order on the machine's node: orders/s, p50/p99 ms" "$t1, $a1/$b1" ""
   row "(f) orders c=$c, order on another node: orders/s, p50/p99 ms" "$t2, $a2/$b2" \
     "$(awk -v a="$a1" -v b="$a2" 'BEGIN{ printf "hop adds %+.2f ms to p50", b-a }')"
@@ -133,20 +133,20 @@ row "(g) one node, PostgreSQL, c=64: orders/s, p50/p99 ms, CPU µs/order" "$pt, 
 "$B/vendgate" machine add --merchant "$APPID" --count "$MACHINES" --first 30000000 \
   --secrets-out "$W/many.csv" --config "$CONF" >/dev/null
 t0=$(date +%s%3N)
-fleet "$(echo "$VGCLUSTER_MQTT" | sed 's|^mqtt://||')" "$W/many.csv" "$W/many.out" --connect-rate 2000
+fleet "$VGCLUSTER_MQTT" "$W/many.csv" "$W/many.out" --connect-rate 2000
 t1=$(date +%s%3N)
 # Every node's view converges on all machines online.
 conv=""
 for _ in $(seq 300); do
   all=1
   for h in "${NODE_HTTP[@]}"; do
-    n=$(curl -sf -u "$VGCLUSTER_OPERATOR_USER:$VGCLUSTER_OPERATOR_PASSWORD" "http://127.0.0.1:$h/dashboard/api/cluster" | jq '.machines_online // 0')
+    n=$(curl -sf -u "$VGCLUSTER_OPERATOR_USER:$VGCLUSTER_OPERATOR_PASSWORD" "$h/dashboard/api/cluster" | jq '.machines_online // 0')
     [ "$n" -ge "$MACHINES" ] || all=0
   done
   [ $all = 1 ] && { conv=$(( $(date +%s%3N) - t1 )); break; }
   sleep 0.1
 done
-spread=$(curl -sf -u "$VGCLUSTER_OPERATOR_USER:$VGCLUSTER_OPERATOR_PASSWORD" "http://127.0.0.1:${NODE_HTTP[0]}/dashboard/api/cluster" \
+spread=$(curl -sf -u "$VGCLUSTER_OPERATOR_USER:$VGCLUSTER_OPERATOR_PASSWORD" "${NODE_HTTP[0]}/dashboard/api/cluster" \
   | jq -r '[.nodes[] | "\(.node_id) \(.machines)"] | join(", ")')
 rss=$(for p in "${NODE_PIDS[@]}"; do awk '/VmRSS/{print $2}' "/proc/$p/status"; done | awk '{s+=$1} END{print s+0}')
 row "(h) $MACHINES machines via haproxy at 2,000/s: all connected; every node's view complete" \

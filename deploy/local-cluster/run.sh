@@ -109,7 +109,7 @@ spawn() {
   PROCS+=("$name $pid ${st#* }")
 }
 
-# TERM, then KILL after $2 seconds.
+# stop_proc NAME PID STARTTIME GRACE: SIGTERM, then SIGKILL after GRACE seconds.
 stop_proc() {
   local name=$1 pid=$2 start=$3 grace=$4 i
   running "$pid" "$start" || return 0
@@ -140,7 +140,11 @@ stop_all() {
   for kind in gw haproxy nats; do
     for p in "${PROCS[@]}"; do
       read -r name pid start <<<"$p"
-      case $name in "$kind"*) stop_proc "$name" "$pid" "$start" 20 ;; esac
+      # A gateway's shutdown steps take up to 10 s each.
+      case $kind:$name in
+        gw:gw*) stop_proc "$name" "$pid" "$start" 75 ;;
+        haproxy:haproxy | nats:nats*) stop_proc "$name" "$pid" "$start" 20 ;;
+      esac
     done
   done
   if [ -n "$PGDATA" ] && [ -f "$PGDATA/postmaster.pid" ]; then
@@ -157,6 +161,15 @@ stop_all() {
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  # A failed start: the logs go with the temp dir, so show their ends first.
+  if [ "$rc" != 0 ] && [ "$rc" != 130 ] && [ "$rc" != 143 ] && [ -n "$DIR" ] && [ -d "$DIR/logs" ]; then
+    local f
+    for f in "$DIR"/logs/*.log "$DIR"/pgrun/postgresql.log; do
+      [ -s "$f" ] || continue
+      log "--- last lines of ${f#"$DIR"/}:"
+      tail -n 8 "$f" >&2
+    done
+  fi
   if [ -n "$DIR" ]; then
     log "stopping ${#PROCS[@]} processes and PostgreSQL"
     stop_all
@@ -334,12 +347,14 @@ for i in 1 2 3; do
     die "deploy/nats/nats-$i.conf changed shape: the three listen lines were not all replaced"
   NATS_URLS+=("nats://127.0.0.1:${NATS_PORT[i]}")
 done
+# Quoted: nats-server parses a variable's value as a config value (a hex
+# password starting with a digit would not parse).
 for i in 1 2 3; do
   spawn "nats$i" "$LOGS/nats$i.log" env \
-    NATS_VENDGATE_PASSWORD="$NATS_PASSWORD" NATS_ROUTE_PASSWORD="$NATS_ROUTE_PASSWORD" \
-    NATS_ROUTE_1="nats-route://route:$NATS_ROUTE_PASSWORD@127.0.0.1:${NATS_ROUTE[1]}" \
-    NATS_ROUTE_2="nats-route://route:$NATS_ROUTE_PASSWORD@127.0.0.1:${NATS_ROUTE[2]}" \
-    NATS_ROUTE_3="nats-route://route:$NATS_ROUTE_PASSWORD@127.0.0.1:${NATS_ROUTE[3]}" \
+    NATS_VENDGATE_PASSWORD="\"$NATS_PASSWORD\"" NATS_ROUTE_PASSWORD="\"$NATS_ROUTE_PASSWORD\"" \
+    NATS_ROUTE_1="\"nats-route://route:$NATS_ROUTE_PASSWORD@127.0.0.1:${NATS_ROUTE[1]}\"" \
+    NATS_ROUTE_2="\"nats-route://route:$NATS_ROUTE_PASSWORD@127.0.0.1:${NATS_ROUTE[2]}\"" \
+    NATS_ROUTE_3="\"nats-route://route:$NATS_ROUTE_PASSWORD@127.0.0.1:${NATS_ROUTE[3]}\"" \
     nats-server -c "$DIR/nats/n$i.conf"
 done
 routes_of() {
@@ -354,7 +369,7 @@ nats_formed() {
 }
 wait_for 20 nats_formed || die "the NATS cluster did not form in 20 s (num_routes per server: $(
   for i in 1 2 3; do printf '%s ' "$(routes_of "${NATS_MON[i]}" || echo '?')"; done
-)); logs in $LOGS"
+))"
 log "NATS cluster formed: 3 servers, 2 routes each"
 
 # --- PostgreSQL -----------------------------------------------------------
@@ -367,12 +382,12 @@ if [ "$(id -u)" = 0 ]; then chown postgres: "$PGDATA" "$PGRUN" "$DIR/pg.pw"; fi
 # Password (SCRAM) over TCP like a real deployment; trust on the socket.
 as_postgres "$PG_BIN/initdb" -D "$PGDATA" -U postgres --auth-local=trust \
   --auth-host=scram-sha-256 --pwfile="$DIR/pg.pw" -E UTF8 --locale=C.UTF-8 \
-  >"$LOGS/initdb.log" 2>&1 || die "initdb failed; see $LOGS/initdb.log"
+  >"$LOGS/initdb.log" 2>&1 || die "initdb failed"
 rm -f "$DIR/pg.pw"
 # fsync off: a throwaway instance need not survive a power cut.
 as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$PGRUN/postgresql.log" -w -t 30 \
   -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PGRUN -c fsync=off -c max_connections=200" \
-  start >"$LOGS/pg_ctl.log" 2>&1 || die "PostgreSQL did not start; see $PGRUN/postgresql.log"
+  start >"$LOGS/pg_ctl.log" 2>&1 || die "PostgreSQL did not start"
 PG_ADMIN_URL=postgres://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT/postgres
 DATABASE_URL=postgres://postgres:$PG_PASSWORD@127.0.0.1:$PG_PORT/vendgate
 psql -qX -v ON_ERROR_STOP=1 "$PG_ADMIN_URL" -c 'CREATE DATABASE vendgate' >/dev/null ||
@@ -439,6 +454,8 @@ defaults
     option tcplog
     option dontlognull
     timeout connect 3s
+    retries 2
+    option redispatch 1
     timeout client 5m
     timeout server 5m
     timeout client-fin 30s
@@ -502,7 +519,7 @@ haproxy -c -q -f "$DIR/haproxy.cfg" >"$LOGS/haproxy-check.log" 2>&1 ||
   die "haproxy -c failed: $(cat "$LOGS/haproxy-check.log")"
 spawn haproxy "$LOGS/haproxy.log" haproxy -f "$DIR/haproxy.cfg"
 haproxy_up() { curl -fsS -o /dev/null "http://127.0.0.1:$STATS_PORT/stats" 2>/dev/null; }
-wait_for 10 haproxy_up || die "haproxy did not start; see $LOGS/haproxy.log"
+wait_for 10 haproxy_up || die "haproxy did not start"
 log "haproxy listening (MQTT 127.0.0.1:$MQTT_PORT, HTTP 127.0.0.1:$HTTP_PORT)"
 
 # --- provisioning and gateway nodes -----------------------------------------
@@ -521,13 +538,14 @@ if [ "$INFRA_ONLY" = 0 ]; then
   if [ "$MACHINES" -gt 0 ]; then
     "$BIN" machine add --merchant "$APPID" --count "$MACHINES" --first 10000001 \
       --secrets-out "$DIR/machines.csv" --config "$DIR/gw1.toml" >"$LOGS/machine-add.log" ||
-      die "vendgate machine add failed; see $LOGS/machine-add.log"
+      die "vendgate machine add failed"
     mapfile -t MACHINE_LINES <"$DIR/machines.csv"
   fi
   log "provisioned merchant $APPID and $MACHINES machines"
 
   for ((i = 1; i <= NODES; i++)); do
-    spawn "gw$i" "$LOGS/gw$i.log" "$BIN" serve --config "$DIR/gw$i.toml"
+    # NO_COLOR: plain text in the log files (tracing-subscriber honours it).
+    spawn "gw$i" "$LOGS/gw$i.log" env NO_COLOR=1 "$BIN" serve --config "$DIR/gw$i.toml"
   done
   nodes_ready() {
     local i p name pid start
@@ -540,10 +558,10 @@ if [ "$INFRA_ONLY" = 0 ]; then
           exit 1
         fi
       done
-      curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:${NODE_HTTP[i]}/readyz" || return 1
+      curl -fs -o /dev/null --max-time 2 "http://127.0.0.1:${NODE_HTTP[i]}/readyz" || return 1
     done
   }
-  wait_for 90 nodes_ready || die "not every node answered /readyz 200 within 90 s; logs in $LOGS"
+  wait_for 90 nodes_ready || die "not every node answered /readyz 200 within 90 s"
   log "all $NODES nodes ready"
   # haproxy marks a node up after 2 good checks 2 s apart.
   haproxy_all_up() {
@@ -669,5 +687,8 @@ while :; do
       log "$name (pid $pid) exited; see $LOGS/$name.log"
     fi
   done
-  sleep 2
+  # `wait` returns at once on a signal; a foreground sleep would make bash
+  # skip the trap when only this process (not its group) got SIGINT.
+  sleep 2 &
+  wait $! || true
 done

@@ -556,7 +556,9 @@ impl Settings {
             }
             fig = fig.merge(Toml::file(f));
         }
-        fig = fig.merge(Env::prefixed("VENDGATE_").split("__"));
+        // VENDGATE_CONFIG names the file (the CLI reads it); it is not a
+        // setting.
+        fig = fig.merge(Env::prefixed("VENDGATE_").ignore(&["config"]).split("__"));
         let mut s: Settings = fig.extract().map_err(Box::new)?;
         if let Some(d) = &overrides.data_dir {
             s.data_dir = d.clone();
@@ -712,6 +714,8 @@ mod tests {
             )?;
             jail.set_env("VENDGATE_MQTT__MAX_PACKET_SIZE", "1024");
             jail.set_env("VENDGATE_DATA_DIR", "/from/env");
+            // The file's own variable is not a setting.
+            jail.set_env("VENDGATE_CONFIG", "v.toml");
             let s = Settings::load(
                 Some(Path::new("v.toml")),
                 &Overrides {

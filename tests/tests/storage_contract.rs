@@ -1259,20 +1259,20 @@ async fn ownership_epochs(db: Db) {
     let e1 = s.take_ownership(&m, "n1", t(1_000)).await.unwrap().unwrap();
     let e2 = s.take_ownership(&m, "n2", t(2_000)).await.unwrap().unwrap();
     assert!(e2 > e1, "{e1} then {e2}");
+    // The online flag is left to the presence write at the new epoch (which
+    // emits machine.online when it flips the flag).
     assert_eq!(
         s.ownership(Some(&[m])).await.unwrap(),
         [Ownership {
             machine_no: m,
             epoch: e2,
             node: Some("n2".into()),
-            online: true
+            online: false
         }]
     );
     let row = s.machine(&m).await.unwrap().unwrap();
-    assert_eq!(
-        (row.online, row.online_since, row.last_seen),
-        (true, Some(t(2_000)), Some(t(2_000)))
-    );
+    assert_eq!((row.online, row.last_seen), (false, Some(t(2_000))));
+    s.record_presence(&m, true, e2, t(2_000)).await.unwrap();
     // The loser's late offline write (older epoch) is stale.
     s.record_presence(&m, false, e1, t(2_500)).await.unwrap();
     assert!(s.machine(&m).await.unwrap().unwrap().online);
@@ -1337,6 +1337,10 @@ async fn nodes_heartbeats_reaping_orphans(db: Db) {
         .await
         .unwrap()
         .unwrap();
+    // The presence writes that follow each take-over.
+    for (m, e) in [("00000001", e1), ("00000002", e2), ("00000003", e3)] {
+        s.record_presence(&no(m), true, e, t(1_100)).await.unwrap();
+    }
     // One of n1's machines went offline on its own.
     s.record_presence(&no("00000002"), false, e2, t(1_200))
         .await

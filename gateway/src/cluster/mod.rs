@@ -50,6 +50,7 @@ use crate::commands::{CommandBus, DeliveryError, LocalCommands};
 use crate::config::Settings;
 use crate::edge::{EpochSource, Hub, UplinkForwarder};
 use crate::notifier::{machine_event, Notifier};
+use crate::orders::inventory::StockView;
 use crate::orders::state::{Line, Status};
 use crate::orders::{OrderError, OrderService, PlaceRequest, RemoteMachines};
 use crate::presence::{PresenceEvent, PresenceRegistry};
@@ -481,6 +482,14 @@ impl Cluster {
                     },
                 }
             }
+            OwnerRequest::Stock => match self.orders.get() {
+                Some(orders) => OwnerReply::Stock {
+                    items: orders.inventory.view(&m),
+                },
+                None => OwnerReply::NotDelivered {
+                    error: "starting".into(),
+                },
+            },
             OwnerRequest::Ping { timeout_ms } => {
                 match self.local.ping(&m, Duration::from_millis(timeout_ms)).await {
                     Ok(rtt) => OwnerReply::Pong {
@@ -803,6 +812,19 @@ impl Cluster {
                 warn!(%subject, error = %e, "NATS subscribe failed");
                 None
             }
+        }
+    }
+
+    /// Stock figures of machine `m` from the node holding it (stock and
+    /// reservations live there); None when it is not held elsewhere or
+    /// does not answer within `wait`.
+    pub async fn remote_stock(&self, m: &MachineNo, wait: Duration) -> Option<Vec<StockView>> {
+        if self.presence.is_online(m) || self.view.remote(m, &self.node).is_none() {
+            return None;
+        }
+        match self.ask(m, &OwnerRequest::Stock, wait).await {
+            Asked::Reply(OwnerReply::Stock { items }) => Some(items),
+            _ => None,
         }
     }
 

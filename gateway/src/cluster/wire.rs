@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use vendgate_proto::machine::MachineNo;
 
+use crate::orders::inventory::StockView;
 use crate::orders::state::Line;
 use crate::orders::OrderError;
 
@@ -89,6 +90,8 @@ pub enum OwnerRequest {
     Ping {
         timeout_ms: u64,
     },
+    /// The machine's stock figures as the owner holds them.
+    Stock,
 }
 
 /// The owner's answer.
@@ -107,6 +110,9 @@ pub enum OwnerReply {
     },
     Pong {
         rtt_us: u64,
+    },
+    Stock {
+        items: Vec<StockView>,
     },
     /// The connection the subject names is gone from this node.
     Moved,

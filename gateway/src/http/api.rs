@@ -4,6 +4,7 @@
 //! examples send none).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -411,12 +412,18 @@ async fn refund_order(
     }
 }
 
-fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
+/// How long `GET /machines` waits for another node's stock figures.
+const REMOTE_STOCK_WAIT: Duration = Duration::from_millis(500);
+
+async fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
     let p = s.gw.machine_presence(&m.machine_no);
-    let stock: Vec<Value> = s
-        .orders
-        .inventory
-        .view(&m.machine_no)
+    // Stock and reservations live on the node holding the machine.
+    let remote = match &s.gw.cluster {
+        Some(c) => c.remote_stock(&m.machine_no, REMOTE_STOCK_WAIT).await,
+        None => None,
+    };
+    let stock: Vec<Value> = remote
+        .unwrap_or_else(|| s.orders.inventory.view(&m.machine_no))
         .into_iter()
         .map(|st| json!({ "product_id": st.product_id, "stock": st.stock, "reserved": st.reserved, "price": st.price }))
         .collect();
@@ -468,12 +475,14 @@ async fn list_machines(
         .filter(|m| online_filter.is_none_or(|want| s.gw.machine_online(&m.machine_no) == want))
         .collect();
     let total = filtered.len();
-    let list: Vec<Value> = filtered
-        .into_iter()
-        .skip((page - 1).saturating_mul(page_size))
-        .take(page_size)
-        .map(|m| machine_json(&s, m))
-        .collect();
+    let list: Vec<Value> = futures::future::join_all(
+        filtered
+            .into_iter()
+            .skip((page - 1).saturating_mul(page_size))
+            .take(page_size)
+            .map(|m| machine_json(&s, m)),
+    )
+    .await;
     machines_page(&s, list, total, page, page_size)
 }
 
@@ -504,7 +513,7 @@ async fn list_online_machines(
         .take(page_size)
     {
         match s.gw.store.machine(m).await {
-            Ok(Some(machine)) => list.push(machine_json(s, &machine)),
+            Ok(Some(machine)) => list.push(machine_json(s, &machine).await),
             // Owned a moment ago (owners never change): only a storage error
             // can get here.
             Ok(None) | Err(_) => return err(s, ErrorCode::Internal),
@@ -539,7 +548,7 @@ async fn get_machine(
     };
     match s.gw.store.machine(&m).await {
         Ok(Some(machine)) if machine.merchant_appid == merchant => {
-            ok(&s, machine_json(&s, &machine))
+            ok(&s, machine_json(&s, &machine).await)
         }
         Ok(_) => err(&s, ErrorCode::MachineNotFound),
         Err(_) => err(&s, ErrorCode::Internal),

@@ -27,7 +27,7 @@ pub enum Shortfall {
 }
 
 /// One product's figures for `GET /machines`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StockView {
     pub product_id: i64,
     pub stock: u32,
