@@ -117,8 +117,10 @@ pub struct NotifierStats {
 /// the connection be reused.
 const MAX_ANSWER: usize = 64 * 1024;
 /// Extra time a claim's lease gives beyond the attempt timeout, for
-/// recording the attempt.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// recording the attempt. Also how long the events a dead node had claimed
+/// wait beyond the timeout before another node retries them: short, since
+/// recording an attempt is one small transaction.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Longest wait after a failed claim (storage trouble) before trying again.
 const CLAIM_ERROR_PAUSE: Duration = Duration::from_secs(1);
 

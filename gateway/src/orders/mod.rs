@@ -369,7 +369,12 @@ impl OrderService {
     /// order the owner did settle is answered from what it recorded. The
     /// dispense is never sent again.
     pub(crate) async fn give_up_lost(&self, mut o: StoredOrder) -> Result<u64, OrderError> {
-        for _ in 0..4 {
+        // Until the give-up is recorded or the order is seen settled: a
+        // frozen owner may hold the order's row inside a transaction until
+        // the database ends its session (idle_in_transaction_session_timeout),
+        // and answering 30002 before knowing would be wrong if it completes.
+        let until = tokio::time::Instant::now() + GIVE_UP_PATIENCE;
+        loop {
             if o.status != Status::Dispatching {
                 return outcome(&o);
             }
@@ -385,11 +390,19 @@ impl OrderService {
                     }
                     return Err(OrderError::NotAccepted);
                 }
-                // Changed under us (the owner recorded the ack after all).
-                Ok(None) | Err(_) => o = self.load(o.order_id).await?,
+                // Changed under us (the owner recorded the ack after all), or
+                // storage could not take the write yet.
+                Ok(None) | Err(_) => {
+                    if tokio::time::Instant::now() >= until {
+                        // Unknown: the sweep settles it later; the merchant
+                        // may repeat with its out_trade_no.
+                        return Err(OrderError::Internal);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    o = self.load(o.order_id).await?;
+                }
             }
         }
-        Err(OrderError::NotAccepted)
     }
 
     async fn place_new(&self, req: &PlaceRequest) -> Result<u64, OrderError> {
@@ -770,18 +783,51 @@ impl OrderService {
                 Err((order_id, OrderError::Refused(reason)))
             }
             _ => {
-                self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
                 self.acks.remove(&order_id);
                 // Record first, then cancel: the machine must never act on it
                 // (the command's TTL and the machine's dedup are the other guards).
-                let _ = self
+                let gave_up = self
                     .transition(&stored, &Event::NotAccepted("accept_timeout".into()), sent)
                     .await;
+                if !matches!(gave_up, Ok(Some(_))) {
+                    // Not recorded: the order moved on meanwhile. After a
+                    // move the ack went down with the old connection and
+                    // the result the machine re-published was applied by
+                    // another node: answer from what storage says.
+                    return self.answer_stored(order_id, settled_rx).await;
+                }
+                self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = self.send_cancel(m, order_id).await {
                     debug!(machine_no = %m, order_id, error = %e, "cancel not delivered");
                 }
                 Err((order_id, OrderError::NotAccepted))
             }
+        }
+    }
+
+    /// The merchant's answer for an in-flight order whose give-up could not
+    /// be recorded: what storage holds (0 for an order the machine accepted;
+    /// its result, applied wherever it arrived, settles it).
+    async fn answer_stored(
+        &self,
+        order_id: u64,
+        settled: oneshot::Receiver<()>,
+    ) -> Result<Accepted, (u64, OrderError)> {
+        let o = self.load(order_id).await.map_err(|e| (order_id, e))?;
+        match outcome(&o) {
+            Ok(_) => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let settled = if o.status.holds_reservation() {
+                    settled
+                } else {
+                    // Already settled (elsewhere): nothing to wait for.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(());
+                    rx
+                };
+                Ok(Accepted { order_id, settled })
+            }
+            Err(e) => Err((order_id, e)),
         }
     }
 
@@ -1413,6 +1459,10 @@ impl OrderService {
 /// Why a rejected order was rejected, for answering repeats: the gateway's
 /// own reasons are delivery failures (30002); anything else is the machine's
 /// refusal reason (30005).
+/// How long a requester keeps trying to record the give-up of an order
+/// whose owner's answer was lost.
+const GIVE_UP_PATIENCE: Duration = Duration::from_secs(15);
+
 /// A `dispatching` order older than the accept timeout plus this was left
 /// by a node that stopped: a live node settles it within the accept timeout
 /// (forwarded requests wait `owner_answer_slack` longer, well below this).

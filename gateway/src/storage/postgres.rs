@@ -71,7 +71,13 @@ impl PgStorage {
     pub async fn open(url: &str, settings: &DatabaseSettings) -> Result<Self, StorageError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(backend)?
-            .application_name("vendgate");
+            .application_name("vendgate")
+            // A node frozen (SIGSTOP) or cut off inside a transaction would
+            // hold its row locks, and every other node's update of those
+            // orders would wait, for as long as the freeze lasts. Our
+            // transactions never wait on anything outside the database, so
+            // a session idle inside one this long is such a node: end it.
+            .options([("idle_in_transaction_session_timeout", "5s")]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(settings.acquire_timeout)
