@@ -6,7 +6,7 @@
 #   (f) full orders when the order lands on the machine's node vs on
 #       another node (the cross-node NATS hop), c=1 and c=64;
 #   (g) one node on SQLite vs one node on PostgreSQL, c=64 (no cluster);
-#   (h) 10,000 machines connecting through haproxy, spread over 3 nodes.
+#   (h) 10,000 machines connected to the 3 nodes, and every node's view.
 #
 # On 2 cores the cluster shows correctness and overhead, not linear scaling:
 # three nodes, three NATS servers, PostgreSQL, haproxy and the load
@@ -129,11 +129,22 @@ row "(g) one node, SQLite, c=64: orders/s, p50/p99 ms, CPU µs/order" "$st, $sa/
 row "(g) one node, PostgreSQL, c=64: orders/s, p50/p99 ms, CPU µs/order" "$pt, $pa/$pb, $pu" \
   "$(awk -v a="$pt" -v b="$st" 'BEGIN{ printf "%.2f× SQLite", a/b }')"
 
-# ------------------------------- (h) 10,000 machines over 3 nodes via haproxy
+# ------------------------------------ (h) 10,000 machines over 3 nodes
+# Straight to the nodes, a third each: through haproxy 10,000 machines need
+# ~20,000 descriptors in haproxy alone, this machine's hard limit (run.sh
+# keeps haproxy's maxconn at 4000 for that reason).
 "$B/vendgate" machine add --merchant "$APPID" --count "$MACHINES" --first 30000000 \
   --secrets-out "$W/many.csv" --config "$CONF" >/dev/null
+split -n l/3 -d "$W/many.csv" "$W/many-part-"
 t0=$(date +%s%3N)
-fleet "$VGCLUSTER_MQTT" "$W/many.csv" "$W/many.out" --connect-rate 2000
+i=0
+for part in "$W"/many-part-*; do
+  "$B/vendgate-sim" fleet --gateway "${NODE_MQTT[$i]}" --secrets "$part" --connect-rate 700 >"$part.out" 2>/dev/null &
+  PIDS+=($!); i=$((i + 1))
+done
+for part in "$W"/many-part-*; do
+  for _ in $(seq 600); do grep -q "connected in" "$part.out" 2>/dev/null && break; sleep 0.1; done
+done
 t1=$(date +%s%3N)
 # Every node's view converges on all machines online.
 conv=""
@@ -149,8 +160,8 @@ done
 spread=$(curl -sf -u "$VGCLUSTER_OPERATOR_USER:$VGCLUSTER_OPERATOR_PASSWORD" "${NODE_HTTP[0]}/dashboard/api/cluster" \
   | jq -r '[.nodes[] | "\(.node_id) \(.machines)"] | join(", ")')
 rss=$(for p in "${NODE_PIDS[@]}"; do awk '/VmRSS/{print $2}' "/proc/$p/status"; done | awk '{s+=$1} END{print s+0}')
-row "(h) $MACHINES machines via haproxy at 2,000/s: all connected; every node's view complete" \
-  "$(awk -v a=$((t1 - t0)) 'BEGIN{printf "%.2f s", a/1000}'); +${conv:-?} ms" "per node: $spread; nodes' RSS $((rss / 1024)) MB"
+row "(h) $MACHINES machines, a third to each node at 700/s each: all connected; every node's view complete" \
+  "$(awk -v a=$((t1 - t0)) 'BEGIN{printf "%.2f s", a/1000}'); +${conv:-?} ms" "per node: $spread; RSS of the 3 nodes $((rss / 1024)) MB"
 
 echo
 echo "vendgate cluster benchmark ($(date -u +%FT%TZ), $(nproc) cores, DURATION=$DURATION)"
