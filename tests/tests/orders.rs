@@ -459,6 +459,8 @@ async fn merchants_are_isolated() {
         other.get("/machines?online=true").await["data"],
         json!({"page": 1, "page_size": 20})
     );
+    // Settled first, so no reservation changes between the two listings.
+    api.wait_status(id, "completed").await;
     let mine = api.get("/machines?online=true").await;
     assert_eq!(mine["data"]["total"], 1);
     assert_eq!(mine["data"]["machines"][0]["machine_no"], M1);
