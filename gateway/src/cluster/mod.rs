@@ -559,16 +559,21 @@ impl Cluster {
     /// The owner's answer about order `order_id` never came: it died with
     /// the request, or only the answer was lost. Settle from the database,
     /// exactly as for a missing ack, and never by sending the order again.
-    async fn settle_lost(&self, order_id: u64) -> Result<u64, OrderError> {
+    async fn settle_lost(
+        &self,
+        order_id: u64,
+        req: Option<&PlaceRequest>,
+    ) -> Result<u64, OrderError> {
         self.stats.forward_lost.fetch_add(1, Ordering::Relaxed);
         let Some(orders) = self.orders.get() else {
             return Err(OrderError::Internal);
         };
-        match self.store.order(order_id).await? {
-            // Never stored: the owner does not start it any more (its
-            // dispatch_by has passed).
-            None => Err(OrderError::NotAccepted),
-            Some(o) => orders.give_up_lost(o).await,
+        match (self.store.order(order_id).await?, req) {
+            // Not stored (yet): record it given up first, so a paused owner
+            // cannot start it later.
+            (None, Some(req)) => orders.record_lost(req, order_id).await,
+            (None, None) => Err(OrderError::NotAccepted),
+            (Some(o), _) => orders.give_up_lost(o).await,
         }
     }
 
@@ -950,7 +955,7 @@ impl RemoteMachines for Cluster {
                 None => Err(OrderError::Internal),
             },
             Asked::Offline => Err(OrderError::Offline),
-            Asked::Lost => self.settle_lost(order_id).await,
+            Asked::Lost => self.settle_lost(order_id, Some(req)).await,
         }
     }
 
@@ -974,7 +979,7 @@ impl RemoteMachines for Cluster {
             Asked::Lost => match self.store.order(order_id).await? {
                 // The owner never paid it: it stays unpaid.
                 Some(o) if o.status == Status::AwaitingPayment => Err(OrderError::Offline),
-                _ => self.settle_lost(order_id).await,
+                _ => self.settle_lost(order_id, None).await,
             },
         }
     }

@@ -362,6 +362,69 @@ impl OrderService {
         outcome(&existing)
     }
 
+    /// Cluster mode: the owning node's answer about a forwarded order never
+    /// came and storage has no order `order_id`. The owner may still be
+    /// about to store it (it was paused between its last check and the
+    /// insert): store it here first, given up, so the owner's insert finds
+    /// the id taken and the order never starts. If the owner got there
+    /// first, settle what it stored.
+    pub(crate) async fn record_lost(
+        &self,
+        req: &PlaceRequest,
+        order_id: u64,
+    ) -> Result<u64, OrderError> {
+        let now = Utc::now();
+        let lines: Vec<Line> = req
+            .lines
+            .iter()
+            .map(|(p, q)| Line {
+                product_id: *p,
+                quantity: *q,
+                dispensed: 0,
+                unit_price: 0,
+            })
+            .collect();
+        let new = NewOrder {
+            order_id,
+            merchant_appid: req.merchant.clone(),
+            machine_no: req.machine_no,
+            out_trade_no: req.out_trade_no.clone(),
+            request_fingerprint: req.out_trade_no.as_ref().map(|_| fingerprint(req)),
+            pay_later: req.pay_later,
+            status: Status::Dispatching,
+            lines,
+            amount: 0,
+            created_at: now,
+            pay_deadline: None,
+        };
+        let ev = event("created", json!({ "by": "requester", "owner_lost": true }));
+        match self.store.insert_order(&new, &ev).await {
+            Ok(()) => {
+                let stored = self.load(order_id).await?;
+                // Never sent (the owner cannot store it now): no cancel owed.
+                let _ = self
+                    .transition(
+                        &stored,
+                        &Event::NotAccepted("not_delivered: owner lost".into()),
+                        json!({}),
+                    )
+                    .await;
+                Err(OrderError::Offline)
+            }
+            Err(StorageError::Duplicate("order")) => {
+                self.give_up_lost(self.load(order_id).await?).await
+            }
+            Err(StorageError::Duplicate("out_trade_no")) => {
+                let otn = req.out_trade_no.as_deref().unwrap_or("");
+                match self.store.order_by_out_trade_no(&req.merchant, otn).await? {
+                    Some(o) => self.give_up_lost(o).await,
+                    None => Err(OrderError::Internal),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Cluster mode: the owning node's answer about `o` never came (it died
     /// with the request, or the answer was lost). Treated exactly like a
     /// missing ack: a `dispatching` order is given up with a cancel owed
@@ -629,11 +692,14 @@ impl OrderService {
                     release: true,
                 })?,
         };
-        self.send_and_wait(stored).await.map_err(|(id, e)| Failed {
-            order_id: id,
-            error: e,
-            release: true,
-        })
+        let dispatch_by = req.forwarded.map(|f| f.dispatch_by);
+        self.send_and_wait(stored, dispatch_by)
+            .await
+            .map_err(|(id, e)| Failed {
+                order_id: id,
+                error: e,
+                release: true,
+            })
     }
 
     /// Insert a new order (retrying on an id collision).
@@ -690,6 +756,12 @@ impl OrderService {
                         refunded_at: None,
                     })
                 }
+                // A forwarded order keeps the id its requester chose: taken,
+                // it is the requester's record that it gave up (see
+                // `record_lost`), so this order must not start.
+                Err(StorageError::Duplicate("order")) if req.forwarded.is_some() => {
+                    return Err((order_id, OrderError::Offline));
+                }
                 Err(StorageError::Duplicate("order")) if attempts < 5 => {
                     attempts += 1;
                     order_id = self.ids.next();
@@ -711,7 +783,13 @@ impl OrderService {
     }
 
     /// Send the stored order's dispense command and wait for the machine.
-    async fn send_and_wait(&self, stored: StoredOrder) -> Result<Accepted, (u64, OrderError)> {
+    /// `dispatch_by`: a forwarded order must not leave after this (see
+    /// [`Forwarded`]).
+    async fn send_and_wait(
+        &self,
+        stored: StoredOrder,
+        dispatch_by: Option<tokio::time::Instant>,
+    ) -> Result<Accepted, (u64, OrderError)> {
         let (order_id, m) = (stored.order_id, stored.machine_no);
         let (ack_tx, ack_rx) = oneshot::channel();
         let (settled_tx, settled_rx) = oneshot::channel();
@@ -730,21 +808,31 @@ impl OrderService {
                 .collect(),
             ttl_ms,
         };
-        let sent_at = Utc::now();
-        let sent = self
-            .commands
-            .send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd)))
-            .await;
-        if let Err(e) = sent {
-            let _ = self
-                .transition(
-                    &stored,
-                    &Event::NotAccepted(format!("not_delivered: {e}")),
-                    json!({}),
-                )
-                .await;
-            return Err((order_id, OrderError::Offline));
-        }
+        // Checked again right before the command leaves (storing it took
+        // time, or the process was paused): past it, the requester has
+        // given up or is about to, and decides from storage alone.
+        let sent = if dispatch_by.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            Err(crate::commands::DeliveryError::Timeout)
+        } else {
+            let sent_at = Utc::now();
+            self.commands
+                .send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd)))
+                .await
+                .map(|()| sent_at)
+        };
+        let sent_at = match sent {
+            Ok(at) => at,
+            Err(e) => {
+                let _ = self
+                    .transition(
+                        &stored,
+                        &Event::NotAccepted(format!("not_delivered: {e}")),
+                        json!({}),
+                    )
+                    .await;
+                return Err((order_id, OrderError::Offline));
+            }
+        };
         // When the command left rides on the next transition's event: one
         // commit (one fsync) fewer per order than a separate "sent" row.
         let sent = json!({ "sent_at": sent_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "ttl_ms": ttl_ms });
