@@ -2222,3 +2222,76 @@ async fn a_flapping_machine_is_never_dispensed_twice_and_ends_online_on_the_last
     );
     sim.shutdown().await;
 }
+
+/// Uplink copies: a service client on one node sees the uplinks of a
+/// machine held by another node (its retained `state` on subscribing, then
+/// the `ack`, `result` and `inventory` of an order placed on a third node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_client_on_any_node_sees_every_machines_uplinks() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let c = Cluster::start(ClusterOptions::default()).await;
+    let m = c.merchant(None);
+    let creds = c.machines(&m, 50_000_000, 1);
+    let sim = spawn_sim(
+        c.nodes[1].mqtt_addr().to_string(),
+        &creds[0],
+        Behaviour::Normal,
+    );
+    assert!(sim.wait_ready(DEADLINE).await);
+    let apis: Vec<Api> = (0..3).map(|i| c.api(i, &m)).collect();
+    wait_machines_ready(std::slice::from_ref(&sim), &apis).await;
+    let machine = sim.machine_no();
+
+    let out = c.nodes[0]
+        .cli(&["service", "add", "--name", "observer"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {out:?}"))
+            .to_string()
+    };
+    let addr = c.nodes[0].mqtt_addr();
+    let mut opts = MqttOptions::new("observer-1", addr.ip().to_string(), addr.port());
+    opts.set_credentials(field("username"), field("password"));
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    client
+        .subscribe(format!("vend/v1/{machine}/#"), QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let pump = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    if let Ok(mut s) = seen.lock() {
+                        s.push(p.topic.clone());
+                    }
+                }
+            }
+        })
+    };
+    let has = |suffix: &str| {
+        let t = format!("vend/v1/{machine}/{suffix}");
+        seen.lock().map(|s| s.contains(&t)).unwrap_or(false)
+    };
+    // The retained state was copied to node 0 when the machine connected.
+    wait(
+        "the machine's retained state on another node",
+        DEADLINE,
+        || async { has("state") },
+    )
+    .await;
+    let answer = apis[2].order(&machine, 1, false).await.expect("an answer");
+    assert_eq!(answer["code"], 0, "{answer}");
+    wait(
+        "ack, result and inventory copied to node 0",
+        DEADLINE,
+        || async { has("ack") && has("result") && has("inventory") },
+    )
+    .await;
+    pump.abort();
+    sim.shutdown().await;
+}
