@@ -779,6 +779,43 @@ struct Burst {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Six machines connected through haproxy, and a burst of orders through
+/// haproxy under way (at least `min_successes` answered 0): where the node
+/// and NATS failure tests start from.
+struct BurstSetup {
+    m: Merchant,
+    apis: Vec<Api>,
+    sims: Vec<SimHandle>,
+    machines: Vec<MachineNo>,
+    burst: Burst,
+}
+
+impl BurstSetup {
+    async fn start(c: &Cluster, first: u32, min_successes: usize) -> BurstSetup {
+        let m = c.merchant(None);
+        let creds = c.machines(&m, first, 6);
+        let apis: Vec<Api> = (0..3).map(|i| c.api(i, &m)).collect();
+        let sims: Vec<SimHandle> = creds
+            .iter()
+            .map(|cr| spawn_sim(c.haproxy.mqtt_addr().to_string(), cr, Behaviour::Normal))
+            .collect();
+        wait_machines_ready(&sims, &apis).await;
+        let machines: Vec<MachineNo> = sims.iter().map(SimHandle::machine_no).collect();
+        let burst = Burst::start(&c.lb_api(&m), &machines, 1);
+        wait("a burst under way", DEADLINE, || async {
+            burst.successes() >= min_successes
+        })
+        .await;
+        BurstSetup {
+            m,
+            apis,
+            sims,
+            machines,
+            burst,
+        }
+    }
+}
+
 impl Burst {
     fn start(api: &Api, machines: &[MachineNo], quantity: u32) -> Burst {
         let stop = CancellationToken::new();
@@ -1338,20 +1375,13 @@ async fn a_machine_moving_between_nodes_is_not_reported_offline_nor_dispensed_tw
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_a_gateway_node_during_a_burst_loses_nothing() {
     let mut c = Cluster::start(ClusterOptions::default()).await;
-    let m = c.merchant(None);
-    let creds = c.machines(&m, 30_000_000, 6);
-    let apis: Vec<Api> = (0..3).map(|i| c.api(i, &m)).collect();
-    let sims: Vec<SimHandle> = creds
-        .iter()
-        .map(|cr| spawn_sim(c.haproxy.mqtt_addr().to_string(), cr, Behaviour::Normal))
-        .collect();
-    wait_machines_ready(&sims, &apis).await;
-    let machines: Vec<MachineNo> = sims.iter().map(SimHandle::machine_no).collect();
-    let burst = Burst::start(&c.lb_api(&m), &machines, 1);
-    wait("a burst under way", DEADLINE, || async {
-        burst.successes() >= 40
-    })
-    .await;
+    let BurstSetup {
+        m,
+        apis,
+        sims,
+        burst,
+        ..
+    } = BurstSetup::start(&c, 30_000_000, 40).await;
 
     let (victim, held) = c.busiest_node().await;
     assert!(held > 0, "some node holds machines");
@@ -1432,20 +1462,9 @@ async fn sigkill_of_a_gateway_node_during_a_burst_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_a_nats_server_during_a_burst_keeps_orders_flowing() {
     let mut c = Cluster::start(ClusterOptions::default()).await;
-    let m = c.merchant(None);
-    let creds = c.machines(&m, 40_000_000, 6);
-    let apis: Vec<Api> = (0..3).map(|i| c.api(i, &m)).collect();
-    let sims: Vec<SimHandle> = creds
-        .iter()
-        .map(|cr| spawn_sim(c.haproxy.mqtt_addr().to_string(), cr, Behaviour::Normal))
-        .collect();
-    wait_machines_ready(&sims, &apis).await;
-    let machines: Vec<MachineNo> = sims.iter().map(SimHandle::machine_no).collect();
-    let burst = Burst::start(&c.lb_api(&m), &machines, 1);
-    wait("a burst under way", DEADLINE, || async {
-        burst.successes() >= 30
-    })
-    .await;
+    let BurstSetup {
+        apis, sims, burst, ..
+    } = BurstSetup::start(&c, 40_000_000, 30).await;
 
     let mut clients = Vec::new();
     for i in 0..3 {
@@ -1927,20 +1946,13 @@ type Samples = Arc<Mutex<Vec<(String, Instant, Option<u64>)>>>;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_of_a_gateway_node_rehomes_its_machines_and_the_woken_node_does_no_harm() {
     let mut c = Cluster::start(ClusterOptions::default()).await;
-    let m = c.merchant(None);
-    let creds = c.machines(&m, 80_000_000, 6);
-    let apis: Vec<Api> = (0..3).map(|i| c.api(i, &m)).collect();
-    let sims: Vec<SimHandle> = creds
-        .iter()
-        .map(|cr| spawn_sim(c.haproxy.mqtt_addr().to_string(), cr, Behaviour::Normal))
-        .collect();
-    wait_machines_ready(&sims, &apis).await;
-    let machines: Vec<MachineNo> = sims.iter().map(SimHandle::machine_no).collect();
-    let burst = Burst::start(&c.lb_api(&m), &machines, 1);
-    wait("a burst under way", DEADLINE, || async {
-        burst.successes() >= 30
-    })
-    .await;
+    let BurstSetup {
+        m,
+        apis,
+        sims,
+        machines,
+        burst,
+    } = BurstSetup::start(&c, 80_000_000, 30).await;
 
     let (victim, held) = c.busiest_node().await;
     assert!(held > 0);
