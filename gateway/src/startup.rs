@@ -59,10 +59,7 @@ impl GatewayHandle {
         if local.as_ref().is_some_and(|p| p.online) {
             return local;
         }
-        let remote = self
-            .cluster
-            .as_ref()
-            .and_then(|c| c.view.remote(m, c.node()));
+        let remote = self.cluster.as_ref().and_then(|c| c.remote(m));
         match remote {
             Some(r) => Some(MachinePresence {
                 machine_no: *m,
@@ -81,18 +78,14 @@ impl GatewayHandle {
 
     /// Online on this node or, in a cluster, on any node.
     pub fn machine_online(&self, m: &MachineNo) -> bool {
-        self.presence.is_online(m)
-            || self
-                .cluster
-                .as_ref()
-                .is_some_and(|c| c.view.remote(m, c.node()).is_some())
+        self.presence.is_online(m) || self.cluster.as_ref().is_some_and(|c| c.remote(m).is_some())
     }
 
     /// Every machine online anywhere, in machine number order.
     pub fn online_machines(&self) -> Vec<MachineNo> {
         let mut v = self.presence.online_machines();
         if let Some(c) = &self.cluster {
-            v.extend(c.view.remote_online(c.node()).into_iter().map(|(m, _)| m));
+            v.extend(c.remote_online().into_iter().map(|(m, _)| m));
             v.sort_unstable();
             v.dedup();
         }

@@ -200,6 +200,16 @@ impl Cluster {
         &self.node
     }
 
+    /// Machine `m` if it is online on another node than this one.
+    pub fn remote(&self, m: &MachineNo) -> Option<view::Remote> {
+        self.view.remote(m, &self.node)
+    }
+
+    /// Every machine online on another node than this one.
+    pub fn remote_online(&self) -> Vec<(MachineNo, view::Remote)> {
+        self.view.remote_online(&self.node)
+    }
+
     /// Whether the NATS connection is up (for `/readyz`).
     pub fn nats_connected(&self) -> bool {
         self.nats.connection_state() == async_nats::connection::State::Connected
@@ -517,7 +527,7 @@ impl Cluster {
             if self.presence.is_online(m) {
                 return Asked::Local;
             }
-            let Some(owner) = self.view.remote(m, &self.node) else {
+            let Some(owner) = self.remote(m) else {
                 return Asked::Offline;
             };
             let request = async_nats::Request::new()
@@ -824,7 +834,7 @@ impl Cluster {
     /// reservations live there); None when it is not held elsewhere or
     /// does not answer within `wait`.
     pub async fn remote_stock(&self, m: &MachineNo, wait: Duration) -> Option<Vec<StockView>> {
-        if self.presence.is_online(m) || self.view.remote(m, &self.node).is_none() {
+        if self.presence.is_online(m) || self.remote(m).is_none() {
             return None;
         }
         match self.ask(m, &OwnerRequest::Stock, wait).await {
@@ -930,7 +940,7 @@ impl UplinkForwarder for Cluster {
 #[async_trait]
 impl RemoteMachines for Cluster {
     fn is_remote(&self, m: &MachineNo) -> bool {
-        self.view.remote(m, &self.node).is_some()
+        self.remote(m).is_some()
     }
 
     async fn place(&self, req: &PlaceRequest, order_id: u64) -> Result<u64, OrderError> {

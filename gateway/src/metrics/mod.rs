@@ -571,7 +571,7 @@ impl Metrics {
         // Cluster mode: machines online on the other nodes count too (this
         // node's own are in its registry).
         if let Some(cl) = &gw.cluster {
-            c.online += cl.view.remote_online(cl.node()).len() as u64;
+            c.online += cl.remote_online().len() as u64;
         }
         c
     }
