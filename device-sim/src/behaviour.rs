@@ -1,5 +1,13 @@
 //! How a simulated machine answers dispense commands (normal, refusing,
 //! failing, silent, slow, …), selectable per machine and changeable at runtime.
+//!
+//! Dispensing is two-phase (PROTOCOL.md machine rule 2): a machine that
+//! accepts a `cmd/dispense` acks it and *holds* the order; it dispenses only
+//! when `cmd/go` for it arrives, drops it on `cmd/cancel`, and drops it with
+//! a `no_go` result when neither comes within its go timeout. How a held
+//! order will be dispensed (full, half, nothing, result withheld, …) is
+//! fixed by the behaviour in force when the machine acks it. Only
+//! `ignore-go` breaks the rule, on purpose.
 
 use std::fmt;
 use std::str::FromStr;
@@ -16,57 +24,75 @@ pub const DEFAULT_SLOW_ACK_MS: u64 = 2_000;
 /// any keep alive the protocol allows (60 s × 1.5) to expire first.
 pub const DEFAULT_HALF_OPEN_MS: u64 = 120_000;
 
-/// How the machine answers `cmd/dispense`. Pings are always answered.
+/// How the machine answers `cmd/dispense` (and, for `ignore-go`, `cmd/go`).
+/// Pings are always answered.
 ///
 /// In scenario files (serde) the variant is the `kind` field in kebab-case:
 /// `{ kind = "refuse", reason = "door_open" }`, `{ kind = "normal" }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Behaviour {
-    /// Accept, dispense what is in stock, report any shortfall as
-    /// `out_of_stock`.
+    /// Accept and hold; on `go` dispense what is in stock, report any
+    /// shortfall as `out_of_stock`.
     #[default]
     Normal,
     /// Refuse every new order with this reason.
     Refuse { reason: String },
-    /// Accept, dispense nothing, report `dispensed: 0` with this error.
+    /// Accept and hold; on `go` dispense nothing, report `dispensed: 0`
+    /// with this error.
     Fail { error: String },
-    /// Accept, dispense half of each line (rounded down, so always short),
-    /// report this error.
+    /// Accept and hold; on `go` dispense half of each line (rounded down,
+    /// so always short), report this error.
     Partial { error: String },
     /// Record dispense commands and never answer them.
     NeverAck,
-    /// Accept and dispense, then publish neither result nor inventory (the
-    /// result is still stored, and re-published after a reconnect once the
-    /// behaviour has changed).
+    /// Accept and hold; on `go` dispense, then publish neither result nor
+    /// inventory (the result is still stored, and re-published after a
+    /// reconnect once the behaviour has changed). A go-timeout `no_go`
+    /// result is withheld the same way.
     AckThenSilent,
     /// Decide `ms` milliseconds after receipt: refuse as `expired` if the
-    /// order was cancelled meanwhile or `ms` ≥ `ttl_ms`, else behave
-    /// normally.
+    /// order was cancelled meanwhile or `ms` ≥ `ttl_ms`, else accept and
+    /// hold as `normal` does.
     SlowAck { ms: u64 },
     /// Drop the connection (no DISCONNECT, so the will fires) on the next
     /// dispense command without answering it, then behave normally.
     DropConnection,
-    /// Accept and dispense, publish the ack, then drop the connection (no
-    /// DISCONNECT) as soon as the gateway has acknowledged that ack and
-    /// before publishing the result; the stored result goes out after the
-    /// reconnect (machine rule 4). Every order, every time.
+    /// Accept and hold; on `go` dispense, then drop the connection (no
+    /// DISCONNECT) as soon as the gateway has acknowledged everything sent
+    /// before, without publishing the result; the stored result goes out
+    /// after the reconnect (machine rule 4). Every order, every time.
     ResultAfterReconnect,
     /// Behave normally but publish every ack and result twice (a lost
     /// PUBACK, a firmware retry); the results also go out again after each
     /// reconnect, as with every behaviour.
     Duplicate,
-    /// Before answering each dispense command normally, publish a burst of
-    /// hostile payloads on the machine's own uplink topics: broken JSON,
-    /// wrong types, numbers beyond 64 bits, deep nesting, invalid UTF-8,
-    /// acks and results for orders that do not exist, results that do not
-    /// fit the order, and a topic the protocol does not define.
+    /// Before acking each dispense command, publish a burst of hostile
+    /// payloads on the machine's own uplink topics: broken JSON, wrong
+    /// types, numbers beyond 64 bits, deep nesting, invalid UTF-8, acks and
+    /// results for orders that do not exist, and a topic the protocol does
+    /// not define; on `go`, before the real result, two results that do not
+    /// fit the order. Otherwise normal.
     Malformed,
     /// On the next dispense command stop reading and answering for `ms`
     /// milliseconds (no ack, no PINGREQ, no PUBACK) while keeping the TCP
     /// socket open, then read again and behave normally. The gateway must
     /// notice by keep alive alone.
     HalfOpen { ms: u64 },
+    /// Non-compliant (breaks machine rule 2): the old one-phase machine.
+    /// Acks and dispenses at once, publishing ack, result and inventory,
+    /// without waiting for `go`; every `go` is ignored (not answered). A
+    /// `cancel` that arrives before the dispense command still refuses it
+    /// as `expired`; one after it changes nothing (the goods are out).
+    IgnoreGo,
+    /// After acking each order the machine reboots: it forgets every held
+    /// order (held orders live in RAM; stock and finished orders' answers
+    /// are kept, as in flash), cuts the connection without DISCONNECT once
+    /// the gateway has acknowledged the ack, and reconnects. A `go` for the
+    /// order, whenever it arrives, finds it not held and is answered
+    /// `{"order_id":…,"items":[],"error":"no_go"}`; nothing is dispensed.
+    /// Every order, every time.
+    RebootBeforeGo,
 }
 
 /// A behaviour name the command line does not know.
@@ -74,7 +100,7 @@ pub enum Behaviour {
 #[error(
     "unknown behaviour {0:?}: expected normal, refuse[:REASON], fail[:ERROR], partial[:ERROR], \
      never-ack, ack-then-silent, slow-ack[:MS], drop-connection, result-after-reconnect, \
-     duplicate, malformed or half-open[:MS]"
+     duplicate, malformed, half-open[:MS], ignore-go or reboot-before-go"
 )]
 pub struct InvalidBehaviour(String);
 
@@ -118,6 +144,8 @@ impl FromStr for Behaviour {
             ("half-open", Some(ms)) => Self::HalfOpen {
                 ms: ms.parse().map_err(|_| InvalidBehaviour(s.to_owned()))?,
             },
+            ("ignore-go", None) => Self::IgnoreGo,
+            ("reboot-before-go", None) => Self::RebootBeforeGo,
             _ => return Err(InvalidBehaviour(s.to_owned())),
         };
         Ok(behaviour)
@@ -140,6 +168,8 @@ impl fmt::Display for Behaviour {
             Self::Duplicate => f.write_str("duplicate"),
             Self::Malformed => f.write_str("malformed"),
             Self::HalfOpen { ms } => write!(f, "half-open:{ms}"),
+            Self::IgnoreGo => f.write_str("ignore-go"),
+            Self::RebootBeforeGo => f.write_str("reboot-before-go"),
         }
     }
 }
@@ -175,6 +205,10 @@ mod tests {
         );
         assert!("half-open:later".parse::<Behaviour>().is_err());
         assert!("duplicate:2".parse::<Behaviour>().is_err());
+        assert_eq!("ignore-go".parse(), Ok(Behaviour::IgnoreGo));
+        assert_eq!("reboot-before-go".parse(), Ok(Behaviour::RebootBeforeGo));
+        assert!("ignore-go:1".parse::<Behaviour>().is_err());
+        assert!("reboot-before-go:1".parse::<Behaviour>().is_err());
     }
 
     #[test]
@@ -198,6 +232,8 @@ mod tests {
             Behaviour::Duplicate,
             Behaviour::Malformed,
             Behaviour::HalfOpen { ms: 1_500 },
+            Behaviour::IgnoreGo,
+            Behaviour::RebootBeforeGo,
         ] {
             assert_eq!(b.to_string().parse(), Ok(b));
         }
@@ -217,5 +253,9 @@ mod tests {
         assert_eq!(b, Behaviour::AckThenSilent);
         let b: Behaviour = serde_json::from_str(r#"{"kind":"slow-ack","ms":100}"#).unwrap();
         assert_eq!(b, Behaviour::SlowAck { ms: 100 });
+        let b: Behaviour = serde_json::from_str(r#"{"kind":"ignore-go"}"#).unwrap();
+        assert_eq!(b, Behaviour::IgnoreGo);
+        let b: Behaviour = serde_json::from_str(r#"{"kind":"reboot-before-go"}"#).unwrap();
+        assert_eq!(b, Behaviour::RebootBeforeGo);
     }
 }

@@ -24,6 +24,8 @@ use crate::{load, process, rr, secrets_file};
 
 /// Stock of a machine started without `--products`.
 const DEFAULT_PRODUCTS: &str = "1:20:350,2:20:200,3:20:500";
+/// `--go-timeout` when not given: [`crate::state::DEFAULT_GO_TIMEOUT`].
+const DEFAULT_GO_TIMEOUT: &str = "10s";
 
 /// Simulated vending machines for vendgate.
 #[derive(Debug, Parser)]
@@ -71,10 +73,20 @@ pub struct RunArgs {
     pub secret: String,
     /// normal, refuse[:REASON], fail[:ERROR], partial[:ERROR], never-ack,
     /// ack-then-silent, slow-ack[:MS], drop-connection,
-    /// result-after-reconnect, duplicate, malformed or half-open[:MS] (see
-    /// the scenario files in `device-sim/scenarios/` for what each does).
+    /// result-after-reconnect, duplicate, malformed, half-open[:MS],
+    /// ignore-go or reboot-before-go (see the scenario files in
+    /// `device-sim/scenarios/` for what each does).
     #[arg(long, default_value = "normal")]
     pub behaviour: Behaviour,
+    /// How long an acked order is held waiting for `cmd/go` (or
+    /// `cmd/cancel`) before the machine drops it with a `no_go` result,
+    /// e.g. 10s, 500ms.
+    #[arg(long, default_value = DEFAULT_GO_TIMEOUT, value_parser = parse_go_timeout)]
+    pub go_timeout: Duration,
+    /// The CONNECT's clean session flag (`--clean-session false` asks for a
+    /// persistent session, which PROTOCOL.md's machines do not).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub clean_session: bool,
     /// MQTT keep alive in seconds (the protocol allows 5–60).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=65535))]
     pub keep_alive: u64,
@@ -111,6 +123,13 @@ pub struct FleetArgs {
     /// How every machine answers orders (see `run --help`).
     #[arg(long, default_value = "normal", conflicts_with = "scenario")]
     pub behaviour: Behaviour,
+    /// How long every machine holds an acked order waiting for `cmd/go`
+    /// (see `run --help`); a scenario's `go_timeout_ms` overrides it.
+    #[arg(long, default_value = DEFAULT_GO_TIMEOUT, value_parser = parse_go_timeout)]
+    pub go_timeout: Duration,
+    /// The CONNECT's clean session flag of every machine.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub clean_session: bool,
     /// A scenario file (TOML, see `device-sim/scenarios/`) assigning
     /// behaviours, flapping schedules and starting stock per machine, and
     /// optionally a reconnect storm of the whole fleet, instead of one
@@ -214,6 +233,15 @@ pub fn parse_products(s: &str) -> Result<Products, String> {
         .map(Products)
 }
 
+/// Parses a go timeout (`10s`, `500ms`); it must be above 0.
+pub fn parse_go_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("the go timeout must be above 0".into());
+    }
+    Ok(d)
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `default_filter`, see
 /// [`Commands::default_log_filter`]).
 pub fn init_tracing(default_filter: &str) {
@@ -247,6 +275,8 @@ async fn run_one(args: RunArgs) -> anyhow::Result<()> {
         firmware: args.firmware,
         inventory: args.products.0,
         behaviour: args.behaviour,
+        go_timeout: args.go_timeout,
+        clean_session: args.clean_session,
     };
     info!(?config, "starting machine");
     let machine = SimMachine::spawn(config);
@@ -286,6 +316,8 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<()> {
         keep_alive: Duration::from_secs(args.keep_alive),
         behaviour: args.behaviour,
         inventory: args.products.0,
+        go_timeout: args.go_timeout,
+        clean_session: args.clean_session,
         ..FleetOptions::default()
     };
     let scenario = args
@@ -482,6 +514,50 @@ mod tests {
             }
         );
         assert_eq!(args.keep_alive, 30);
+        assert_eq!(args.go_timeout, crate::state::DEFAULT_GO_TIMEOUT);
+        assert!(args.clean_session);
+    }
+
+    #[test]
+    fn parses_go_timeout_and_clean_session() {
+        let cli = Cli::try_parse_from([
+            "vendgate-sim",
+            "run",
+            "--machine-no",
+            "00000001",
+            "--secret",
+            "s",
+            "--behaviour",
+            "reboot-before-go",
+            "--go-timeout",
+            "750ms",
+            "--clean-session",
+            "false",
+        ])
+        .unwrap();
+        let Commands::Run(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.behaviour, Behaviour::RebootBeforeGo);
+        assert_eq!(args.go_timeout, Duration::from_millis(750));
+        assert!(!args.clean_session);
+        let cli = Cli::try_parse_from([
+            "vendgate-sim",
+            "fleet",
+            "--secrets",
+            "s.csv",
+            "--behaviour",
+            "ignore-go",
+            "--go-timeout",
+            "2s",
+        ])
+        .unwrap();
+        let Commands::Fleet(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(args.behaviour, Behaviour::IgnoreGo);
+        assert_eq!(args.go_timeout, Duration::from_secs(2));
+        assert!(args.clean_session);
     }
 
     #[test]
@@ -498,6 +574,14 @@ mod tests {
             "1:-1:350"
         ]));
         assert!(with(&["--machine-no", "12345678", "--keep-alive", "0"]));
+        assert!(with(&["--machine-no", "12345678", "--go-timeout", "0s"]));
+        assert!(with(&["--machine-no", "12345678", "--go-timeout", "soon"]));
+        assert!(with(&[
+            "--machine-no",
+            "12345678",
+            "--clean-session",
+            "maybe"
+        ]));
     }
 
     #[test]

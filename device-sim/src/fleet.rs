@@ -15,6 +15,7 @@ use vendgate_proto::msg::InventoryItem;
 
 use crate::behaviour::Behaviour;
 use crate::sim::{SimConfig, SimHandle, SimMachine};
+use crate::state::DEFAULT_GO_TIMEOUT;
 
 /// Default machines started per second: fast, yet a gateway's accept loop
 /// and authentication are not hit by ten thousand CONNECTs at once.
@@ -36,10 +37,17 @@ pub struct FleetOptions {
     pub inventory: Vec<InventoryItem>,
     /// Reported in each machine's `state` message.
     pub firmware: String,
+    /// How long every machine holds an acked order waiting for `go` (see
+    /// [`SimConfig::go_timeout`]); a scenario may override it per machine.
+    pub go_timeout: Duration,
+    /// The CONNECT's clean session flag of every machine (see
+    /// [`SimConfig::clean_session`]).
+    pub clean_session: bool,
 }
 
 impl Default for FleetOptions {
-    /// 2,000 connects per second, keep alive 30 s, normal behaviour, no stock.
+    /// 2,000 connects per second, keep alive 30 s, normal behaviour, no
+    /// stock, go timeout 10 s, clean session.
     fn default() -> Self {
         Self {
             connect_rate: DEFAULT_CONNECT_RATE,
@@ -47,6 +55,8 @@ impl Default for FleetOptions {
             behaviour: Behaviour::Normal,
             inventory: Vec::new(),
             firmware: concat!("vendgate-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
+            go_timeout: DEFAULT_GO_TIMEOUT,
+            clean_session: true,
         }
     }
 }
@@ -158,8 +168,9 @@ impl Fleet {
         })
     }
 
-    /// As [`spawn`](Self::spawn), with each machine's behaviour and starting
-    /// stock from `scenario` (stock falls back to `options.inventory`).
+    /// As [`spawn`](Self::spawn), with each machine's behaviour, starting
+    /// stock and go timeout from `scenario` (stock falls back to
+    /// `options.inventory`, the go timeout to `options.go_timeout`).
     /// Start its schedules with [`Scenario::start_schedules`](crate::scenario::Scenario::start_schedules).
     pub fn spawn_scenario(
         gateway: impl Into<String>,
@@ -172,6 +183,9 @@ impl Fleet {
             c.behaviour = a.behaviour;
             if let Some(stock) = a.stock {
                 c.inventory = stock;
+            }
+            if let Some(go_timeout) = a.go_timeout {
+                c.go_timeout = go_timeout;
             }
         })
     }
@@ -197,6 +211,8 @@ impl Fleet {
                     firmware: options.firmware.clone(),
                     inventory: options.inventory.clone(),
                     behaviour: options.behaviour.clone(),
+                    go_timeout: options.go_timeout,
+                    clean_session: options.clean_session,
                 };
                 configure(&mut config);
                 // A child token each: one machine's `shutdown` must not

@@ -38,9 +38,33 @@ pub enum JournalEvent {
     Dropped,
     /// A `cmd/dispense` arrived (whatever the answer).
     DispenseReceived(DispenseCmd),
+    /// A `cmd/go` arrived (whatever the answer).
+    GoReceived {
+        order_id: u64,
+    },
     /// A `cmd/cancel` arrived.
     CancelReceived {
         order_id: u64,
+    },
+    /// The machine accepted the order and holds it, dispensing nothing
+    /// until `cmd/go` (its ack follows).
+    Held {
+        order_id: u64,
+    },
+    /// A `cmd/cancel` dropped a held order: it will never be dispensed.
+    HoldCancelled {
+        order_id: u64,
+    },
+    /// Neither `go` nor `cancel` came within the go timeout: the held order
+    /// was dropped undispensed and its `no_go` result stored (and published
+    /// unless the machine is silent).
+    NoGo {
+        order_id: u64,
+    },
+    /// The machine rebooted: every held (and slow-ack pending) order was
+    /// forgotten; stock and finished orders' answers were kept.
+    Rebooted {
+        forgotten: Vec<u64>,
     },
     /// A `cmd/ping` arrived.
     PingReceived {
@@ -53,7 +77,9 @@ pub enum JournalEvent {
     },
     /// Goods physically came out (or were attempted: a failing machine
     /// records a dispense of zero). One entry per dispense, so a test can
-    /// check that no order is ever dispensed twice.
+    /// check that no order is ever dispensed twice; an order without one
+    /// was never dispensed (see also `SimHandle::dispensed_orders`, which
+    /// the journal's trimming does not affect).
     Dispensed {
         order_id: u64,
         items: Vec<ResultItem>,
@@ -89,7 +115,12 @@ impl JournalEvent {
     pub fn order_id(&self) -> Option<u64> {
         match self {
             Self::DispenseReceived(cmd) => Some(cmd.order_id),
-            Self::CancelReceived { order_id } | Self::Dispensed { order_id, .. } => Some(*order_id),
+            Self::GoReceived { order_id }
+            | Self::CancelReceived { order_id }
+            | Self::Held { order_id }
+            | Self::HoldCancelled { order_id }
+            | Self::NoGo { order_id }
+            | Self::Dispensed { order_id, .. } => Some(*order_id),
             Self::AckSent(ack) => Some(ack.order_id),
             Self::ResultSent(result) => Some(result.order_id),
             _ => None,

@@ -1,6 +1,7 @@
 //! Scenario files: TOML that assigns a [`Behaviour`] (and optionally a
-//! connection flapping schedule) to each machine of a fleet, by machine
-//! number ranges or by deterministic, seeded shares.
+//! connection flapping schedule, starting stock and go timeout) to each
+//! machine of a fleet, by machine number ranges or by deterministic, seeded
+//! shares.
 //!
 //! ```toml
 //! seed = 42                          # makes `share` assignment repeatable
@@ -15,15 +16,20 @@
 //! behaviour = { kind = "slow-ack", ms = 2000 }
 //! flap = { period_ms = 5000 }        # drop the connection every 5 s
 //! stock = [{ product_id = 1, stock = 2, price = 350 }]  # starting stock
+//! go_timeout_ms = 500                # hold an acked order this long for `go`
 //!
 //! # optional, top level: every machine drops at once and returns at once
 //! storm = { after_ms = 1000, down_ms = 2000, period_ms = 30000 }
 //! # optional, top level: starting stock of machines whose rule sets none
 //! stock = [{ product_id = 1, stock = 10, price = 350 }]
+//! # optional, top level: go timeout of machines whose rule sets none
+//! # (default: the fleet's, 10 s unless `--go-timeout` says otherwise)
+//! go_timeout_ms = 10000
 //! ```
 //!
-//! Top-level keys (`seed`, `default`, `storm`, `stock`) must come before the
-//! first `[[rule]]` (TOML puts later keys inside that rule).
+//! Top-level keys (`seed`, `default`, `storm`, `stock`, `go_timeout_ms`)
+//! must come before the first `[[rule]]` (TOML puts later keys inside that
+//! rule).
 //!
 //! # Shares
 //!
@@ -76,6 +82,9 @@ pub struct Scenario {
     /// Starting stock of machines whose rule sets none (`None`: the fleet's
     /// own, e.g. `--products`).
     pub stock: Option<Vec<InventoryItem>>,
+    /// Go timeout of machines whose rule sets none (`None`: the fleet's
+    /// own, e.g. `--go-timeout`).
+    pub go_timeout: Option<Duration>,
 }
 
 /// A reconnect storm: every machine's socket is cut at once (no DISCONNECT,
@@ -101,6 +110,8 @@ pub struct Rule {
     pub flap: Option<Duration>,
     /// Starting stock of the machines of this rule.
     pub stock: Option<Vec<InventoryItem>>,
+    /// Go timeout of the machines of this rule.
+    pub go_timeout: Option<Duration>,
 }
 
 /// Which machines a rule selects.
@@ -119,6 +130,9 @@ pub struct Assignment {
     pub flap: Option<Duration>,
     /// Starting stock (`None`: the fleet's own).
     pub stock: Option<Vec<InventoryItem>>,
+    /// How long the machine holds an acked order waiting for `go` (`None`:
+    /// the fleet's own).
+    pub go_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -132,6 +146,7 @@ struct RawScenario {
     rules: Vec<RawRule>,
     storm: Option<RawStorm>,
     stock: Option<Vec<InventoryItem>>,
+    go_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +165,7 @@ struct RawRule {
     behaviour: Behaviour,
     flap: Option<RawFlap>,
     stock: Option<Vec<InventoryItem>>,
+    go_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -223,16 +239,19 @@ impl Scenario {
             if let Some(stock) = &r.stock {
                 check_stock(stock).map_err(err)?;
             }
+            let go_timeout = go_timeout(r.go_timeout_ms).map_err(err)?;
             rules.push(Rule {
                 selector,
                 behaviour: r.behaviour,
                 flap,
                 stock: r.stock,
+                go_timeout,
             });
         }
         if let Some(stock) = &raw.stock {
             check_stock(stock).map_err(ScenarioError::Invalid)?;
         }
+        let go_timeout = go_timeout(raw.go_timeout_ms).map_err(ScenarioError::Invalid)?;
         let storm = match raw.storm {
             None => None,
             Some(RawStorm {
@@ -254,6 +273,7 @@ impl Scenario {
             rules,
             storm,
             stock: raw.stock,
+            go_timeout,
         })
     }
 
@@ -272,11 +292,13 @@ impl Scenario {
                 behaviour: r.behaviour.clone(),
                 flap: r.flap,
                 stock: r.stock.clone().or_else(|| self.stock.clone()),
+                go_timeout: r.go_timeout.or(self.go_timeout),
             })
             .unwrap_or_else(|| Assignment {
                 behaviour: self.default.clone(),
                 flap: None,
                 stock: self.stock.clone(),
+                go_timeout: self.go_timeout,
             })
     }
 
@@ -345,6 +367,14 @@ async fn run_storm(storm: Storm, all: &[SimHandle]) {
             Some(p) => tokio::time::sleep(p).await,
             None => return,
         }
+    }
+}
+
+/// A `go_timeout_ms`, which must be above 0 when given.
+fn go_timeout(ms: Option<u64>) -> Result<Option<Duration>, String> {
+    match ms {
+        Some(0) => Err("go_timeout_ms must be above 0".into()),
+        ms => Ok(ms.map(Duration::from_millis)),
     }
 }
 
@@ -559,15 +589,47 @@ mod tests {
             s.behaviour_for(m(10_000_002)),
             Behaviour::HalfOpen { ms: 5000 }
         );
+        assert_eq!(s.go_timeout, None);
+        assert_eq!(s.assignment_for(m(10_000_001)).go_timeout, None);
         for bad in [
             "storm = { after_ms = 1, down_ms = 1, period_ms = 0 }",
             "storm = { after_ms = 1 }",
             "stock = [{ product_id = 0, stock = 1, price = 1 }]",
             "stock = [{ product_id = 1, stock = -1, price = 1 }]",
             "stock = [{ product_id = 1, stock = 1, price = 1 }, { product_id = 1, stock = 2, price = 1 }]",
+            "go_timeout_ms = 0",
+            "[[rule]]\nmachines = \"10000000\"\nbehaviour = { kind = \"normal\" }\ngo_timeout_ms = 0",
         ] {
             assert!(Scenario::parse(bad).is_err(), "accepted: {bad}");
         }
+    }
+
+    #[test]
+    fn go_timeout_per_rule_and_top_level() {
+        let s = Scenario::parse(
+            r#"
+            go_timeout_ms = 3000
+            [[rule]]
+            machines = "10000001"
+            behaviour = { kind = "ignore-go" }
+            go_timeout_ms = 250
+            [[rule]]
+            machines = "10000002"
+            behaviour = { kind = "reboot-before-go" }
+            "#,
+        )
+        .unwrap();
+        let a = s.assignment_for(m(10_000_001));
+        assert_eq!(a.behaviour, Behaviour::IgnoreGo);
+        assert_eq!(a.go_timeout, Some(Duration::from_millis(250)));
+        let b = s.assignment_for(m(10_000_002));
+        assert_eq!(b.behaviour, Behaviour::RebootBeforeGo);
+        assert_eq!(b.go_timeout, Some(Duration::from_secs(3)), "top level");
+        assert_eq!(
+            s.assignment_for(m(10_000_003)).go_timeout,
+            Some(Duration::from_secs(3)),
+            "the default gets it too"
+        );
     }
 
     #[test]

@@ -7,13 +7,17 @@
 //!   commands into [`Outgoing`]s and never awaits a publish itself (rumqttc
 //!   freezes if the polling task blocks on its own request channel);
 //! - the publisher task hands messages to the client in order;
-//! - one short timer task per slow ack.
+//! - one short timer task per slow ack;
+//! - one timer task per held order, for its go timeout. It belongs to the
+//!   machine, not the connection: a held order times out (and its `no_go`
+//!   result is stored) even while the machine is offline.
 //!
 //! Two behaviours need the connection task itself: `half-open` stops
 //! polling the event loop (so nothing is read or written, PINGREQ included,
-//! while the socket stays open), and `result-after-reconnect` cuts the
-//! socket only once a re-SUBSCRIBE queued behind its ack is answered, which
-//! proves the gateway has the ack.
+//! while the socket stays open), and `result-after-reconnect` (after its
+//! go) and `reboot-before-go` (after its ack) cut the socket only once a
+//! re-SUBSCRIBE queued behind what they sent is answered, which proves the
+//! gateway has it.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +39,7 @@ use vendgate_proto::topic::{self, Topic, Uplink};
 
 use crate::behaviour::Behaviour;
 use crate::journal::{JournalEntry, JournalEvent};
-use crate::state::{MachineState, Outgoing};
+use crate::state::{MachineState, Outgoing, DEFAULT_GO_TIMEOUT};
 
 /// First delay before reconnecting; doubles up to [`BACKOFF_MAX`]. rumqttc
 /// itself reconnects at once (issue #703), which would spin on a refusal.
@@ -75,10 +79,22 @@ pub struct SimConfig {
     /// Initial stock.
     pub inventory: Vec<InventoryItem>,
     pub behaviour: Behaviour,
+    /// How long an acked order is held waiting for `cmd/go` or
+    /// `cmd/cancel` before the machine drops it with a `no_go` result
+    /// (PROTOCOL.md machine rule 2); default [`DEFAULT_GO_TIMEOUT`] (10 s).
+    pub go_timeout: Duration,
+    /// The CONNECT's clean session flag. PROTOCOL.md says machines connect
+    /// with clean session (`true`, the default); `false` makes a machine
+    /// that asks for a persistent session, which the gateway must treat as
+    /// clean (gateway rule 8). The machine itself behaves the same either
+    /// way: it subscribes on every CONNACK, and rumqttc drops its
+    /// unacknowledged requests when the CONNACK says no session is present.
+    pub clean_session: bool,
 }
 
 impl SimConfig {
-    /// A normally behaving machine with no stock, keep alive 30 s.
+    /// A normally behaving machine with no stock, keep alive 30 s, go
+    /// timeout 10 s, clean session.
     pub fn new(
         gateway: impl Into<String>,
         machine_no: MachineNo,
@@ -92,6 +108,8 @@ impl SimConfig {
             firmware: concat!("vendgate-sim/", env!("CARGO_PKG_VERSION")).to_owned(),
             inventory: Vec::new(),
             behaviour: Behaviour::Normal,
+            go_timeout: DEFAULT_GO_TIMEOUT,
+            clean_session: true,
         }
     }
 }
@@ -107,6 +125,8 @@ impl fmt::Debug for SimConfig {
             .field("firmware", &self.firmware)
             .field("inventory", &self.inventory)
             .field("behaviour", &self.behaviour)
+            .field("go_timeout", &self.go_timeout)
+            .field("clean_session", &self.clean_session)
             .finish()
     }
 }
@@ -134,12 +154,13 @@ impl SimMachine {
     /// [`spawn_with_cancel`](Self::spawn_with_cancel). Needs no runtime
     /// until revived.
     pub fn idle(config: SimConfig, cancel: CancellationToken) -> SimHandle {
-        let state = MachineState::new(
+        let mut state = MachineState::new(
             config.machine_no,
             config.firmware.clone(),
             config.inventory.clone(),
             config.behaviour.clone(),
         );
+        state.set_go_timeout(config.go_timeout);
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(state),
@@ -297,8 +318,19 @@ impl SimHandle {
     }
 
     /// Every order id actually dispensed, once per dispense, in order.
+    /// Never trimmed: an id absent here was never dispensed.
     pub fn dispensed_orders(&self) -> Vec<u64> {
         lock(&self.shared.state).dispensed_orders().to_vec()
+    }
+
+    /// Whether this order was ever dispensed.
+    pub fn was_dispensed(&self, order_id: u64) -> bool {
+        lock(&self.shared.state).was_dispensed(order_id)
+    }
+
+    /// The orders acked and held, waiting for `cmd/go` (oldest first).
+    pub fn held_orders(&self) -> Vec<u64> {
+        lock(&self.shared.state).held_orders()
     }
 
     /// Current stock.
@@ -315,7 +347,8 @@ impl SimHandle {
         lock(&self.shared.state).behaviour().clone()
     }
 
-    /// Changes how later dispense commands are answered.
+    /// Changes how later dispense commands are answered. Orders already
+    /// held are dispensed (on `go`) as the behaviour of their ack said.
     pub fn set_behaviour(&self, behaviour: Behaviour) {
         self.shared.with_state(|s| s.set_behaviour(behaviour));
     }
@@ -408,6 +441,17 @@ impl SimHandle {
             .send_out(results.into_iter().map(Outgoing::Result).collect());
     }
 
+    /// Reboots the machine now: forgets every held order (see
+    /// [`MachineState::reboot`]; stock and finished orders' answers are
+    /// kept), cuts the connection without DISCONNECT and reconnects after
+    /// the backoff. A later `go` for a forgotten order is answered `no_go`.
+    /// Returns the forgotten order ids.
+    pub fn reboot(&self) -> Vec<u64> {
+        let forgotten = self.shared.with_state(|s| s.reboot(Instant::now()));
+        self.drop_connection();
+        forgotten
+    }
+
     /// Cuts the connection without DISCONNECT (the will fires); the machine
     /// reconnects after the backoff.
     pub fn drop_connection(&self) {
@@ -428,7 +472,10 @@ impl SimHandle {
 
     /// Closes the socket without DISCONNECT, like a power cut: the will
     /// fires and the machine stays offline until [`revive`](Self::revive).
-    /// Stock, stored answers and the journal survive, as in flash memory.
+    /// Stock, stored answers and the journal survive, as in flash memory;
+    /// so do held orders, whose go timeouts keep running (a `no_go` result
+    /// due meanwhile goes out on the next connect). For a machine that
+    /// also forgets its held orders, use [`reboot`](Self::reboot).
     pub async fn kill(&self) {
         let Some(run) = lock(&self.shared.running).take() else {
             return;
@@ -496,7 +543,7 @@ fn mqtt_options(config: &SimConfig) -> Result<MqttOptions, String> {
     let keep_alive = config.keep_alive.as_secs().clamp(1, u64::from(u16::MAX));
     options
         .set_keep_alive(Duration::from_secs(keep_alive))
-        .set_clean_session(true)
+        .set_clean_session(config.clean_session)
         .set_credentials(m.as_str(), config.secret.as_str())
         .set_max_packet_size(MAX_PACKET, MAX_PACKET)
         .set_inflight(INFLIGHT)
@@ -552,7 +599,8 @@ async fn run_connection(
     ));
 
     let mut backoff = BACKOFF_MIN;
-    // Set by `Control::CutOnSubAck` (result-after-reconnect).
+    // Set by `Control::CutOnSubAck` (result-after-reconnect,
+    // reboot-before-go).
     let mut cut_on_suback = false;
     // While set, the event loop is not polled at all (half-open): nothing is
     // read from or written to the socket, which stays open.
@@ -613,8 +661,9 @@ async fn run_connection(
                 // The reconnect a pending cut was for has happened anyway.
                 cut_on_suback = false;
                 shared.set_connected(true);
-                // Every session is clean (rumqttc does not resubscribe,
-                // issue #250), so announce and subscribe on every CONNACK.
+                // The gateway keeps no session, whatever the CONNECT asked
+                // (gateway rule 8), and rumqttc does not resubscribe (issue
+                // #250), so announce and subscribe on every CONNACK.
                 let out = shared.with_state(|s| s.on_connect(Instant::now()));
                 dispatch(&shared, &life, &out_tx, out);
             }
@@ -734,8 +783,8 @@ struct Then {
 }
 
 /// Routes outgoings: messages (and the delivered-then-cut marker, which must
-/// stay behind them) to the publisher, slow acks to timers; returns what the
-/// connection task itself must do.
+/// stay behind them) to the publisher, slow acks and go timeouts to timers;
+/// returns what the connection task itself must do.
 fn dispatch(
     shared: &Arc<Shared>,
     life: &CancellationToken,
@@ -752,8 +801,28 @@ fn dispatch(
                 tokio::spawn(async move {
                     if pause(&life, after).await {
                         let out = shared.with_state(|s| s.resume(order_id, Instant::now()));
-                        for o in out {
-                            let _ = out_tx.send(o);
+                        // An ack and its go timeout, or a refusal: nothing
+                        // for the connection task itself.
+                        dispatch(&shared, &life, &out_tx, out);
+                    }
+                });
+            }
+            Outgoing::GoDeadline { order_id, after } => {
+                let shared = Arc::clone(shared);
+                // The machine's lifetime, not this connection's: the order
+                // is held across reconnects (and a kill), so it times out
+                // across them too. Its `no_go` result is stored, and
+                // re-published on the next connect if no connection takes
+                // it now. A timer whose order got its go or cancel first
+                // finds nothing to do.
+                let machine = shared.cancel.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = machine.cancelled() => {}
+                        () = tokio::time::sleep(after) => {
+                            let out =
+                                shared.with_state(|s| s.go_deadline(order_id, Instant::now()));
+                            shared.send_out(out);
                         }
                     }
                 });
@@ -826,5 +895,24 @@ async fn run_publisher(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_options_follow_the_config() {
+        let m = MachineNo::parse("12345678").unwrap();
+        let mut config = SimConfig::new("127.0.0.1:1883", m, "s");
+        assert_eq!(config.go_timeout, DEFAULT_GO_TIMEOUT);
+        let options = mqtt_options(&config).unwrap();
+        assert!(options.clean_session(), "PROTOCOL.md: clean session");
+        assert_eq!(options.client_id(), "12345678");
+        config.clean_session = false;
+        assert!(!mqtt_options(&config).unwrap().clean_session());
+        let debug = format!("{config:?}");
+        assert!(debug.contains("clean_session: false") && !debug.contains("\"s\""));
     }
 }

@@ -1,15 +1,27 @@
 //! The pure core of a simulated machine: commands in, messages out, stock and
 //! order memory in between. No I/O and no clock of its own (time is passed
-//! in), so every rule of PROTOCOL.md can be tested without a broker.
+//! in, timers are [`Outgoing`] actions the runtime calls back), so every
+//! rule of PROTOCOL.md can be tested without a broker.
+//!
+//! # Two-phase dispense (machine rule 2)
+//!
+//! An accepted `cmd/dispense` is acked and the order *held*; nothing comes
+//! out. `cmd/go` for a held order dispenses it (once: its id joins
+//! [`MachineState::dispensed_orders`] and is never dispensed again);
+//! `cmd/cancel` drops it; with neither within the go timeout
+//! ([`Outgoing::GoDeadline`], [`MachineState::go_deadline`]) it is dropped
+//! with a `no_go` result. A `go` for an order not held is answered
+//! `{"items":[],"error":"no_go"}`; a `go` for a dispensed order is a repeat
+//! and not answered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{
-    self, AckMsg, CancelCmd, DispenseCmd, InventoryItem, InventoryMsg, PingCmd, PongMsg,
-    ResultItem, ResultMsg, StateMsg,
+    self, AckMsg, CancelCmd, DispenseCmd, GoCmd, InventoryItem, InventoryMsg, PingCmd, PongMsg,
+    ResultItem, ResultMsg, StateMsg, ERROR_NO_GO,
 };
 use vendgate_proto::topic::{self, Command, Uplink};
 
@@ -32,6 +44,11 @@ pub const REASON_EXPIRED: &str = "expired";
 /// Result error when stock ran short.
 pub const ERROR_OUT_OF_STOCK: &str = "out_of_stock";
 
+/// How long a machine holds an acked order waiting for `cmd/go` or
+/// `cmd/cancel` before dropping it with a `no_go` result (PROTOCOL.md
+/// machine rule 2).
+pub const DEFAULT_GO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Something the runtime must do on the machine's behalf, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outgoing {
@@ -49,6 +66,11 @@ pub enum Outgoing {
     Result(ResultMsg),
     /// Call [`MachineState::resume`] for this order after `after` (slow ack).
     Defer { order_id: u64, after: Duration },
+    /// Call [`MachineState::go_deadline`] for this order after `after` (the
+    /// go timeout of an order just acked and held). Calling it early, or
+    /// after `go`/`cancel` settled the order, does nothing, so the runtime
+    /// need not cancel the timer.
+    GoDeadline { order_id: u64, after: Duration },
     /// Cut the connection without DISCONNECT, then reconnect.
     DropConnection,
     /// Cut the connection without DISCONNECT once the gateway has
@@ -86,6 +108,7 @@ impl Outgoing {
             }
             Self::Subscribe(_)
             | Self::Defer { .. }
+            | Self::GoDeadline { .. }
             | Self::DropConnection
             | Self::DropWhenDelivered
             | Self::Stall(_) => return None,
@@ -113,6 +136,7 @@ impl Outgoing {
             }),
             Self::Subscribe(_)
             | Self::Defer { .. }
+            | Self::GoDeadline { .. }
             | Self::DropConnection
             | Self::DropWhenDelivered
             | Self::Stall(_) => None,
@@ -123,22 +147,73 @@ impl Outgoing {
 /// What the machine remembers about one order id.
 #[derive(Debug, Clone)]
 enum Order {
-    /// A cancel arrived before any dispense command: refuse it when it comes.
-    CancelledEarly,
+    /// Not to be dispensed: a cancel arrived before the order was held (or
+    /// dropped it while held), or a `go` came for an order the machine did
+    /// not hold. A dispense command for it is refused as `expired`. `no_go`
+    /// is the answer given to such a `go`, kept and re-published after a
+    /// reconnect like a result.
+    Cancelled { no_go: Option<ResultMsg> },
     /// A slow ack is pending; decided by [`MachineState::resume`].
     Deferred {
         cmd: DispenseCmd,
         received: Instant,
         cancelled: bool,
     },
-    /// Answered; repeats get the same ack (and result, when there is one).
+    /// Acked and held: dispensed on `go` per `plan`, dropped on `cancel`,
+    /// or dropped with a `no_go` result at `deadline`.
+    Held {
+        cmd: DispenseCmd,
+        deadline: Instant,
+        plan: Plan,
+    },
+    /// Finished (dispensed, refused, or dropped for lack of `go`; which of
+    /// them the dispensed ids tell); repeats get the same ack (and result,
+    /// when there is one).
     Answered {
         ack: AckMsg,
         result: Option<ResultMsg>,
     },
 }
 
+/// How a held order will be dispensed and reported, fixed when it is acked.
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    yield_: Yield,
+    report: Report,
+}
+
+impl Plan {
+    const NORMAL: Plan = Plan {
+        yield_: Yield::Full,
+        report: Report::Normal,
+    };
+
+    fn full(report: Report) -> Plan {
+        Plan {
+            yield_: Yield::Full,
+            report,
+        }
+    }
+}
+
+/// What the machine publishes about a held order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// Each ack and result once, the result followed by an inventory.
+    Normal,
+    /// The ack only; result (and inventory) stored, never published.
+    Silent,
+    /// Every ack and result twice.
+    Twice,
+    /// The result stored, not published; after the go the connection is
+    /// cut once everything sent before is delivered.
+    AfterReconnect,
+    /// Hostile payloads before the ack and before the result.
+    Hostile,
+}
+
 /// How much of each line comes out.
+#[derive(Debug, Clone, PartialEq)]
 enum Yield {
     /// Everything in stock; shortfall reported as `out_of_stock`.
     Full,
@@ -163,7 +238,11 @@ pub struct MachineState {
     /// Entries ever appended (the journal itself may have been trimmed).
     journal_seq: u64,
     dispensed: Vec<u64>,
+    /// The ids of `dispensed`, for lookups; like it, never trimmed, so an
+    /// order is never dispensed twice even once the dedup window forgot it.
+    dispensed_ids: HashSet<u64>,
     malformed: u64,
+    go_timeout: Duration,
 }
 
 impl MachineState {
@@ -184,7 +263,9 @@ impl MachineState {
             journal: Vec::new(),
             journal_seq: 0,
             dispensed: Vec::new(),
+            dispensed_ids: HashSet::new(),
             malformed: 0,
+            go_timeout: DEFAULT_GO_TIMEOUT,
         }
     }
 
@@ -198,6 +279,17 @@ impl MachineState {
 
     pub fn set_behaviour(&mut self, behaviour: Behaviour) {
         self.behaviour = behaviour;
+    }
+
+    /// How long an acked order is held waiting for `go` or `cancel`
+    /// ([`DEFAULT_GO_TIMEOUT`] unless set).
+    pub fn go_timeout(&self) -> Duration {
+        self.go_timeout
+    }
+
+    /// Sets the go timeout of orders held from now on.
+    pub fn set_go_timeout(&mut self, go_timeout: Duration) {
+        self.go_timeout = go_timeout;
     }
 
     /// Current stock per product.
@@ -215,9 +307,24 @@ impl MachineState {
         self.journal_seq
     }
 
-    /// Every order id actually dispensed, once per dispense.
+    /// Every order id actually dispensed, once per dispense. Never
+    /// trimmed: an id absent here was never dispensed.
     pub fn dispensed_orders(&self) -> &[u64] {
         &self.dispensed
+    }
+
+    /// Whether this order was ever dispensed.
+    pub fn was_dispensed(&self, order_id: u64) -> bool {
+        self.dispensed_ids.contains(&order_id)
+    }
+
+    /// The orders acked and held, waiting for `go` (oldest first).
+    pub fn held_orders(&self) -> Vec<u64> {
+        self.order_log
+            .iter()
+            .copied()
+            .filter(|id| matches!(self.orders.get(id), Some(Order::Held { .. })))
+            .collect()
     }
 
     /// Messages ignored because they were malformed or unexpected.
@@ -266,9 +373,12 @@ impl MachineState {
             .iter()
             .rev()
             .filter_map(|id| match self.orders.get(id) {
-                Some(Order::Answered {
-                    result: Some(r), ..
-                }) => Some(r.clone()),
+                Some(
+                    Order::Answered {
+                        result: Some(r), ..
+                    }
+                    | Order::Cancelled { no_go: Some(r) },
+                ) => Some(r.clone()),
                 _ => None,
             })
             .take(REPUBLISH_RESULTS)
@@ -317,8 +427,20 @@ impl MachineState {
                         },
                         now,
                     );
-                    self.cancel(cancel.order_id);
+                    self.cancel(cancel.order_id, now);
                     Vec::new()
+                }
+                Err(e) => self.malformed_command(kind, &e, now),
+            },
+            Command::Go => match msg::decode::<GoCmd>(payload) {
+                Ok(go) => {
+                    self.record(
+                        JournalEvent::GoReceived {
+                            order_id: go.order_id,
+                        },
+                        now,
+                    );
+                    self.go(go.order_id, now)
                 }
                 Err(e) => self.malformed_command(kind, &e, now),
             },
@@ -344,7 +466,7 @@ impl MachineState {
 
     /// Decides a slow-acked order once its delay is over: refused as
     /// expired if it was cancelled meanwhile or the delay reached its
-    /// `ttl_ms`, otherwise dispensed normally.
+    /// `ttl_ms`, otherwise acked and held as `normal` does.
     pub fn resume(&mut self, order_id: u64, now: Instant) -> Vec<Outgoing> {
         let Some(Order::Deferred {
             cmd,
@@ -361,8 +483,89 @@ impl MachineState {
         if cancelled || age >= Duration::from_millis(cmd.ttl_ms) {
             self.refuse(order_id, REASON_EXPIRED)
         } else {
-            self.accept(&cmd, Yield::Full, true, now)
+            self.hold(cmd, Plan::NORMAL, now)
         }
+    }
+
+    /// The go timeout of a held order ([`Outgoing::GoDeadline`]): if the
+    /// order is still held and its deadline has passed, drops it
+    /// undispensed, stores its result (every item `dispensed: 0`, error
+    /// `no_go`, re-published after reconnects like any result) and returns
+    /// it to publish. Otherwise (`go` or `cancel` came first, the machine
+    /// rebooted, or this is a stale timer of an earlier hold of the same
+    /// id) does nothing.
+    pub fn go_deadline(&mut self, order_id: u64, now: Instant) -> Vec<Outgoing> {
+        let Some(Order::Held {
+            cmd,
+            deadline,
+            plan,
+        }) = self.orders.get(&order_id)
+        else {
+            return Vec::new();
+        };
+        if now < *deadline {
+            return Vec::new();
+        }
+        let items = cmd
+            .items
+            .iter()
+            .map(|line| ResultItem {
+                product_id: line.product_id,
+                quantity: line.quantity,
+                dispensed: 0,
+            })
+            .collect();
+        let report = plan.report;
+        let result = ResultMsg {
+            order_id,
+            items,
+            error: Some(ERROR_NO_GO.to_owned()),
+        };
+        self.orders.insert(
+            order_id,
+            Order::Answered {
+                ack: accepted_ack(order_id),
+                result: Some(result.clone()),
+            },
+        );
+        self.record(JournalEvent::NoGo { order_id }, now);
+        match report {
+            Report::Silent => Vec::new(),
+            Report::Twice => vec![Outgoing::Result(result.clone()), Outgoing::Result(result)],
+            Report::Normal | Report::AfterReconnect | Report::Hostile => {
+                vec![Outgoing::Result(result)]
+            }
+        }
+    }
+
+    /// The machine reboots: every held order (and slow ack still pending)
+    /// is forgotten, as if its command had never arrived; stock and the
+    /// answers of finished orders are kept (flash). Returns the forgotten
+    /// ids. The runtime cuts the connection as well.
+    pub fn reboot(&mut self, now: Instant) -> Vec<u64> {
+        let forgotten: Vec<u64> = self
+            .order_log
+            .iter()
+            .copied()
+            .filter(|id| {
+                matches!(
+                    self.orders.get(id),
+                    Some(Order::Held { .. } | Order::Deferred { .. })
+                )
+            })
+            .collect();
+        if !forgotten.is_empty() {
+            let gone: HashSet<u64> = forgotten.iter().copied().collect();
+            self.orders.retain(|id, _| !gone.contains(id));
+            self.order_log.retain(|id| !gone.contains(id));
+        }
+        self.record(
+            JournalEvent::Rebooted {
+                forgotten: forgotten.clone(),
+            },
+            now,
+        );
+        forgotten
     }
 
     fn malformed_command(
@@ -376,14 +579,67 @@ impl MachineState {
         Vec::new()
     }
 
-    fn cancel(&mut self, order_id: u64) {
+    fn cancel(&mut self, order_id: u64, now: Instant) {
         match self.orders.get_mut(&order_id) {
-            None => self.remember(order_id, Order::CancelledEarly),
+            None => self.remember(order_id, Order::Cancelled { no_go: None }),
             Some(Order::Deferred { cancelled, .. }) => *cancelled = true,
-            // Already answered: a refused order stays refused, a dispensed
-            // one cannot be undone; either way nothing changes.
-            Some(Order::CancelledEarly | Order::Answered { .. }) => {}
+            Some(Order::Held { .. }) => {
+                self.orders
+                    .insert(order_id, Order::Cancelled { no_go: None });
+                self.record(JournalEvent::HoldCancelled { order_id }, now);
+            }
+            // Already finished: a refused or dropped order stays so, a
+            // dispensed one cannot be undone (a cancel after go is
+            // ignored), a repeated cancel changes nothing.
+            Some(Order::Cancelled { .. } | Order::Answered { .. }) => {}
         }
+    }
+
+    /// `cmd/go`: dispenses a held order; answers `no_go` for an order not
+    /// held; ignores a repeat for a dispensed order.
+    fn go(&mut self, order_id: u64, now: Instant) -> Vec<Outgoing> {
+        // The non-compliant machine dispensed on its ack already.
+        if self.behaviour == Behaviour::IgnoreGo {
+            return Vec::new();
+        }
+        if let Some(Order::Held { cmd, plan, .. }) = self.orders.get(&order_id) {
+            let (cmd, plan) = (cmd.clone(), plan.clone());
+            return self.dispense_held(&cmd, &plan, now);
+        }
+        // A repeated go (the dedup window may have forgotten the order, the
+        // dispensed ids never do).
+        if self.was_dispensed(order_id) {
+            return Vec::new();
+        }
+        let answer = ResultMsg {
+            order_id,
+            items: Vec::new(),
+            error: Some(ERROR_NO_GO.to_owned()),
+        };
+        match self.orders.get_mut(&order_id) {
+            // Never seen, or forgotten by a reboot: never to be dispensed
+            // now, and the answer is kept like a result.
+            None => self.remember(
+                order_id,
+                Order::Cancelled {
+                    no_go: Some(answer.clone()),
+                },
+            ),
+            Some(Order::Cancelled { no_go }) => {
+                no_go.get_or_insert_with(|| answer.clone());
+            }
+            // Not acked yet (a go cannot come before the ack from a
+            // compliant gateway): the order is dropped, its ack will be
+            // the refusal `expired`.
+            Some(Order::Deferred { cancelled, .. }) => *cancelled = true,
+            // Refused, or dropped by its go timeout (its stored result says
+            // so already); held orders were dispensed above.
+            Some(Order::Answered { .. } | Order::Held { .. }) => {}
+        }
+        if self.behaviour == Behaviour::AckThenSilent {
+            return Vec::new();
+        }
+        vec![Outgoing::Result(answer)]
     }
 
     fn dispense(&mut self, cmd: DispenseCmd, now: Instant) -> Vec<Outgoing> {
@@ -406,28 +662,51 @@ impl MachineState {
         }
         match self.orders.get(&cmd.order_id) {
             // Machine rule 3: repeat the stored answer, never dispense again.
-            Some(Order::Answered { ack, result }) => {
+            Some(Order::Answered { ack, result, .. }) => {
                 let mut out = vec![Outgoing::Ack(ack.clone())];
                 if self.behaviour != Behaviour::AckThenSilent {
                     out.extend(result.clone().map(Outgoing::Result));
                 }
                 return out;
             }
+            // Acked and waiting for go: the same ack again.
+            Some(Order::Held { .. }) => {
+                return vec![Outgoing::Ack(accepted_ack(cmd.order_id))];
+            }
             // The answer to the first copy is still coming.
             Some(Order::Deferred { .. }) => return Vec::new(),
-            Some(Order::CancelledEarly) => return self.refuse(cmd.order_id, REASON_EXPIRED),
+            Some(Order::Cancelled { .. }) => return self.refuse(cmd.order_id, REASON_EXPIRED),
             None => {}
+        }
+        // Dispensed long ago and forgotten by the dedup window: the ack it
+        // had, and never a second dispense.
+        if self.was_dispensed(cmd.order_id) {
+            return vec![Outgoing::Ack(accepted_ack(cmd.order_id))];
         }
         // A zero TTL is expired on arrival.
         if cmd.ttl_ms == 0 {
             return self.refuse(cmd.order_id, REASON_EXPIRED);
         }
         match self.behaviour.clone() {
-            Behaviour::Normal => self.accept(&cmd, Yield::Full, true, now),
-            Behaviour::AckThenSilent => self.accept(&cmd, Yield::Full, false, now),
+            Behaviour::Normal => self.hold(cmd, Plan::NORMAL, now),
+            Behaviour::AckThenSilent => self.hold(cmd, Plan::full(Report::Silent), now),
             Behaviour::Refuse { reason } => self.refuse(cmd.order_id, &reason),
-            Behaviour::Fail { error } => self.accept(&cmd, Yield::Nothing(error), true, now),
-            Behaviour::Partial { error } => self.accept(&cmd, Yield::Half(error), true, now),
+            Behaviour::Fail { error } => self.hold(
+                cmd,
+                Plan {
+                    yield_: Yield::Nothing(error),
+                    report: Report::Normal,
+                },
+                now,
+            ),
+            Behaviour::Partial { error } => self.hold(
+                cmd,
+                Plan {
+                    yield_: Yield::Half(error),
+                    report: Report::Normal,
+                },
+                now,
+            ),
             Behaviour::SlowAck { ms } => {
                 let order_id = cmd.order_id;
                 self.remember(
@@ -444,32 +723,28 @@ impl MachineState {
                 }]
             }
             Behaviour::ResultAfterReconnect => {
-                // The result is stored, so `on_connect` re-publishes it.
-                let mut out = self.accept(&cmd, Yield::Full, false, now);
-                out.push(Outgoing::DropWhenDelivered);
+                self.hold(cmd, Plan::full(Report::AfterReconnect), now)
+            }
+            Behaviour::Duplicate => self.hold(cmd, Plan::full(Report::Twice), now),
+            Behaviour::Malformed => {
+                let (before, _) = hostile_payloads(cmd.order_id);
+                let answer = self.hold(cmd, Plan::full(Report::Hostile), now);
+                before.into_iter().chain(answer).collect()
+            }
+            Behaviour::IgnoreGo => {
+                // The old one-phase machine: ack, dispense, report at once.
+                let mut out = vec![Outgoing::Ack(accepted_ack(cmd.order_id))];
+                out.extend(self.dispense_held(&cmd, &Plan::NORMAL, now));
                 out
             }
-            Behaviour::Duplicate => self
-                .accept(&cmd, Yield::Full, true, now)
-                .into_iter()
-                .flat_map(|o| match o {
-                    Outgoing::Ack(_) | Outgoing::Result(_) => vec![o.clone(), o],
-                    o => vec![o],
-                })
-                .collect(),
-            Behaviour::Malformed => {
-                let (before, after_ack) = hostile_payloads(cmd.order_id);
-                let mut answer = self.accept(&cmd, Yield::Full, true, now);
-                // `accept` puts the ack first; the results that do not fit
-                // the order follow it, so they cannot be read as the
-                // machine's acceptance.
-                let rest = answer.split_off(answer.len().min(1));
-                before
-                    .into_iter()
-                    .chain(answer)
-                    .chain(after_ack)
-                    .chain(rest)
-                    .collect()
+            Behaviour::RebootBeforeGo => {
+                let mut out = self.hold(cmd, Plan::NORMAL, now);
+                // No timer: the reboot forgets the order before it is due.
+                out.retain(|o| !matches!(o, Outgoing::GoDeadline { .. }));
+                self.reboot(now);
+                // The ack must reach the gateway before the "power" goes.
+                out.push(Outgoing::DropWhenDelivered);
+                out
             }
             // Handled above; listed so a new variant is a compile error here.
             Behaviour::NeverAck | Behaviour::DropConnection | Behaviour::HalfOpen { .. } => {
@@ -494,25 +769,43 @@ impl MachineState {
         vec![Outgoing::Ack(ack)]
     }
 
-    /// Accepts and dispenses; `publish_result` false keeps the result (and
-    /// the inventory) to itself.
-    fn accept(
-        &mut self,
-        cmd: &DispenseCmd,
-        yield_: Yield,
-        publish_result: bool,
-        now: Instant,
-    ) -> Vec<Outgoing> {
-        let ack = AckMsg {
-            order_id: cmd.order_id,
-            accepted: true,
-            reason: None,
+    /// Accepts and holds an order (phase one): the ack, and the go timeout
+    /// to arm. Nothing is dispensed.
+    fn hold(&mut self, cmd: DispenseCmd, plan: Plan, now: Instant) -> Vec<Outgoing> {
+        let order_id = cmd.order_id;
+        let ack = Outgoing::Ack(accepted_ack(order_id));
+        let mut out = match plan.report {
+            Report::Twice => vec![ack.clone(), ack],
+            _ => vec![ack],
         };
+        // A timeout too large for the clock never fires.
+        let deadline = now
+            .checked_add(self.go_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+        self.remember(
+            order_id,
+            Order::Held {
+                cmd,
+                deadline,
+                plan,
+            },
+        );
+        self.record(JournalEvent::Held { order_id }, now);
+        out.push(Outgoing::GoDeadline {
+            order_id,
+            after: self.go_timeout,
+        });
+        out
+    }
+
+    /// Dispenses an order (phase two) per `plan`, stores its result and
+    /// returns what to publish about it. The only place goods come out.
+    fn dispense_held(&mut self, cmd: &DispenseCmd, plan: &Plan, now: Instant) -> Vec<Outgoing> {
         let items: Vec<ResultItem> = cmd
             .items
             .iter()
             .map(|line| {
-                let wanted = match yield_ {
+                let wanted = match plan.yield_ {
                     Yield::Full => line.quantity,
                     Yield::Half(_) => line.quantity / 2,
                     Yield::Nothing(_) => 0,
@@ -526,11 +819,12 @@ impl MachineState {
             })
             .collect();
         let short = items.iter().any(|i| i.dispensed < i.quantity);
-        let error = match yield_ {
+        let error = match &plan.yield_ {
             Yield::Full => short.then(|| ERROR_OUT_OF_STOCK.to_owned()),
-            Yield::Half(e) | Yield::Nothing(e) => Some(e),
+            Yield::Half(e) | Yield::Nothing(e) => Some(e.clone()),
         };
         self.dispensed.push(cmd.order_id);
+        self.dispensed_ids.insert(cmd.order_id);
         self.record(
             JournalEvent::Dispensed {
                 order_id: cmd.order_id,
@@ -546,16 +840,30 @@ impl MachineState {
         self.remember(
             cmd.order_id,
             Order::Answered {
-                ack: ack.clone(),
+                ack: accepted_ack(cmd.order_id),
                 result: Some(result.clone()),
             },
         );
-        let mut out = vec![Outgoing::Ack(ack)];
-        if publish_result {
-            out.push(Outgoing::Result(result));
-            out.push(self.inventory());
+        match plan.report {
+            Report::Normal => vec![Outgoing::Result(result), self.inventory()],
+            Report::Silent => Vec::new(),
+            Report::Twice => vec![
+                Outgoing::Result(result.clone()),
+                Outgoing::Result(result),
+                self.inventory(),
+            ],
+            // The result is stored, so `on_connect` re-publishes it.
+            Report::AfterReconnect => vec![Outgoing::DropWhenDelivered],
+            Report::Hostile => {
+                // Between the ack and the result, after the gateway's go:
+                // results for this order that do not fit it.
+                let (_, before_result) = hostile_payloads(cmd.order_id);
+                before_result
+                    .into_iter()
+                    .chain([Outgoing::Result(result), self.inventory()])
+                    .collect()
+            }
         }
-        out
     }
 
     /// Takes up to `wanted` of a product; returns how many came out. Stock
@@ -591,10 +899,20 @@ impl MachineState {
     }
 }
 
+/// The accepting ack of an order.
+fn accepted_ack(order_id: u64) -> AckMsg {
+    AckMsg {
+        order_id,
+        accepted: true,
+        reason: None,
+    }
+}
+
 /// The hostile payloads of behaviour `malformed` for a dispense of
 /// `order_id`: those sent before the machine's real ack, and those sent
-/// between its ack and its result. None of them may change anything at the
-/// gateway; PROTOCOL.md gateway rule 3 says each is counted and dropped.
+/// between its ack and its result (on `go`, right before the result). None
+/// of them may change anything at the gateway; PROTOCOL.md gateway rule 3
+/// says each is counted and dropped.
 fn hostile_payloads(order_id: u64) -> (Vec<Outgoing>, Vec<Outgoing>) {
     let raw = |suffix: &str, payload: Vec<u8>| Outgoing::Raw {
         suffix: suffix.to_owned(),

@@ -1,5 +1,8 @@
 //! Tests of the load tools over real sockets: `Fleet` and `rr` against an
-//! embedded rumqttd broker, `load` against a mock of the open API.
+//! embedded rumqttd broker, `load` against a mock of the open API; and of
+//! one machine's runtime (two-phase dispense, go timeout, reboot, clean
+//! session) against the broker, with a bare client standing in for the
+//! gateway.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,8 +16,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use vendgate_proto::machine::MachineNo;
+use vendgate_proto::msg::{self, DispenseCmd, GoCmd, InventoryItem, OrderLine, ResultMsg};
+use vendgate_proto::topic::{self, Command};
 use vendgate_sim::load::{LoadStop, CODE_BAD_ANSWER, CODE_TRANSPORT_ERROR};
-use vendgate_sim::{load, rr, Fleet, FleetOptions, LoadOptions, RrOptions};
+use vendgate_sim::{
+    load, rr, Behaviour, Fleet, FleetOptions, JournalEntry, JournalEvent, LoadOptions, RrOptions,
+    SimConfig, SimHandle, SimMachine,
+};
 
 /// Generous deadline for anything that should take milliseconds.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -329,4 +337,272 @@ async fn fleet_follows_a_scenarios_stock_and_storm() {
     }
     assert!(fleet.wait_all_connected(DEADLINE).await.is_ok());
     fleet.shutdown().await;
+}
+
+// ---- One machine's runtime: two-phase dispense over MQTT ----
+
+/// Stands in for the gateway: publishes commands and collects the
+/// machines' `result` messages.
+struct Controller {
+    client: rumqttc::AsyncClient,
+    results: tokio::sync::mpsc::UnboundedReceiver<ResultMsg>,
+}
+
+impl Controller {
+    async fn start(broker: SocketAddr) -> Self {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+        let options = MqttOptions::new("controller", broker.ip().to_string(), broker.port());
+        let (client, mut eventloop) = AsyncClient::new(options, 10);
+        let (tx, results) = tokio::sync::mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Event::Incoming(Packet::Publish(p)) if p.topic.ends_with("/result") => {
+                        if let Ok(r) = msg::decode::<ResultMsg>(&p.payload) {
+                            let _ = tx.send(r);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        client
+            .subscribe("vend/v1/+/result", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::time::timeout(DEADLINE, subscribed)
+            .await
+            .expect("controller subscribed")
+            .unwrap();
+        Self { client, results }
+    }
+
+    async fn send(&self, m: MachineNo, kind: Command, payload: Vec<u8>) {
+        self.client
+            .publish(
+                topic::command(&m, kind),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn dispense(&self, m: MachineNo, order_id: u64) {
+        let cmd = DispenseCmd {
+            order_id,
+            items: vec![OrderLine {
+                product_id: 1,
+                quantity: 1,
+            }],
+            ttl_ms: 10_000,
+        };
+        self.send(m, Command::Dispense, msg::encode(&cmd)).await;
+    }
+
+    async fn go(&self, m: MachineNo, order_id: u64) {
+        self.send(m, Command::Go, msg::encode(&GoCmd { order_id }))
+            .await;
+    }
+
+    /// The next result for `order_id` the broker delivered.
+    async fn result_for(&mut self, order_id: u64) -> ResultMsg {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let r = self.results.recv().await.expect("controller running");
+                if r.order_id == order_id {
+                    return r;
+                }
+            }
+        })
+        .await
+        .expect("result delivered")
+    }
+}
+
+/// A machine with stock of product 1 on the broker, connected and
+/// subscribed.
+async fn ready_machine(broker: SocketAddr, n: u32, tune: impl FnOnce(&mut SimConfig)) -> SimHandle {
+    let mut config = SimConfig::new(
+        broker.to_string(),
+        MachineNo::from_u32(n).unwrap(),
+        "secret",
+    );
+    config.inventory = vec![InventoryItem {
+        product_id: 1,
+        stock: 10,
+        price: 350,
+    }];
+    tune(&mut config);
+    let sim = SimMachine::spawn(config);
+    assert!(sim.wait_ready(DEADLINE).await, "machine {n} ready");
+    sim
+}
+
+/// Waits until the journal holds an entry matching `pred`.
+async fn wait_event(sim: &SimHandle, what: &str, pred: impl Fn(&JournalEvent) -> bool) {
+    let found = sim
+        .wait_for(
+            |j: &[JournalEntry]| j.iter().any(|e| pred(&e.event)),
+            DEADLINE,
+        )
+        .await;
+    assert!(found, "{what}: {:?}", sim.journal());
+}
+
+fn count(sim: &SimHandle, pred: impl Fn(&JournalEvent) -> bool) -> usize {
+    sim.journal().iter().filter(|e| pred(&e.event)).count()
+}
+
+#[tokio::test]
+async fn machine_dispenses_on_go_and_drops_an_order_without_one() {
+    let broker = start_broker();
+    let mut ctl = Controller::start(broker).await;
+    // Long enough for order 1's go to arrive through rumqttd (Nagle on)
+    // on a loaded machine, short enough for order 2 to time out quickly.
+    let sim = ready_machine(broker, 20_000_001, |c| {
+        c.go_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let m = sim.machine_no();
+
+    // Phase one: acked and held, nothing out.
+    ctl.dispense(m, 1).await;
+    wait_event(
+        &sim,
+        "ack sent",
+        |e| matches!(e, JournalEvent::AckSent(a) if a.order_id == 1 && a.accepted),
+    )
+    .await;
+    assert_eq!(sim.held_orders(), vec![1]);
+    assert!(sim.dispensed_orders().is_empty());
+    // Phase two.
+    ctl.go(m, 1).await;
+    let r = ctl.result_for(1).await;
+    assert_eq!((r.items[0].dispensed, r.error), (1, None));
+    assert_eq!(sim.dispensed_orders(), vec![1]);
+
+    // No go: dropped at the go timeout with every item dispensed 0.
+    ctl.dispense(m, 2).await;
+    let r = ctl.result_for(2).await;
+    assert_eq!(r.error.as_deref(), Some(msg::ERROR_NO_GO));
+    assert_eq!(r.items[0].dispensed, 0);
+    assert_eq!(
+        count(&sim, |e| matches!(e, JournalEvent::NoGo { order_id: 2 })),
+        1
+    );
+    // Order 1's timer, due before order 2's, found it dispensed.
+    assert_eq!(
+        count(&sim, |e| matches!(e, JournalEvent::NoGo { order_id: 1 })),
+        0
+    );
+    assert!(sim.held_orders().is_empty());
+    assert_eq!(sim.dispensed_orders(), vec![1]);
+    assert_eq!(sim.stock()[0].stock, 9);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn reboot_before_go_reconnects_and_answers_the_go_with_no_go() {
+    let broker = start_broker();
+    let mut ctl = Controller::start(broker).await;
+    let sim = ready_machine(broker, 20_000_002, |c| {
+        c.behaviour = Behaviour::RebootBeforeGo;
+    })
+    .await;
+    let m = sim.machine_no();
+    ctl.dispense(m, 3).await;
+    // Ack, reboot, cut, and back: subscribed a second time.
+    let back = sim
+        .wait_for(
+            |j: &[JournalEntry]| {
+                j.iter()
+                    .filter(|e| matches!(e.event, JournalEvent::Subscribed))
+                    .count()
+                    >= 2
+            },
+            DEADLINE,
+        )
+        .await;
+    assert!(back, "back after the reboot: {:?}", sim.journal());
+    let journal: Vec<JournalEvent> = sim.journal().into_iter().map(|e| e.event).collect();
+    let at = |pred: &dyn Fn(&JournalEvent) -> bool| journal.iter().position(pred);
+    let acked = at(&|e| matches!(e, JournalEvent::AckSent(a) if a.order_id == 3 && a.accepted));
+    let rebooted = at(&|e| matches!(e, JournalEvent::Rebooted { forgotten } if forgotten == &[3]));
+    let dropped = at(&|e| matches!(e, JournalEvent::Dropped));
+    assert!(
+        acked.is_some() && rebooted.is_some() && acked < dropped,
+        "{journal:?}"
+    );
+    // The gateway's go now finds nothing held.
+    ctl.go(m, 3).await;
+    let r = ctl.result_for(3).await;
+    assert_eq!(
+        (r.items.len(), r.error.as_deref()),
+        (0, Some(msg::ERROR_NO_GO))
+    );
+    assert!(sim.dispensed_orders().is_empty());
+    assert_eq!(sim.stock()[0].stock, 10);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn go_timeout_runs_while_offline_and_its_result_goes_out_on_reconnect() {
+    let broker = start_broker();
+    let mut ctl = Controller::start(broker).await;
+    let sim = ready_machine(broker, 20_000_003, |c| {
+        c.go_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let m = sim.machine_no();
+    ctl.dispense(m, 4).await;
+    wait_event(&sim, "held", |e| {
+        matches!(e, JournalEvent::Held { order_id: 4 })
+    })
+    .await;
+    // A power cut: the timer belongs to the machine, not the connection.
+    sim.kill().await;
+    wait_event(&sim, "dropped while offline", |e| {
+        matches!(e, JournalEvent::NoGo { order_id: 4 })
+    })
+    .await;
+    assert_eq!(
+        count(&sim, |e| matches!(e, JournalEvent::ResultSent(_))),
+        0,
+        "nothing sent while offline"
+    );
+    sim.revive();
+    let r = ctl.result_for(4).await;
+    assert_eq!(r.error.as_deref(), Some(msg::ERROR_NO_GO));
+    assert!(sim.dispensed_orders().is_empty());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn machine_can_ask_for_a_persistent_session() {
+    let broker = start_broker();
+    let mut ctl = Controller::start(broker).await;
+    let sim = ready_machine(broker, 20_000_004, |c| {
+        c.clean_session = false;
+    })
+    .await;
+    let m = sim.machine_no();
+    ctl.dispense(m, 5).await;
+    wait_event(&sim, "held", |e| {
+        matches!(e, JournalEvent::Held { order_id: 5 })
+    })
+    .await;
+    ctl.go(m, 5).await;
+    assert_eq!(ctl.result_for(5).await.items[0].dispensed, 1);
+    assert_eq!(sim.dispensed_orders(), vec![5]);
+    sim.shutdown().await;
 }

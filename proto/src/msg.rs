@@ -51,6 +51,12 @@ pub struct OrderLine {
     pub quantity: u32,
 }
 
+/// `vend/v1/{m}/cmd/go`: dispense the order the machine acked and holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoCmd {
+    pub order_id: u64,
+}
+
 /// `vend/v1/{m}/cmd/cancel`: never dispense this order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelCmd {
@@ -78,6 +84,11 @@ pub struct AckMsg {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// The result `error` of an order the machine dropped without dispensing
+/// because no `cmd/go` came within its go timeout, or of a `go` for an
+/// order it does not hold (PROTOCOL.md, machine rule 2).
+pub const ERROR_NO_GO: &str = "no_go";
 
 /// `vend/v1/{m}/result`: what actually came out for an accepted order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -70,8 +70,12 @@ impl Uplink {
 /// Commands the gateway sends (gateway → machine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Command {
-    /// `cmd/dispense`: dispense an order.
+    /// `cmd/dispense`: reserve the slot for an order (phase one: the
+    /// machine acks and holds it, dispensing nothing yet).
     Dispense,
+    /// `cmd/go`: dispense the held order now (phase two, sent only after
+    /// the gateway recorded the acceptance).
+    Go,
     /// `cmd/cancel`: never dispense this order.
     Cancel,
     /// `cmd/ping`: answer with `pong`.
@@ -80,12 +84,13 @@ pub enum Command {
 
 impl Command {
     /// Every command kind.
-    pub const ALL: [Self; 3] = [Self::Dispense, Self::Cancel, Self::Ping];
+    pub const ALL: [Self; 4] = [Self::Dispense, Self::Go, Self::Cancel, Self::Ping];
 
     /// The topic levels after `vend/v1/{machine_no}/`.
     pub fn suffix(&self) -> &'static str {
         match self {
             Self::Dispense => "cmd/dispense",
+            Self::Go => "cmd/go",
             Self::Cancel => "cmd/cancel",
             Self::Ping => "cmd/ping",
         }
@@ -95,6 +100,7 @@ impl Command {
     pub fn pattern(&self) -> &'static str {
         match self {
             Self::Dispense => "vend/v1/+/cmd/dispense",
+            Self::Go => "vend/v1/+/cmd/go",
             Self::Cancel => "vend/v1/+/cmd/cancel",
             Self::Ping => "vend/v1/+/cmd/ping",
         }
@@ -111,7 +117,7 @@ impl Command {
 pub enum Topic {
     /// `vend/v1/{m}/{state|inventory|pong|ack|result}`.
     Uplink(MachineNo, Uplink),
-    /// `vend/v1/{m}/cmd/{dispense|cancel|ping}`.
+    /// `vend/v1/{m}/cmd/{dispense|go|cancel|ping}`.
     Command(MachineNo, Command),
 }
 
