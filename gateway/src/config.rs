@@ -293,9 +293,16 @@ pub enum HttpStatusMode {
 #[serde(default, deny_unknown_fields)]
 pub struct OrderSettings {
     /// How long a machine has to `ack` a dispense command; also the command's
-    /// `ttl_ms`, so a machine never acts on a command we stopped waiting for.
+    /// `ttl_ms`. The acceptance counts only if recorded within this of the
+    /// order's insert (its `accept_by`).
     #[serde(with = "humantime_serde")]
     pub accept_timeout: Duration,
+    /// Every order request (place, pay) is answered within this: at least
+    /// `accept_timeout` plus 0.5 s (plus `cluster.owner_answer_slack` in
+    /// cluster mode). An order that cannot be sent with `accept_timeout` to
+    /// spare is answered 30003 and never sent.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// An accepted order with no `result` by then becomes `unknown`.
     #[serde(with = "humantime_serde")]
     pub dispense_timeout: Duration,
@@ -320,6 +327,7 @@ impl Default for OrderSettings {
     fn default() -> Self {
         Self {
             accept_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(6),
             dispense_timeout: Duration::from_secs(60),
             queue_depth: 8,
             max_lines: 20,
@@ -544,6 +552,14 @@ pub enum ConfigError {
     },
     #[error("{0} is set but empty: give the PEM file's path")]
     MissingPem(&'static str),
+    #[error(
+        "orders.request_timeout = {request_timeout:?} is below {least:?}: it must leave room for \
+         orders.accept_timeout (+ cluster.owner_answer_slack in cluster mode) + 0.5 s"
+    )]
+    RequestTimeout {
+        request_timeout: Duration,
+        least: Duration,
+    },
 }
 
 impl Settings {
@@ -585,6 +601,18 @@ impl Settings {
     /// `allow_plaintext` says so, and TLS sections without their files.
     /// `Gateway::build` calls it before binding anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let slack = if self.cluster.nats_urls.is_empty() {
+            Duration::ZERO
+        } else {
+            self.cluster.owner_answer_slack
+        };
+        let least = self.orders.accept_timeout + slack + crate::orders::ANSWER_MARGIN;
+        if self.orders.request_timeout < least {
+            return Err(ConfigError::RequestTimeout {
+                request_timeout: self.orders.request_timeout,
+                least,
+            });
+        }
         if !self.mqtt.addr.ip().is_loopback() && !self.mqtt.allow_plaintext {
             return Err(ConfigError::Plaintext {
                 listener: "MQTT",

@@ -377,6 +377,7 @@ impl Harness {
             lines,
             out_trade_no: Some(otn.clone()),
             pay_later: false,
+            answer_by: crate::orders::answer_by(&self.handle.settings.orders),
             forwarded: None,
         };
         let svc = orders.clone();
@@ -499,6 +500,7 @@ impl Harness {
             let payload = Bytes::from(payload);
             match kind {
                 Uplink::Result => orders.on_result(machine, payload).await,
+                Uplink::Ack => orders.on_ack(machine, &payload).await,
                 Uplink::State | Uplink::Pong => {
                     self.handle
                         .uplinks
@@ -518,9 +520,7 @@ impl Harness {
                 accepted: true,
                 reason: None,
             };
-            self.handle
-                .uplinks
-                .on_uplink(a, 0, Uplink::Ack, &Bytes::from(msg::encode(&ack)));
+            orders.on_ack(a, &Bytes::from(msg::encode(&ack))).await;
             if let Ok(Some(o)) = self.handle.store.order(id).await {
                 let items = o
                     .lines
@@ -754,7 +754,8 @@ pub fn reachable(a: Status, b: Status) -> bool {
         match s {
             AwaitingPayment => &[Dispatching, Expired],
             Dispatching => &[Dispensing, Rejected],
-            Dispensing => &[Completed, PartiallyDispensed, Failed, Unknown],
+            // Rejected: an acceptance recorded whose `go` was withheld.
+            Dispensing => &[Completed, PartiallyDispensed, Failed, Unknown, Rejected],
             Unknown => &[Completed, PartiallyDispensed, Failed],
             Completed | PartiallyDispensed | Failed | Rejected | Expired => &[],
         }

@@ -326,8 +326,8 @@ impl Gateway {
         let cluster_tasks = h.cluster.as_ref().map(|c| c.spawn()).unwrap_or_default();
         let edge_task = tokio::spawn(self.edge.run());
         let edge_tls_task = self.edge_tls.map(|e| tokio::spawn(e.run()));
-        let expiry = h.orders.spawn_expiry();
-        let cancels = h.orders.spawn_cancel_delivery();
+        let expiry = h.orders.spawn_sweeps();
+        let cancels = h.orders.spawn_owed_delivery();
         let _metrics_upkeep = h.metrics.spawn_upkeep(h.shutdown.clone());
         let admin_task = self.admin.map(|a| a.spawn(h.clone()));
         let http_task = {

@@ -165,6 +165,7 @@ fn repeated_product_lines_complete_on_a_real_machine() {
                 lines: vec![(1, 1), (1, 2)],
                 out_trade_no: None,
                 pay_later: false,
+                answer_by: vendgate::orders::answer_by(&h.handle.settings.orders),
                 forwarded: None,
             })
             .await

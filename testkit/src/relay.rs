@@ -10,12 +10,16 @@
 //! half-dead at the old node: the old node then has a stale connection that
 //! only the cluster's take-over can close. The relay records when each held
 //! connection is closed by the node.
+//!
+//! [`Relay::pause`] holds what the gateway sends the machine (bytes are
+//! kept, in order) until [`Relay::resume`]: a mobile link that stalls, then
+//! delivers late.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -49,6 +53,8 @@ struct Inner {
     generation: watch::Sender<(u64, bool)>,
     /// Bumped on every change of `state` worth waiting for.
     changed: watch::Sender<u64>,
+    /// True while gateway → machine bytes are held back.
+    paused: watch::Sender<bool>,
 }
 
 impl Inner {
@@ -80,6 +86,7 @@ impl Relay {
             }),
             generation: watch::Sender::new((0, false)),
             changed: watch::Sender::new(0),
+            paused: watch::Sender::new(false),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&inner)));
         Relay {
@@ -128,6 +135,18 @@ impl Relay {
         self.inner
             .generation
             .send_modify(|(g, h)| (*g, *h) = (*g + 1, false));
+    }
+
+    /// Holds every byte the gateway sends the machine (current and new
+    /// connections) until [`Relay::resume`]; the machine's own bytes still
+    /// pass. Nothing is dropped.
+    pub fn pause(&self) {
+        self.inner.paused.send_replace(true);
+    }
+
+    /// Delivers what [`Relay::pause`] held, in order, and passes bytes again.
+    pub fn resume(&self) {
+        self.inner.paused.send_replace(false);
     }
 
     /// Held upstream connections the nodes have not closed yet.
@@ -211,9 +230,32 @@ async fn serve(mut down: TcpStream, inner: Arc<Inner>) {
     };
     let _ = up.set_nodelay(true);
     let _ = down.set_nodelay(true);
-    let hold = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => return,
-        hold = next_generation(&mut rx, mine) => hold,
+    let mut paused = inner.paused.subscribe();
+    let hold = {
+        let (mut down_r, mut down_w) = down.split();
+        let (mut up_r, mut up_w) = up.split();
+        // Gateway → machine, held while paused.
+        let to_machine = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match up_r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if paused.wait_for(|p| !*p).await.is_err() {
+                    return;
+                }
+                if down_w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let to_gateway = tokio::io::copy(&mut down_r, &mut up_w);
+        tokio::select! {
+            _ = to_machine => return,
+            _ = to_gateway => return,
+            hold = next_generation(&mut rx, mine) => hold,
+        }
     };
     drop(down);
     if !hold {

@@ -607,6 +607,7 @@ impl Drop for Client {
 }
 
 /// An HTTP client for the open API of one test gateway.
+#[derive(Clone)]
 pub struct Api {
     pub base: String,
     pub http: reqwest::Client,
@@ -775,4 +776,76 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+/// Faults injected into a test gateway's real database: a trigger makes
+/// chosen writes fail inside the database, as a full disk or a broken
+/// connection would, so the gateway's storage layer sees a real error.
+pub struct StorageFaults {
+    url: String,
+}
+
+impl StorageFaults {
+    pub async fn open(gw: &TestGateway) -> Self {
+        let s = &gw.handle.settings;
+        let url = match s.sqlite_path() {
+            Some(path) => format!("sqlite://{}", path.display()),
+            None => s.database_url.clone(),
+        };
+        Self { url }
+    }
+
+    fn postgres(&self) -> bool {
+        self.url.starts_with("postgres")
+    }
+
+    async fn execute(&self, statements: &[&str]) {
+        use sqlx::Connection;
+        if self.postgres() {
+            let mut c = sqlx::PgConnection::connect(&self.url)
+                .await
+                .expect("connect to the test database");
+            for q in statements {
+                sqlx::query(q).execute(&mut c).await.expect(q);
+            }
+        } else {
+            let mut c = sqlx::SqliteConnection::connect(&self.url)
+                .await
+                .expect("open the test database");
+            for q in statements {
+                sqlx::query(q).execute(&mut c).await.expect(q);
+            }
+        }
+    }
+
+    /// Every write that would record an order's acceptance (its status to
+    /// `dispensing`) fails until [`StorageFaults::heal`].
+    pub async fn fail_acceptances(&self) {
+        if self.postgres() {
+            self.execute(&[
+                "CREATE OR REPLACE FUNCTION vg_fault() RETURNS trigger AS $$ \
+                 BEGIN RAISE EXCEPTION 'injected fault'; END $$ LANGUAGE plpgsql",
+                "CREATE TRIGGER vg_fault_accept BEFORE UPDATE ON orders FOR EACH ROW \
+                 WHEN (NEW.status = 'dispensing') EXECUTE FUNCTION vg_fault()",
+            ])
+            .await;
+        } else {
+            self.execute(&[
+                "CREATE TRIGGER vg_fault_accept BEFORE UPDATE OF status ON orders \
+                 WHEN NEW.status = 'dispensing' BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+            ])
+            .await;
+        }
+    }
+
+    /// Storage works again.
+    pub async fn heal(&self) {
+        if self.postgres() {
+            self.execute(&["DROP TRIGGER IF EXISTS vg_fault_accept ON orders"])
+                .await;
+        } else {
+            self.execute(&["DROP TRIGGER IF EXISTS vg_fault_accept"])
+                .await;
+        }
+    }
 }

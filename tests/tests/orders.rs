@@ -250,11 +250,11 @@ async fn busy_machine_queues_in_order_and_answers_30003_when_full() {
     // Order 1 in flight (accepted, no result yet).
     let a = api.clone();
     let first = tokio::spawn(async move { a.order(M1, &[(1, 1)]).await });
-    let (_, p, _) = mach.next_publish().await.unwrap();
-    let id1 = serde_json::from_slice::<Value>(&p).unwrap()["order_id"]
+    let id1 = next_command(&mut mach, "dispense").await["order_id"]
         .as_u64()
         .unwrap();
     ack(&mach, id1).await;
+    assert_eq!(next_command(&mut mach, "go").await["order_id"], id1);
     assert_eq!(order_id(&first.await.unwrap()), id1);
 
     // Two more wait, in order; a fourth finds the queue full.
@@ -276,8 +276,7 @@ async fn busy_machine_queues_in_order_and_answers_30003_when_full() {
     // Finish order 1; orders 2 and 3 follow in arrival order.
     result(&mach, id1, 1).await;
     for (i, q) in [2u32, 3].into_iter().enumerate() {
-        let (_, p, _) = mach.next_publish().await.unwrap();
-        let cmd: Value = serde_json::from_slice(&p).unwrap();
+        let cmd = next_command(&mut mach, "dispense").await;
         assert_eq!(
             cmd["items"][0]["quantity"], q,
             "dispatched in arrival order"
@@ -294,6 +293,13 @@ async fn busy_machine_queues_in_order_and_answers_30003_when_full() {
         api.wait_status(id, "completed").await;
     }
     gw.stop().await;
+}
+
+/// The next command the hand-driven machine receives, checked to be `kind`.
+async fn next_command(mach: &mut Client, kind: &str) -> Value {
+    let (topic, p, _) = mach.next_publish().await.expect("a command");
+    assert_eq!(topic, format!("vend/v1/{M1}/cmd/{kind}"), "next command");
+    serde_json::from_slice(&p).expect("command JSON")
 }
 
 async fn ack(mach: &Client, id: u64) {

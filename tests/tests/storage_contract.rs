@@ -184,6 +184,7 @@ fn new_order(id: u64, m: &str, status: Status, pay_deadline: i64) -> NewOrder {
         amount: 300,
         created_at: t(1_000),
         pay_deadline: Some(t(pay_deadline)),
+        accept_by: None,
     }
 }
 
@@ -205,13 +206,15 @@ fn change(status: Status, cancel_pending: bool, at: i64) -> OrderChange {
         refund_amount: 0,
         dispense_deadline: Some(t(at + 1_000)),
         cancel_pending,
+        accept_by: None,
+        only_before_accept_by: None,
         at: t(at),
     }
 }
 
 async fn to(s: &dyn Storage, id: u64, from: Status, c: OrderChange) -> bool {
     let at = c.at.timestamp_millis();
-    s.update_order(id, from, &c, &ev(c.status.as_str(), at), None)
+    s.update_order(id, from, &c, &ev(c.status.as_str(), at), &[])
         .await
         .expect("update order")
 }
@@ -248,7 +251,7 @@ async fn put(s: &dyn Storage, event_id: &str, appid: &str, order_id: u64, create
             Status::AwaitingPayment,
             &c,
             &ev("noted", created),
-            Some(&outbox)
+            std::slice::from_ref(&outbox)
         )
         .await
         .expect("update with outbox"));
@@ -1026,6 +1029,8 @@ async fn orders_compare_and_set(db: Db) {
         refund_amount: 150,
         dispense_deadline: Some(t(7_000)),
         cancel_pending: false,
+        accept_by: None,
+        only_before_accept_by: None,
         at: t(5_000),
     };
     let outbox = NewOutboxEvent {
@@ -1045,14 +1050,14 @@ async fn orders_compare_and_set(db: Db) {
             Status::Dispensing,
             &c,
             &ev("result", 5_000),
-            Some(&outbox)
+            std::slice::from_ref(&outbox)
         )
         .await
         .unwrap());
     assert_eq!(s.order_events(1).await.unwrap().len(), 1);
     assert_eq!(s.outbox_backlog().await.unwrap().pending, 0);
     assert!(!s
-        .update_order(404, Status::Dispatching, &c, &ev("result", 5_000), None)
+        .update_order(404, Status::Dispatching, &c, &ev("result", 5_000), &[])
         .await
         .unwrap());
     // From its status: everything, atomically.
@@ -1062,7 +1067,7 @@ async fn orders_compare_and_set(db: Db) {
             Status::Dispatching,
             &c,
             &ev("result", 5_000),
-            Some(&outbox)
+            std::slice::from_ref(&outbox)
         )
         .await
         .unwrap());
@@ -1081,7 +1086,7 @@ async fn orders_compare_and_set(db: Db) {
     assert_eq!(out[0].event_id, "ev-1");
     // The same change again: the status moved on.
     assert!(!s
-        .update_order(1, Status::Dispatching, &c, &ev("result", 5_001), None)
+        .update_order(1, Status::Dispatching, &c, &ev("result", 5_001), &[])
         .await
         .unwrap());
     // An outbox event id used twice fails the change as a whole.
@@ -1094,7 +1099,7 @@ async fn orders_compare_and_set(db: Db) {
                 ..c.clone()
             },
             &ev("again", 6_000),
-            Some(&outbox),
+            std::slice::from_ref(&outbox),
         )
         .await
         .unwrap_err();
@@ -1752,7 +1757,7 @@ async fn concurrent_compare_and_set_has_one_winner(db: Db) {
                     Status::AwaitingPayment,
                     &c,
                     &ev(to_status.as_str(), 5_000),
-                    None,
+                    &[],
                 )
                 .await
                 .unwrap()

@@ -51,6 +51,7 @@ use crate::config::Settings;
 use crate::edge::{EpochSource, Hub, UplinkForwarder};
 use crate::notifier::{machine_event, Notifier};
 use crate::orders::inventory::StockView;
+use crate::orders::state::GiveUp;
 use crate::orders::state::{Line, Status};
 use crate::orders::{OrderError, OrderService, PlaceRequest, RemoteMachines};
 use crate::presence::{PresenceEvent, PresenceRegistry};
@@ -58,11 +59,6 @@ use crate::storage::{PresenceChange, PresenceWrite, Storage};
 use view::{ClusterView, Heartbeat, PresenceNote};
 use wire::{OwnerReply, OwnerRequest, PlaceOnOwner, Released, Subjects};
 
-/// How much earlier than the requester's patience the owner stops starting
-/// a forwarded job, so that its whole ack wait ends before the requester
-/// gives up (then "no answer" can only mean the owner died or the answer
-/// was lost, never "still waiting").
-const OWNER_MARGIN: Duration = Duration::from_millis(300);
 /// Uplink copies waiting for NATS; beyond, copies are dropped and counted.
 const UPLINK_QUEUE: usize = 16 * 1024;
 /// Re-read ownership from the database every this many heartbeats.
@@ -108,7 +104,6 @@ pub struct Cluster {
     node: String,
     incarnation: String,
     settings: crate::config::ClusterSettings,
-    accept_timeout: Duration,
     subjects: Subjects,
     nats: async_nats::Client,
     store: Arc<dyn Storage>,
@@ -174,7 +169,6 @@ impl Cluster {
             node,
             incarnation,
             settings: c.clone(),
-            accept_timeout: settings.orders.accept_timeout,
             subjects: Subjects::new(&c.subject_prefix),
             nats,
             store,
@@ -422,9 +416,7 @@ impl Cluster {
                 Ok(req) => self.execute(m, req).await,
                 Err(e) => {
                     warn!(machine_no = %m, error = %e, "undecodable owner request");
-                    OwnerReply::Failed {
-                        error: OrderError::Internal,
-                    }
+                    OwnerReply::failed(&OrderError::Internal)
                 }
             }
         };
@@ -432,10 +424,13 @@ impl Cluster {
     }
 
     async fn execute(&self, m: MachineNo, req: OwnerRequest) -> OwnerReply {
-        let failed = |error| OwnerReply::Failed { error };
+        let failed = |error| OwnerReply::failed(&error);
+        // The owner answers `owner_answer_slack` before the requester stops
+        // waiting, so that "no answer" can only mean the owner died or the
+        // answer was lost, never "still deciding".
         let by = |wait_ms: u64| {
             Instant::now()
-                + Duration::from_millis(wait_ms).saturating_sub(self.accept_timeout + OWNER_MARGIN)
+                + Duration::from_millis(wait_ms).saturating_sub(self.settings.owner_answer_slack)
         };
         match req {
             OwnerRequest::Place(p) => {
@@ -448,9 +443,9 @@ impl Cluster {
                     lines: p.lines,
                     out_trade_no: p.out_trade_no,
                     pay_later: p.pay_later,
+                    answer_by: by(p.wait_ms),
                     forwarded: Some(crate::orders::Forwarded {
                         order_id: p.order_id,
-                        dispatch_by: by(p.wait_ms),
                     }),
                 };
                 match orders.place(req).await {
@@ -467,7 +462,7 @@ impl Cluster {
                     return failed(OrderError::Internal);
                 };
                 match orders
-                    .pay_with(&merchant, order_id, Some(by(wait_ms)))
+                    .pay_with(&merchant, order_id, by(wait_ms), true)
                     .await
                 {
                     Ok(order_id) => OwnerReply::Placed { order_id },
@@ -562,28 +557,33 @@ impl Cluster {
         }
     }
 
-    fn forward_wait(&self) -> Duration {
-        self.accept_timeout + self.settings.owner_answer_slack
-    }
-
     /// The owner's answer about order `order_id` never came: it died with
-    /// the request, or only the answer was lost. Settle from the database,
-    /// exactly as for a missing ack, and never by sending the order again.
+    /// the request, or only the answer was lost (or the caller went away,
+    /// `why`). Settle from the database, exactly as for a missing ack, and
+    /// never by sending the order again.
     async fn settle_lost(
         &self,
         order_id: u64,
         req: Option<&PlaceRequest>,
+        why: GiveUp,
+        answer_by: Instant,
     ) -> Result<u64, OrderError> {
         self.stats.forward_lost.fetch_add(1, Ordering::Relaxed);
         let Some(orders) = self.orders.get() else {
-            return Err(OrderError::Internal);
+            return Err(OrderError::NotAccepted);
         };
-        match (self.store.order(order_id).await?, req) {
+        let stored = match self.store.order(order_id).await {
+            Ok(o) => o,
+            // Nothing known; the order's `accept_by` passes before anyone
+            // could accept it for this request.
+            Err(_) => return Err(OrderError::NotAccepted),
+        };
+        match (stored, req) {
             // Not stored (yet): record it given up first, so a paused owner
             // cannot start it later.
-            (None, Some(req)) => orders.record_lost(req, order_id).await,
+            (None, Some(req)) => orders.record_lost(req, order_id, why, answer_by).await,
             (None, None) => Err(OrderError::NotAccepted),
-            (Some(o), _) => orders.give_up_lost(o).await,
+            (Some(o), _) => orders.give_up_lost(o, why, answer_by).await,
         }
     }
 
@@ -943,9 +943,19 @@ impl RemoteMachines for Cluster {
         self.remote(m).is_some()
     }
 
+    fn answer_slack(&self) -> Duration {
+        self.settings.owner_answer_slack
+    }
+
     async fn place(&self, req: &PlaceRequest, order_id: u64) -> Result<u64, OrderError> {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        let wait = self.forward_wait();
+        let wait = req.answer_by.saturating_duration_since(Instant::now());
+        // The caller going away before the answer gives the order up.
+        let mut gone = CallerGone {
+            cluster: self.me.clone(),
+            order_id,
+            req: Some(req.clone()),
+        };
         let body = OwnerRequest::Place(PlaceOnOwner {
             order_id,
             merchant: req.merchant.clone(),
@@ -955,23 +965,36 @@ impl RemoteMachines for Cluster {
             pay_later: req.pay_later,
             wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
         });
-        match self.ask(&req.machine_no, &body, wait).await {
+        let asked = self.ask(&req.machine_no, &body, wait).await;
+        gone.req = None;
+        match asked {
             Asked::Reply(OwnerReply::Placed { order_id }) => Ok(order_id),
-            Asked::Reply(OwnerReply::Failed { error }) => Err(error),
-            Asked::Reply(_) => Err(OrderError::Internal),
+            Asked::Reply(OwnerReply::Failed { code, reason }) => {
+                Err(wire::order_error(code, reason))
+            }
+            Asked::Reply(_) => Err(OrderError::NotAccepted),
             Asked::Local => match self.orders.get() {
                 // It moved here meanwhile: the local path.
                 Some(orders) => orders.place(req.clone()).await,
                 None => Err(OrderError::Internal),
             },
             Asked::Offline => Err(OrderError::Offline),
-            Asked::Lost => self.settle_lost(order_id, Some(req)).await,
+            Asked::Lost => {
+                self.settle_lost(order_id, Some(req), GiveUp::OwnerLost, req.answer_by)
+                    .await
+            }
         }
     }
 
-    async fn pay(&self, m: &MachineNo, merchant: &str, order_id: u64) -> Result<u64, OrderError> {
+    async fn pay(
+        &self,
+        m: &MachineNo,
+        merchant: &str,
+        order_id: u64,
+        answer_by: Instant,
+    ) -> Result<u64, OrderError> {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        let wait = self.forward_wait();
+        let wait = answer_by.saturating_duration_since(Instant::now());
         let body = OwnerRequest::Pay {
             merchant: merchant.to_string(),
             order_id,
@@ -979,17 +1002,22 @@ impl RemoteMachines for Cluster {
         };
         match self.ask(m, &body, wait).await {
             Asked::Reply(OwnerReply::Placed { order_id }) => Ok(order_id),
-            Asked::Reply(OwnerReply::Failed { error }) => Err(error),
-            Asked::Reply(_) => Err(OrderError::Internal),
+            Asked::Reply(OwnerReply::Failed { code, reason }) => {
+                Err(wire::order_error(code, reason))
+            }
+            Asked::Reply(_) => Err(OrderError::NotAccepted),
             Asked::Local => match self.orders.get() {
-                Some(orders) => orders.pay(merchant, order_id).await,
+                Some(orders) => orders.pay(merchant, order_id, answer_by).await,
                 None => Err(OrderError::Internal),
             },
             Asked::Offline => Err(OrderError::Offline),
-            Asked::Lost => match self.store.order(order_id).await? {
+            Asked::Lost => match self.store.order(order_id).await {
                 // The owner never paid it: it stays unpaid.
-                Some(o) if o.status == Status::AwaitingPayment => Err(OrderError::Offline),
-                _ => self.settle_lost(order_id, None).await,
+                Ok(Some(o)) if o.status == Status::AwaitingPayment => Err(OrderError::Offline),
+                _ => {
+                    self.settle_lost(order_id, None, GiveUp::OwnerLost, answer_by)
+                        .await
+                }
             },
         }
     }
@@ -1049,5 +1077,32 @@ impl CommandBus for Cluster {
             Asked::Local => self.local.ping(machine_no, timeout).await,
             Asked::Lost => Err(DeliveryError::Timeout),
         }
+    }
+}
+
+/// Cluster mode's caller-gone rule for a forwarded order: if the request is
+/// dropped (its merchant's connection closed) while the owner decides, the
+/// order is given up in storage — before its acceptance is recorded, the
+/// owner's acceptance compare-and-set then fails and it sends a cancel
+/// instead of `go`.
+struct CallerGone {
+    cluster: Weak<Cluster>,
+    order_id: u64,
+    req: Option<PlaceRequest>,
+}
+
+impl Drop for CallerGone {
+    fn drop(&mut self) {
+        let (Some(req), Some(cluster)) = (self.req.take(), self.cluster.upgrade()) else {
+            return;
+        };
+        let order_id = self.order_id;
+        // Bounded like the request it replaces.
+        let answer_by = Instant::now() + cluster.settings.owner_answer_slack;
+        tokio::spawn(async move {
+            let _ = cluster
+                .settle_lost(order_id, Some(&req), GiveUp::CallerGone, answer_by)
+                .await;
+        });
     }
 }

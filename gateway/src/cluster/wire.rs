@@ -8,6 +8,7 @@ use vendgate_proto::machine::MachineNo;
 use crate::orders::inventory::StockView;
 use crate::orders::state::Line;
 use crate::orders::OrderError;
+use vendgate_proto::codes::ErrorCode;
 
 /// Subject builders for one prefix.
 #[derive(Debug, Clone)]
@@ -67,7 +68,8 @@ pub struct PlaceOnOwner {
     pub lines: Vec<(i64, u32)>,
     pub out_trade_no: Option<String>,
     pub pay_later: bool,
-    /// How long the requester waits for the answer, from sending.
+    /// How long the requester waits for the answer, from sending (the
+    /// owner answers `owner_answer_slack` sooner).
     pub wait_ms: u64,
 }
 
@@ -101,8 +103,12 @@ pub enum OwnerReply {
     Placed {
         order_id: u64,
     },
+    /// The API code (API.md), and a machine's refusal reason for 30005:
+    /// numbers that stay the same across versions, unlike Rust names.
     Failed {
-        error: OrderError,
+        code: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     Delivered,
     NotDelivered {
@@ -123,4 +129,61 @@ pub enum OwnerReply {
 pub struct Released {
     pub machine_no: MachineNo,
     pub lines: Vec<Line>,
+}
+
+impl OwnerReply {
+    /// The wire form of an order error.
+    pub fn failed(e: &OrderError) -> Self {
+        Self::Failed {
+            code: e.code().code(),
+            reason: match e {
+                OrderError::Refused(r) => Some(r.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The order error a [`OwnerReply::Failed`] carries (unknown codes: 50000).
+pub fn order_error(code: i32, reason: Option<String>) -> OrderError {
+    match ErrorCode::from_code(code) {
+        Some(ErrorCode::MachineNotFound) => OrderError::MachineNotFound,
+        Some(ErrorCode::MachineOffline) => OrderError::NotAccepted,
+        Some(ErrorCode::MachineBusy) => OrderError::Busy,
+        Some(ErrorCode::InsufficientStock) => OrderError::InsufficientStock,
+        Some(ErrorCode::MachineRefused) => {
+            OrderError::Refused(reason.unwrap_or_else(|| "refused".into()))
+        }
+        Some(ErrorCode::OrderNotFound) => OrderError::OrderNotFound,
+        Some(ErrorCode::OrderStateConflict) => OrderError::StateConflict,
+        Some(ErrorCode::DuplicateOutTradeNo) => OrderError::DuplicateOutTradeNo,
+        _ => OrderError::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_errors_cross_the_wire_by_code() {
+        for e in [
+            OrderError::MachineNotFound,
+            OrderError::NotAccepted,
+            OrderError::Busy,
+            OrderError::InsufficientStock,
+            OrderError::Refused("door_open".into()),
+            OrderError::OrderNotFound,
+            OrderError::StateConflict,
+            OrderError::DuplicateOutTradeNo,
+            OrderError::Internal,
+        ] {
+            let json = serde_json::to_string(&OwnerReply::failed(&e)).unwrap();
+            let back: OwnerReply = serde_json::from_str(&json).unwrap();
+            let OwnerReply::Failed { code, reason } = back else {
+                panic!("not a failure: {json}");
+            };
+            assert_eq!(order_error(code, reason), e, "{json}");
+        }
+    }
 }

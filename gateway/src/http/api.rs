@@ -266,6 +266,7 @@ async fn place_order(
         lines: parsed.lines,
         out_trade_no: parsed.out_trade_no,
         pay_later: parsed.pay_later,
+        answer_by: crate::orders::answer_by(orders),
         forwarded: None,
     };
     let m = req.machine_no;
@@ -352,6 +353,7 @@ async fn get_order(
             "pay_later": o.pay_later,
             "pay_deadline": if o.status == crate::orders::state::Status::AwaitingPayment { rfc3339(o.pay_deadline) } else { Value::Null },
             "refund_status": refund_status(&o),
+            "refunded_amount": o.refunded_amount,
             "refunded_at": rfc3339(o.refunded_at),
             "events": events,
         }),
@@ -359,9 +361,11 @@ async fn get_order(
 }
 
 /// `pending` while a refund is owed and not recorded, `refunded` once the
-/// merchant recorded it; absent when nothing is owed.
+/// merchant recorded it, `mismatch` when a late result changed what is owed
+/// after that (both figures are in the order); absent when nothing is owed.
 fn refund_status(o: &crate::storage::StoredOrder) -> Value {
     match (o.refund_amount > 0, o.refunded_at) {
+        (_, Some(_)) if o.refunded_amount != o.refund_amount => json!("mismatch"),
         (_, Some(_)) => json!("refunded"),
         (true, None) => json!("pending"),
         (false, None) => Value::Null,
@@ -382,7 +386,8 @@ async fn pay_order(
         Ok(id) => id,
         Err(a) => return a,
     };
-    match s.orders.pay(&merchant, order_id).await {
+    let answer_by = crate::orders::answer_by(&s.gw.settings.orders);
+    match s.orders.pay(&merchant, order_id, answer_by).await {
         Ok(order_id) => {
             info!(appid = %merchant, order_id, "paid order accepted by the machine");
             ok(&s, json!({ "order_id": order_id }))
@@ -406,7 +411,7 @@ async fn refund_order(
     match s.orders.refund(&merchant, order_id).await {
         Ok(o) => ok(
             &s,
-            json!({ "order_id": o.order_id, "refund_amount": o.refund_amount, "refund_status": refund_status(&o), "refunded_at": rfc3339(o.refunded_at) }),
+            json!({ "order_id": o.order_id, "refund_amount": o.refund_amount, "refunded_amount": o.refunded_amount, "refund_status": refund_status(&o), "refunded_at": rfc3339(o.refunded_at) }),
         ),
         Err(e) => err(&s, e.code()),
     }

@@ -20,7 +20,7 @@ pub const OTHER: &str = "other";
 
 /// Every `pattern` label value, in index order. Literals because the proto
 /// crate's `pattern()` is not `const`; a test checks they agree.
-pub const PATTERNS: [&str; 9] = [
+pub const PATTERNS: [&str; 10] = [
     "vend/v1/+/state",
     "vend/v1/+/inventory",
     "vend/v1/+/pong",
@@ -29,6 +29,7 @@ pub const PATTERNS: [&str; 9] = [
     "vend/v1/+/cmd/dispense",
     "vend/v1/+/cmd/cancel",
     "vend/v1/+/cmd/ping",
+    "vend/v1/+/cmd/go",
     OTHER,
 ];
 
@@ -66,8 +67,9 @@ fn index_of(t: Option<Topic>) -> usize {
             Command::Dispense => 5,
             Command::Cancel => 6,
             Command::Ping => 7,
+            Command::Go => 8,
         },
-        None => 8,
+        None => 9,
     }
 }
 
@@ -366,7 +368,7 @@ mod tests {
         s.record(Direction::In, "vend/v1/87654321/ack", 10);
         s.record(Direction::Out, "x/y", 5);
         assert_eq!(s.get(Direction::In, 3), (2, 40));
-        assert_eq!(s.get(Direction::Out, 8), (1, 5));
+        assert_eq!(s.get(Direction::Out, PATTERNS.len() - 1), (1, 5));
         assert_eq!(s.get(Direction::Out, 3), (0, 0));
         assert_eq!(s.get(Direction::Out, 99), (0, 0));
     }

@@ -64,7 +64,7 @@ static META: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// `order_service` counters copied from `OrderStats`, by `event` label.
-const ORDER_EVENTS: [&str; 10] = [
+const ORDER_EVENTS: [&str; 15] = [
     "placed",
     "accepted",
     "refused",
@@ -75,6 +75,11 @@ const ORDER_EVENTS: [&str; 10] = [
     "duplicate_device_messages",
     "rejected_device_messages",
     "malformed_device_messages",
+    "go_sent",
+    "go_withheld",
+    "caller_gone",
+    "dispensed_after_rejection",
+    "uplinks_overloaded",
 ];
 
 /// The handles of every registered series.
@@ -647,6 +652,11 @@ impl Metrics {
             &o.duplicate_device_messages,
             &o.rejected_device_messages,
             &o.malformed_device_messages,
+            &o.go_sent,
+            &o.go_withheld,
+            &o.caller_gone,
+            &o.dispensed_after_rejection,
+            &o.uplinks_overloaded,
         ];
         for (c, a) in s.order_events.iter().zip(events) {
             c.absolute(l(a));

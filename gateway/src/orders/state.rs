@@ -58,7 +58,8 @@ impl Status {
         )
     }
 
-    /// No event except a late result changes these.
+    /// Their status never changes again. A late result may still record
+    /// on a `Rejected` order what a non-compliant machine dispensed.
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -90,6 +91,78 @@ pub struct Order {
     pub error: Option<String>,
     /// Set once a result has been applied (a repeat is a no-op).
     pub result_applied: bool,
+    /// What the merchant recorded as refunded (0 until it does).
+    pub refunded_amount: i64,
+}
+
+/// Why the gateway gave an order up before the machine's acceptance was
+/// recorded. Stored as the order's `error`; every one of them is answered
+/// 30002 (a machine's own refusal reason is answered 30005).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GiveUp {
+    /// No acceptance recorded before the order's `accept_by`.
+    AcceptTimeout,
+    /// The process stopped while the order was dispatching.
+    GatewayRestart,
+    /// Cluster mode: the owning node's answer never came.
+    OwnerLost,
+    /// A sweep found it dispatching long after its node should have settled it.
+    DispatchLost,
+    /// The merchant's connection closed before the acceptance was recorded.
+    CallerGone,
+    /// The acceptance could not be recorded (storage failed): no `go` was sent.
+    AcceptNotRecorded,
+    /// The machine reported `no_go`, or a result, before any acceptance was
+    /// recorded: the order never got its `go`.
+    NoGo,
+    /// The command was never handed to the machine's connection.
+    NotDelivered(String),
+}
+
+impl GiveUp {
+    const NOT_DELIVERED: &'static str = "not_delivered";
+
+    /// The stored `error` text.
+    pub fn as_str(&self) -> std::borrow::Cow<'static, str> {
+        use std::borrow::Cow;
+        Cow::Borrowed(match self {
+            Self::AcceptTimeout => "accept_timeout",
+            Self::GatewayRestart => "gateway_restart",
+            Self::OwnerLost => "owner_lost",
+            Self::DispatchLost => "dispatch_lost",
+            Self::CallerGone => "caller_gone",
+            Self::AcceptNotRecorded => "accept_not_recorded",
+            Self::NoGo => vendgate_proto::msg::ERROR_NO_GO,
+            Self::NotDelivered(why) => {
+                return Cow::Owned(format!("{}: {why}", Self::NOT_DELIVERED))
+            }
+        })
+    }
+
+    /// The reason a stored `error` names, if it is one of the gateway's own.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "accept_timeout" => Self::AcceptTimeout,
+            "gateway_restart" => Self::GatewayRestart,
+            "owner_lost" => Self::OwnerLost,
+            "dispatch_lost" => Self::DispatchLost,
+            "caller_gone" => Self::CallerGone,
+            "accept_not_recorded" => Self::AcceptNotRecorded,
+            vendgate_proto::msg::ERROR_NO_GO => Self::NoGo,
+            _ => {
+                let why = s.strip_prefix(Self::NOT_DELIVERED)?;
+                Self::NotDelivered(why.trim_start_matches(':').trim_start().to_string())
+            }
+        })
+    }
+
+    /// Whether the dispense command may have reached the machine: a
+    /// `cmd/cancel` is then owed until one is handed to its connection. A
+    /// command never handed over owes none; nor does an order the machine
+    /// itself reported dropped (`no_go`).
+    pub fn owes_cancel(&self) -> bool {
+        !matches!(self, Self::NotDelivered(_) | Self::NoGo)
+    }
 }
 
 /// What can happen to an order.
@@ -99,12 +172,17 @@ pub enum Event {
     Paid,
     /// Unpaid past the deadline.
     PaymentExpired,
-    /// The machine accepted the command.
+    /// The machine's acceptance was recorded (before the order's
+    /// `accept_by`: the storage compare-and-set checks that): `go` follows.
     Accepted,
     /// The machine refused (reason).
     Refused(String),
-    /// No ack within `accept_timeout`, or the machine was offline at dispatch.
-    NotAccepted(String),
+    /// The gateway gave up before an acceptance was recorded.
+    NotAccepted(GiveUp),
+    /// This node recorded (or may have recorded) the acceptance but never
+    /// sent `go`: the order is given up like [`Event::NotAccepted`], from
+    /// `dispensing` too, as long as no result came.
+    GoWithheld,
     /// The machine's per-item result: (product_id, quantity, dispensed).
     Result {
         items: Vec<(i64, u32, u32)>,
@@ -112,6 +190,31 @@ pub enum Event {
     },
     /// No result within the dispense deadline.
     DispenseDeadline,
+}
+
+impl Event {
+    /// The timeline entry's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Paid => "paid",
+            Self::PaymentExpired => "expired",
+            Self::Accepted => "accepted",
+            Self::Refused(_) => "refused",
+            Self::NotAccepted(_) | Self::GoWithheld => "not_accepted",
+            Self::Result { .. } => "result",
+            Self::DispenseDeadline => "deadline",
+        }
+    }
+
+    /// Whether the change this event makes leaves a dispense command that
+    /// may still reach the machine (see [`GiveUp::owes_cancel`]).
+    pub fn owes_cancel(&self) -> bool {
+        match self {
+            Self::NotAccepted(why) => why.owes_cancel(),
+            Self::GoWithheld => true,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,6 +234,61 @@ pub enum Transition {
     Unchanged,
 }
 
+/// Webhook event types (API.md "Notifications to the merchant").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    Completed,
+    PartiallyDispensed,
+    DispenseFailed,
+    Unknown,
+    Expired,
+    /// A machine reported goods out for an order the gateway had answered
+    /// 30002/30005 or given up on.
+    DispensedAfterRejection,
+    /// A late result changed what is owed after a refund was recorded.
+    RefundMismatch,
+}
+
+impl Notice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "order.completed",
+            Self::PartiallyDispensed => "order.partially_dispensed",
+            Self::DispenseFailed => "order.dispense_failed",
+            Self::Unknown => "order.unknown",
+            Self::Expired => "order.expired",
+            Self::DispensedAfterRejection => "order.dispensed_after_rejection",
+            Self::RefundMismatch => "order.refund_mismatch",
+        }
+    }
+}
+
+/// The webhooks a committed change from `before` to `after` sends, in
+/// delivery order.
+pub fn notices(before: &Order, after: &Order) -> Vec<Notice> {
+    let mut out = Vec::new();
+    if after.status == Status::Rejected {
+        if after.result_applied && !before.result_applied && after.dispensed_units() > 0 {
+            out.push(Notice::DispensedAfterRejection);
+        }
+        return out;
+    }
+    if before.status != after.status {
+        out.extend(match after.status {
+            Status::Completed => Some(Notice::Completed),
+            Status::PartiallyDispensed => Some(Notice::PartiallyDispensed),
+            Status::Failed => Some(Notice::DispenseFailed),
+            Status::Unknown => Some(Notice::Unknown),
+            Status::Expired => Some(Notice::Expired),
+            _ => None,
+        });
+    }
+    if after.refunded_amount > 0 && after.refund_amount() != before.refund_amount() {
+        out.push(Notice::RefundMismatch);
+    }
+    out
+}
+
 impl Order {
     pub fn new(lines: Vec<Line>, pay_later: bool) -> Self {
         Self {
@@ -142,6 +300,7 @@ impl Order {
             lines,
             error: None,
             result_applied: false,
+            refunded_amount: 0,
         }
     }
 
@@ -153,9 +312,24 @@ impl Order {
             .fold(0i64, i64::saturating_add)
     }
 
+    /// Σ dispensed × unit price: the value of what came out.
+    pub fn dispensed_amount(&self) -> i64 {
+        self.lines
+            .iter()
+            .map(|l| i64::from(l.dispensed).saturating_mul(l.unit_price))
+            .fold(0i64, i64::saturating_add)
+    }
+
+    /// Units that came out, over every line.
+    pub fn dispensed_units(&self) -> u64 {
+        self.lines.iter().map(|l| u64::from(l.dispensed)).sum()
+    }
+
     /// What the merchant owes back: Σ undispensed × unit price for settled
     /// orders with a shortfall; the whole amount while the outcome is
-    /// `unknown` (the goods may not have come out; a late result corrects it).
+    /// `unknown` (the goods may not have come out; a late result corrects
+    /// it). A rejected order was never charged (it was answered 30002 or
+    /// 30005), so it owes nothing, whatever a non-compliant machine did.
     pub fn refund_amount(&self) -> i64 {
         match self.status {
             Status::PartiallyDispensed | Status::Failed => self
@@ -169,6 +343,21 @@ impl Order {
             _ => 0,
         }
     }
+}
+
+/// Record what a result says came out, for an order that was given up
+/// (`Rejected`): the status stays, the lines show the goods.
+fn record_goods(
+    order: &Order,
+    items: &[(i64, u32, u32)],
+    next: &mut Order,
+) -> Result<(), TransitionError> {
+    let dispensed = result_per_line(order, items)?;
+    for (l, d) in next.lines.iter_mut().zip(dispensed) {
+        l.dispensed = d;
+    }
+    next.result_applied = true;
+    Ok(())
 }
 
 /// Apply one event. Pure.
@@ -189,9 +378,49 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
         }
         (Dispatching, Event::NotAccepted(why)) => {
             next.status = Rejected;
-            next.error = Some(why.clone());
+            next.error = Some(why.as_str().into_owned());
         }
-        (Rejected, Event::Refused(_) | Event::NotAccepted(_)) => return Ok(Transition::Unchanged),
+        (Dispatching, Event::GoWithheld) => {
+            next.status = Rejected;
+            next.error = Some(GiveUp::AcceptNotRecorded.as_str().into_owned());
+        }
+        // Withheld `go`: no result can have come from a compliant machine.
+        (Dispensing, Event::GoWithheld) if !order.result_applied => {
+            next.status = Rejected;
+            next.error = Some(GiveUp::AcceptNotRecorded.as_str().into_owned());
+        }
+        (
+            Rejected,
+            Event::Refused(_) | Event::NotAccepted(_) | Event::GoWithheld | Event::Accepted,
+        ) => return Ok(Transition::Unchanged),
+        // A result never implies an acceptance: before one was recorded,
+        // the order never got its `go`. `no_go` (or nothing out) gives it
+        // up; goods out (a machine that did not wait for `go`) give it up
+        // too, with what came out recorded and notified.
+        (Dispatching, Event::Result { items, error }) => {
+            record_goods(order, items, &mut next)?;
+            next.status = Rejected;
+            next.error = Some(if next.dispensed_units() > 0 {
+                "dispensed_without_go".to_string()
+            } else {
+                error
+                    .clone()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| GiveUp::NoGo.as_str().into_owned())
+            });
+        }
+        (Rejected, Event::Result { items, .. }) => {
+            if order.result_applied {
+                check_result(order, items)?;
+                return Ok(Transition::Unchanged);
+            }
+            let dispensed = result_per_line(order, items)?;
+            if dispensed.iter().all(|d| *d == 0) {
+                // Nothing came out: what the record already says.
+                return Ok(Transition::Unchanged);
+            }
+            record_goods(order, items, &mut next)?;
+        }
         (Dispensing | Unknown, Event::Result { items, error }) => {
             if order.result_applied {
                 return Ok(Transition::Unchanged);
@@ -201,7 +430,7 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
                 l.dispensed = d;
             }
             let wanted: u64 = next.lines.iter().map(|l| u64::from(l.quantity)).sum();
-            let got: u64 = next.lines.iter().map(|l| u64::from(l.dispensed)).sum();
+            let got = next.dispensed_units();
             next.status = if got == wanted {
                 Completed
             } else if got == 0 {
@@ -225,7 +454,7 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
             next.status = Unknown;
             next.error = Some("no_result_before_deadline".into());
         }
-        (Unknown | Completed | PartiallyDispensed | Failed, Event::DispenseDeadline) => {
+        (Unknown | Completed | PartiallyDispensed | Failed | Rejected, Event::DispenseDeadline) => {
             return Ok(Transition::Unchanged)
         }
         (Expired, Event::PaymentExpired) => return Ok(Transition::Unchanged),
@@ -433,6 +662,122 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn give_up_reasons_round_trip() {
+        for g in [
+            GiveUp::AcceptTimeout,
+            GiveUp::GatewayRestart,
+            GiveUp::OwnerLost,
+            GiveUp::DispatchLost,
+            GiveUp::CallerGone,
+            GiveUp::AcceptNotRecorded,
+            GiveUp::NoGo,
+            GiveUp::NotDelivered("machine is not connected".into()),
+        ] {
+            assert_eq!(GiveUp::parse(&g.as_str()), Some(g.clone()));
+        }
+        assert_eq!(GiveUp::parse("door_open"), None);
+        assert!(!GiveUp::NoGo.owes_cancel());
+        assert!(!GiveUp::NotDelivered(String::new()).owes_cancel());
+        assert!(GiveUp::CallerGone.owes_cancel());
+    }
+
+    #[test]
+    fn a_result_never_implies_acceptance() {
+        let o = order(false);
+        // no_go before any acceptance: given up, nothing owed.
+        let r = changed(apply(
+            &o,
+            &Event::Result {
+                items: vec![],
+                error: Some("no_go".into()),
+            },
+        ));
+        assert_eq!(r.status, Status::Rejected);
+        assert_eq!(r.error.as_deref(), Some("no_go"));
+        assert_eq!(notices(&o, &r), vec![]);
+        // Goods out without `go`: given up, goods recorded and notified.
+        let r = changed(apply(
+            &o,
+            &Event::Result {
+                items: vec![(1, 2, 2), (2, 1, 0)],
+                error: None,
+            },
+        ));
+        assert_eq!(r.status, Status::Rejected);
+        assert_eq!(r.dispensed_amount(), 700);
+        assert_eq!(r.refund_amount(), 0);
+        assert_eq!(notices(&o, &r), vec![Notice::DispensedAfterRejection]);
+        // The acceptance that comes after changes nothing.
+        assert_eq!(apply(&r, &Event::Accepted), Ok(Transition::Unchanged));
+    }
+
+    #[test]
+    fn goods_after_a_give_up_are_recorded_once() {
+        let o = changed(apply(
+            &order(false),
+            &Event::NotAccepted(GiveUp::AcceptTimeout),
+        ));
+        let nothing = Event::Result {
+            items: vec![(1, 2, 0), (2, 1, 0)],
+            error: Some("no_go".into()),
+        };
+        assert_eq!(apply(&o, &nothing), Ok(Transition::Unchanged));
+        let goods = Event::Result {
+            items: vec![(1, 2, 1), (2, 1, 1)],
+            error: None,
+        };
+        let r = changed(apply(&o, &goods));
+        assert_eq!(r.status, Status::Rejected);
+        assert_eq!(r.error.as_deref(), Some("accept_timeout"));
+        assert_eq!(r.dispensed_amount(), 550);
+        assert_eq!(notices(&o, &r), vec![Notice::DispensedAfterRejection]);
+        assert_eq!(apply(&r, &goods), Ok(Transition::Unchanged));
+    }
+
+    #[test]
+    fn no_go_after_acceptance_fails_with_a_full_refund() {
+        let o = changed(apply(&order(false), &Event::Accepted));
+        let f = changed(apply(
+            &o,
+            &Event::Result {
+                items: vec![],
+                error: Some("no_go".into()),
+            },
+        ));
+        assert_eq!((f.status, f.refund_amount()), (Status::Failed, 900));
+        assert_eq!(f.error.as_deref(), Some("no_go"));
+        assert_eq!(notices(&o, &f), vec![Notice::DispenseFailed]);
+    }
+
+    #[test]
+    fn withheld_go_gives_up_a_recorded_acceptance() {
+        let o = changed(apply(&order(false), &Event::Accepted));
+        let r = changed(apply(&o, &Event::GoWithheld));
+        assert_eq!(r.status, Status::Rejected);
+        assert_eq!(r.error.as_deref(), Some("accept_not_recorded"));
+        assert!(Event::GoWithheld.owes_cancel());
+    }
+
+    #[test]
+    fn refund_then_late_completion_is_a_mismatch() {
+        let o = changed(apply(&order(false), &Event::Accepted));
+        let mut u = changed(apply(&o, &Event::DispenseDeadline));
+        u.refunded_amount = u.refund_amount();
+        let done = changed(apply(
+            &u,
+            &Event::Result {
+                items: vec![(1, 2, 2), (2, 1, 1)],
+                error: None,
+            },
+        ));
+        assert_eq!((done.refund_amount(), done.refunded_amount), (0, 900));
+        assert_eq!(
+            notices(&u, &done),
+            vec![Notice::Completed, Notice::RefundMismatch]
+        );
+    }
+
     fn any_event() -> impl Strategy<Value = Event> {
         let items = proptest::collection::vec((0i64..4, 0u32..4, 0u32..4), 0..4);
         prop_oneof![
@@ -440,7 +785,9 @@ mod tests {
             Just(Event::PaymentExpired),
             Just(Event::Accepted),
             Just(Event::Refused("door_open".into())),
-            Just(Event::NotAccepted("accept_timeout".into())),
+            Just(Event::NotAccepted(GiveUp::AcceptTimeout)),
+            Just(Event::NotAccepted(GiveUp::CallerGone)),
+            Just(Event::GoWithheld),
             Just(Event::DispenseDeadline),
             (items, proptest::option::of("[a-z_]{0,8}"))
                 .prop_map(|(items, error)| Event::Result { items, error }),
@@ -459,7 +806,15 @@ mod tests {
                 let before = o.clone();
                 match apply(&o, ev) {
                     Ok(Transition::Changed(n)) => {
-                        prop_assert!(!before.status.is_final(), "final status {:?} changed by {:?}", before.status, ev);
+                        prop_assert!(!before.status.is_final() || n.status == before.status, "final status {:?} changed by {:?}", before.status, ev);
+                        // A result never implies an acceptance.
+                        if n.status == Status::Dispensing {
+                            prop_assert_eq!(ev, &Event::Accepted);
+                            prop_assert_eq!(before.status, Status::Dispatching);
+                        }
+                        if n.status == Status::Rejected {
+                            prop_assert_eq!(n.refund_amount(), 0);
+                        }
                         if n.result_applied && !before.result_applied { results_applied += 1; }
                         o = n;
                     }

@@ -25,6 +25,9 @@ pub struct NewOrder {
     pub amount: i64,
     pub created_at: DateTime<Utc>,
     pub pay_deadline: Option<DateTime<Utc>>,
+    /// The acceptance can be recorded only before this instant (an order
+    /// inserted `dispatching`: its insert time + `accept_timeout`).
+    pub accept_by: Option<DateTime<Utc>>,
 }
 
 /// A stored order.
@@ -48,6 +51,10 @@ pub struct StoredOrder {
     pub pay_deadline: Option<DateTime<Utc>>,
     /// When the merchant recorded the refund (None: pending or nothing to refund).
     pub refunded_at: Option<DateTime<Utc>>,
+    /// What the merchant recorded as refunded (`refund_amount` at that time).
+    pub refunded_amount: i64,
+    /// The machine's acceptance counts only if recorded before this.
+    pub accept_by: Option<DateTime<Utc>>,
 }
 
 /// The new values of a status change (lines carry the dispensed counts).
@@ -64,6 +71,12 @@ pub struct OrderChange {
     /// cancel is owed until one is handed to the machine's connection
     /// ([`super::ClusterStorage::pending_cancels`]).
     pub cancel_pending: bool,
+    /// The order's `accept_by` after the change (set when a payment moves
+    /// it to `dispatching`; otherwise the stored value, unchanged).
+    pub accept_by: Option<DateTime<Utc>>,
+    /// The acceptance compare-and-set: apply only if the stored
+    /// `accept_by` is later than this instant (None: no such condition).
+    pub only_before_accept_by: Option<DateTime<Utc>>,
     pub at: DateTime<Utc>,
 }
 
@@ -105,18 +118,21 @@ pub trait OrderStorage: Send + Sync + 'static {
         merchant: &str,
         out_trade_no: &str,
     ) -> Result<Option<StoredOrder>, StorageError>;
-    /// Apply `change`, append `ev` and write `outbox` (if any) atomically if the
-    /// stored status is still `from`; Ok(false) (nothing written) otherwise.
+    /// Apply `change`, append `ev` and write the `outbox` events atomically if
+    /// the stored status is still `from` and, with
+    /// [`OrderChange::only_before_accept_by`], its `accept_by` is later;
+    /// Ok(false) (nothing written) otherwise.
     async fn update_order(
         &self,
         order_id: u64,
         from: Status,
         change: &OrderChange,
         ev: &OrderEvent,
-        outbox: Option<&NewOutboxEvent>,
+        outbox: &[NewOutboxEvent],
     ) -> Result<bool, StorageError>;
-    /// Record that the merchant refunded `refund_amount`, with a timeline
-    /// event; Ok(false) if already recorded or there is nothing to refund.
+    /// Record that the merchant refunded `refund_amount` (stored as
+    /// `refunded_amount`), with a timeline event; Ok(false) if already
+    /// recorded or there is nothing to refund.
     async fn mark_refunded(
         &self,
         order_id: u64,

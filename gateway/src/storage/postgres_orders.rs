@@ -21,7 +21,8 @@ use crate::orders::state::{Line, Status};
 
 pub(super) const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, \
      request_fingerprint, pay_later, status, amount, refund_amount, error, result_applied, \
-     created_at_ms, updated_at_ms, dispense_deadline_ms, pay_deadline_ms, refunded_at_ms";
+     created_at_ms, updated_at_ms, dispense_deadline_ms, pay_deadline_ms, refunded_at_ms, \
+     refunded_amount, accept_by_ms";
 
 /// The class half of the two-key advisory lock that serialises inventory
 /// snapshots of one machine ("vg" and 1); the machine number is the other
@@ -142,6 +143,8 @@ impl PgStorage {
                 dispense_deadline: get_opt_ms(row, "dispense_deadline_ms")?,
                 pay_deadline: get_opt_ms(row, "pay_deadline_ms")?,
                 refunded_at: get_opt_ms(row, "refunded_at_ms")?,
+                refunded_amount: row.try_get("refunded_amount").map_err(backend)?,
+                accept_by: get_opt_ms(row, "accept_by_ms")?,
             });
         }
         Ok(out)
@@ -157,7 +160,7 @@ impl OrderStorage for PgStorage {
         sqlx::query(
             "INSERT INTO orders (order_id, merchant_appid, machine_no, out_trade_no, \
              request_fingerprint, pay_later, status, amount, created_at_ms, updated_at_ms, \
-             pay_deadline_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
+             pay_deadline_ms, accept_by_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11)",
         )
         .bind(id)
         .bind(&o.merchant_appid)
@@ -169,6 +172,7 @@ impl OrderStorage for PgStorage {
         .bind(o.amount)
         .bind(at)
         .bind(opt_ms(o.pay_deadline))
+        .bind(opt_ms(o.accept_by))
         .execute(&mut *tx)
         .await
         .map_err(pg_error)?;
@@ -227,7 +231,7 @@ impl OrderStorage for PgStorage {
         from: Status,
         change: &OrderChange,
         ev: &OrderEvent,
-        outbox: Option<&NewOutboxEvent>,
+        outbox: &[NewOutboxEvent],
     ) -> Result<bool, StorageError> {
         let id = id_i64(order_id)?;
         let mut tx = self.pool().begin().await.map_err(pg_error)?;
@@ -236,8 +240,9 @@ impl OrderStorage for PgStorage {
         // status change also ends a sweep's claim (see the SQLite backend).
         let done = sqlx::query(
             "UPDATE orders SET status = $1, error = $2, result_applied = $3, refund_amount = $4, \
-             dispense_deadline_ms = $5, cancel_pending = $6, sweep_lease_until_ms = NULL, \
-             updated_at_ms = $7 WHERE order_id = $8 AND status = $9",
+             dispense_deadline_ms = $5, cancel_pending = $6, accept_by_ms = $10, \
+             sweep_lease_until_ms = NULL, updated_at_ms = $7 WHERE order_id = $8 AND status = $9 \
+             AND ($11::BIGINT IS NULL OR accept_by_ms > $11)",
         )
         .bind(change.status.as_str())
         .bind(&change.error)
@@ -248,6 +253,8 @@ impl OrderStorage for PgStorage {
         .bind(change.at.timestamp_millis())
         .bind(id)
         .bind(from.as_str())
+        .bind(opt_ms(change.accept_by))
+        .bind(opt_ms(change.only_before_accept_by))
         .execute(&mut *tx)
         .await
         .map_err(pg_error)?;
@@ -265,7 +272,7 @@ impl OrderStorage for PgStorage {
                 .map_err(pg_error)?;
         }
         insert_event(&mut tx, id, ev).await?;
-        if let Some(o) = outbox {
+        for o in outbox {
             insert_outbox(&mut tx, o).await?;
         }
         tx.commit().await.map_err(pg_error)?;
@@ -281,7 +288,8 @@ impl OrderStorage for PgStorage {
         let id = id_i64(order_id)?;
         let mut tx = self.pool().begin().await.map_err(pg_error)?;
         let done = sqlx::query(
-            "UPDATE orders SET refunded_at_ms = $1, updated_at_ms = $1 \
+            "UPDATE orders SET refunded_at_ms = $1, updated_at_ms = $1, \
+             refunded_amount = refund_amount \
              WHERE order_id = $2 AND refunded_at_ms IS NULL AND refund_amount > 0",
         )
         .bind(at.timestamp_millis())

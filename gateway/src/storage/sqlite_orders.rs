@@ -20,7 +20,7 @@ use crate::orders::state::{Line, Status};
 
 pub(super) const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
      pay_later, status, amount, refund_amount, error, result_applied, created_at_ms, updated_at_ms, \
-     dispense_deadline_ms, pay_deadline_ms, refunded_at_ms";
+     dispense_deadline_ms, pay_deadline_ms, refunded_at_ms, refunded_amount, accept_by_ms";
 
 pub(super) fn id_i64(id: u64) -> Result<i64, StorageError> {
     i64::try_from(id).map_err(|_| StorageError::Corrupt(format!("order id {id} out of range")))
@@ -99,8 +99,8 @@ async fn write_order(
     let at = o.created_at.timestamp_millis();
     sqlx::query(
         "INSERT INTO orders (order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
-         pay_later, status, amount, created_at_ms, updated_at_ms, pay_deadline_ms) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         pay_later, status, amount, created_at_ms, updated_at_ms, pay_deadline_ms, accept_by_ms) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(id)
     .bind(&o.merchant_appid)
@@ -113,6 +113,7 @@ async fn write_order(
     .bind(at)
     .bind(at)
     .bind(opt_ms(o.pay_deadline))
+    .bind(opt_ms(o.accept_by))
     .execute(&mut *conn)
     .await
     .map_err(order_insert_error)?;
@@ -142,14 +143,16 @@ async fn write_change(
     from: Status,
     change: &OrderChange,
     ev: &OrderEvent,
-    outbox: Option<&NewOutboxEvent>,
+    outbox: &[NewOutboxEvent],
 ) -> Result<bool, StorageError> {
     // A status change ends whatever a sweep claimed the order for, so its
     // lease is dropped: in its new status the order is due on its own terms.
+    let before = opt_ms(change.only_before_accept_by);
     let done = sqlx::query(
         "UPDATE orders SET status = ?, error = ?, result_applied = ?, refund_amount = ?, \
-         dispense_deadline_ms = ?, cancel_pending = ?, sweep_lease_until_ms = NULL, \
-         updated_at_ms = ? WHERE order_id = ? AND status = ?",
+         dispense_deadline_ms = ?, cancel_pending = ?, accept_by_ms = ?, sweep_lease_until_ms = NULL, \
+         updated_at_ms = ? WHERE order_id = ? AND status = ? \
+         AND (? IS NULL OR accept_by_ms > ?)",
     )
     .bind(change.status.as_str())
     .bind(&change.error)
@@ -157,9 +160,12 @@ async fn write_change(
     .bind(change.refund_amount)
     .bind(opt_ms(change.dispense_deadline))
     .bind(i64::from(change.cancel_pending))
+    .bind(opt_ms(change.accept_by))
     .bind(change.at.timestamp_millis())
     .bind(id)
     .bind(from.as_str())
+    .bind(before)
+    .bind(before)
     .execute(&mut *conn)
     .await
     .map_err(backend)?;
@@ -176,7 +182,7 @@ async fn write_change(
             .map_err(backend)?;
     }
     insert_event(conn, id, ev).await?;
-    if let Some(o) = outbox {
+    for o in outbox {
         insert_outbox(conn, o).await?;
     }
     Ok(true)
@@ -246,6 +252,8 @@ impl SqliteStorage {
                 dispense_deadline: ms("dispense_deadline_ms")?,
                 pay_deadline: ms("pay_deadline_ms")?,
                 refunded_at: ms("refunded_at_ms")?,
+                refunded_amount: row.try_get("refunded_amount").map_err(backend)?,
+                accept_by: ms("accept_by_ms")?,
             });
         }
         Ok(out)
@@ -304,15 +312,13 @@ impl OrderStorage for SqliteStorage {
         from: Status,
         change: &OrderChange,
         ev: &OrderEvent,
-        outbox: Option<&NewOutboxEvent>,
+        outbox: &[NewOutboxEvent],
     ) -> Result<bool, StorageError> {
         let id = id_i64(order_id)?;
-        let (change, ev, outbox) = (change.clone(), ev.clone(), outbox.cloned());
+        let (change, ev, outbox) = (change.clone(), ev.clone(), outbox.to_vec());
         self.writer()
             .write(move |conn| {
-                Box::pin(async move {
-                    write_change(conn, id, from, &change, &ev, outbox.as_ref()).await
-                })
+                Box::pin(async move { write_change(conn, id, from, &change, &ev, &outbox).await })
             })
             .await
     }
@@ -329,7 +335,8 @@ impl OrderStorage for SqliteStorage {
             .write(move |conn| {
                 Box::pin(async move {
                     let done = sqlx::query(
-                        "UPDATE orders SET refunded_at_ms = ?, updated_at_ms = ? \
+                        "UPDATE orders SET refunded_at_ms = ?, updated_at_ms = ?, \
+                         refunded_amount = refund_amount \
                          WHERE order_id = ? AND refunded_at_ms IS NULL AND refund_amount > 0",
                     )
                     .bind(at.timestamp_millis())

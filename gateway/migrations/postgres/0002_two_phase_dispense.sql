@@ -1,0 +1,7 @@
+-- Two-phase dispense: the acceptance of an order counts only if it is
+-- recorded before `accept_by_ms` (the compare-and-set checks it), and the
+-- refund the merchant recorded is kept apart from what is owed, so a late
+-- result that changes what is owed never hides the difference.
+ALTER TABLE orders ADD COLUMN accept_by_ms BIGINT;
+ALTER TABLE orders ADD COLUMN refunded_amount BIGINT NOT NULL DEFAULT 0;
+UPDATE orders SET refunded_amount = refund_amount WHERE refunded_at_ms IS NOT NULL;

@@ -1,0 +1,675 @@
+//! The per-machine queue, the worker that sends one order at a time, and the
+//! [`Ticket`] on which the dispense decision is made exactly once: either an
+//! ack's recorded acceptance (then `cmd/go` follows) or a give-up (accept
+//! deadline, caller gone, shutdown), never both.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::msg::{self, DispenseCmd, OrderLine};
+use vendgate_proto::topic::Command;
+
+use super::state::{Event, GiveUp, Line, Order, Status};
+use super::{event, fingerprint, outcome, OrderError, OrderService, PlaceRequest, ANSWER_MARGIN};
+use crate::storage::{NewOrder, StorageError, StoredOrder};
+
+/// One order waiting for its machine.
+pub(crate) struct Job {
+    order_id: u64,
+    req: PlaceRequest,
+    lines: Vec<Line>,
+    /// A paid `pay_later` order (stored `awaiting_payment`, paid only when
+    /// its command is about to leave).
+    paid: Option<StoredOrder>,
+    ticket: Arc<Ticket>,
+    reply: oneshot::Sender<Result<u64, OrderError>>,
+}
+
+/// How the worker's order ended, for the merchant's answer.
+enum Answered {
+    /// Acceptance recorded here, `go` sent: 0, and the stock stays held.
+    Accepted,
+    /// The stored record answers (it moved on elsewhere).
+    Stored(Box<StoredOrder>),
+    /// 30002: no acceptance recorded, no `go` ever sent.
+    NotAccepted,
+    /// Another answer (30005, 30002 for an undelivered command, 40002...).
+    Failed(OrderError),
+}
+
+/// What was decided about an order whose command left.
+#[derive(Debug, Clone)]
+pub(crate) enum Decision {
+    /// The acceptance was recorded and `go` is sent: 0.
+    Accepted,
+    /// The machine refused: 30005.
+    Refused(String),
+    /// No acceptance recorded (none in time, or storage failed): 30002, and
+    /// no `go` is ever sent for it.
+    NotAccepted,
+    /// The stored record answers (the order was settled elsewhere: another
+    /// node took the ack, or a result gave it up).
+    Stored(Box<StoredOrder>),
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// In the machine's queue.
+    Queued,
+    /// Taken by the worker: being stored.
+    Storing,
+    /// The command may have left; no ack is being recorded.
+    AwaitingAck,
+    /// An ack's acceptance is being recorded on this node.
+    Deciding,
+    Decided(Decision),
+    /// Given up before a decision: no `go` is ever sent for it from here.
+    Abandoned,
+}
+
+/// How [`Ticket::abandon`] found the order.
+#[derive(Debug)]
+pub(crate) enum Abandon {
+    /// It never left the queue: nothing stored, nothing sent.
+    NotSent,
+    /// Taken, no ack being recorded here: storage holds the decision.
+    Pending,
+    /// An ack's acceptance was being recorded here; if it commits it gets
+    /// no `go` (the ack's handler gives the order up again).
+    Withheld,
+    Decided(Decision),
+}
+
+/// The one place an order's dispense decision is made on this node.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    pub machine: MachineNo,
+    phase: std::sync::Mutex<Phase>,
+    decided: Notify,
+    /// Cancelled when the merchant's request goes away (its connection
+    /// closed) before the answer.
+    gone: CancellationToken,
+}
+
+impl Ticket {
+    fn new(machine: MachineNo) -> Arc<Self> {
+        Arc::new(Self {
+            machine,
+            phase: std::sync::Mutex::new(Phase::Queued),
+            decided: Notify::new(),
+            gone: CancellationToken::new(),
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Phase) -> R) -> R {
+        // A poisoned lock means a panic while holding it, which the code
+        // below cannot do (plain assignments); keep going with the value.
+        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut p)
+    }
+
+    /// The worker takes the job from the queue. False when the caller
+    /// stopped waiting (30003 answered, or its connection closed).
+    fn take(&self) -> bool {
+        let gone = self.gone.is_cancelled();
+        self.with(|p| match p {
+            Phase::Queued if !gone => {
+                *p = Phase::Storing;
+                true
+            }
+            Phase::Queued => {
+                *p = Phase::Abandoned;
+                false
+            }
+            _ => false,
+        })
+    }
+
+    /// The caller's deadline to be sent passed while queued: true if the
+    /// job is now abandoned before the worker took it.
+    fn abandon_queued(&self) -> bool {
+        self.with(|p| match p {
+            Phase::Queued => {
+                *p = Phase::Abandoned;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Stored; the command is about to leave. False if the order was
+    /// abandoned meanwhile (then it must not leave).
+    fn leaving(&self) -> bool {
+        self.with(|p| match p {
+            Phase::Storing => {
+                *p = Phase::AwaitingAck;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// An ack arrived: start recording it. Err(None) when the order was
+    /// abandoned here, Err(Some(d)) when it is already decided.
+    pub(crate) fn begin_decision(&self) -> Result<(), Option<Decision>> {
+        self.with(|p| match p {
+            Phase::AwaitingAck => {
+                *p = Phase::Deciding;
+                Ok(())
+            }
+            Phase::Decided(d) => Err(Some(d.clone())),
+            _ => Err(None),
+        })
+    }
+
+    /// The ack's outcome. False when the order was abandoned while it was
+    /// being recorded: an acceptance then gets no `go`.
+    pub(crate) fn decide(&self, d: Decision) -> bool {
+        let done = self.with(|p| match p {
+            Phase::Deciding | Phase::AwaitingAck => {
+                *p = Phase::Decided(d);
+                true
+            }
+            _ => false,
+        });
+        if done {
+            self.decided.notify_one();
+        }
+        done
+    }
+
+    fn decision(&self) -> Option<Decision> {
+        self.with(|p| match p {
+            Phase::Decided(d) => Some(d.clone()),
+            _ => None,
+        })
+    }
+
+    fn deciding(&self) -> bool {
+        self.with(|p| matches!(p, Phase::Deciding))
+    }
+
+    /// Give the order up unless it is decided: from here on no `go` is
+    /// sent for it by this node.
+    pub(crate) fn abandon(&self) -> Abandon {
+        self.with(|p| {
+            let how = match p {
+                Phase::Queued => Abandon::NotSent,
+                Phase::Storing | Phase::AwaitingAck | Phase::Abandoned => Abandon::Pending,
+                Phase::Deciding => Abandon::Withheld,
+                Phase::Decided(d) => return Abandon::Decided(d.clone()),
+            };
+            *p = Phase::Abandoned;
+            how
+        })
+    }
+}
+
+/// Marks the ticket's caller gone if the request future is dropped before
+/// its answer (hyper drops it when the client closes the connection).
+struct CallerGuard(Option<Arc<Ticket>>);
+
+impl Drop for CallerGuard {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.gone.cancel();
+        }
+    }
+}
+
+impl OrderService {
+    /// Queue an order for its machine and wait for its answer, within the
+    /// request's `answer_by` (see the module doc for each bound).
+    pub(super) async fn place_local(
+        &self,
+        order_id: u64,
+        req: PlaceRequest,
+        lines: Vec<Line>,
+        paid: Option<StoredOrder>,
+    ) -> Result<u64, OrderError> {
+        let m = req.machine_no;
+        let new = paid.is_none();
+        // A paid order that is not sent stays unpaid and keeps its stock.
+        let release = |lines: &[Line]| {
+            if new {
+                self.inventory.release(m, lines);
+            }
+        };
+        let answer_by = req.answer_by;
+        let Some(send_by) = answer_by.checked_sub(self.settings.accept_timeout) else {
+            release(&lines);
+            return Err(OrderError::Busy);
+        };
+        if Instant::now() >= send_by {
+            release(&lines);
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(OrderError::Busy);
+        }
+        let ticket = Ticket::new(m);
+        let (reply, mut answer) = oneshot::channel();
+        // Released here if the job is abandoned in its queue.
+        let held = if new { lines.clone() } else { Vec::new() };
+        let job = Job {
+            order_id,
+            req,
+            lines,
+            paid,
+            ticket: ticket.clone(),
+            reply,
+        };
+        if let Err(e) = self.queue(m).try_send(job) {
+            let job = match e {
+                mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+            };
+            release(&job.lines);
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            return Err(OrderError::Busy);
+        }
+        let mut guard = CallerGuard(Some(ticket.clone()));
+        let got = match tokio::time::timeout_at(send_by, &mut answer).await {
+            Ok(r) => Some(r),
+            Err(_) if ticket.abandon_queued() => {
+                // Not sent in time: answered now, never sent later.
+                guard.0 = None;
+                release(&held);
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                return Err(OrderError::Busy);
+            }
+            // The worker has it: its own waits end by `answer_by`.
+            Err(_) => tokio::time::timeout_at(answer_by + ANSWER_MARGIN, &mut answer)
+                .await
+                .ok(),
+        };
+        guard.0 = None;
+        match got {
+            Some(Ok(r)) => r,
+            // No answer (shutdown, or a storage call past its bounds): the
+            // ticket says what may still happen, and nothing goes unsaid.
+            Some(Err(_)) | None => match ticket.abandon() {
+                Abandon::NotSent => Err(OrderError::Internal),
+                Abandon::Decided(d) => answer_of(order_id, &d),
+                Abandon::Pending | Abandon::Withheld => Err(OrderError::NotAccepted),
+            },
+        }
+    }
+
+    fn queue(&self, m: MachineNo) -> mpsc::Sender<Job> {
+        self.queues
+            .entry(m)
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(self.settings.queue_depth.max(1));
+                if let Some(me) = self.me.upgrade() {
+                    tokio::spawn(async move { me.worker(m, rx).await });
+                }
+                tx
+            })
+            .clone()
+    }
+
+    /// One machine's orders, one at a time, in arrival order.
+    async fn worker(self: Arc<Self>, m: MachineNo, mut rx: mpsc::Receiver<Job>) {
+        loop {
+            let job = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                j = rx.recv() => match j { Some(j) => j, None => break },
+            };
+            self.dispatch(job).await;
+        }
+        // Orders still queued were never stored or sent.
+        while let Ok(job) = rx.try_recv() {
+            if job.ticket.take() && job.paid.is_none() {
+                self.inventory.release(m, &job.lines);
+            }
+            let _ = job.reply.send(Err(OrderError::Internal));
+        }
+    }
+
+    async fn dispatch(&self, job: Job) {
+        let Job {
+            order_id,
+            req,
+            lines,
+            paid,
+            ticket,
+            reply,
+        } = job;
+        let m = req.machine_no;
+        let new = paid.is_none();
+        if !ticket.take() {
+            // The caller stopped waiting while it was queued. A caller whose
+            // deadline passed released the stock itself; a gone one did not.
+            if ticket.gone.is_cancelled() && new {
+                self.inventory.release(m, &lines);
+            }
+            return;
+        }
+        let send_by = req.answer_by.checked_sub(self.settings.accept_timeout);
+        let refuse = |e: OrderError| {
+            if new {
+                self.inventory.release(m, &lines);
+            }
+            e
+        };
+        if send_by.is_none_or(|b| Instant::now() >= b) {
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            let _ = reply.send(Err(refuse(OrderError::Busy)));
+            return;
+        }
+        if !self.presence.is_online(&m) {
+            let _ = reply.send(Err(refuse(OrderError::Offline)));
+            return;
+        }
+        let stored = match self.store_for_dispatch(order_id, &req, &lines, paid).await {
+            Ok(o) => o,
+            Err((_, e)) => {
+                let _ = reply.send(Err(refuse(e)));
+                return;
+            }
+        };
+        let order_id = stored.order_id;
+        let accept_by = Instant::now() + self.settings.accept_timeout;
+        self.inflight.insert(order_id, ticket.clone());
+        let answered = self
+            .send_and_decide(&stored, &ticket, accept_by, req.answer_by)
+            .await;
+        let (answer, holds) = match answered {
+            Answered::Accepted => (Ok(order_id), true),
+            Answered::Stored(o) => (outcome(&o), o.status == Status::Dispensing),
+            Answered::NotAccepted => (Err(OrderError::NotAccepted), false),
+            Answered::Failed(e) => (Err(e), false),
+        };
+        let _ = reply.send(answer);
+        if holds {
+            // Stay on this order until it settles or reaches its deadline:
+            // one order at a time per machine.
+            let (tx, rx) = oneshot::channel();
+            self.settled.insert(order_id, tx);
+            let got = tokio::select! {
+                r = tokio::time::timeout(self.settings.dispense_timeout, rx) => r.is_ok(),
+                _ = self.shutdown.cancelled() => true,
+            };
+            if !got {
+                self.deadline_passed(order_id).await;
+            }
+        } else {
+            // Given up or refused: the stock goes back (a paid order's too:
+            // it is no longer unpaid).
+            self.inventory.release(m, &lines);
+        }
+        self.settled.remove(&order_id);
+        self.inflight.remove(&order_id);
+    }
+
+    /// Durable before anything leaves: insert a new order, or pay a
+    /// `pay_later` one (exactly one of this payment and the expiry wins).
+    /// Either way the order is `dispatching` with its `accept_by` set.
+    async fn store_for_dispatch(
+        &self,
+        order_id: u64,
+        req: &PlaceRequest,
+        lines: &[Line],
+        paid: Option<StoredOrder>,
+    ) -> Result<StoredOrder, (u64, OrderError)> {
+        let accept_by = Utc::now()
+            + chrono::Duration::from_std(self.settings.accept_timeout)
+                .unwrap_or(chrono::Duration::MAX);
+        match paid {
+            Some(mut o) => match self.pay_transition(&o, accept_by).await {
+                Ok(true) => {
+                    o.status = Status::Dispatching;
+                    o.accept_by = Some(accept_by);
+                    o.updated_at = Utc::now();
+                    Ok(o)
+                }
+                Ok(false) | Err(_) => Err((order_id, OrderError::StateConflict)),
+            },
+            None => self.persist_new(order_id, req, lines, false, None).await,
+        }
+    }
+
+    /// Send the stored order's dispense command and decide.
+    async fn send_and_decide(
+        &self,
+        stored: &StoredOrder,
+        ticket: &Arc<Ticket>,
+        accept_by: Instant,
+        answer_by: Instant,
+    ) -> Answered {
+        let (order_id, m) = (stored.order_id, stored.machine_no);
+        if !ticket.leaving() {
+            // The caller went away while the order was stored: it never leaves.
+            self.stats.caller_gone.fetch_add(1, Ordering::Relaxed);
+            let why = GiveUp::NotDelivered("caller_gone".into());
+            let _ = self
+                .transition(stored, &Event::NotAccepted(why), json!({}))
+                .await;
+            return Answered::NotAccepted;
+        }
+        let ttl_ms = u64::try_from(self.settings.accept_timeout.as_millis()).unwrap_or(u64::MAX);
+        let cmd = DispenseCmd {
+            order_id,
+            items: stored
+                .lines
+                .iter()
+                .map(|l| OrderLine {
+                    product_id: l.product_id,
+                    quantity: l.quantity,
+                })
+                .collect(),
+            ttl_ms,
+        };
+        let sent_at = Utc::now();
+        if let Err(e) = self
+            .commands
+            .send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd)))
+            .await
+        {
+            // Never handed over: nothing to decide, no cancel owed.
+            ticket.abandon();
+            let why = GiveUp::NotDelivered(e.to_string());
+            let _ = self
+                .transition(stored, &Event::NotAccepted(why), json!({}))
+                .await;
+            return Answered::Failed(OrderError::Offline);
+        }
+        let sent = json!({ "sent_at": sent_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "ttl_ms": ttl_ms });
+        let _ = self
+            .store
+            .append_order_event(order_id, &event("sent", sent))
+            .await;
+        match self.await_decision(ticket, accept_by, answer_by).await {
+            (Abandon::Decided(Decision::Accepted), _) => Answered::Accepted,
+            (Abandon::Decided(Decision::Refused(r)), _) => Answered::Failed(OrderError::Refused(r)),
+            (Abandon::Decided(Decision::NotAccepted), _) | (Abandon::NotSent, _) => {
+                Answered::NotAccepted
+            }
+            (Abandon::Decided(Decision::Stored(o)), _) => Answered::Stored(o),
+            // An acceptance being recorded here was cut off: its handler
+            // withholds `go` and gives the order up.
+            (Abandon::Withheld, _) => {
+                self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
+                Answered::NotAccepted
+            }
+            (Abandon::Pending, why) => self.give_up(stored, why).await,
+        }
+    }
+
+    /// Wait for the decision until the order's `accept_by` (an ack being
+    /// recorded then is waited for until `answer_by`), or until the caller
+    /// goes away; then abandon the ticket unless decided.
+    async fn await_decision(
+        &self,
+        ticket: &Ticket,
+        accept_by: Instant,
+        answer_by: Instant,
+    ) -> (Abandon, GiveUp) {
+        let why = loop {
+            if let Some(d) = ticket.decision() {
+                return (Abandon::Decided(d), GiveUp::AcceptTimeout);
+            }
+            tokio::select! {
+                _ = ticket.decided.notified() => {}
+                _ = tokio::time::sleep_until(accept_by) => break GiveUp::AcceptTimeout,
+                _ = ticket.gone.cancelled() => break GiveUp::CallerGone,
+                _ = self.shutdown.cancelled() => break GiveUp::GatewayRestart,
+            }
+        };
+        if matches!(why, GiveUp::AcceptTimeout) {
+            while ticket.deciding() {
+                tokio::select! {
+                    _ = ticket.decided.notified() => {}
+                    _ = tokio::time::sleep_until(answer_by) => break,
+                }
+            }
+        }
+        (ticket.abandon(), why)
+    }
+
+    /// No acceptance was decided here by `accept_by` (or the caller went
+    /// away): record the give-up with a compare-and-set. If the order moved
+    /// on meanwhile (another node recorded the ack, a result gave it up),
+    /// the stored record answers.
+    async fn give_up(&self, stored: &StoredOrder, why: GiveUp) -> Answered {
+        if matches!(why, GiveUp::CallerGone) {
+            self.stats.caller_gone.fetch_add(1, Ordering::Relaxed);
+        }
+        let owes_cancel = why.owes_cancel();
+        match self
+            .transition(stored, &Event::NotAccepted(why), json!({}))
+            .await
+        {
+            Ok(Some(_)) => {
+                self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
+                if owes_cancel {
+                    self.cancel_now(stored.machine_no, stored.order_id).await;
+                }
+                Answered::NotAccepted
+            }
+            Ok(None) | Err(OrderError::StateConflict) => {
+                match self.store.order(stored.order_id).await {
+                    Ok(Some(o)) => Answered::Stored(Box::new(o)),
+                    _ => Answered::NotAccepted,
+                }
+            }
+            // Storage failed: the order's `accept_by` has passed, so no
+            // acceptance can be recorded any more; the sweep records the
+            // give-up once storage is back (`dispatch_lost`).
+            Err(e) => {
+                warn!(order_id = stored.order_id, error = %e, "give-up not recorded; the sweep will");
+                self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
+                Answered::NotAccepted
+            }
+        }
+    }
+
+    /// Insert a new order (retrying on an id collision); `dispatching`
+    /// orders get their `accept_by`.
+    pub(super) async fn persist_new(
+        &self,
+        mut order_id: u64,
+        req: &PlaceRequest,
+        lines: &[Line],
+        pay_later: bool,
+        pay_deadline: Option<chrono::DateTime<Utc>>,
+    ) -> Result<StoredOrder, (u64, OrderError)> {
+        let m = req.machine_no;
+        let order = Order::new(lines.to_vec(), pay_later);
+        let mut attempts = 0;
+        loop {
+            let now = Utc::now();
+            let accept_by = (!pay_later).then(|| {
+                now + chrono::Duration::from_std(self.settings.accept_timeout)
+                    .unwrap_or(chrono::Duration::MAX)
+            });
+            let new = NewOrder {
+                order_id,
+                merchant_appid: req.merchant.clone(),
+                machine_no: m,
+                out_trade_no: req.out_trade_no.clone(),
+                request_fingerprint: req.out_trade_no.as_ref().map(|_| fingerprint(req)),
+                pay_later,
+                status: order.status,
+                lines: lines.to_vec(),
+                amount: order.amount(),
+                created_at: now,
+                pay_deadline,
+                accept_by,
+            };
+            let ev = event(
+                "created",
+                json!({ "amount": order.amount(), "lines": lines, "pay_later": pay_later }),
+            );
+            match self.store.insert_order(&new, &ev).await {
+                // The row just inserted, without reading it back.
+                Ok(()) => return Ok(StoredOrder::from_new(new)),
+                // A forwarded order keeps the id its requester chose: taken,
+                // it is the requester's record that it gave up (see
+                // `record_lost`), so this order must not start.
+                Err(StorageError::Duplicate("order")) if req.forwarded.is_some() => {
+                    return Err((order_id, OrderError::Offline));
+                }
+                Err(StorageError::Duplicate("order")) if attempts < 5 => {
+                    attempts += 1;
+                    order_id = self.ids.next();
+                }
+                Err(StorageError::Duplicate("out_trade_no")) => {
+                    // A concurrent repeat inserted first; answer as its repeat.
+                    let otn = req.out_trade_no.as_deref().unwrap_or("");
+                    return match self.store.order_by_out_trade_no(&req.merchant, otn).await {
+                        Ok(Some(o)) => Err((order_id, OrderError::RepeatOf(o.order_id))),
+                        _ => Err((order_id, OrderError::Internal)),
+                    };
+                }
+                Err(e) => {
+                    error!(machine_no = %m, error = %e, "could not persist order");
+                    return Err((order_id, OrderError::Internal));
+                }
+            }
+        }
+    }
+}
+
+/// The merchant's answer for a decision.
+fn answer_of(order_id: u64, d: &Decision) -> Result<u64, OrderError> {
+    match d {
+        Decision::Accepted => Ok(order_id),
+        Decision::Refused(r) => Err(OrderError::Refused(r.clone())),
+        Decision::NotAccepted => Err(OrderError::NotAccepted),
+        Decision::Stored(o) => outcome(o),
+    }
+}
+
+impl StoredOrder {
+    /// The row [`OrderService::persist_new`] just inserted.
+    fn from_new(new: NewOrder) -> Self {
+        Self {
+            order_id: new.order_id,
+            merchant_appid: new.merchant_appid,
+            machine_no: new.machine_no,
+            out_trade_no: new.out_trade_no,
+            request_fingerprint: new.request_fingerprint,
+            pay_later: new.pay_later,
+            status: new.status,
+            lines: new.lines,
+            amount: new.amount,
+            refund_amount: 0,
+            error: None,
+            result_applied: false,
+            created_at: new.created_at,
+            updated_at: new.created_at,
+            dispense_deadline: None,
+            pay_deadline: new.pay_deadline,
+            refunded_at: None,
+            refunded_amount: 0,
+            accept_by: new.accept_by,
+        }
+    }
+}

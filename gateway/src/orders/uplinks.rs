@@ -1,0 +1,445 @@
+//! What machines tell the order side: `ack` (where the dispense decision is
+//! made: PROTOCOL.md gateway rule 4), `result` (rules 5–6) and `inventory`.
+//! Acks and results need storage, so they wait in one bounded queue and run
+//! on a bounded number of tasks; a flood beyond that is counted and dropped
+//! rather than queued without end (machines are rate limited at the edge,
+//! so an honest fleet never reaches it).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::msg::{self, AckMsg, GoCmd, InventoryMsg, ResultMsg};
+use vendgate_proto::topic::{Command, Uplink};
+
+use super::dispatch::Decision;
+use super::settle::{Cas, ChangeOpts};
+use super::state::{check_result, Event, GiveUp, Status};
+use super::{OrderError, OrderService};
+use crate::edge::UplinkHandler;
+use crate::storage::StoredOrder;
+
+/// Acks and results waiting for a task, at most.
+pub(super) const WORK_QUEUE: usize = 4096;
+
+/// Acks and results being handled at once, at most.
+const WORKERS: usize = 256;
+
+/// One ack or result to handle.
+pub(super) struct Work {
+    machine: MachineNo,
+    kind: Uplink,
+    payload: Bytes,
+}
+
+/// At most one WARN a second for machine messages that fit no order (a
+/// stolen credential must not be able to fill the log); the rest count.
+#[derive(Debug, Default)]
+struct LogGate {
+    second: AtomicU64,
+}
+
+impl LogGate {
+    fn allow(&self) -> bool {
+        let now = u64::try_from(Utc::now().timestamp()).unwrap_or(0);
+        self.second.swap(now, Ordering::Relaxed) != now
+    }
+}
+
+static UNMATCHED_LOG: LogGate = LogGate {
+    second: AtomicU64::new(0),
+};
+
+impl OrderService {
+    /// Start the tasks that take acks and results off [`WORK_QUEUE`].
+    pub(super) fn spawn_uplink_workers(self: &Arc<Self>) {
+        let Some(mut rx) = self.uplink_rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(WORKERS));
+            loop {
+                let work = tokio::select! {
+                    w = rx.recv() => match w { Some(w) => w, None => return },
+                    _ = shutdown.cancelled() => return,
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(svc) = me.upgrade() else { return };
+                tokio::spawn(async move {
+                    svc.handle(work).await;
+                    drop(permit);
+                });
+            }
+        });
+    }
+
+    fn enqueue(&self, machine: MachineNo, kind: Uplink, payload: &Bytes) {
+        let work = Work {
+            machine,
+            kind,
+            payload: payload.clone(),
+        };
+        if self.uplink_work.try_send(work).is_err() {
+            self.stats
+                .uplinks_overloaded
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn handle(&self, w: Work) {
+        match w.kind {
+            Uplink::Ack => self.on_ack(w.machine, &w.payload).await,
+            Uplink::Result => self.on_result(w.machine, w.payload).await,
+            _ => {}
+        }
+    }
+
+    /// An ack: record the machine's answer and decide. On an acceptance,
+    /// the compare-and-set `dispatching → dispensing` succeeds only before
+    /// the order's `accept_by`; then `go` leaves (and the merchant hears 0).
+    /// A CAS that finds the order given up sends a cancel; one that finds
+    /// it `dispensing` or later is a repeat and sends nothing; a storage
+    /// error counts as a failed CAS.
+    pub(crate) async fn on_ack(&self, m: MachineNo, payload: &Bytes) {
+        let Ok(ack) = msg::decode::<AckMsg>(payload) else {
+            self.stats
+                .malformed_device_messages
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let id = ack.order_id;
+        // Only the machine the order was sent to can answer for it.
+        let ticket = self
+            .inflight
+            .get(&id)
+            .filter(|t| t.machine == m)
+            .map(|t| t.clone());
+        // Whether this node's waiter takes the decision; None: no waiter
+        // here (another node holds the request, or it was abandoned).
+        let mut deciding = None;
+        if let Some(t) = &ticket {
+            match t.begin_decision() {
+                Ok(()) => deciding = Some(t.clone()),
+                Err(Some(_)) => {
+                    self.stats
+                        .duplicate_device_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(None) => {}
+            }
+        }
+        let decide = |d: Decision| deciding.as_ref().is_none_or(|t| t.decide(d));
+        let o = match self.store.order(id).await {
+            Ok(Some(o)) if o.machine_no == m => o,
+            Ok(_) => {
+                decide(Decision::NotAccepted);
+                self.unmatched(m, id, "ack");
+                return;
+            }
+            Err(e) => {
+                warn!(machine_no = %m, order_id = id, error = %e, "ack not recorded: storage failed");
+                self.withhold(m, id, ack.accepted, &decide).await;
+                return;
+            }
+        };
+        if !ack.accepted {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let reason = ack.reason.clone().unwrap_or_else(|| "refused".into());
+            let decision = match self
+                .transition(&o, &Event::Refused(reason.clone()), json!({}))
+                .await
+            {
+                Ok(Some(_)) => Decision::Refused(reason),
+                _ => match self.store.order(id).await {
+                    Ok(Some(now)) => Decision::Stored(Box::new(now)),
+                    _ => Decision::NotAccepted,
+                },
+            };
+            decide(decision);
+            return;
+        }
+        let opts = ChangeOpts {
+            accept_by: None,
+            only_before_accept_by: Some(Utc::now()),
+        };
+        match self
+            .change_once(&o, &Event::Accepted, json!({}), opts)
+            .await
+        {
+            Ok(Cas::Changed(_)) => {
+                if decide(Decision::Accepted) {
+                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    self.send_go(m, id).await;
+                } else {
+                    // The waiter gave up while this was being recorded: the
+                    // merchant hears 30002, so no `go`.
+                    self.withhold(m, id, true, &|_| true).await;
+                }
+            }
+            // A repeat of an acceptance (or of a refusal) already applied.
+            Ok(Cas::Unchanged) => {
+                self.stats
+                    .duplicate_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
+                let now = self.store.order(id).await.ok().flatten().unwrap_or(o);
+                if now.status == Status::Rejected {
+                    self.late_accept(m, &now).await;
+                }
+                decide(Decision::Stored(Box::new(now)));
+            }
+            Ok(Cas::Missed) => {
+                let now = match self.store.order(id).await {
+                    Ok(Some(now)) => now,
+                    _ => {
+                        self.withhold(m, id, true, &decide).await;
+                        return;
+                    }
+                };
+                match now.status {
+                    // Still dispatching: its `accept_by` has passed.
+                    Status::Dispatching => {
+                        let gave_up = self
+                            .transition(
+                                &now,
+                                &Event::NotAccepted(GiveUp::AcceptTimeout),
+                                json!({ "late_ack": true }),
+                            )
+                            .await;
+                        if matches!(gave_up, Ok(Some(_))) {
+                            self.cancel_now(m, id).await;
+                        }
+                        decide(Decision::NotAccepted);
+                    }
+                    Status::Rejected => {
+                        self.late_accept(m, &now).await;
+                        decide(Decision::Stored(Box::new(now)));
+                    }
+                    // Accepted already (a repeat): nothing to send.
+                    _ => {
+                        self.stats
+                            .duplicate_device_messages
+                            .fetch_add(1, Ordering::Relaxed);
+                        decide(Decision::Stored(Box::new(now)));
+                    }
+                }
+            }
+            // An acceptance of an order that was never sent (unpaid,
+            // expired): fits no order in flight.
+            Err(OrderError::StateConflict) => {
+                decide(Decision::NotAccepted);
+                self.unmatched(m, id, "ack");
+            }
+            Err(e) => {
+                warn!(machine_no = %m, order_id = id, error = %e, "acceptance not recorded: storage failed; no go");
+                self.withhold(m, id, true, &decide).await;
+            }
+        }
+    }
+
+    /// An acceptance this node may have recorded but will not follow with
+    /// `go`: answer 30002, cancel, and give the order up once storage takes
+    /// it (from `dispensing` too: [`Event::GoWithheld`]).
+    async fn withhold(
+        &self,
+        m: MachineNo,
+        id: u64,
+        accepted: bool,
+        decide: &(dyn Fn(Decision) -> bool + Sync),
+    ) {
+        decide(Decision::NotAccepted);
+        if !accepted {
+            return;
+        }
+        self.stats.go_withheld.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.send_cancel(m, id).await {
+            debug!(machine_no = %m, order_id = id, error = %e, "cancel not delivered");
+        }
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move { me.record_withheld(id).await });
+    }
+
+    /// Retry [`Event::GoWithheld`] until storage takes it or the order has
+    /// moved on. Bounded: a minute of attempts; past that the sweep gives a
+    /// still-`dispatching` order up (`dispatch_lost`), and a `dispensing`
+    /// one reaches its dispense deadline (`unknown`, full refund).
+    async fn record_withheld(&self, id: u64) {
+        const ATTEMPTS: u32 = 120;
+        for _ in 0..ATTEMPTS {
+            if let Ok(Some(o)) = self.store.order(id).await {
+                if !matches!(o.status, Status::Dispatching | Status::Dispensing) {
+                    return;
+                }
+                if let Ok(Some(_)) | Ok(None) =
+                    self.transition(&o, &Event::GoWithheld, json!({})).await
+                {
+                    self.release(o.machine_no, &o.lines);
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            }
+        }
+        warn!(
+            order_id = id,
+            "withheld go not recorded after a minute; left to the sweeps"
+        );
+    }
+
+    async fn send_go(&self, m: MachineNo, id: u64) {
+        let r = self
+            .commands
+            .send(
+                &m,
+                Command::Go,
+                Bytes::from(msg::encode(&GoCmd { order_id: id })),
+            )
+            .await;
+        match r {
+            Ok(()) => {
+                self.stats.go_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            // The order stays accepted: a machine that never gets `go`
+            // drops it after its go timeout and reports `no_go` (failed,
+            // full refund).
+            Err(e) => {
+                warn!(machine_no = %m, order_id = id, error = %e, "go not delivered; the machine will report no_go")
+            }
+        }
+    }
+
+    /// A machine accepted an order we gave up on: repeat the cancel (no
+    /// `go` was ever sent for a rejected order).
+    async fn late_accept(&self, m: MachineNo, o: &StoredOrder) {
+        warn!(machine_no = %m, order_id = o.order_id, "machine accepted an order after it was given up; cancelling again");
+        let _ = self.send_cancel(m, o.order_id).await;
+    }
+
+    /// Apply a machine's result (PROTOCOL.md gateway rules 5–6). A result
+    /// never implies an acceptance. Goods reported out for an order that
+    /// was given up are recorded on it and notified, never dropped.
+    pub(crate) async fn on_result(&self, m: MachineNo, payload: Bytes) {
+        let Ok(r) = msg::decode::<ResultMsg>(&payload) else {
+            self.stats
+                .malformed_device_messages
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let o = match self.store.order(r.order_id).await {
+            Ok(Some(o)) if o.machine_no == m => o,
+            _ => {
+                self.unmatched(m, r.order_id, "result");
+                return;
+            }
+        };
+        let items: Vec<(i64, u32, u32)> = r
+            .items
+            .iter()
+            .map(|i| (i.product_id, i.quantity, i.dispensed))
+            .collect();
+        // An ill-fitting result is counted and dropped (gateway rule 3),
+        // and leaves the order as it is.
+        if check_result(&o.as_state(), &items).is_err() {
+            self.unmatched(m, o.order_id, "result that does not fit its order");
+            return;
+        }
+        let held = o.status.holds_reservation();
+        let ev = Event::Result {
+            items,
+            error: r.error.clone(),
+        };
+        match self.transition(&o, &ev, json!({ "items": r.items })).await {
+            Ok(Some(next)) => {
+                self.stats.results_applied.fetch_add(1, Ordering::Relaxed);
+                if next.status == Status::Rejected && next.dispensed_units() > 0 {
+                    self.stats
+                        .dispensed_after_rejection
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(machine_no = %m, order_id = o.order_id, amount = next.dispensed_amount(), "goods out for an order that was given up");
+                } else {
+                    info!(machine_no = %m, order_id = o.order_id, status = next.status.as_str(), "order settled");
+                }
+                // An unknown order's reservation went at its deadline.
+                if held {
+                    self.inventory.release(m, &next.lines);
+                }
+                if o.status == Status::Dispatching {
+                    // Given up before any acceptance: a waiter here hears it now.
+                    if let Some(t) = self.inflight.get(&o.order_id).map(|t| t.clone()) {
+                        if t.begin_decision().is_ok() {
+                            if let Ok(Some(now)) = self.store.order(o.order_id).await {
+                                t.decide(Decision::Stored(Box::new(now)));
+                            } else {
+                                t.decide(Decision::NotAccepted);
+                            }
+                        }
+                    }
+                }
+                if let Some((_, tx)) = self.settled.remove(&o.order_id) {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(None) => {
+                self.stats
+                    .duplicate_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => self.unmatched(m, o.order_id, "result that does not fit its order"),
+        }
+    }
+
+    /// A machine message that fits none of its orders: counted, and logged
+    /// at most once a second; nothing of it is stored.
+    fn unmatched(&self, m: MachineNo, order_id: u64, what: &str) {
+        self.stats
+            .rejected_device_messages
+            .fetch_add(1, Ordering::Relaxed);
+        if UNMATCHED_LOG.allow() {
+            warn!(machine_no = %m, order_id, what, "machine message for no order of its own dropped (further ones this second only counted)");
+        }
+    }
+
+    fn on_inventory(&self, m: MachineNo, payload: &Bytes) {
+        match msg::decode::<InventoryMsg>(payload) {
+            Ok(inv) => {
+                self.inventory.set_snapshot(m, &inv.items);
+                let _ = self.inventory_writes.send((m, inv.items));
+            }
+            Err(_) => {
+                self.stats
+                    .malformed_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether order `id` has been sent from here and waits for its
+    /// machine's ack (the hostile-input harness plays the machine).
+    pub(crate) fn awaiting_ack(&self, id: u64) -> bool {
+        self.inflight.contains_key(&id)
+    }
+}
+
+/// Uplinks routed to the order side.
+pub struct OrderUplinks(pub Arc<OrderService>);
+
+impl UplinkHandler for OrderUplinks {
+    fn on_uplink(&self, machine_no: MachineNo, _epoch: u64, kind: Uplink, payload: &Bytes) {
+        match kind {
+            Uplink::Inventory => self.0.on_inventory(machine_no, payload),
+            Uplink::Ack | Uplink::Result => self.0.enqueue(machine_no, kind, payload),
+            Uplink::State | Uplink::Pong => {}
+        }
+    }
+}
