@@ -1030,14 +1030,18 @@ impl Loop {
     /// Handle one packet; Some(end) closes the connection.
     fn on_packet(&mut self, packet: Packet) -> Option<End> {
         if let Some(bucket) = &self.bucket {
-            // Every packet a machine sends costs it: a SUBSCRIBE or
-            // UNSUBSCRIBE one token per filter, anything else one.
+            // Every packet a machine sends of its own accord costs it: a
+            // SUBSCRIBE or UNSUBSCRIBE one token per filter, anything else
+            // one. Acknowledgements of what the gateway sent are free: the
+            // in-flight window bounds them, and the gateway may ping or
+            // command a machine as often as it needs to.
             let cost = match &packet {
+                Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => 0,
                 Packet::Subscribe(s) => s.filters.len(),
                 Packet::Unsubscribe(u) => u.topics.len(),
                 _ => 1,
             };
-            if !bucket.take(cost) {
+            if cost > 0 && !bucket.take(cost) {
                 self.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
                 if self.hub.log_gate.allow(self.peer.ip()) {
                     warn!(client_id = ?shown(&self.session.client_id), "machine over its packet rate; closing");
