@@ -65,6 +65,7 @@ async fn connect_flood_from_one_address_does_not_starve_another_machines_reconne
     // Bare TCP connects from 127.0.0.2, as fast as they go, until stopped.
     let stop = tokio_util::sync::CancellationToken::new();
     let addr = gw.mqtt_addr;
+    let started = Instant::now();
     let flood = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -97,11 +98,13 @@ async fn connect_flood_from_one_address_does_not_starve_another_machines_reconne
     }
     stop.cancel();
     let connects = flood.await.expect("flood");
+    let flood_for = started.elapsed();
     let rejected = stats.rejected_address_rate.load(Ordering::Relaxed)
         + stats.rejected_address_connections.load(Ordering::Relaxed);
     println!(
-        "connect flood: {connects} attacker connects, {rejected} refused by the per-address \
-         limits, {} by the global rate; honest reconnects {:?}",
+        "connect flood: {connects} attacker connects in {flood_for:.2?} ({:.0}/s), {rejected} \
+         refused by the per-address limits, {} by the global rate; honest reconnects {:?}",
+        connects as f64 / flood_for.as_secs_f64(),
         stats.rejected_accept_rate.load(Ordering::Relaxed),
         latencies
     );
