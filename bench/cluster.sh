@@ -25,7 +25,7 @@ DURATION=${DURATION:-10s}
 export RUST_LOG=${RUST_LOG:-warn}
 # The load generator is the only merchant; 64 simulated machines answer far
 # more orders per second than a real machine would publish.
-export VENDGATE_HTTP__RATE_LIMIT=0 VENDGATE_MQTT__MACHINE_PUBLISH_RATE=0
+export VENDGATE_HTTP__RATE_LIMIT=0 VENDGATE_MQTT__MACHINE_PUBLISH_RATE=0 VENDGATE_MQTT__MAX_CONNECTIONS_PER_ADDRESS=0 VENDGATE_MQTT__ACCEPT_RATE_PER_ADDRESS=0
 
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 cargo build --release -q -p vendgate -p vendgate-sim

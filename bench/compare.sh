@@ -44,8 +44,9 @@ VM=$(port); VH=$(port)
 D=$W/vendgate
 # No merchant rate limit: the load generator is the only client. No machine
 # publish rate either: in (c) 64 simulated machines answer ~1,000 orders/s,
-# far beyond what one real machine sends (mqtt.machine_publish_rate).
-VENDGATE_HTTP__RATE_LIMIT=0 VENDGATE_MQTT__MACHINE_PUBLISH_RATE=0 "$B/vendgate" serve --data-dir "$D" --mqtt-addr 127.0.0.1:$VM --http-addr 127.0.0.1:$VH \
+# far beyond what one real machine sends (mqtt.machine_publish_rate). Every
+# simulated machine connects from 127.0.0.1, so no per-address limits.
+VENDGATE_HTTP__RATE_LIMIT=0 VENDGATE_MQTT__MACHINE_PUBLISH_RATE=0 VENDGATE_MQTT__MAX_CONNECTIONS_PER_ADDRESS=0 VENDGATE_MQTT__ACCEPT_RATE_PER_ADDRESS=0 "$B/vendgate" serve --data-dir "$D" --mqtt-addr 127.0.0.1:$VM --http-addr 127.0.0.1:$VH \
   >"$W/vendgate.log" 2>&1 &
 GW=$!; PIDS+=($GW)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$VH/healthz" >/dev/null && break; sleep 0.1; done

@@ -410,6 +410,10 @@ database_url = "$DATABASE_URL"
 
 [mqtt]
 addr = "127.0.0.1:${NODE_MQTT[i]}"
+# Behind haproxy every machine comes from one address: per-address connect
+# limits would apply to the whole fleet at once.
+max_connections_per_address = 0
+accept_rate_per_address = 0
 
 # Behind haproxy every machine comes from 127.0.0.1: a per-address throttle
 # would lock them all out after a few failed CONNECTs.

@@ -156,9 +156,9 @@ pub struct MqttSettings {
     /// QoS 1/2 messages queued for a service's persistent session
     /// (clean_session = 0) while it is away; beyond are dropped and counted.
     pub session_max_queued: usize,
-    /// The same for a machine's persistent session. 0: machines keep their
-    /// subscriptions and unacknowledged commands, but commands published
-    /// while they are away are not queued (a late dispense is worse than none).
+    /// No effect: a machine never keeps a session between connections
+    /// (PROTOCOL.md, gateway rule 8; clean_session = 0 is served as 1).
+    /// Accepted so that existing configuration files still load.
     pub machine_session_max_queued: usize,
     /// A persistent session whose client stays away this long is discarded.
     #[serde(with = "humantime_serde")]
@@ -185,6 +185,45 @@ pub struct MqttSettings {
     pub accept_burst: u32,
     /// Failed-authentication throttling (brute-force protection).
     pub auth_throttle: AuthThrottleSettings,
+    /// Open connections from one source address (IPv6: one /64), checked
+    /// before `max_connections`; beyond, a new one is closed at once. 0
+    /// disables.
+    pub max_connections_per_address: usize,
+    /// New connections per second from one source address (IPv6: one /64),
+    /// checked before `accept_rate`, so one host cannot spend the shared
+    /// bucket every machine reconnects through. 0 disables.
+    pub accept_rate_per_address: u32,
+    /// Connections one address may open at once before
+    /// `accept_rate_per_address` applies.
+    pub accept_burst_per_address: u32,
+    /// Source addresses tracked at most by the per-address limits and the
+    /// refusal-log limiter (memory bound); idle entries are pruned first.
+    pub max_tracked_addresses: usize,
+    /// Largest CONNECT packet accepted before authentication: the read
+    /// buffer of a connection that has not authenticated yet is bounded by
+    /// this, not by `max_packet_size`.
+    pub max_connect_size: usize,
+    /// Bytes one machine connection may hold: its read buffer, messages
+    /// queued or in flight to it (QoS 0 included), retained messages replayed
+    /// to it and its subscriptions. Over it the connection is closed and
+    /// counted (`memory_budget`); nothing is allocated past it.
+    pub machine_connection_memory: usize,
+    /// The same for a service connection, and for a service's parked
+    /// persistent session.
+    pub service_connection_memory: usize,
+    /// Subscriptions one machine session may hold (a machine needs one or
+    /// two under its own prefix); a filter beyond gets SUBACK 0x80.
+    pub machine_max_subscriptions: usize,
+    /// Subscriptions one service session may hold; beyond gets 0x80.
+    pub max_subscriptions: usize,
+    /// Bytes of topic filters one session may hold; beyond gets 0x80.
+    pub max_subscription_bytes: usize,
+    /// Bytes (topic + payload) of all retained messages together; a new
+    /// retained topic beyond is refused and counted.
+    pub max_retained_bytes: usize,
+    /// Bytes (topic + payload) of one retained message; a larger one is
+    /// delivered but not retained, and counted.
+    pub max_retained_message_size: usize,
 }
 
 /// `[mqtt.tls]`: the TLS listener. PEM files are read at start-up.
@@ -465,6 +504,18 @@ impl Default for MqttSettings {
             accept_rate: 1_000,
             accept_burst: 20_000,
             auth_throttle: AuthThrottleSettings::default(),
+            max_connections_per_address: 5_000,
+            accept_rate_per_address: 100,
+            accept_burst_per_address: 1_000,
+            max_tracked_addresses: 100_000,
+            max_connect_size: 4 * 1024,
+            machine_connection_memory: 1024 * 1024,
+            service_connection_memory: 64 * 1024 * 1024,
+            machine_max_subscriptions: 8,
+            max_subscriptions: 1_000,
+            max_subscription_bytes: 64 * 1024,
+            max_retained_bytes: 256 * 1024 * 1024,
+            max_retained_message_size: 32 * 1024,
         }
     }
 }
@@ -858,6 +909,9 @@ mod tests {
             )?;
             jail.set_env("VENDGATE_MQTT__MACHINE_PUBLISH_RATE", "5");
             jail.set_env("VENDGATE_MQTT__SESSION_MAX_QUEUED", "7");
+            jail.set_env("VENDGATE_MQTT__ACCEPT_RATE_PER_ADDRESS", "3");
+            jail.set_env("VENDGATE_MQTT__MACHINE_CONNECTION_MEMORY", "65536");
+            jail.set_env("VENDGATE_MQTT__MAX_RETAINED_BYTES", "1000");
             let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
                 .map_err(|e| e.to_string())?;
             let m = &s.mqtt;
@@ -865,6 +919,10 @@ mod tests {
             assert_eq!(m.session_expiry, Duration::from_secs(600));
             assert_eq!((m.machine_publish_rate, m.machine_publish_burst), (5, 200));
             assert_eq!((m.session_max_queued, m.machine_session_max_queued), (7, 0));
+            assert_eq!(m.accept_rate_per_address, 3);
+            assert_eq!(m.machine_connection_memory, 65536);
+            assert_eq!(m.max_retained_bytes, 1000);
+            assert_eq!(m.machine_max_subscriptions, 8);
             jail.create_file("bad.toml", "[mqtt]\ndeny_filters = [\"a/#/b\"]\n")?;
             assert!(matches!(
                 Settings::load(Some(Path::new("bad.toml")), &Overrides::default()),

@@ -166,7 +166,7 @@ async fn paho_overlapping_subscriptions() {
 }
 
 #[tokio::test]
-async fn paho_deny_list_answers_0x80() {
+async fn paho_deny_list_refuses_inner_filters_and_withholds_denied_topics() {
     paho_check("deny", |s| s.mqtt.deny_filters = vec!["secret/#".into()]).await;
     // The counter is the deny list's own metric.
     let gw = TestGateway::start_with(|s| s.mqtt.deny_filters = vec!["secret/#".into()]).await;
@@ -175,6 +175,11 @@ async fn paho_deny_list_answers_0x80() {
     assert_eq!(
         c.subscribe("secret/+/x", rumqttc::QoS::AtLeastOnce).await,
         vec![SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        c.subscribe("+/+/x", rumqttc::QoS::AtLeastOnce).await,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        "a wider filter is granted"
     );
     assert_eq!(
         gw.handle
@@ -532,7 +537,10 @@ async fn persistent_take_over_moves_the_session_to_the_new_connection() {
 }
 
 #[tokio::test]
-async fn persistent_machine_keeps_subscriptions_but_queues_no_commands() {
+async fn persistent_machine_is_served_as_clean() {
+    // PROTOCOL.md, gateway rule 8: a machine asking for clean_session = 0
+    // gets session present 0 and nothing of the earlier connection: no
+    // subscriptions, and no redelivery of a command it did not acknowledge.
     const M: &str = "20000003";
     let gw = TestGateway::start().await;
     let (appid, _) = gw.merchant("m").await;
@@ -541,8 +549,6 @@ async fn persistent_machine_keeps_subscriptions_but_queues_no_commands() {
     let (mut c, _, present) = connect_raw(&gw, M, (M, &secret), false).await;
     assert!(!present);
     subscribe_raw(&mut c, &format!("vend/v1/{M}/cmd/#"), QoS::AtLeastOnce).await;
-    drop(c);
-    wait_until("parked", || gw.handle.hub.router.parked_count() == 1).await;
     let ping = |id: u32| {
         gw.handle.hub.send_command(
             &m,
@@ -550,21 +556,21 @@ async fn persistent_machine_keeps_subscriptions_but_queues_no_commands() {
             format!(r#"{{"id":{id}}}"#).into(),
         )
     };
-    assert_eq!(
-        ping(1),
-        vendgate::edge::router::MachineDelivery::NotConnected
-    );
+    assert_eq!(ping(1), vendgate::edge::router::MachineDelivery::Queued);
+    let unacked = recv_publish(&mut c).await;
+    assert_eq!(unacked.qos, QoS::AtLeastOnce);
+    drop(c);
+    wait_until("offline", || !gw.online(M)).await;
+    assert_eq!(gw.handle.hub.router.parked_count(), 0, "nothing parked");
     let (mut c, _, present) = connect_raw(&gw, M, (M, &secret), false).await;
-    assert!(present, "subscriptions kept");
-    // Nothing was queued (machine_session_max_queued = 0): PINGRESP first.
+    assert!(!present, "session present 0");
+    // No redelivery: the PINGRESP is the first thing after CONNACK.
     c.send(Packet::PingReq).await;
     assert!(matches!(c.recv().await, Some(Packet::PingResp)));
-    ping(2);
-    let p = recv_publish(&mut c).await;
     assert_eq!(
-        p.payload.as_ref(),
-        br#"{"id":2}"#,
-        "the kept subscription serves"
+        ping(2),
+        vendgate::edge::router::MachineDelivery::NotSubscribed,
+        "no subscription was kept"
     );
     gw.stop().await;
 }

@@ -64,13 +64,14 @@ impl Refusal {
         }
     }
 
-    /// Counts towards failed-auth throttling: a guess that did not match.
-    /// Storage trouble and client-id rules are not guesses.
+    /// Counts towards failed-auth throttling: every refusal a client can
+    /// provoke without the secret, including those decided before the
+    /// password is looked at (a machine-shaped client id with a service
+    /// username), so none of them is free to repeat. Only storage trouble
+    /// (ours) and a client-id mismatch after the right secret (the holder of
+    /// the secret, misconfigured) are not counted.
     pub fn is_credential_failure(self) -> bool {
-        matches!(
-            self,
-            Self::NoCredentials | Self::UnknownMachine | Self::WrongSecret | Self::UnknownService
-        )
+        !matches!(self, Self::StorageUnavailable | Self::ClientIdMismatch)
     }
 }
 

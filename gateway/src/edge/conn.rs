@@ -9,6 +9,20 @@
 //! once the socket is readable, and kept only while a packet is incomplete.
 //! That keeps a connected, idle machine at a few hundred bytes of heap (plus
 //! rustls' connection state on the TLS listener).
+//!
+//! What a client can make its connection hold is bounded in bytes by its
+//! memory budget ([`Session::charge`]): before CONNECT the read buffer is
+//! bounded by `max_connect_size`; after it, messages queued or in flight to
+//! the client (QoS 0 included), retained messages replayed on SUBSCRIBE and
+//! subscriptions are charged before they are allocated, and a connection
+//! over its budget is closed (`memory_budget`). Writes go out in chunks of
+//! at most [`WRITE_CHUNK`] bytes, each bounded in time and abandoned at once
+//! on a take-over or shutdown. Everything a machine sends (not only
+//! PUBLISH) spends its packet-rate bucket, which is the machine's, not the
+//! connection's, so reconnecting does not refill it. Client-chosen strings
+//! (client ids, usernames, topics, filters) are logged escaped and
+//! truncated ([`shown`]), and refusals are logged at most a few times per
+//! source address.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -19,19 +33,21 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, PubRel,
-    Publish, SubAck, SubscribeReasonCode, UnsubAck,
+    Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic::{self, Topic};
 
-use super::limits::ConnSlot;
+use super::limits::{ConnSlot, MachineBucket};
 use super::router::{
-    filters_overlap, ClientClass, InflightOut, KickReason, Outbound, Session, SessionState,
+    filter_within, service_key, ClientClass, InflightOut, KickReason, Outbound, Session,
+    SessionBudget, SessionState,
 };
 use super::stream::Stream;
 use super::Hub;
@@ -44,6 +60,11 @@ const READ_CHUNK: usize = 4096;
 const MAX_OUTGOING: usize = 16 * 1024 * 1024;
 /// A write that cannot complete in this time means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Outgoing packets are encoded and written at most this many bytes at a
+/// time (plus one packet), whatever is queued.
+pub(crate) const WRITE_CHUNK: usize = 64 * 1024;
+/// Client-chosen strings in log lines are cut to this many characters.
+const LOG_CHARS: usize = 64;
 
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +83,8 @@ enum End {
     InflightExceeded,
     /// A machine over `machine_publish_rate`.
     RateLimited,
+    /// The connection's memory budget was exhausted.
+    MemoryBudget,
 }
 
 impl End {
@@ -74,7 +97,8 @@ impl End {
             | End::Acl
             | End::TooLarge
             | End::InflightExceeded
-            | End::RateLimited => OfflineReason::ProtocolViolation,
+            | End::RateLimited
+            | End::MemoryBudget => OfflineReason::ProtocolViolation,
             End::Shutdown => OfflineReason::Shutdown,
         }
     }
@@ -101,6 +125,7 @@ impl End {
             End::TooLarge => DisconnectReason::PacketTooLarge,
             End::InflightExceeded => DisconnectReason::InflightExceeded,
             End::RateLimited => DisconnectReason::RateLimited,
+            End::MemoryBudget => DisconnectReason::MemoryBudget,
         }
     }
 }
@@ -163,10 +188,15 @@ pub(crate) async fn handshake(
             }
         },
     };
+    // Until the client has authenticated, its read buffer is bounded by the
+    // CONNECT packet's size, not by what an authenticated client may send.
     let mut conn = Conn {
         stream,
         rbuf: BytesMut::new(),
-        max_packet: hub.settings.max_packet_size,
+        max_packet: hub
+            .settings
+            .max_connect_size
+            .min(hub.settings.max_packet_size),
     };
 
     // The pre-CONNECT and authentication futures are boxed: they are large
@@ -176,7 +206,7 @@ pub(crate) async fn handshake(
     let connect = match timeout_at(deadline, Box::pin(conn.read_connect())).await {
         Ok(Ok(c)) => c,
         Ok(Err(ConnectError::Refuse(code))) => {
-            conn.refuse(code).await;
+            conn.refuse(&hub, code).await;
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("protocol_version", None);
             return None;
@@ -211,11 +241,11 @@ pub(crate) async fn handshake(
             // debug, not warn: a throttled flood must not flood the logs too;
             // the failures that caused the block were logged, and
             // vendgate_mqtt_auth_throttled_total counts these.
-            debug!(%peer, client_id = %connect.client_id, username = username.unwrap_or(""), scope = scope.as_str(), "MQTT CONNECT refused: too many failed attempts");
+            debug!(%peer, client_id = ?shown(&connect.client_id), username = ?shown(username.unwrap_or("")), scope = scope.as_str(), "MQTT CONNECT refused: too many failed attempts");
             hub.stats.auth_throttled[scope as usize].fetch_add(1, Ordering::Relaxed);
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("throttled", username);
-            conn.refuse(ConnectReturnCode::NotAuthorized).await;
+            conn.refuse(&hub, ConnectReturnCode::NotAuthorized).await;
             return None;
         }
     }
@@ -241,18 +271,22 @@ pub(crate) async fn handshake(
                     .failed(peer.ip(), username, std::time::Instant::now());
             }
             // The username is not a secret; the password is never logged.
+            // Both strings are the client's: escaped and cut, and at most a
+            // few lines per source address (the metrics count every one).
             let user = connect
                 .login
                 .as_ref()
                 .map(|l| l.username.as_str())
                 .unwrap_or("");
-            warn!(%peer, client_id = %connect.client_id, username = user, reason = refusal.as_str(), "MQTT CONNECT refused");
+            if hub.log_gate.allow(peer.ip()) {
+                warn!(%peer, client_id = ?shown(&connect.client_id), username = ?shown(user), reason = refusal.as_str(), "MQTT CONNECT refused");
+            }
             hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused(
                 refusal.as_str(),
                 connect.login.as_ref().map(|l| l.username.as_str()),
             );
-            conn.refuse(refusal.code()).await;
+            conn.refuse(&hub, refusal.code()).await;
             return None;
         }
     };
@@ -263,7 +297,7 @@ pub(crate) async fn handshake(
     let client_id = if connect.client_id.is_empty() {
         if !connect.clean_session {
             hub.stats.connections.refused("bad_client_id", None);
-            conn.refuse(ConnectReturnCode::BadClientId).await;
+            conn.refuse(&hub, ConnectReturnCode::BadClientId).await;
             return None;
         }
         format!("vendgate-auto-{conn_id}")
@@ -281,10 +315,12 @@ pub(crate) async fn handshake(
             || !may_publish(class, &will.topic)
             || machine_non_uplink
         {
-            warn!(%peer, %client_id, "MQTT CONNECT refused: will topic not allowed");
+            if hub.log_gate.allow(peer.ip()) {
+                warn!(%peer, client_id = ?shown(&client_id), "MQTT CONNECT refused: will topic not allowed");
+            }
             hub.stats.acl_violations.fetch_add(1, Ordering::Relaxed);
             hub.stats.connections.refused("will_not_allowed", None);
-            conn.refuse(ConnectReturnCode::NotAuthorized).await;
+            conn.refuse(&hub, ConnectReturnCode::NotAuthorized).await;
             return None;
         }
     }
@@ -296,30 +332,81 @@ pub(crate) async fn handshake(
         (s, _) => Some(Duration::from_millis(u64::from(s) * 1500)),
     };
 
+    // A machine's packets (this CONNECT included) spend its own bucket,
+    // which outlives its connections: reconnecting does not refill it.
+    let bucket = match class {
+        ClientClass::Machine(m) => {
+            let b = hub.machine_rates.bucket(m);
+            if !b.take(1) {
+                hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
+                hub.stats.connections.refused("rate_limited", None);
+                if hub.log_gate.allow(peer.ip()) {
+                    warn!(%peer, machine_no = %m, "MQTT CONNECT refused: machine over its packet rate");
+                }
+                conn.refuse(&hub, ConnectReturnCode::ServiceUnavailable)
+                    .await;
+                return None;
+            }
+            Some(b)
+        }
+        ClientClass::Service => None,
+    };
+
     // Keep only the will: the rest of CONNECT (the password included) must
     // not live as long as the connection.
     let last_will = connect.last_will;
     let (tx, rx) = mpsc::channel(hub.settings.outbound_queue.max(1));
     // clean_session = 0 asks for a session that outlives the connection
-    // (§3.1.2.4); the router resumes a stored one or starts a new one.
-    let persistent = !connect.clean_session;
-    let session = Arc::new(Session::new(
-        conn_id,
-        client_id.clone(),
-        class,
-        persistent,
-        tx,
-    ));
+    // (§3.1.2.4); the router resumes a stored one or starts a new one. Not
+    // for machines (PROTOCOL.md, gateway rule 8): a machine's unacknowledged
+    // command is never redelivered on a later connection, because a
+    // dispense delivered late is worse than none. A machine asking for 0 is
+    // served as if it had asked for 1 (session present 0, nothing kept).
+    let persistent = !connect.clean_session && class == ClientClass::Service;
+    let s = &hub.settings;
+    let budget = match class {
+        ClientClass::Machine(_) => SessionBudget {
+            memory: s.machine_connection_memory,
+            max_subscriptions: s.machine_max_subscriptions,
+            max_subscription_bytes: s.max_subscription_bytes,
+        },
+        ClientClass::Service => SessionBudget {
+            memory: s.service_connection_memory,
+            max_subscriptions: s.max_subscriptions,
+            max_subscription_bytes: s.max_subscription_bytes,
+        },
+    };
+    let mut session =
+        Session::new(conn_id, client_id.clone(), class, persistent, tx).with_budget(budget);
+    if class == ClientClass::Service {
+        // A service's sessions are its own: another account using the same
+        // client id gets a session of its own instead of taking this one.
+        let account = connect.login.as_ref().map_or("", |l| l.username.as_str());
+        session = session.with_key(service_key(account, &client_id));
+    }
+    // The read buffer's bound is charged up front: it is what an
+    // authenticated client can make this connection buffer at most.
+    let inbound = s.max_packet_size.saturating_add(READ_CHUNK);
+    if !session.charge(inbound) {
+        warn!(%peer, client_id = ?shown(&client_id), "MQTT connection budget smaller than max_packet_size; refused");
+        hub.stats.connections.refused("other", None);
+        conn.refuse(&hub, ConnectReturnCode::ServiceUnavailable)
+            .await;
+        return None;
+    }
+    let session = Arc::new(session);
     // Cluster mode: the epoch comes from the cluster before anything local
     // changes, so a refused CONNECT leaves the old session alone.
     let cluster_epoch = match (class, hub.epochs.get()) {
         (ClientClass::Machine(m), Some(source)) => match source.acquire(m).await {
             Some(e) => Some(e),
             None => {
-                warn!(%peer, %client_id, "MQTT CONNECT refused: no cluster epoch (database unreachable)");
+                warn!(%peer, client_id = ?shown(&client_id), "MQTT CONNECT refused: no cluster epoch (database unreachable)");
                 hub.stats.connect_refused.fetch_add(1, Ordering::Relaxed);
                 hub.stats.connections.refused("unavailable", None);
-                conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                conn.refuse(&hub, ConnectReturnCode::ServiceUnavailable)
+                    .await;
                 return None;
             }
         },
@@ -341,9 +428,20 @@ pub(crate) async fn handshake(
         .connections_accepted
         .fetch_add(1, Ordering::Relaxed);
     hub.stats.connections.connected(client_kind(class));
-    info!(%peer, %client_id, machine_no = machine_label(class), took_over, "MQTT client connected");
+    info!(%peer, client_id = ?shown(&client_id), machine_no = machine_label(class), took_over, "MQTT client connected");
 
+    // Authenticated: packets may now be as large as `max_packet_size`.
+    conn.max_packet = hub.settings.max_packet_size;
     let resumed = registered.resumed;
+    // A resumed session's messages were within its parked bytes bound (at
+    // most the budget); they count against the connection from now on.
+    let resumed_bytes: usize = resumed
+        .inflight
+        .iter()
+        .map(|f| f.msg.cost())
+        .chain(resumed.queue.iter().map(Outbound::cost))
+        .sum();
+    session.charge_unchecked(resumed_bytes);
     let mut state = Loop {
         hub: hub.clone(),
         session: session.clone(),
@@ -356,11 +454,10 @@ pub(crate) async fn handshake(
         qos2_in: resumed.qos2_in,
         backlog: resumed.queue,
         out: Vec::new(),
+        out_bytes: 0,
         clock: DispenseClock::default(),
-        bucket: TokenBucket::new(
-            hub.settings.machine_publish_rate,
-            hub.settings.machine_publish_burst,
-        ),
+        bucket,
+        peer,
     };
     state.out.push(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
@@ -433,7 +530,7 @@ impl Established {
         hub.router.close(&session, &mut rx, kept);
         if end.publishes_will() {
             if let Some(will) = last_will {
-                publish_will(&hub, will);
+                publish_will(&hub, will, class);
             }
         }
         if let Some((m, e)) = epoch {
@@ -457,7 +554,10 @@ impl Established {
             }
             _ => {}
         }
-        info!(%peer, %client_id, machine_no = machine_label(class), end = ?end, "MQTT client disconnected");
+        if end == End::MemoryBudget {
+            hub.stats.memory_budget.fetch_add(1, Ordering::Relaxed);
+        }
+        info!(%peer, client_id = ?shown(&client_id), machine_no = machine_label(class), end = ?end, "MQTT client disconnected");
     }
 }
 
@@ -468,15 +568,60 @@ fn machine_label(class: ClientClass) -> String {
     }
 }
 
-fn publish_will(hub: &Hub, will: LastWill) {
+fn publish_will(hub: &Hub, will: LastWill, class: ClientClass) {
     hub.stats.messages_in.fetch_add(1, Ordering::Relaxed);
     hub.stats.topics.record(
         Direction::In,
         &will.topic,
         will.topic.len() + will.message.len(),
     );
+    let retain = will.retain && retainable(hub, class, &will.message);
     hub.router
-        .publish(&will.topic, will.message, will.qos, will.retain);
+        .publish(&will.topic, will.message, will.qos, retain);
+}
+
+/// Whether a retained publish of `class` may be kept: a machine's uplinks
+/// are JSON objects (PROTOCOL.md), so anything else it asks to retain is
+/// delivered but not kept (counted), and cannot fill the store with junk. An
+/// empty payload clears the topic, as MQTT says.
+fn retainable(hub: &Hub, class: ClientClass, payload: &[u8]) -> bool {
+    let ok = match class {
+        ClientClass::Service => true,
+        ClientClass::Machine(_) => payload.is_empty() || is_json_object(payload),
+    };
+    if !ok {
+        hub.router
+            .stats
+            .retained_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    ok
+}
+
+fn is_json_object(payload: &[u8]) -> bool {
+    payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+}
+
+/// A client-chosen string as a log field: Debug-escaped (CR, LF and other
+/// control characters cannot forge log lines) and cut to [`LOG_CHARS`]
+/// characters, with the full length in bytes when cut.
+pub(crate) fn shown(s: &str) -> Shown<'_> {
+    Shown(s)
+}
+
+pub(crate) struct Shown<'a>(&'a str);
+
+impl std::fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(LOG_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => {
+                let head = self.0.get(..cut).unwrap_or("");
+                write!(f, "{head:?}…({} bytes)", self.0.len())
+            }
+        }
+    }
 }
 
 /// Whether `topic_name` is one of machine `m`'s uplink topics (PROTOCOL.md).
@@ -608,23 +753,62 @@ impl Conn {
 
     /// Answer CONNECT with a refusal (session present is always 0 then,
     /// §3.2.2.2); the connection is closed by the caller returning.
-    async fn refuse(&mut self, code: ConnectReturnCode) {
+    async fn refuse(&mut self, hub: &Hub, code: ConnectReturnCode) {
+        let never = CancellationToken::new();
+        let stop = Stop {
+            shutdown: &hub.shutdown,
+            kicked: &never,
+        };
         let _ = self
-            .write_packets(&[Packet::ConnAck(ConnAck::new(code, false))])
+            .write_packets(&[Packet::ConnAck(ConnAck::new(code, false))], &stop)
             .await;
     }
 
-    async fn write_packets(&mut self, packets: &[Packet]) -> Result<usize, ()> {
-        let mut buf = BytesMut::with_capacity(128);
-        for p in packets {
-            if p.write(&mut buf, MAX_OUTGOING).is_err() {
-                return Err(());
+    /// Encode and write `packets` in chunks of about [`WRITE_CHUNK`] bytes,
+    /// so what is queued is never encoded into one buffer. Each chunk must
+    /// be written within [`WRITE_TIMEOUT`]; a take-over or shutdown ends
+    /// the write at once instead of waiting for a peer that does not read.
+    async fn write_packets(&mut self, packets: &[Packet], stop: &Stop<'_>) -> Result<usize, End> {
+        let mut buf = BytesMut::new();
+        let mut written = 0;
+        let mut rest = packets;
+        while !rest.is_empty() {
+            buf.clear();
+            while let Some((p, tail)) = rest.split_first() {
+                if buf.len() >= WRITE_CHUNK {
+                    break;
+                }
+                if p.write(&mut buf, MAX_OUTGOING).is_err() {
+                    return Err(End::Protocol("outgoing packet too large"));
+                }
+                rest = tail;
+            }
+            tokio::select! {
+                biased;
+                end = stop.fired() => return Err(end),
+                r = timeout(WRITE_TIMEOUT, self.stream.write_all(&buf)) => match r {
+                    Ok(Ok(())) => written += buf.len(),
+                    _ => return Err(End::SocketClosed),
+                },
             }
         }
-        let n = buf.len();
-        match timeout(WRITE_TIMEOUT, self.stream.write_all(&buf)).await {
-            Ok(Ok(())) => Ok(n),
-            _ => Err(()),
+        Ok(written)
+    }
+}
+
+/// What ends a connection from outside while it waits: shutdown or a kick
+/// (take-over, slow consumer, memory budget).
+struct Stop<'a> {
+    shutdown: &'a CancellationToken,
+    kicked: &'a CancellationToken,
+}
+
+impl Stop<'_> {
+    async fn fired(&self) -> End {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => End::Shutdown,
+            _ = self.kicked.cancelled() => End::TakeOver,
         }
     }
 }
@@ -644,53 +828,20 @@ struct Loop {
     /// Packet ids of the client's QoS 2 publishes between PUBREC and PUBREL;
     /// a duplicate id in that window is not routed again (exactly once).
     qos2_in: std::collections::HashSet<u16>,
-    /// Messages waiting for room in the in-flight window (retained messages on
-    /// subscribe, and what the channel delivered beyond the window).
+    /// Messages waiting for room in the in-flight window or for the next
+    /// write (retained messages on subscribe, and what the channel
+    /// delivered). Charged against the session's memory budget.
     backlog: VecDeque<Outbound>,
-    /// Packets to write at the end of this turn.
+    /// Packets to write at the end of this turn: at most about
+    /// [`WRITE_CHUNK`] bytes of publishes (`out_bytes`) plus acknowledgements.
     out: Vec<Packet>,
+    out_bytes: usize,
     /// A machine's dispense round trip, for the timing histograms.
     clock: DispenseClock,
-    /// The publish rate limit (machines only).
-    bucket: TokenBucket,
-}
-
-/// A token bucket owned by one connection's task (no lock needed; the
-/// HTTP limiter in `http/rate.rs` is keyed and shared, this one is neither).
-struct TokenBucket {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// `per_sec` = 0 disables the limit.
-    fn new(per_sec: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            per_sec: f64::from(per_sec),
-            burst,
-            tokens: burst,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        if self.per_sec <= 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+    /// The machine's packet-rate bucket (None for services: trusted, not
+    /// limited).
+    bucket: Option<Arc<MachineBucket>>,
+    peer: SocketAddr,
 }
 
 /// The packet that resumes one unacknowledged outbound message.
@@ -710,33 +861,30 @@ impl Loop {
     async fn run(&mut self, conn: &mut Conn, rx: &mut mpsc::Receiver<Box<Outbound>>) -> End {
         let shutdown = self.hub.shutdown.clone();
         let kicked = self.session.kicked().clone();
+        let stop = Stop {
+            shutdown: &shutdown,
+            kicked: &kicked,
+        };
         let max_inflight = usize::from(self.hub.settings.max_inflight.max(1));
-        // A resumed session's queued messages go out with the CONNACK.
-        self.pump(max_inflight);
         loop {
+            // One chunk per turn, so reads (acks, PINGREQ) and kicks are
+            // served between the chunks of a long backlog.
+            self.pump(max_inflight);
             if !self.out.is_empty() {
-                let packets = std::mem::take(&mut self.out);
-                match conn.write_packets(&packets).await {
-                    Ok(n) => {
-                        self.hub
-                            .stats
-                            .bytes_out
-                            .fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(()) => return End::SocketClosed,
+                if let Err(end) = self.flush(conn, &stop).await {
+                    return self.stopped(end);
                 }
             }
             let ka_deadline = self.keep_alive.map(|k| self.last_rx + k);
             let window_open = self.inflight.len() < max_inflight;
+            let more = self
+                .backlog
+                .front()
+                .is_some_and(|m| m.qos == QoS::AtMostOnce || window_open);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
-                _ = kicked.cancelled() => {
-                    return match self.session.kick_reason() {
-                        Some(KickReason::TakeOver) => End::TakeOver,
-                        _ => End::SlowConsumer,
-                    };
-                }
+                _ = kicked.cancelled() => return self.stopped(End::TakeOver),
                 r = conn.stream.readable() => {
                     if r.is_err() {
                         return End::SocketClosed;
@@ -756,8 +904,7 @@ impl Loop {
                                     // Flush acknowledgements already queued (e.g. a
                                     // PUBACK before a clean DISCONNECT).
                                     if !self.out.is_empty() {
-                                        let packets = std::mem::take(&mut self.out);
-                                        let _ = conn.write_packets(&packets).await;
+                                        let _ = self.flush(conn, &stop).await;
                                     }
                                     return end;
                                 }
@@ -771,7 +918,6 @@ impl Loop {
                     if let Some((m, _)) = self.epoch {
                         self.hub.presence.touch(&m);
                     }
-                    self.pump(max_inflight);
                 }
                 Some(msg) = rx.recv(), if window_open && self.backlog.is_empty() => {
                     self.backlog.push_back(*msg);
@@ -782,8 +928,9 @@ impl Loop {
                             Err(_) => break,
                         }
                     }
-                    self.pump(max_inflight);
                 }
+                // More of the backlog can go out: next turn writes it.
+                _ = std::future::ready(()), if more => {}
                 _ = sleep_opt(ka_deadline) => {
                     if ka_deadline.is_some_and(|d| Instant::now() >= d) {
                         return End::KeepAlive;
@@ -793,9 +940,37 @@ impl Loop {
         }
     }
 
-    /// Move backlog messages into outgoing packets while the window allows.
+    /// How a connection stopped from outside ends: the kick's reason.
+    fn stopped(&self, end: End) -> End {
+        if end != End::TakeOver {
+            return end;
+        }
+        match self.session.kick_reason() {
+            Some(KickReason::TakeOver) => End::TakeOver,
+            Some(KickReason::MemoryBudget) => End::MemoryBudget,
+            _ => End::SlowConsumer,
+        }
+    }
+
+    async fn flush(&mut self, conn: &mut Conn, stop: &Stop<'_>) -> Result<(), End> {
+        let packets = std::mem::take(&mut self.out);
+        self.out_bytes = 0;
+        let n = conn.write_packets(&packets, stop).await?;
+        self.hub
+            .stats
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Move backlog messages into outgoing packets while the window allows,
+    /// up to about one write chunk. A QoS 0 message leaves the budget once
+    /// it is packed for writing; a QoS 1/2 one when it is acknowledged.
     fn pump(&mut self, max_inflight: usize) {
         while let Some(msg) = self.backlog.front() {
+            if self.out_bytes >= WRITE_CHUNK {
+                break;
+            }
             if msg.qos != QoS::AtMostOnce && self.inflight.len() >= max_inflight {
                 break;
             }
@@ -810,10 +985,13 @@ impl Loop {
             if self.epoch.is_some() {
                 self.clock.on_out(t, &msg.payload);
             }
+            self.out_bytes += msg.topic.len() + msg.payload.len();
             let mut p = Publish::new(msg.topic.as_ref(), msg.qos, Vec::new());
             p.payload = msg.payload.clone();
             p.retain = msg.retain;
-            if msg.qos != QoS::AtMostOnce {
+            if msg.qos == QoS::AtMostOnce {
+                self.session.release(msg.cost());
+            } else {
                 p.pkid = self.alloc_pkid();
                 self.inflight.push(InflightOut {
                     pkid: p.pkid,
@@ -824,6 +1002,19 @@ impl Loop {
             self.hub.stats.messages_out.fetch_add(1, Ordering::Relaxed);
             self.out.push(Packet::Publish(p));
         }
+    }
+
+    /// Forget acknowledged in-flight messages matching `done`, giving their
+    /// bytes back to the budget.
+    fn acked(&mut self, done: impl Fn(&InflightOut) -> bool) {
+        let session = &self.session;
+        self.inflight.retain(|f| {
+            let keep = !done(f);
+            if !keep {
+                session.release(f.msg.cost());
+            }
+            keep
+        });
     }
 
     fn alloc_pkid(&mut self) -> u16 {
@@ -838,11 +1029,30 @@ impl Loop {
 
     /// Handle one packet; Some(end) closes the connection.
     fn on_packet(&mut self, packet: Packet) -> Option<End> {
+        if let Some(bucket) = &self.bucket {
+            // Every packet a machine sends of its own accord costs it: a
+            // SUBSCRIBE or UNSUBSCRIBE one token per filter, anything else
+            // one. Acknowledgements of what the gateway sent are free: the
+            // in-flight window bounds them, and the gateway may ping or
+            // command a machine as often as it needs to.
+            let cost = match &packet {
+                Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_) => 0,
+                Packet::Subscribe(s) => s.filters.len(),
+                Packet::Unsubscribe(u) => u.topics.len(),
+                _ => 1,
+            };
+            if cost > 0 && !bucket.take(cost) {
+                self.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                if self.hub.log_gate.allow(self.peer.ip()) {
+                    warn!(client_id = ?shown(&self.session.client_id), "machine over its packet rate; closing");
+                }
+                return Some(End::RateLimited);
+            }
+        }
         match packet {
             Packet::Publish(p) => return self.on_publish(p),
             Packet::PubAck(a) => {
-                self.inflight
-                    .retain(|f| !(f.pkid == a.pkid && f.msg.qos == QoS::AtLeastOnce));
+                self.acked(|f| f.pkid == a.pkid && f.msg.qos == QoS::AtLeastOnce);
             }
             // Outbound QoS 2 (§4.3.3): PUBREC → we release with PUBREL (and
             // forget the message, it is delivered) → PUBCOMP ends the flow.
@@ -853,13 +1063,15 @@ impl Loop {
                     .find(|f| f.pkid == r.pkid && f.msg.qos == QoS::ExactlyOnce)
                 {
                     f.released = true;
+                    let before = f.msg.cost();
                     f.msg.payload = Bytes::new();
+                    self.session.release(before - f.msg.cost());
                 }
                 // Also for an unknown id: the client is waiting for PUBREL.
                 self.out.push(Packet::PubRel(PubRel::new(r.pkid)));
             }
             Packet::PubComp(c) => {
-                self.inflight.retain(|f| !(f.pkid == c.pkid && f.released));
+                self.acked(|f| f.pkid == c.pkid && f.released);
             }
             Packet::PubRel(r) => {
                 self.qos2_in.remove(&r.pkid);
@@ -869,45 +1081,7 @@ impl Loop {
                 if s.filters.is_empty() {
                     return Some(End::Protocol("SUBSCRIBE without filters"));
                 }
-                let mut codes = Vec::with_capacity(s.filters.len());
-                let mut retained = Vec::new();
-                for f in &s.filters {
-                    if !topic::valid_filter(&f.path) {
-                        codes.push(SubscribeReasonCode::Failure);
-                        continue;
-                    }
-                    if !may_subscribe(self.class, &f.path) {
-                        self.hub
-                            .stats
-                            .acl_violations
-                            .fetch_add(1, Ordering::Relaxed);
-                        warn!(client_id = %self.session.client_id, filter = %f.path, "SUBSCRIBE refused by ACL");
-                        codes.push(SubscribeReasonCode::Failure);
-                        continue;
-                    }
-                    if let Some(d) = self
-                        .hub
-                        .settings
-                        .deny_filters
-                        .iter()
-                        .find(|d| filters_overlap(d, &f.path))
-                    {
-                        self.hub
-                            .stats
-                            .denied_subscriptions
-                            .fetch_add(1, Ordering::Relaxed);
-                        debug!(client_id = %self.session.client_id, filter = %f.path, deny = %d, "SUBSCRIBE refused by the deny list");
-                        codes.push(SubscribeReasonCode::Failure);
-                        continue;
-                    }
-                    let granted = f.qos;
-                    self.session.subscribe(&f.path, granted);
-                    retained.extend(self.hub.router.retained_for(&f.path, granted));
-                    codes.push(SubscribeReasonCode::Success(granted));
-                }
-                self.hub.router.service_subscriptions_changed(&self.session);
-                self.out.push(Packet::SubAck(SubAck::new(s.pkid, codes)));
-                self.backlog.extend(retained);
+                return self.on_subscribe(s);
             }
             Packet::Unsubscribe(u) => {
                 for f in &u.topics {
@@ -924,6 +1098,83 @@ impl Loop {
                 return Some(End::Protocol("unexpected packet type"))
             }
         }
+        None
+    }
+
+    /// SUBSCRIBE: ACL, deny list and session limits per filter, then the
+    /// retained messages of each granted filter, charged to the memory
+    /// budget before they are built. A filter repeated within one SUBSCRIBE
+    /// replaces its own subscription and replays nothing more.
+    fn on_subscribe(&mut self, s: Subscribe) -> Option<End> {
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut replayed: Vec<&str> = Vec::new();
+        let mut retained = Vec::new();
+        let mut log_once = true;
+        for f in &s.filters {
+            if !topic::valid_filter(&f.path) {
+                codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
+            if !may_subscribe(self.class, &f.path) {
+                self.hub
+                    .stats
+                    .acl_violations
+                    .fetch_add(1, Ordering::Relaxed);
+                if std::mem::take(&mut log_once) && self.hub.log_gate.allow(self.peer.ip()) {
+                    warn!(client_id = ?shown(&self.session.client_id), filter = ?shown(&f.path), "SUBSCRIBE refused by ACL");
+                }
+                codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
+            // A filter wholly inside a denied one could never receive
+            // anything: refused. A wider one is granted; the router withholds
+            // the denied topics from it.
+            if let Some(d) = self
+                .hub
+                .settings
+                .deny_filters
+                .iter()
+                .find(|d| filter_within(&f.path, d))
+            {
+                self.hub
+                    .stats
+                    .denied_subscriptions
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(client_id = ?shown(&self.session.client_id), filter = ?shown(&f.path), deny = %d, "SUBSCRIBE refused by the deny list");
+                codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
+            let granted = f.qos;
+            if let Err(why) = self.session.try_subscribe(&f.path, granted) {
+                self.hub
+                    .stats
+                    .subscriptions_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                if std::mem::take(&mut log_once) && self.hub.log_gate.allow(self.peer.ip()) {
+                    warn!(client_id = ?shown(&self.session.client_id), filter = ?shown(&f.path), why = ?why, "SUBSCRIBE refused by the session's limits");
+                }
+                codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
+            codes.push(SubscribeReasonCode::Success(granted));
+            if replayed.contains(&f.path.as_str()) {
+                continue;
+            }
+            replayed.push(&f.path);
+            let room = self.session.memory_room();
+            match self.hub.router.retained_within(&f.path, granted, room) {
+                Some((msgs, cost)) if self.session.charge(cost) => retained.extend(msgs),
+                _ => {
+                    if self.hub.log_gate.allow(self.peer.ip()) {
+                        warn!(client_id = ?shown(&self.session.client_id), filter = ?shown(&f.path), "retained messages for SUBSCRIBE exceed the connection's memory budget; closing");
+                    }
+                    return Some(End::MemoryBudget);
+                }
+            }
+        }
+        self.hub.router.service_subscriptions_changed(&self.session);
+        self.out.push(Packet::SubAck(SubAck::new(s.pkid, codes)));
+        self.backlog.extend(retained);
         None
     }
 
@@ -948,17 +1199,12 @@ impl Loop {
                 .stats
                 .acl_violations
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(client_id = %self.session.client_id, topic = %p.topic, "PUBLISH refused by ACL; closing");
+            if self.hub.log_gate.allow(self.peer.ip()) {
+                warn!(client_id = ?shown(&self.session.client_id), topic = ?shown(&p.topic), "PUBLISH refused by ACL; closing");
+            }
             return Some(End::Acl);
         }
         if self.epoch.is_some() {
-            // Per machine: a runaway machine is cut off before it costs the
-            // others anything (services are trusted and not limited).
-            if !self.bucket.take() {
-                self.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                warn!(client_id = %self.session.client_id, "machine over its publish rate; closing");
-                return Some(End::RateLimited);
-            }
             self.clock
                 .on_in(&self.hub.stats.timings, parsed, &p.payload);
         }
@@ -973,7 +1219,7 @@ impl Loop {
                 let pkid = p.pkid;
                 if !self.qos2_in.contains(&pkid) {
                     if self.qos2_in.len() >= usize::from(self.hub.settings.max_inflight.max(1)) {
-                        warn!(client_id = %self.session.client_id, "too many unreleased QoS 2 publishes; closing");
+                        warn!(client_id = ?shown(&self.session.client_id), "too many unreleased QoS 2 publishes; closing");
                         return Some(End::InflightExceeded);
                     }
                     self.qos2_in.insert(pkid);
@@ -1002,18 +1248,19 @@ impl Loop {
                         .stats
                         .acl_violations
                         .fetch_add(1, Ordering::Relaxed);
-                    debug!(machine_no = %m, topic = %p.topic, "machine PUBLISH on a topic that is not one of its uplinks; dropped");
+                    debug!(machine_no = %m, topic = ?shown(&p.topic), "machine PUBLISH on a topic that is not one of its uplinks; dropped");
                     return;
                 }
             }
         }
         let payload: Bytes = p.payload;
+        let retain = p.retain && retainable(&self.hub, self.class, &payload);
         if self.epoch.is_some() {
             if let Some(f) = self.hub.forwarder.get() {
-                f.forward(&p.topic, &payload, p.qos, p.retain);
+                f.forward(&p.topic, &payload, p.qos, retain);
             }
         }
-        self.hub.router.publish(&p.topic, payload, p.qos, p.retain);
+        self.hub.router.publish(&p.topic, payload, p.qos, retain);
     }
 }
 

@@ -1,14 +1,20 @@
-//! Connection limits of the edge: how many connections may be open at once,
-//! how fast new ones are admitted (a token bucket, so a connect flood cannot
-//! exhaust the handshake and authentication path), and failed-authentication
-//! throttling per source address and per username (brute-force protection
-//! that expires, so the real machine is never locked out for good).
+//! Connection limits of the edge: how many connections may be open at once
+//! and how fast new ones are admitted, per source address first and then for
+//! the whole listener (token buckets, so one host's connect flood is refused
+//! before it spends the tokens every machine reconnects through);
+//! failed-authentication throttling per source address and per username
+//! (brute-force protection that expires, so the real machine is never
+//! locked out for good); each machine's packet rate, kept across its
+//! reconnects; and the per-address limiter of refusal log lines. Every map
+//! here is bounded.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+
+use vendgate_proto::machine::MachineNo;
 
 use crate::config::AuthThrottleSettings;
 
@@ -23,16 +29,91 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub enum Rejection {
     MaxConnections,
     AcceptRate,
+    /// Over `max_connections_per_address`.
+    AddressConnections,
+    /// Over `accept_rate_per_address`.
+    AddressRate,
 }
 
-#[derive(Debug)]
+impl Rejection {
+    pub const ALL: [Self; 4] = [
+        Self::MaxConnections,
+        Self::AcceptRate,
+        Self::AddressConnections,
+        Self::AddressRate,
+    ];
+
+    /// The `reason` label of `vendgate_mqtt_connections_rejected_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::AcceptRate => "accept_rate",
+            Self::AddressConnections => "address_connections",
+            Self::AddressRate => "address_rate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
-/// Admission of new connections: the open-connection cap and the accept
-/// rate. Shared by the plain and the TLS listener.
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Self {
+        Self {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, per_sec: f64, burst: f64, now: Instant) {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * per_sec;
+        self.tokens = (self.tokens + refill).min(burst);
+        self.last = now;
+    }
+
+    /// Take `n` tokens if there are that many (after refilling).
+    fn take(&mut self, per_sec: f64, burst: f64, n: f64, now: Instant) -> bool {
+        self.refill(per_sec, burst, now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the bucket would be full now: it remembers nothing, so its
+    /// entry can be forgotten.
+    fn is_idle(&self, per_sec: f64, burst: f64, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * per_sec;
+        self.tokens + refill >= burst
+    }
+}
+
+/// Limits of one source address at accept (`mqtt.*_per_address`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AddressLimits {
+    /// Open connections; 0 disables.
+    pub max_connections: usize,
+    /// New connections per second; 0 disables.
+    pub per_sec: u32,
+    pub burst: u32,
+    /// Addresses tracked at most.
+    pub max_tracked: usize,
+}
+
+#[derive(Debug)]
+struct AddressEntry {
+    live: usize,
+    bucket: Bucket,
+}
+
+/// Admission of new connections: per source address (IPv6: per /64) first,
+/// then the open-connection cap and the accept rate of the whole listener.
+/// Shared by the plain and the TLS listener.
 #[derive(Debug)]
 pub struct AcceptGate {
     max: usize,
@@ -40,31 +121,51 @@ pub struct AcceptGate {
     per_sec: f64,
     burst: f64,
     bucket: Mutex<Bucket>,
+    address: AddressLimits,
+    addresses: Mutex<HashMap<IpAddr, AddressEntry>>,
 }
 
-/// One admitted connection; dropping it frees its place.
+/// One admitted connection; dropping it frees its place (and its place
+/// under its address's cap).
 #[derive(Debug)]
-pub struct ConnSlot(Arc<AcceptGate>);
+pub struct ConnSlot {
+    gate: Arc<AcceptGate>,
+    /// The tracked address key, if the address was tracked.
+    address: Option<IpAddr>,
+}
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::Relaxed);
+        self.gate.live.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.address {
+            if let Some(e) = lock(&self.gate.addresses).get_mut(&ip) {
+                e.live = e.live.saturating_sub(1);
+            }
+        }
     }
 }
 
 impl AcceptGate {
-    /// `max` or `per_sec` 0 disables that limit.
+    /// `max` or `per_sec` 0 disables that limit. No per-address limits.
     pub fn new(max: usize, per_sec: u32, burst: u32) -> Self {
+        Self::with_address_limits(max, per_sec, burst, AddressLimits::default())
+    }
+
+    pub fn with_address_limits(
+        max: usize,
+        per_sec: u32,
+        burst: u32,
+        address: AddressLimits,
+    ) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
             max,
             live: AtomicUsize::new(0),
             per_sec: f64::from(per_sec),
             burst,
-            bucket: Mutex::new(Bucket {
-                tokens: burst,
-                last: Instant::now(),
-            }),
+            bucket: Mutex::new(Bucket::full(burst, Instant::now())),
+            address,
+            addresses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -73,26 +174,211 @@ impl AcceptGate {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Admit a just-accepted connection, or say why not. The cap is checked
-    /// first so a refused connection over the cap does not spend a token.
+    /// Source addresses tracked now (for tests and metrics).
+    pub fn tracked_addresses(&self) -> usize {
+        lock(&self.addresses).len()
+    }
+
+    /// Admit a just-accepted connection whose source address is unknown.
     pub fn admit(self: &Arc<Self>) -> Result<ConnSlot, Rejection> {
+        self.admit_global(None)
+    }
+
+    /// Admit a just-accepted connection from `peer`, or say why not. The
+    /// address's own limits come first, so one host's flood is refused
+    /// before it spends the listener's shared tokens; each cap is checked
+    /// before its rate so a refusal over a cap spends no token.
+    pub fn admit_from(self: &Arc<Self>, peer: IpAddr) -> Result<ConnSlot, Rejection> {
+        let a = self.address;
+        if a.max_connections == 0 && a.per_sec == 0 {
+            return self.admit_global(None);
+        }
+        let key = address_key(peer);
+        let now = Instant::now();
+        let (per_sec, burst) = (f64::from(a.per_sec), f64::from(a.burst.max(1)));
+        let tracked = {
+            let mut map = lock(&self.addresses);
+            if !map.contains_key(&key) && map.len() >= a.max_tracked {
+                // Forget addresses with no connection and a full bucket:
+                // they would be admitted exactly as a new entry is.
+                map.retain(|_, e| e.live > 0 || !e.bucket.is_idle(per_sec, burst, now));
+            }
+            if map.contains_key(&key) || map.len() < a.max_tracked {
+                let e = map.entry(key).or_insert_with(|| AddressEntry {
+                    live: 0,
+                    bucket: Bucket::full(burst, now),
+                });
+                if a.max_connections > 0 && e.live >= a.max_connections {
+                    return Err(Rejection::AddressConnections);
+                }
+                if a.per_sec > 0 && !e.bucket.take(per_sec, burst, 1.0, now) {
+                    return Err(Rejection::AddressRate);
+                }
+                e.live += 1;
+                true
+            } else {
+                // Every tracked address is busy (a distributed flood): the
+                // new one goes untracked rather than memory growing; the
+                // listener-wide limits still apply to it.
+                false
+            }
+        };
+        self.admit_global(tracked.then_some(key))
+    }
+
+    fn admit_global(self: &Arc<Self>, address: Option<IpAddr>) -> Result<ConnSlot, Rejection> {
         let n = self.live.fetch_add(1, Ordering::Relaxed);
-        let slot = ConnSlot(self.clone());
+        // From here the slot's drop undoes both counts, refused or not.
+        let slot = ConnSlot {
+            gate: self.clone(),
+            address,
+        };
         if self.max > 0 && n >= self.max {
             return Err(Rejection::MaxConnections);
         }
-        if self.per_sec > 0.0 {
-            let now = Instant::now();
-            let mut b = lock(&self.bucket);
-            let refill = now.duration_since(b.last).as_secs_f64() * self.per_sec;
-            b.tokens = (b.tokens + refill).min(self.burst);
-            b.last = now;
-            if b.tokens < 1.0 {
-                return Err(Rejection::AcceptRate);
-            }
-            b.tokens -= 1.0;
+        if self.per_sec > 0.0
+            && !lock(&self.bucket).take(self.per_sec, self.burst, 1.0, Instant::now())
+        {
+            return Err(Rejection::AcceptRate);
         }
         Ok(slot)
+    }
+}
+
+/// A keyed set of token buckets with a bounded number of keys: entries whose
+/// bucket has refilled (they remember nothing) are pruned when the map is
+/// full; if it is still full, a new key is answered `when_full`.
+#[derive(Debug)]
+struct KeyedBuckets<K> {
+    per_sec: f64,
+    burst: f64,
+    max_tracked: usize,
+    when_full: bool,
+    map: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: std::hash::Hash + Eq> KeyedBuckets<K> {
+    fn new(per_sec: f64, burst: f64, max_tracked: usize, when_full: bool) -> Self {
+        Self {
+            per_sec,
+            burst,
+            max_tracked,
+            when_full,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn take(&self, key: K, now: Instant) -> bool {
+        let mut map = lock(&self.map);
+        if !map.contains_key(&key) && map.len() >= self.max_tracked {
+            let (p, b) = (self.per_sec, self.burst);
+            map.retain(|_, e| !e.is_idle(p, b, now));
+            if map.len() >= self.max_tracked {
+                return self.when_full;
+            }
+        }
+        map.entry(key)
+            .or_insert_with(|| Bucket::full(self.burst, now))
+            .take(self.per_sec, self.burst, 1.0, now)
+    }
+}
+
+/// Refusal log lines per source address: a few at once, then one per
+/// interval, so a flood of refused CONNECTs cannot flood the log (the
+/// metrics still count every refusal). Lines not written are counted.
+#[derive(Debug)]
+pub struct LogGate {
+    buckets: KeyedBuckets<IpAddr>,
+    pub suppressed: AtomicU64,
+}
+
+/// Lines one address may log at once.
+const LOG_BURST: f64 = 5.0;
+/// Then one line per this many seconds.
+const LOG_EVERY_SECS: f64 = 10.0;
+
+impl LogGate {
+    pub fn new(max_tracked: usize) -> Self {
+        Self {
+            // Full: log nothing for new addresses (the counters still count).
+            buckets: KeyedBuckets::new(1.0 / LOG_EVERY_SECS, LOG_BURST, max_tracked.max(1), false),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// May a refusal from `peer` be logged now?
+    pub fn allow(&self, peer: IpAddr) -> bool {
+        let ok = self.buckets.take(address_key(peer), Instant::now());
+        if !ok {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+}
+
+/// The packet-rate bucket of one machine, shared by its connections (a
+/// take-over or reconnect finds it as it was left).
+#[derive(Debug)]
+pub struct MachineBucket {
+    per_sec: f64,
+    burst: f64,
+    state: Mutex<Bucket>,
+}
+
+impl MachineBucket {
+    /// Spend `n` tokens (at least one); false when the machine is over its
+    /// rate. A rate of 0 disables the limit.
+    pub fn take(&self, n: usize) -> bool {
+        if self.per_sec <= 0.0 {
+            return true;
+        }
+        let n = n.max(1) as f64;
+        lock(&self.state).take(self.per_sec, self.burst, n, Instant::now())
+    }
+}
+
+/// Packet-rate buckets by machine, so the rate survives reconnects. Only
+/// authenticated machines get one, and entries no connection holds whose
+/// bucket is full are forgotten when the map reaches its bound.
+#[derive(Debug)]
+pub struct MachineRates {
+    per_sec: f64,
+    burst: f64,
+    max_tracked: usize,
+    map: Mutex<HashMap<MachineNo, Arc<MachineBucket>>>,
+}
+
+impl MachineRates {
+    /// `per_sec` 0 disables the limit.
+    pub fn new(per_sec: u32, burst: u32, max_tracked: usize) -> Self {
+        Self {
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst.max(1)),
+            max_tracked: max_tracked.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The bucket of machine `m`.
+    pub fn bucket(&self, m: MachineNo) -> Arc<MachineBucket> {
+        let mut map = lock(&self.map);
+        if let Some(b) = map.get(&m) {
+            return b.clone();
+        }
+        let now = Instant::now();
+        if map.len() >= self.max_tracked {
+            let (p, b) = (self.per_sec, self.burst);
+            map.retain(|_, e| Arc::strong_count(e) > 1 || !lock(&e.state).is_idle(p, b, now));
+        }
+        let b = Arc::new(MachineBucket {
+            per_sec: self.per_sec,
+            burst: self.burst,
+            state: Mutex::new(Bucket::full(self.burst, now)),
+        });
+        if map.len() < self.max_tracked {
+            map.insert(m, b.clone());
+        }
+        b
     }
 }
 
@@ -207,13 +493,20 @@ impl<K: std::hash::Hash + Eq + Clone> Table<K> {
 /// A username blocked by someone else's guessing would keep its real machine
 /// out for as long as the guessing goes on, so the address that last
 /// authenticated as a username successfully is exempt from that username's
-/// block (never from an address block). Certificate-authenticated
-/// connections are not throttled at all: nothing can be guessed there.
+/// block (never from an address block). The exemption is not a free pass
+/// for everyone behind that address (a carrier NAT or proxy holds many
+/// clients): failures are also counted per (address, username), with the
+/// username's threshold, and that pair's own block applies to the exempt
+/// address. So guessing from elsewhere cannot lock the machine out, and
+/// guessing from its own address is throttled as any guessing is.
+/// Certificate-authenticated connections are not throttled at all: nothing
+/// can be guessed there.
 #[derive(Debug)]
 pub struct AuthThrottle {
     settings: AuthThrottleSettings,
     addresses: Table<IpAddr>,
     usernames: Table<String>,
+    pairs: Table<(IpAddr, String)>,
     /// Last address each username authenticated from. Written on success
     /// only, so bounded by the provisioned accounts.
     last_good: Mutex<HashMap<String, IpAddr>>,
@@ -244,6 +537,7 @@ impl AuthThrottle {
         Self {
             addresses: Table::new(settings.max_failures_per_address),
             usernames: Table::new(settings.max_failures_per_username),
+            pairs: Table::new(settings.max_failures_per_username),
             settings,
             last_good: Mutex::new(HashMap::new()),
         }
@@ -256,7 +550,11 @@ impl AuthThrottle {
             return Some(ThrottleScope::Address);
         }
         let user = username_key(username?)?;
-        if self.usernames.blocked(&user, now) && lock(&self.last_good).get(&user) != Some(&ip) {
+        if !self.usernames.blocked(&user, now) {
+            return None;
+        }
+        let exempt = lock(&self.last_good).get(&user) == Some(&ip);
+        if !exempt || self.pairs.blocked(&(ip, user), now) {
             return Some(ThrottleScope::Username);
         }
         None
@@ -264,9 +562,11 @@ impl AuthThrottle {
 
     /// A CONNECT failed on its credentials.
     pub fn failed(&self, ip: IpAddr, username: Option<&str>, now: Instant) {
-        self.addresses.fail(&self.settings, &address_key(ip), now);
+        let ip = address_key(ip);
+        self.addresses.fail(&self.settings, &ip, now);
         if let Some(u) = username.and_then(username_key) {
             self.usernames.fail(&self.settings, &u, now);
+            self.pairs.fail(&self.settings, &(ip, u), now);
         }
     }
 
@@ -281,6 +581,7 @@ impl AuthThrottle {
         }
         drop(good);
         self.usernames.forget(&username.to_string());
+        self.pairs.forget(&(ip, username.to_string()));
     }
 }
 
@@ -354,6 +655,108 @@ mod tests {
         // A success forgets the username's failures.
         t.succeeded(home, A);
         assert_eq!(t.check(attacker, Some(A), now), None);
+    }
+
+    #[test]
+    fn exemption_does_not_cover_guessing_from_the_same_address() {
+        let t = AuthThrottle::new(settings());
+        let nat: IpAddr = "192.0.2.1".parse().unwrap();
+        let elsewhere: IpAddr = "198.51.100.7".parse().unwrap();
+        let now = Instant::now();
+        t.succeeded(nat, A);
+        // Someone else behind the machine's NAT guesses its secret.
+        t.failed(nat, Some(A), now);
+        t.failed(nat, Some(A), now);
+        assert_eq!(
+            t.check(nat, Some(A), now),
+            Some(ThrottleScope::Username),
+            "the pair's own block applies to the exempt address"
+        );
+        // Guessing only from elsewhere leaves the exempt address free.
+        let t = AuthThrottle::new(settings());
+        t.succeeded(nat, A);
+        t.failed(elsewhere, Some(A), now);
+        t.failed(elsewhere, Some(A), now);
+        assert_eq!(t.check(nat, Some(A), now), None);
+        assert!(t.check(elsewhere, Some(A), now).is_some());
+    }
+
+    #[test]
+    fn per_address_limits_come_first_and_are_bounded() {
+        let limits = AddressLimits {
+            max_connections: 2,
+            per_sec: 1,
+            burst: 3,
+            max_tracked: 2,
+        };
+        let g = Arc::new(AcceptGate::with_address_limits(0, 1, 100, limits));
+        let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+        let honest: IpAddr = "127.0.0.1".parse().unwrap();
+        let a1 = g.admit_from(attacker).unwrap();
+        let _a2 = g.admit_from(attacker).unwrap();
+        assert_eq!(
+            g.admit_from(attacker).unwrap_err(),
+            Rejection::AddressConnections
+        );
+        drop(a1);
+        let _a3 = g.admit_from(attacker).unwrap();
+        // The burst of 3 is spent (looped: a stalled thread may earn a token).
+        let refused = (0..1000).find_map(|_| g.admit_from(attacker).err());
+        assert!(matches!(
+            refused,
+            Some(Rejection::AddressRate | Rejection::AddressConnections)
+        ));
+        assert!(
+            g.admit_from(honest).is_ok(),
+            "another address is not refused"
+        );
+        // IPv6 /64 is one address.
+        let v6a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8::2".parse().unwrap();
+        let g = Arc::new(AcceptGate::with_address_limits(
+            0,
+            0,
+            0,
+            AddressLimits {
+                max_connections: 1,
+                per_sec: 0,
+                burst: 0,
+                max_tracked: 10,
+            },
+        ));
+        let _v = g.admit_from(v6a).unwrap();
+        assert_eq!(
+            g.admit_from(v6b).unwrap_err(),
+            Rejection::AddressConnections
+        );
+        // Bounded: with every tracked address busy, new ones go untracked.
+        let g = Arc::new(AcceptGate::with_address_limits(0, 0, 0, limits));
+        let held: Vec<_> = (1..=5u8)
+            .map(|i| g.admit_from(IpAddr::from([10, 0, 0, i])).unwrap())
+            .collect();
+        assert_eq!(g.tracked_addresses(), 2);
+        drop(held);
+        assert_eq!(g.live(), 0);
+    }
+
+    #[test]
+    fn machine_bucket_survives_reconnects_and_log_gate_limits_lines() {
+        let rates = MachineRates::new(1, 10, 100);
+        let m: MachineNo = A.parse().unwrap();
+        let b = rates.bucket(m);
+        assert!(b.take(10), "the burst");
+        drop(b);
+        // A new connection of the same machine finds the bucket spent.
+        assert!(!rates.bucket(m).take(5));
+        let other: MachineNo = "87654321".parse().unwrap();
+        assert!(rates.bucket(other).take(5));
+
+        let gate = LogGate::new(10);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let allowed = (0..100).filter(|_| gate.allow(ip)).count();
+        assert!((5..=6).contains(&allowed), "{allowed}");
+        assert!(gate.suppressed.load(Ordering::Relaxed) >= 94);
+        assert!(gate.allow("192.0.2.2".parse().unwrap()));
     }
 
     #[test]

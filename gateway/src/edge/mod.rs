@@ -7,7 +7,9 @@
 //! - `conn`: one connection's protocol state machine.
 //! - `router`: sessions, subscriptions, retained messages, fan-out.
 //! - `auth`: CONNECT credentials (password or client certificate).
-//! - `limits`: connection cap, accept rate, failed-auth throttling.
+//! - `limits`: connection caps and accept rates (per source address, then
+//!   global), failed-auth throttling, machines' packet rates, refusal-log
+//!   rate.
 //! - `stream`: plain or TLS byte stream, read on readiness.
 
 pub mod auth;
@@ -33,7 +35,9 @@ use vendgate_proto::topic::{self, Command, Uplink};
 use crate::config::MqttSettings;
 use crate::presence::PresenceRegistry;
 use auth::Authenticator;
-use limits::{AcceptGate, AuthThrottle, Rejection, ThrottleScope};
+use limits::{
+    AcceptGate, AddressLimits, AuthThrottle, LogGate, MachineRates, Rejection, ThrottleScope,
+};
 use router::{ClientClass, MachineDelivery, Router};
 
 /// Receives every uplink a machine publishes on one of its protocol topics,
@@ -87,6 +91,14 @@ pub struct EdgeStats {
     pub rejected_max_connections: AtomicU64,
     /// Connections closed at accept: over `accept_rate`.
     pub rejected_accept_rate: AtomicU64,
+    /// Connections closed at accept by the per-address limits:
+    /// `max_connections_per_address`, `accept_rate_per_address`.
+    pub rejected_address_connections: AtomicU64,
+    pub rejected_address_rate: AtomicU64,
+    /// SUBSCRIBE filters refused by the session's subscription limits.
+    pub subscriptions_refused: AtomicU64,
+    /// Connections closed for exceeding their memory budget.
+    pub memory_budget: AtomicU64,
     /// Connections without a CONNECT (or TLS handshake) in `connect_timeout`.
     pub connect_timeouts: AtomicU64,
     /// TLS handshakes that failed (bad or untrusted client certificate,
@@ -103,6 +115,8 @@ impl EdgeStats {
         let c = match r {
             Rejection::MaxConnections => &self.rejected_max_connections,
             Rejection::AcceptRate => &self.rejected_accept_rate,
+            Rejection::AddressConnections => &self.rejected_address_connections,
+            Rejection::AddressRate => &self.rejected_address_rate,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -137,6 +151,10 @@ pub struct Hub {
     /// Open-connection cap and accept rate, shared by both listeners.
     pub gate: Arc<AcceptGate>,
     pub(crate) throttle: AuthThrottle,
+    /// Refusal log lines per source address.
+    pub log_gate: LogGate,
+    /// Machines' packet-rate buckets, kept across their reconnects.
+    pub machine_rates: MachineRates,
     conn_ids: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     /// Cluster mode: epochs from the cluster, uplinks copied to other nodes.
@@ -159,14 +177,33 @@ impl Hub {
                     max_queued: settings.session_max_queued,
                     machine_max_queued: settings.machine_session_max_queued,
                     expiry: settings.session_expiry,
+                    max_parked_bytes: settings.service_connection_memory,
                 },
-            ),
-            gate: Arc::new(AcceptGate::new(
+            )
+            .with_retained_limits(router::RetainedLimits {
+                max_entries: settings.max_retained,
+                max_bytes: settings.max_retained_bytes,
+                max_message: settings.max_retained_message_size,
+            })
+            .with_deny_filters(settings.deny_filters.clone()),
+            gate: Arc::new(AcceptGate::with_address_limits(
                 settings.max_connections,
                 settings.accept_rate,
                 settings.accept_burst,
+                AddressLimits {
+                    max_connections: settings.max_connections_per_address,
+                    per_sec: settings.accept_rate_per_address,
+                    burst: settings.accept_burst_per_address,
+                    max_tracked: settings.max_tracked_addresses,
+                },
             )),
             throttle: AuthThrottle::new(settings.auth_throttle.clone()),
+            log_gate: LogGate::new(settings.max_tracked_addresses),
+            machine_rates: MachineRates::new(
+                settings.machine_publish_rate,
+                settings.machine_publish_burst,
+                settings.auth_throttle.max_tracked,
+            ),
             settings,
             presence,
             auth,
@@ -294,7 +331,7 @@ impl Edge {
                     Ok((stream, peer)) => {
                         // Over the cap or the rate: close at once (dropping
                         // the socket), before any task or buffer exists.
-                        let slot = match self.hub.gate.admit() {
+                        let slot = match self.hub.gate.admit_from(peer.ip()) {
                             Ok(s) => s,
                             Err(r) => {
                                 self.hub.stats.rejected(r);

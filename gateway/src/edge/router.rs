@@ -6,6 +6,15 @@
 //! `vend/v1/{m}/` reaches at most one machine session (looked up by key, O(1));
 //! service sessions are few and are scanned. A 10,000-machine fleet therefore
 //! costs nothing per publish beyond the service scan.
+//!
+//! Everything a client can make the hub hold is bounded: subscriptions per
+//! session (count and bytes; an identical filter replaces the existing one),
+//! each connection's memory (messages queued or in flight to it, retained
+//! messages replayed to it, its subscriptions: [`Session::charge`]), parked
+//! sessions (messages and bytes), and the retained store (entries, bytes,
+//! bytes per message). Topics matching `mqtt.deny_filters` are delivered to
+//! nobody, so a wide subscription that overlaps a denied filter is granted
+//! and simply never sees the denied topics.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -38,11 +47,55 @@ pub struct Outbound {
     pub retain: bool,
 }
 
+impl Outbound {
+    /// What this message counts against its connection's memory budget.
+    pub fn cost(&self) -> usize {
+        message_cost(&self.topic, self.payload.len())
+    }
+}
+
+/// Bytes a queued message is charged: topic, payload and the bookkeeping
+/// around them (the box, the packet, the queue slot).
+pub fn message_cost(topic: &str, payload_len: usize) -> usize {
+    const OVERHEAD: usize = 64;
+    topic.len() + payload_len + OVERHEAD
+}
+
 /// Why the hub closed a connection from the outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KickReason {
     TakeOver,
     SlowConsumer,
+    /// Its connection's memory budget was exhausted.
+    MemoryBudget,
+}
+
+/// Why a SUBSCRIBE filter was refused by the session's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRefusal {
+    /// `max_subscriptions` (or `machine_max_subscriptions`) reached.
+    Count,
+    /// `max_subscription_bytes` reached.
+    Bytes,
+    /// The connection's memory budget has no room for it.
+    Memory,
+}
+
+/// Per-session limits, decided at CONNECT.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionBudget {
+    /// Bytes the connection may hold (see [`Session::charge`]).
+    pub memory: usize,
+    pub max_subscriptions: usize,
+    pub max_subscription_bytes: usize,
+}
+
+impl SessionBudget {
+    pub const UNLIMITED: Self = Self {
+        memory: usize::MAX,
+        max_subscriptions: usize::MAX,
+        max_subscription_bytes: usize::MAX,
+    };
 }
 
 /// The shared half of a live connection: what the router needs to reach it.
@@ -50,13 +103,28 @@ pub enum KickReason {
 pub struct Session {
     pub conn_id: u64,
     pub client_id: String,
+    /// The router's key: the client id of a machine; for a service, its
+    /// account and client id together, so one service account can never
+    /// take over (or resume) another account's session.
+    pub key: String,
     pub class: ClientClass,
     /// CONNECT said clean_session = 0: the session outlives the connection.
     pub persistent: bool,
+    /// Few (bounded by `budget.max_subscriptions`), so scanned.
     subs: Mutex<Vec<(String, QoS)>>,
+    sub_bytes: AtomicUsize,
     tx: mpsc::Sender<Box<Outbound>>,
     kick: CancellationToken,
     kick_reason: Mutex<Option<KickReason>>,
+    budget: SessionBudget,
+    /// Bytes charged against `budget.memory` now.
+    mem: AtomicUsize,
+}
+
+/// The router key of a service session: `{len}:{account}:{client_id}` (the
+/// length makes it unambiguous whatever the two contain).
+pub fn service_key(account: &str, client_id: &str) -> String {
+    format!("{}:{account}:{client_id}", account.len())
 }
 
 impl Session {
@@ -69,14 +137,73 @@ impl Session {
     ) -> Self {
         Self {
             conn_id,
+            key: client_id.clone(),
             client_id,
             class,
             persistent,
             subs: Mutex::new(Vec::new()),
+            sub_bytes: AtomicUsize::new(0),
             tx,
             kick: CancellationToken::new(),
             kick_reason: Mutex::new(None),
+            budget: SessionBudget::UNLIMITED,
+            mem: AtomicUsize::new(0),
         }
+    }
+
+    /// Register under `key` instead of the client id.
+    pub fn with_key(mut self, key: String) -> Self {
+        self.key = key;
+        self
+    }
+
+    pub fn with_budget(mut self, budget: SessionBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Charge `bytes` against the connection's memory budget; false (and
+    /// nothing charged) when they do not fit. Callers charge *before* they
+    /// allocate, so a connection over its budget never holds more.
+    pub fn charge(&self, bytes: usize) -> bool {
+        let mut cur = self.mem.load(Ordering::Relaxed);
+        loop {
+            let Some(next) = cur.checked_add(bytes).filter(|n| *n <= self.budget.memory) else {
+                return false;
+            };
+            match self
+                .mem
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Charge bytes that are already held (a resumed session's messages,
+    /// which were within their own bound), even past the budget.
+    pub fn charge_unchecked(&self, bytes: usize) {
+        self.mem.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Give back what [`Session::charge`] took.
+    pub fn release(&self, bytes: usize) {
+        let _ = self
+            .mem
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some(m.saturating_sub(bytes))
+            });
+    }
+
+    /// Bytes charged now.
+    pub fn memory(&self) -> usize {
+        self.mem.load(Ordering::Relaxed)
+    }
+
+    /// Room left under the memory budget.
+    pub fn memory_room(&self) -> usize {
+        self.budget.memory.saturating_sub(self.memory())
     }
 
     /// Close this connection from outside (take-over, slow consumer).
@@ -105,20 +232,64 @@ impl Session {
         self.subs.lock().map(|s| !s.is_empty()).unwrap_or(false)
     }
 
-    /// Add or replace (same filter) a subscription.
+    /// Add or replace (same filter) a subscription, ignoring the limits
+    /// (tests and resumed sessions).
     pub fn subscribe(&self, filter: &str, qos: QoS) {
         if let Ok(mut subs) = self.subs.lock() {
             match subs.iter_mut().find(|(f, _)| f == filter) {
                 Some(s) => s.1 = qos,
-                None => subs.push((filter.to_owned(), qos)),
+                None => {
+                    self.sub_bytes.fetch_add(filter.len(), Ordering::Relaxed);
+                    self.mem.fetch_add(filter.len(), Ordering::Relaxed);
+                    subs.push((filter.to_owned(), qos));
+                }
             }
         }
     }
 
+    /// Add a subscription within the session's limits. An identical filter
+    /// replaces the existing subscription (§3.8.4) and costs nothing more.
+    pub fn try_subscribe(&self, filter: &str, qos: QoS) -> Result<(), SubscribeRefusal> {
+        let Ok(mut subs) = self.subs.lock() else {
+            return Err(SubscribeRefusal::Count);
+        };
+        if let Some(s) = subs.iter_mut().find(|(f, _)| f == filter) {
+            s.1 = qos;
+            return Ok(());
+        }
+        if subs.len() >= self.budget.max_subscriptions {
+            return Err(SubscribeRefusal::Count);
+        }
+        let bytes = self.sub_bytes.load(Ordering::Relaxed);
+        if bytes.saturating_add(filter.len()) > self.budget.max_subscription_bytes {
+            return Err(SubscribeRefusal::Bytes);
+        }
+        if !self.charge(filter.len()) {
+            return Err(SubscribeRefusal::Memory);
+        }
+        self.sub_bytes.fetch_add(filter.len(), Ordering::Relaxed);
+        subs.push((filter.to_owned(), qos));
+        Ok(())
+    }
+
     pub fn unsubscribe(&self, filter: &str) {
         if let Ok(mut subs) = self.subs.lock() {
+            let before = subs.len();
             subs.retain(|(f, _)| f != filter);
+            if subs.len() < before {
+                let _ = self
+                    .sub_bytes
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                        Some(b.saturating_sub(filter.len()))
+                    });
+                self.release(filter.len());
+            }
         }
+    }
+
+    /// Subscriptions held now.
+    pub fn subscription_count(&self) -> usize {
+        self.subs.lock().map(|s| s.len()).unwrap_or(0)
     }
 
     /// A copy of the subscriptions (to park or hand over the session).
@@ -126,20 +297,37 @@ impl Session {
         self.subs.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Install a resumed session's subscriptions (they were within the
+    /// limits when they were made).
     fn set_subscriptions(&self, subs: Vec<(String, QoS)>) {
+        let bytes: usize = subs.iter().map(|(f, _)| f.len()).sum();
         if let Ok(mut s) = self.subs.lock() {
             *s = subs;
+            let old = self.sub_bytes.swap(bytes, Ordering::Relaxed);
+            self.release(old);
+            self.mem.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
-    /// Queue a message.
+    /// Queue a message, charged against the connection's memory budget
+    /// until the connection has written it (QoS 0) or the client has
+    /// acknowledged it (QoS 1/2).
     fn offer(&self, msg: Outbound) -> Offer {
+        let cost = msg.cost();
+        if !self.charge(cost) {
+            return Offer::OverBudget;
+        }
         // Boxed: a channel allocates its slots in blocks of 32 up front, and
         // 32 pointers cost an idle connection far less than 32 messages.
         match self.tx.try_send(Box::new(msg)) {
             Ok(()) => Offer::Queued,
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
-            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
+            Err(e) => {
+                self.release(cost);
+                match e {
+                    mpsc::error::TrySendError::Closed(_) => Offer::Closed,
+                    mpsc::error::TrySendError::Full(_) => Offer::Full,
+                }
+            }
         }
     }
 }
@@ -151,6 +339,8 @@ enum Offer {
     Closed,
     /// The connection cannot keep up.
     Full,
+    /// The connection's memory budget has no room for the message.
+    OverBudget,
 }
 
 /// One outbound QoS 1/2 message not yet acknowledged by the client.
@@ -181,6 +371,9 @@ struct Parked {
     class: ClientClass,
     state: SessionState,
     since: Instant,
+    /// What its queue and unacknowledged messages cost (`message_cost`),
+    /// bounded by `SessionLimits::max_parked_bytes`.
+    bytes: usize,
 }
 
 /// Parked sessions: machines by key (a topic reaches at most one), services
@@ -214,6 +407,9 @@ pub struct SessionLimits {
     pub machine_max_queued: usize,
     /// A parked session not resumed within this time is discarded.
     pub expiry: Duration,
+    /// Bytes a parked session may hold (queued and unacknowledged messages);
+    /// messages beyond are dropped and counted.
+    pub max_parked_bytes: usize,
 }
 
 impl Default for SessionLimits {
@@ -222,6 +418,7 @@ impl Default for SessionLimits {
             max_queued: 1000,
             machine_max_queued: 0,
             expiry: Duration::from_secs(3600),
+            max_parked_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -262,6 +459,25 @@ pub struct RouterStats {
     pub session_dropped: AtomicU64,
     /// Parked sessions discarded after `session_expiry`.
     pub sessions_expired: AtomicU64,
+    /// Connections closed because a message did not fit their memory budget.
+    pub over_budget: AtomicU64,
+}
+
+/// Caps of the retained store.
+#[derive(Debug, Clone, Copy)]
+pub struct RetainedLimits {
+    pub max_entries: usize,
+    /// Topic + payload bytes of every retained message together.
+    pub max_bytes: usize,
+    /// Topic + payload bytes of one retained message.
+    pub max_message: usize,
+}
+
+#[derive(Debug, Default)]
+struct RetainedStore {
+    map: BTreeMap<String, (Bytes, QoS)>,
+    /// Sum of topic + payload lengths in `map`.
+    bytes: usize,
 }
 
 /// Sessions by client id, service subscribers, and retained messages.
@@ -274,8 +490,10 @@ pub struct Router {
     /// prefix: 10,000 machines each subscribing to their own commands must
     /// not each scan every machine's retained state (measured: that scan was
     /// most of a reconnect storm's CPU).
-    retained: RwLock<BTreeMap<String, (Bytes, QoS)>>,
-    max_retained: usize,
+    retained: RwLock<RetainedStore>,
+    retained_limits: RetainedLimits,
+    /// `mqtt.deny_filters`: topics matching one are delivered to nobody.
+    deny: Vec<String>,
     /// Persistent sessions whose client is away. This lock also orders
     /// `register` against `close`, so a session is always either live or
     /// parked, never both and never lost in between.
@@ -296,13 +514,45 @@ impl Router {
         Self {
             sessions: DashMap::new(),
             service_subscribers: RwLock::new(HashMap::new()),
-            retained: RwLock::new(BTreeMap::new()),
-            max_retained,
+            retained: RwLock::new(RetainedStore::default()),
+            retained_limits: RetainedLimits {
+                max_entries: max_retained,
+                max_bytes: usize::MAX,
+                max_message: usize::MAX,
+            },
+            deny: Vec::new(),
             parked: Mutex::new(ParkedSessions::default()),
             parked_count: AtomicUsize::new(0),
             limits,
             stats: RouterStats::default(),
         }
+    }
+
+    /// Cap the retained store in bytes as well as entries.
+    pub fn with_retained_limits(mut self, limits: RetainedLimits) -> Self {
+        self.retained_limits = limits;
+        self
+    }
+
+    /// Withhold topics matching any of `deny` from every client.
+    pub fn with_deny_filters(mut self, deny: Vec<String>) -> Self {
+        self.deny = deny;
+        self
+    }
+
+    /// Whether `topic_name` is withheld by the deny list.
+    pub fn denied(&self, topic_name: &str) -> bool {
+        self.deny
+            .iter()
+            .any(|d| topic::filter_matches(d, topic_name))
+    }
+
+    /// Retained messages kept now: (entries, bytes).
+    pub fn retained_usage(&self) -> (usize, usize) {
+        self.retained
+            .read()
+            .map(|r| (r.map.len(), r.bytes))
+            .unwrap_or_default()
     }
 
     fn lock_parked(&self) -> std::sync::MutexGuard<'_, ParkedSessions> {
@@ -320,7 +570,7 @@ impl Router {
     pub fn register(&self, session: Arc<Session>) -> Registered {
         let mut parked = self.lock_parked();
         self.sweep(&mut parked);
-        let stored = parked.map(session.class).remove(&session.client_id);
+        let stored = parked.map(session.class).remove(&session.key);
         self.parked_count.store(parked.len(), Ordering::Relaxed);
         let mut reg = Registered::default();
         if let Some(p) = stored {
@@ -336,7 +586,7 @@ impl Router {
         // A live persistent session moves to the new connection: its
         // subscriptions now, its queued and unacknowledged messages when the
         // old connection has ended (`close` hands them over).
-        let previous = self.sessions.get(&session.client_id).map(|s| s.clone());
+        let previous = self.sessions.get(&session.key).map(|s| s.clone());
         if let Some(old) = &previous {
             if session.persistent && old.persistent && old.class == session.class {
                 reg.session_present = true;
@@ -347,10 +597,7 @@ impl Router {
         // the service index is updated before the lock is released, so no
         // publish finds the client neither parked nor subscribed.
         session.set_subscriptions(std::mem::take(&mut reg.resumed.subs));
-        if let Some(old) = self
-            .sessions
-            .insert(session.client_id.clone(), session.clone())
-        {
+        if let Some(old) = self.sessions.insert(session.key.clone(), session.clone()) {
             old.kick(KickReason::TakeOver);
             self.forget_service(old.conn_id);
             reg.took_over = true;
@@ -377,7 +624,7 @@ impl Router {
     /// Used by tests; connections end through [`Router::close`].
     pub fn unregister(&self, session: &Session) {
         self.sessions
-            .remove_if(&session.client_id, |_, s| s.conn_id == session.conn_id);
+            .remove_if(&session.key, |_, s| s.conn_id == session.conn_id);
         self.forget_service(session.conn_id);
     }
 
@@ -393,7 +640,7 @@ impl Router {
         let mut parked = self.lock_parked();
         let removed = self
             .sessions
-            .remove_if(&session.client_id, |_, s| s.conn_id == session.conn_id)
+            .remove_if(&session.key, |_, s| s.conn_id == session.conn_id)
             .is_some();
         self.forget_service(session.conn_id);
         // From here a publisher's `offer` answers Closed and comes to the
@@ -408,26 +655,43 @@ impl Router {
         if removed {
             state.subs = session.subscriptions();
             let cap = self.queue_cap(session.class);
-            // QoS 0 is not kept for an away client (as in `offer_parked`).
-            state.queue = state
-                .queue
-                .into_iter()
-                .filter(|m| m.qos != QoS::AtMostOnce)
-                .map(detached)
-                .collect();
-            while state.queue.len() > cap {
-                state.queue.pop_back();
-                self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            let max_bytes = self.limits.max_parked_bytes;
+            // Unacknowledged messages first (they are owed), then the queue
+            // while it fits the count and the bytes; QoS 0 is not kept for an
+            // away client (as in `offer_parked`). Copies are made only of
+            // what is kept.
+            let mut bytes = 0usize;
+            state.inflight.retain(|f| {
+                let c = f.msg.cost();
+                let keep = bytes.saturating_add(c) <= max_bytes;
+                if keep {
+                    bytes += c;
+                } else {
+                    self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                keep
+            });
             for f in &mut state.inflight {
                 f.msg = detached(f.msg.clone());
             }
+            let mut kept = VecDeque::new();
+            for m in state.queue.into_iter().filter(|m| m.qos != QoS::AtMostOnce) {
+                let c = m.cost();
+                if kept.len() < cap && bytes.saturating_add(c) <= max_bytes {
+                    bytes += c;
+                    kept.push_back(detached(m));
+                } else {
+                    self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            state.queue = kept;
             parked.map(session.class).insert(
-                session.client_id.clone(),
+                session.key.clone(),
                 Parked {
                     class: session.class,
                     state,
                     since: Instant::now(),
+                    bytes,
                 },
             );
             self.parked_count.store(parked.len(), Ordering::Relaxed);
@@ -437,7 +701,7 @@ impl Router {
         // Taken over: the new connection owns the session now. Unacknowledged
         // messages go to it again (with new packet ids); if it started clean,
         // the session ended with the old connection.
-        let Some(new) = self.sessions.get(&session.client_id).map(|s| s.clone()) else {
+        let Some(new) = self.sessions.get(&session.key).map(|s| s.clone()) else {
             return;
         };
         if !new.persistent || new.class != session.class {
@@ -452,6 +716,10 @@ impl Router {
         for m in msgs {
             match new.offer(m) {
                 Offer::Queued | Offer::Closed => {}
+                Offer::OverBudget => {
+                    self.over_budget(&new);
+                    break;
+                }
                 Offer::Full => {
                     self.slow(&new);
                     break;
@@ -517,11 +785,8 @@ impl Router {
             if msg.qos == QoS::AtMostOnce {
                 return;
             }
-            if p.state.queue.len() < self.queue_cap(class) {
-                p.state.queue.push_back(detached(msg));
-            } else {
-                self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            let cap = self.queue_cap(class);
+            self.park_message(p, msg, cap);
             return;
         }
         // Not parked: it may have resumed between the publisher's look-up
@@ -530,10 +795,23 @@ impl Router {
         drop(parked);
         if let Some(s) = live {
             if let Some(g) = s.granted(topic_name) {
-                if let Offer::Full = s.offer(make(g)) {
-                    self.slow(&s);
+                match s.offer(make(g)) {
+                    Offer::Full => self.slow(&s),
+                    Offer::OverBudget => self.over_budget(&s),
+                    Offer::Queued | Offer::Closed => {}
                 }
             }
+        }
+    }
+
+    /// Queue `msg` for a parked session if it fits its count and bytes.
+    fn park_message(&self, p: &mut Parked, msg: Outbound, cap: usize) {
+        let c = msg.cost();
+        if p.state.queue.len() < cap && p.bytes.saturating_add(c) <= self.limits.max_parked_bytes {
+            p.bytes += c;
+            p.state.queue.push_back(detached(msg));
+        } else {
+            self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -551,7 +829,7 @@ impl Router {
         // Only index sessions that are still the registered one.
         let current = self
             .sessions
-            .get(&session.client_id)
+            .get(&session.key)
             .is_some_and(|s| s.conn_id == session.conn_id);
         if let Ok(mut m) = self.service_subscribers.write() {
             if current && session.has_subscriptions() {
@@ -576,6 +854,13 @@ impl Router {
         qos: QoS,
         retain: bool,
     ) -> MachineDelivery {
+        if self.denied(topic_name) {
+            // Nobody may receive it, so it is neither delivered nor kept.
+            return match topic::machine_of(topic_name) {
+                Some(_) => MachineDelivery::NotSubscribed,
+                None => MachineDelivery::NotAMachineTopic,
+            };
+        }
         if retain {
             self.retain(topic_name, &payload, qos);
         }
@@ -600,12 +885,16 @@ impl Router {
                         }
                         Offer::Closed => {
                             if s.persistent {
-                                self.offer_parked(s.class, &s.client_id, topic_name, &make);
+                                self.offer_parked(s.class, &s.key, topic_name, &make);
                             }
                             MachineDelivery::NotConnected
                         }
                         Offer::Full => {
                             self.slow(&s);
+                            MachineDelivery::Backpressure
+                        }
+                        Offer::OverBudget => {
+                            self.over_budget(&s);
                             MachineDelivery::Backpressure
                         }
                     },
@@ -632,10 +921,11 @@ impl Router {
                     }
                     Offer::Closed => {
                         if s.persistent {
-                            self.offer_parked(s.class, &s.client_id, topic_name, &make);
+                            self.offer_parked(s.class, &s.key, topic_name, &make);
                         }
                     }
                     Offer::Full => self.slow(&s),
+                    Offer::OverBudget => self.over_budget(&s),
                 }
             }
         }
@@ -657,11 +947,7 @@ impl Router {
             if msg.qos == QoS::AtMostOnce {
                 continue;
             }
-            if p.state.queue.len() < cap {
-                p.state.queue.push_back(detached(msg));
-            } else {
-                self.stats.session_dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            self.park_message(p, msg, cap);
         }
     }
 
@@ -670,46 +956,99 @@ impl Router {
         s.kick(KickReason::SlowConsumer);
     }
 
+    fn over_budget(&self, s: &Arc<Session>) {
+        self.stats.over_budget.fetch_add(1, Ordering::Relaxed);
+        s.kick(KickReason::MemoryBudget);
+    }
+
+    /// Keep, replace or clear the retained message of `topic_name`, within
+    /// the store's caps. A message over a cap is refused (and counted); the
+    /// topic's previous retained message, if any, is cleared, so a
+    /// subscriber never gets a stale state as the current one.
     fn retain(&self, topic_name: &str, payload: &Bytes, qos: QoS) {
         let Ok(mut r) = self.retained.write() else {
             return;
         };
+        let r = &mut *r;
+        let old = r
+            .map
+            .get(topic_name)
+            .map_or(0, |(p, _)| topic_name.len() + p.len());
         if payload.is_empty() {
-            r.remove(topic_name);
-        } else if r.len() < self.max_retained || r.contains_key(topic_name) {
+            if r.map.remove(topic_name).is_some() {
+                r.bytes = r.bytes.saturating_sub(old);
+            }
+            return;
+        }
+        let l = self.retained_limits;
+        let size = topic_name.len() + payload.len();
+        let exists = old > 0;
+        let fits = size <= l.max_message
+            && (exists || r.map.len() < l.max_entries)
+            && r.bytes - old + size <= l.max_bytes;
+        if fits {
             // Copy: the payload is a view into the connection's read buffer,
             // and a retained message must not pin that whole buffer for as
             // long as it is kept (one per machine).
-            r.insert(
+            r.map.insert(
                 topic_name.to_owned(),
                 (Bytes::copy_from_slice(payload), qos),
             );
+            r.bytes = r.bytes - old + size;
         } else {
             self.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
+            if exists {
+                r.map.remove(topic_name);
+                r.bytes -= old;
+            }
         }
     }
 
     /// Retained messages matching a new subscription (sent with retain = 1).
     pub fn retained_for(&self, filter: &str, granted: QoS) -> Vec<Outbound> {
+        self.retained_within(filter, granted, usize::MAX)
+            .map(|(v, _)| v)
+            .unwrap_or_default()
+    }
+
+    /// Retained messages matching a new subscription, and what they cost
+    /// ([`Outbound::cost`]), if that is at most `budget`; None, having
+    /// built no more than `budget` bytes' worth, if not.
+    pub fn retained_within(
+        &self,
+        filter: &str,
+        granted: QoS,
+        budget: usize,
+    ) -> Option<(Vec<Outbound>, usize)> {
         let Ok(r) = self.retained.read() else {
-            return Vec::new();
+            return Some((Vec::new(), 0));
         };
         // Every matching topic starts with the filter's text before its
         // first wildcard.
         let prefix = filter.find(['+', '#']).map_or(filter, |i| &filter[..i]);
-        r.range::<str, _>((
-            std::ops::Bound::Included(prefix),
-            std::ops::Bound::Unbounded,
-        ))
-        .take_while(|(t, _)| t.starts_with(prefix))
-        .filter(|(t, _)| topic::filter_matches(filter, t))
-        .map(|(t, (p, q))| Outbound {
-            topic: Arc::from(t.as_str()),
-            payload: p.clone(),
-            qos: min_qos(*q, granted),
-            retain: true,
-        })
-        .collect()
+        let matching = r
+            .map
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(t, _)| t.starts_with(prefix))
+            .filter(|(t, _)| topic::filter_matches(filter, t) && !self.denied(t));
+        let mut out = Vec::new();
+        let mut cost = 0usize;
+        for (t, (p, q)) in matching {
+            cost = cost.saturating_add(message_cost(t, p.len()));
+            if cost > budget {
+                return None;
+            }
+            out.push(Outbound {
+                topic: Arc::from(t.as_str()),
+                payload: p.clone(),
+                qos: min_qos(*q, granted),
+                retain: true,
+            });
+        }
+        Some((out, cost))
     }
 }
 
@@ -730,10 +1069,35 @@ fn granted_in(subs: &[(String, QoS)], topic_name: &str) -> Option<QoS> {
         .max_by_key(|q| *q as u8)
 }
 
-/// Whether some topic name matches both filters (both already valid). Used by
-/// the deny list: a subscription that could receive any denied topic is
-/// refused, so `#` is refused when anything is denied, except `$` topics,
-/// which a leading wildcard never matches (§4.7.2).
+/// Whether every topic name `inner` matches is also matched by `outer` (both
+/// already valid filters). The deny list refuses a subscription that lies
+/// wholly inside a denied filter: it could never receive anything. A wider
+/// one is granted and the denied topics are withheld at delivery
+/// ([`Router::publish`]), as a broker's ACL does.
+pub fn filter_within(inner: &str, outer: &str) -> bool {
+    // §4.7.2: a leading wildcard does not match `$` topics, so an outer
+    // filter starting with one contains no inner filter that names `$…`.
+    if outer.starts_with(['+', '#']) && inner.starts_with('$') {
+        return false;
+    }
+    let mut li = inner.split('/');
+    let mut lo = outer.split('/');
+    loop {
+        match (li.next(), lo.next()) {
+            // `a/#` also matches `a` itself (§4.7.1.2).
+            (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some("#"), _) => return false,
+            (Some(_), Some("+")) => {}
+            (Some("+"), Some(_)) => return false,
+            (Some(x), Some(y)) if x == y => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some topic name matches both filters (both already valid); a
+/// leading wildcard never matches `$` topics (§4.7.2).
 pub fn filters_overlap(a: &str, b: &str) -> bool {
     let leading_wild = |f: &str| f.starts_with(['+', '#']);
     if (a.starts_with('$') && leading_wild(b)) || (b.starts_with('$') && leading_wild(a)) {
@@ -949,6 +1313,140 @@ mod tests {
             0,
             "clean_session = 1 discards the stored session"
         );
+    }
+
+    #[test]
+    fn filter_within_follows_the_matching_rules() {
+        assert!(filter_within("secret/x", "secret/#"));
+        assert!(filter_within("secret/#", "secret/#"));
+        assert!(filter_within("secret", "secret/#"), "a/# matches a");
+        assert!(filter_within("secret/+/y", "secret/#"));
+        assert!(filter_within("a/b", "a/+"));
+        assert!(filter_within("a/+", "a/+"));
+        assert!(!filter_within("#", "secret/#"));
+        assert!(!filter_within("+/x", "secret/#"));
+        assert!(!filter_within("a/+", "a/b"));
+        assert!(!filter_within("a/#", "a/+"));
+        assert!(!filter_within("a/b/c", "a/+"));
+        assert!(!filter_within("$SYS/x", "#"));
+        assert!(filter_within("$SYS/x", "$SYS/#"));
+        assert!(filter_within("x", "#"));
+    }
+
+    #[test]
+    fn denied_topics_reach_nobody_and_are_not_retained() {
+        let r = Router::new(10).with_deny_filters(vec!["secret/#".into()]);
+        let (s, mut rx) = session(1, "svc", ClientClass::Service);
+        r.register(s.clone());
+        s.subscribe("#", QoS::AtMostOnce);
+        r.service_subscriptions_changed(&s);
+        r.publish("secret/x", Bytes::from_static(b"1"), QoS::AtMostOnce, true);
+        r.publish("open/x", Bytes::from_static(b"2"), QoS::AtMostOnce, true);
+        assert_eq!(&*rx.try_recv().unwrap().topic, "open/x");
+        assert!(rx.try_recv().is_err());
+        assert_eq!(r.retained_for("#", QoS::AtMostOnce).len(), 1);
+    }
+
+    #[test]
+    fn subscriptions_are_capped_and_identical_filters_replace() {
+        let (tx, _rx) = mpsc::channel(4);
+        let s = Session::new(1, "svc".into(), ClientClass::Service, false, tx).with_budget(
+            SessionBudget {
+                memory: 1000,
+                max_subscriptions: 2,
+                max_subscription_bytes: 12,
+            },
+        );
+        for _ in 0..3000 {
+            assert_eq!(s.try_subscribe("a/#", QoS::AtMostOnce), Ok(()));
+        }
+        assert_eq!(s.subscription_count(), 1, "identical filters replace");
+        assert_eq!(s.memory(), 3);
+        assert_eq!(s.try_subscribe("b/#", QoS::AtLeastOnce), Ok(()));
+        assert_eq!(
+            s.try_subscribe("c/#", QoS::AtMostOnce),
+            Err(SubscribeRefusal::Count)
+        );
+        s.unsubscribe("b/#");
+        assert_eq!(
+            s.try_subscribe("long/filter/#", QoS::AtMostOnce),
+            Err(SubscribeRefusal::Bytes)
+        );
+        assert_eq!(s.memory(), 3, "unsubscribe gives the bytes back");
+    }
+
+    #[test]
+    fn retained_store_is_capped_in_bytes_and_replay_in_budget() {
+        let r = Router::new(100).with_retained_limits(RetainedLimits {
+            max_entries: 100,
+            max_bytes: 90,
+            max_message: 40,
+        });
+        let big = Bytes::from(vec![b'x'; 40]);
+        r.publish("t/1", big.clone(), QoS::AtMostOnce, true);
+        assert_eq!(r.retained_usage(), (0, 0), "over the per-message cap");
+        r.publish("t/1", Bytes::from(vec![b'x'; 30]), QoS::AtMostOnce, true);
+        r.publish("t/2", Bytes::from(vec![b'x'; 30]), QoS::AtMostOnce, true);
+        r.publish("t/3", Bytes::from(vec![b'x'; 30]), QoS::AtMostOnce, true);
+        assert_eq!(r.retained_usage(), (2, 66), "over the total cap");
+        r.publish("t/1", Bytes::from(vec![b'x'; 10]), QoS::AtMostOnce, true);
+        assert_eq!(r.retained_usage(), (2, 46), "replacing adjusts the bytes");
+        assert_eq!(r.stats.retained_refused.load(Ordering::Relaxed), 2);
+        let all = message_cost("t/1", 10) + message_cost("t/2", 30);
+        assert_eq!(
+            r.retained_within("t/#", QoS::AtMostOnce, all).unwrap().1,
+            all
+        );
+        assert!(r.retained_within("t/#", QoS::AtMostOnce, all - 1).is_none());
+    }
+
+    #[test]
+    fn a_message_over_the_budget_kicks_the_connection() {
+        let r = Router::new(10);
+        let (tx, _rx) = mpsc::channel(100);
+        let m: MachineNo = "12345678".parse().unwrap();
+        let s = Arc::new(
+            Session::new(1, "12345678".into(), ClientClass::Machine(m), false, tx).with_budget(
+                SessionBudget {
+                    memory: 300,
+                    max_subscriptions: 8,
+                    max_subscription_bytes: 1024,
+                },
+            ),
+        );
+        r.register(s.clone());
+        s.subscribe("vend/v1/12345678/cmd/#", QoS::AtLeastOnce);
+        let t = "vend/v1/12345678/cmd/ping";
+        let p = Bytes::from(vec![b'x'; 100]);
+        assert_eq!(
+            r.publish(t, p.clone(), QoS::AtLeastOnce, false),
+            MachineDelivery::Queued
+        );
+        assert_eq!(
+            r.publish(t, p, QoS::AtLeastOnce, false),
+            MachineDelivery::Backpressure
+        );
+        assert_eq!(s.kick_reason(), Some(KickReason::MemoryBudget));
+        assert_eq!(r.stats.over_budget.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn service_sessions_are_keyed_by_account() {
+        let r = Router::new(10);
+        let (tx, _rx) = mpsc::channel(4);
+        let a = Arc::new(
+            Session::new(1, "dash".into(), ClientClass::Service, false, tx)
+                .with_key(service_key("svc-a", "dash")),
+        );
+        let (tx, _rx2) = mpsc::channel(4);
+        let b = Arc::new(
+            Session::new(2, "dash".into(), ClientClass::Service, false, tx)
+                .with_key(service_key("svc-b", "dash")),
+        );
+        r.register(a.clone());
+        assert!(!r.register(b).took_over, "another account's id is its own");
+        assert_eq!(a.kick_reason(), None);
+        assert_ne!(service_key("a:b", "c"), service_key("a", "b:c"));
     }
 
     #[test]

@@ -147,10 +147,12 @@ pub enum DisconnectReason {
     InflightExceeded,
     /// A machine over `mqtt.machine_publish_rate`.
     RateLimited,
+    /// Over `mqtt.machine_connection_memory` / `mqtt.service_connection_memory`.
+    MemoryBudget,
 }
 
 impl DisconnectReason {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Clean,
         Self::SocketClosed,
         Self::KeepAliveTimeout,
@@ -163,6 +165,7 @@ impl DisconnectReason {
         Self::PacketTooLarge,
         Self::InflightExceeded,
         Self::RateLimited,
+        Self::MemoryBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -179,13 +182,14 @@ impl DisconnectReason {
             Self::PacketTooLarge => "packet_too_large",
             Self::InflightExceeded => "inflight_exceeded",
             Self::RateLimited => "rate_limited",
+            Self::MemoryBudget => "memory_budget",
         }
     }
 }
 
 /// Every `reason` label of refused CONNECTs: the authenticator's refusals
 /// (`edge::auth::Refusal::as_str`) and the edge's own checks.
-pub const REFUSALS: [&str; 12] = [
+pub const REFUSALS: [&str; 13] = [
     "no_credentials",
     "unknown_machine",
     "wrong_secret",
@@ -197,6 +201,7 @@ pub const REFUSALS: [&str; 12] = [
     "will_not_allowed",
     "bad_certificate",
     "throttled",
+    "rate_limited",
     "other",
 ];
 

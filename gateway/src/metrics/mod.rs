@@ -99,7 +99,10 @@ struct Series {
     sessions_expired: Counter,
     denied_subscriptions: Counter,
     connections: Gauge,
-    rejected: [Counter; 2],
+    rejected: [Counter; 4],
+    subscriptions_refused: Counter,
+    retained_refused: Counter,
+    log_lines_suppressed: Counter,
     connect_timeouts: Counter,
     tls_handshake_failures: Counter,
     oversized_packets: Counter,
@@ -361,13 +364,28 @@ impl Metrics {
                 "Open MQTT connections, plain and TLS, before and after CONNECT (limited by mqtt.max_connections).",
                 &[],
             ),
-            rejected: ["max_connections", "accept_rate"].map(|reason| {
+            rejected: crate::edge::limits::Rejection::ALL.map(|reason| {
                 r.counter(
                     "vendgate_mqtt_connections_rejected_total",
-                    "Connections closed at accept by a limit (mqtt.max_connections, mqtt.accept_rate).",
-                    &[("reason", reason)],
+                    "Connections closed at accept by a limit (mqtt.max_connections, mqtt.accept_rate, and their per-address forms).",
+                    &[("reason", reason.as_str())],
                 )
             }),
+            subscriptions_refused: r.counter(
+                "vendgate_mqtt_subscriptions_refused_total",
+                "SUBSCRIBE filters answered 0x80 by a session's limits (mqtt.max_subscriptions, mqtt.machine_max_subscriptions, mqtt.max_subscription_bytes, the memory budget).",
+                &[],
+            ),
+            retained_refused: r.counter(
+                "vendgate_mqtt_retained_refused_total",
+                "Retained publishes not kept: over mqtt.max_retained, mqtt.max_retained_bytes or mqtt.max_retained_message_size, or a machine's payload that is not a JSON object.",
+                &[],
+            ),
+            log_lines_suppressed: r.counter(
+                "vendgate_mqtt_log_lines_suppressed_total",
+                "Refusal log lines not written because their source address logged too many already.",
+                &[],
+            ),
             connect_timeouts: r.counter(
                 "vendgate_mqtt_connect_timeouts_total",
                 "Connections closed for want of a TLS handshake and CONNECT within mqtt.connect_timeout.",
@@ -620,6 +638,14 @@ impl Metrics {
         s.connections.set(gw.hub.gate.live() as f64);
         s.rejected[0].absolute(l(&e.rejected_max_connections));
         s.rejected[1].absolute(l(&e.rejected_accept_rate));
+        s.rejected[2].absolute(l(&e.rejected_address_connections));
+        s.rejected[3].absolute(l(&e.rejected_address_rate));
+        s.subscriptions_refused
+            .absolute(l(&e.subscriptions_refused));
+        s.retained_refused
+            .absolute(l(&gw.hub.router.stats.retained_refused));
+        s.log_lines_suppressed
+            .absolute(l(&gw.hub.log_gate.suppressed));
         s.connect_timeouts.absolute(l(&e.connect_timeouts));
         s.tls_handshake_failures
             .absolute(l(&e.tls_handshake_failures));
