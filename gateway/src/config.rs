@@ -34,6 +34,8 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     /// Database connection pool (PostgreSQL).
     pub database: DatabaseSettings,
+    /// Bounds on argon2 password checks (dashboard and service logins).
+    pub argon2: Argon2Settings,
 }
 
 /// Cluster mode (docs/scale-out.md). The NATS client settings are chosen for
@@ -308,6 +310,61 @@ pub struct HttpSettings {
     pub allow_plaintext: bool,
     /// Set: `addr` serves HTTPS only.
     pub tls: Option<HttpTlsSettings>,
+    /// A request's headers must have arrived this soon after the connection
+    /// opened or its previous answer was sent (so also the keep-alive idle
+    /// limit); beyond, the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request (body included) must be answered this soon after its
+    /// headers arrived; beyond, the answer is 50000 (503 outside the API).
+    /// Must exceed `orders.accept_timeout` plus `cluster.owner_answer_slack`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Open connections (plain or TLS, handshakes included); beyond, a new
+    /// one is closed at once. 0 disables.
+    pub max_connections: usize,
+    /// Open connections from one source address (IPv6: one /64); beyond, a
+    /// new one is closed at once. 0 disables (behind a proxy every
+    /// connection has the proxy's address).
+    pub max_connections_per_address: usize,
+    /// A TLS handshake must be done this soon after the TCP accept.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; a connection that finds none free
+    /// waits for one within its `tls_handshake_timeout`.
+    pub max_tls_handshakes: usize,
+    /// Failed dashboard sign-ins (HTTP Basic) throttled per source address
+    /// and per username, like MQTT CONNECTs.
+    pub login_throttle: AuthThrottleSettings,
+}
+
+/// `[argon2]`: the password checks of dashboard sign-ins and `[[services]]`
+/// MQTT logins against argon2id hashes. Each kind has its own lane so a
+/// flood of one cannot delay the other; each lane runs `concurrency`
+/// checks at once (19 MiB each) with at most `max_waiting` more waiting.
+/// A login that finds the line full, or waits longer than its bound, is
+/// answered "busy" (dashboard 503, MQTT CONNACK 3) instead of queueing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Argon2Settings {
+    /// Checks running at once, per lane.
+    pub concurrency: usize,
+    /// Checks waiting for a slot, per lane.
+    pub max_waiting: usize,
+    /// Longest wait for a slot of a dashboard sign-in. An MQTT service login
+    /// waits at most `mqtt.connect_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for Argon2Settings {
+    fn default() -> Self {
+        Self {
+            concurrency: 1,
+            max_waiting: 8,
+            max_wait: Duration::from_secs(2),
+        }
+    }
 }
 
 /// `[http.tls]`: HTTPS on the HTTP listener. PEM files read at start-up.
@@ -476,6 +533,7 @@ impl Default for Settings {
             services: Vec::new(),
             cluster: ClusterSettings::default(),
             database: DatabaseSettings::default(),
+            argon2: Argon2Settings::default(),
         }
     }
 }
@@ -530,6 +588,19 @@ impl Default for HttpSettings {
             rate_burst: 400,
             allow_plaintext: false,
             tls: None,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_connections_per_address: 256,
+            tls_handshake_timeout: Duration::from_secs(5),
+            max_tls_handshakes: 256,
+            // One operator username: its limit is a limit on all guessing,
+            // so no lower than an operator mistyping a few times.
+            login_throttle: AuthThrottleSettings {
+                max_failures_per_address: 10,
+                max_failures_per_username: 10,
+                ..AuthThrottleSettings::default()
+            },
         }
     }
 }
@@ -607,10 +678,17 @@ pub enum ConfigError {
         "orders.request_timeout = {request_timeout:?} is below {least:?}: it must leave room for \
          orders.accept_timeout (+ cluster.owner_answer_slack in cluster mode) + 0.5 s"
     )]
-    RequestTimeout {
+    OrderRequestTimeout {
         request_timeout: Duration,
         least: Duration,
     },
+    #[error(
+        "http.request_timeout = {request:?} must be longer than orders.request_timeout \
+         ({order:?}), or order requests would be cut off before their own deadline"
+    )]
+    RequestTimeout { request: Duration, order: Duration },
+    #[error("{0} must be more than 0")]
+    ZeroTimeout(&'static str),
 }
 
 impl Settings {
@@ -652,14 +730,14 @@ impl Settings {
     /// `allow_plaintext` says so, and TLS sections without their files.
     /// `Gateway::build` calls it before binding anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let slack = if self.cluster.nats_urls.is_empty() {
-            Duration::ZERO
-        } else {
+        let slack = if self.cluster.enabled() {
             self.cluster.owner_answer_slack
+        } else {
+            Duration::ZERO
         };
         let least = self.orders.accept_timeout + slack + crate::orders::ANSWER_MARGIN;
         if self.orders.request_timeout < least {
-            return Err(ConfigError::RequestTimeout {
+            return Err(ConfigError::OrderRequestTimeout {
                 request_timeout: self.orders.request_timeout,
                 least,
             });
@@ -705,6 +783,26 @@ impl Settings {
             }
             if t.key.as_os_str().is_empty() {
                 return Err(ConfigError::MissingPem("mqtt.tls.key"));
+            }
+        }
+        // A POST /orders is answered within orders.request_timeout; the
+        // HTTP request timeout is a bound for stuck clients, not for orders.
+        let order = self.orders.request_timeout;
+        if self.http.request_timeout <= order {
+            return Err(ConfigError::RequestTimeout {
+                request: self.http.request_timeout,
+                order,
+            });
+        }
+        for (name, d) in [
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            (
+                "http.tls_handshake_timeout",
+                self.http.tls_handshake_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::ZeroTimeout(name));
             }
         }
         if let Some(t) = &self.http.tls {
@@ -928,6 +1026,51 @@ mod tests {
                 Settings::load(Some(Path::new("bad.toml")), &Overrides::default()),
                 Err(ConfigError::DenyFilter(_))
             ));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn http_bounds_load_from_file_and_env_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "v.toml",
+                r#"
+                [http]
+                header_read_timeout = "3s"
+                max_connections_per_address = 16
+                [http.login_throttle]
+                max_failures_per_username = 3
+                [argon2]
+                max_waiting = 2
+                "#,
+            )?;
+            jail.set_env("VENDGATE_HTTP__REQUEST_TIMEOUT", "20s");
+            jail.set_env("VENDGATE_HTTP__MAX_TLS_HANDSHAKES", "9");
+            jail.set_env("VENDGATE_ARGON2__MAX_WAIT", "500ms");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let h = &s.http;
+            assert_eq!(h.header_read_timeout, Duration::from_secs(3));
+            assert_eq!(h.request_timeout, Duration::from_secs(20));
+            assert_eq!(
+                (h.max_connections, h.max_connections_per_address),
+                (10_000, 16)
+            );
+            assert_eq!(h.max_tls_handshakes, 9);
+            assert_eq!(h.tls_handshake_timeout, Duration::from_secs(5));
+            assert_eq!(h.login_throttle.max_failures_per_username, 3);
+            assert_eq!(h.login_throttle.max_failures_per_address, 10);
+            assert_eq!(s.argon2.max_waiting, 2);
+            assert_eq!(s.argon2.max_wait, Duration::from_millis(500));
+            assert!(s.validate().is_ok());
+            jail.set_env("VENDGATE_HTTP__REQUEST_TIMEOUT", "3s");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let err = s
+                .validate()
+                .expect_err("request timeout inside accept timeout");
+            assert!(matches!(err, ConfigError::RequestTimeout { .. }), "{err}");
             Ok(())
         });
     }

@@ -13,6 +13,7 @@
 //! - [`storage`]: the storage trait and its SQLite implementation.
 //! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
 //! - [`passwords`]: argon2id verification of the human-chosen passwords in the configuration.
+//! - [`private_fs`]: owner-only modes for the data directory, database and key files.
 //! - [`provision`]: the `vendgate merchant|machine|service add/list/rotate-secret` commands.
 //! - [`http`]: the HTTP listener (plain or HTTPS).
 //! - [`tls`]: rustls server configurations from PEM files, client-certificate identity.
@@ -37,6 +38,7 @@ pub mod notifier;
 pub mod orders;
 pub mod passwords;
 pub mod presence;
+pub mod private_fs;
 pub mod provision;
 pub mod secrets;
 pub mod startup;

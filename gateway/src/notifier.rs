@@ -130,7 +130,12 @@ enum Failure {
     /// Retry later.
     Retry {
         http_status: Option<u16>,
+        /// What is stored and shown to the merchant (`last_error`, the
+        /// order timeline): a category, never a host name or an address,
+        /// which would tell the merchant about the gateway's network.
         error: String,
+        /// The full cause, for the gateway's own log.
+        detail: String,
         refused: bool,
     },
     /// Retrying cannot help until an operator acts (no notify_url, nothing
@@ -284,6 +289,7 @@ impl Notifier {
             Err(Failure::Retry {
                 http_status,
                 error,
+                detail,
                 refused,
             }) => {
                 self.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
@@ -294,10 +300,10 @@ impl Notifier {
                 match result {
                     AttemptResult::Dead => {
                         self.stats.dead.fetch_add(1, Ordering::Relaxed);
-                        warn!(event_id = %ev.event_id, appid = %ev.merchant_appid, attempts = ev.attempts + 1, error = %error, "webhook dead: retries exhausted");
+                        warn!(event_id = %ev.event_id, appid = %ev.merchant_appid, attempts = ev.attempts + 1, error = %error, %detail, "webhook dead: retries exhausted");
                     }
                     _ => {
-                        debug!(event_id = %ev.event_id, appid = %ev.merchant_appid, error = %error, "webhook attempt failed; will retry");
+                        debug!(event_id = %ev.event_id, appid = %ev.merchant_appid, error = %error, %detail, "webhook attempt failed; will retry");
                     }
                 }
                 Attempt {
@@ -346,7 +352,8 @@ impl Notifier {
         let url = target::check_url(url, self.settings.allow_private_targets).map_err(|e| {
             Failure::Retry {
                 http_status: None,
-                error: e.to_string(),
+                error: ErrorCategory::BlockedAddress.as_str().into(),
+                detail: e.to_string(),
                 refused: true,
             }
         })?;
@@ -378,33 +385,104 @@ impl Notifier {
         match sent {
             Err(_) => Err(Failure::Retry {
                 http_status: None,
-                error: format!("timed out after {}", humanize(timeout)),
+                error: ErrorCategory::Timeout.as_str().into(),
+                detail: format!("timed out after {}", humanize(timeout)),
                 refused: false,
             }),
             Ok(Err(e)) => {
                 let refused = refused_in(&e);
-                let error = match &refused {
-                    Some(r) => r.to_string(),
-                    None => error_chain(&e.without_url()),
+                let (category, detail) = match &refused {
+                    Some(r) => (ErrorCategory::BlockedAddress, r.to_string()),
+                    None => (ErrorCategory::of(&e), error_chain(&e.without_url())),
                 };
                 Err(Failure::Retry {
                     http_status: None,
-                    error,
+                    error: category.as_str().into(),
+                    detail,
                     refused: refused.is_some(),
                 })
             }
             Ok(Ok(status)) if (200..300).contains(&status) => Ok(status),
             Ok(Ok(status)) => Err(Failure::Retry {
                 http_status: Some(status),
-                error: if (300..400).contains(&status) {
-                    format!("HTTP {status} (redirects are not followed)")
-                } else {
-                    format!("HTTP {status}")
-                },
+                // Redirects are not followed: a 3xx is a failure too.
+                error: format!("http_{status}"),
+                detail: format!("HTTP {status}"),
                 refused: false,
             }),
         }
     }
+}
+
+/// What a failed attempt shows the merchant: a fixed word, never the
+/// client library's text (which names hosts and addresses), plus
+/// `http_{status}` for answers that were not 2xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCategory {
+    /// The target is not a public address (the SSRF guard), or no address.
+    BlockedAddress,
+    Timeout,
+    /// DNS, TCP or TLS did not get to a connection.
+    ConnectFailed,
+    /// The connection broke while sending or reading.
+    RequestFailed,
+}
+
+impl ErrorCategory {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BlockedAddress => "blocked_address",
+            Self::Timeout => "timeout",
+            Self::ConnectFailed => "connect_failed",
+            Self::RequestFailed => "request_failed",
+        }
+    }
+
+    fn of(e: &reqwest::Error) -> Self {
+        if e.is_timeout() {
+            Self::Timeout
+        } else if e.is_connect() {
+            Self::ConnectFailed
+        } else {
+            Self::RequestFailed
+        }
+    }
+}
+
+/// A stored `last_error` as the API shows it. Attempts recorded before
+/// errors were stored as categories hold the client's text, with host names
+/// and addresses in it; they are shown as their category.
+pub fn shown_error(stored: &str) -> String {
+    let known = [
+        ErrorCategory::BlockedAddress,
+        ErrorCategory::Timeout,
+        ErrorCategory::ConnectFailed,
+        ErrorCategory::RequestFailed,
+    ];
+    if known.iter().any(|c| c.as_str() == stored)
+        || stored
+            .strip_prefix("http_")
+            .is_some_and(|n| n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()))
+        || stored.starts_with("cannot sign: ")
+        || stored.starts_with("the merchant has no notify_url")
+    {
+        return stored.to_string();
+    }
+    if let Some(n) = stored
+        .strip_prefix("HTTP ")
+        .and_then(|r| r.get(..3))
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return format!("http_{n}");
+    }
+    let category = if stored.starts_with("refused target:") {
+        ErrorCategory::BlockedAddress
+    } else if stored.starts_with("timed out") {
+        ErrorCategory::Timeout
+    } else {
+        ErrorCategory::RequestFailed
+    };
+    category.as_str().to_string()
 }
 
 fn finished(
@@ -507,6 +585,32 @@ mod tests {
             signature("secret", 1_700_000_000, r#"{"a":1}"#),
             "t=1700000000,v1=49f24e537407743fa4a0242bb63b94b9a47ee99cbbe071ccd8a22550ae411686"
         );
+    }
+
+    #[test]
+    fn errors_are_shown_as_categories_never_hosts() {
+        for (stored, shown) in [
+            ("http_503", "http_503"),
+            ("connect_failed", "connect_failed"),
+            ("HTTP 500", "http_500"),
+            ("HTTP 302 (redirects are not followed)", "http_302"),
+            (
+                "refused target: billing.corp.internal resolves only to 10.0.0.7 (private)",
+                "blocked_address",
+            ),
+            ("timed out after 10s", "timeout"),
+            (
+                "error sending request: client error (Connect): tcp connect error: \
+                 Connection refused (os error 111) for billing.corp.internal",
+                "request_failed",
+            ),
+            (
+                "cannot sign: the merchant has no encrypted AppSecret",
+                "cannot sign: the merchant has no encrypted AppSecret",
+            ),
+        ] {
+            assert_eq!(shown_error(stored), shown, "{stored}");
+        }
     }
 
     #[test]

@@ -19,27 +19,152 @@
 //! start-up logs a warning naming the setting. A value that starts with
 //! `$argon2` but does not parse is an error, never a plaintext password.
 //!
-//! # Cost at run time
+//! # Cost at run time, and the waiting line
 //!
 //! One argon2id verification with the default parameters takes tens of
-//! milliseconds and 19 MiB. It runs on the blocking pool, at most
-//! [`ARGON2_CONCURRENCY`] at a time, so a burst of wrong passwords can use
-//! neither the async workers nor unbounded memory. After a success the
-//! password is remembered as a salted HMAC, so a service that reconnects (or
-//! an operator who logs in again) pays the argon2 cost once per process.
+//! milliseconds and 19 MiB. It runs on the blocking pool behind an
+//! [`Argon2Queue`]: a few checks at once, a short bounded waiting line, and a
+//! bound on the wait. A login that finds the line full or waits too long is
+//! answered [`Busy`] at once rather than queueing, so a burst of wrong
+//! passwords can use neither the async workers nor unbounded memory, and
+//! cannot make an honest login wait past its caller's deadline (an MQTT
+//! CONNECT's `connect_timeout`). Dashboard sign-ins and MQTT service logins
+//! have a queue each ([`Lane`]): a flood of one does not delay the other.
+//! The slot is held by the blocking task itself, so a caller that gives up
+//! (its future dropped) does not free a slot while its hash still runs.
+//!
+//! After a success the password is remembered as a salted HMAC, so a service
+//! that reconnects (or an operator who logs in again) pays the argon2 cost
+//! once per process, without queueing.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use tokio::sync::Semaphore;
 
+use crate::config::Argon2Settings;
 use crate::secrets::SecretHash;
 
-/// argon2 verifications running at once, process-wide (each holds 19 MiB).
-pub const ARGON2_CONCURRENCY: usize = 2;
-static ARGON2_SLOTS: Semaphore = Semaphore::const_new(ARGON2_CONCURRENCY);
+/// Which logins share an [`Argon2Queue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Operator sign-ins to the dashboard.
+    Dashboard,
+    /// `[[services]]` MQTT logins.
+    Service,
+}
+
+impl Lane {
+    pub const ALL: [Self; 2] = [Self::Dashboard, Self::Service];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dashboard => "dashboard",
+            Self::Service => "service",
+        }
+    }
+}
+
+/// No argon2 slot within the wait bound, or the waiting line is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("password checks are busy; try again shortly")]
+pub struct Busy;
+
+/// Counters of the argon2 queues, for metrics.
+#[derive(Debug, Default)]
+pub struct Argon2Stats {
+    /// Checks answered [`Busy`], by [`Lane`].
+    pub busy: [AtomicU64; 2],
+}
+
+/// Bounded argon2 verification for one [`Lane`] (see the module docs).
+#[derive(Debug)]
+pub struct Argon2Queue {
+    lane: Lane,
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    max_wait: Duration,
+    stats: Arc<Argon2Stats>,
+}
+
+/// Leaves the waiting line when dropped (a slot was found, or the wait ended).
+struct InLine<'a>(&'a AtomicUsize);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Argon2Queue {
+    /// A lane with `settings`' concurrency and line; its wait bound is
+    /// `max_wait` (the caller's deadline: the dashboard's `argon2.max_wait`,
+    /// an MQTT login's `connect_timeout`).
+    pub fn new(
+        lane: Lane,
+        settings: &Argon2Settings,
+        max_wait: Duration,
+        stats: Arc<Argon2Stats>,
+    ) -> Self {
+        Self {
+            lane,
+            slots: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+            waiting: AtomicUsize::new(0),
+            max_waiting: settings.max_waiting,
+            max_wait,
+            stats,
+        }
+    }
+
+    /// Verify `candidate` against `phc` on the blocking pool once a slot is
+    /// free; [`Busy`] when none is within the bounds.
+    async fn verify(&self, phc: Arc<str>, candidate: &str) -> Result<bool, Busy> {
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    return Err(self.busy());
+                }
+                let _in_line = InLine(&self.waiting);
+                match tokio::time::timeout(self.max_wait, self.slots.clone().acquire_owned()).await
+                {
+                    Ok(Ok(slot)) => slot,
+                    // Timed out, or (never: it is not closed) the semaphore closed.
+                    _ => return Err(self.busy()),
+                }
+            }
+        };
+        let owned = candidate.to_owned();
+        let ok = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            verify_phc(&phc, &owned)
+        })
+        .await
+        .unwrap_or(false);
+        Ok(ok)
+    }
+
+    fn busy(&self) -> Busy {
+        self.stats.busy[self.lane as usize].fetch_add(1, Ordering::Relaxed);
+        Busy
+    }
+}
+
+/// The queue of passwords parsed without one (the CLI, unit tests).
+static DEFAULT_QUEUE: LazyLock<Arc<Argon2Queue>> = LazyLock::new(|| {
+    Arc::new(Argon2Queue::new(
+        Lane::Service,
+        &Argon2Settings::default(),
+        Duration::from_secs(5),
+        Arc::default(),
+    ))
+});
 
 /// Shortest password `hash-password` accepts (the dashboard's minimum, which
 /// can no longer be checked once only the hash is configured).
@@ -69,6 +194,8 @@ pub struct ConfigPassword {
     /// The last candidate that verified against an argon2 hash, as an HMAC
     /// under a fresh salt (see the module docs).
     remembered: Mutex<Option<SecretHash>>,
+    /// Where argon2 checks of this password wait for a slot.
+    queue: Arc<Argon2Queue>,
 }
 
 enum Kind {
@@ -93,7 +220,14 @@ impl ConfigPassword {
         Ok(Self {
             kind,
             remembered: Mutex::new(None),
+            queue: DEFAULT_QUEUE.clone(),
         })
+    }
+
+    /// Check this password's argon2 candidates through `queue` (its lane).
+    pub fn queued(mut self, queue: Arc<Argon2Queue>) -> Self {
+        self.queue = queue;
+        self
     }
 
     /// Whether the configured value is a hash (false: plaintext, warn).
@@ -101,32 +235,32 @@ impl ConfigPassword {
         matches!(self.kind, Kind::Argon2(_))
     }
 
-    /// Whether `candidate` is the password. Constant-time for plaintext; for
-    /// a hash, remembered successes are constant-time HMAC checks and
-    /// anything else is a full argon2 verification on the blocking pool.
+    /// Whether `candidate` is the password; false also when the check was
+    /// [`Busy`] (see [`Self::check`]).
     pub async fn verify(&self, candidate: &str) -> bool {
+        self.check(candidate).await.unwrap_or(false)
+    }
+
+    /// Whether `candidate` is the password, or [`Busy`] when its argon2
+    /// check found no slot within the queue's bounds. Constant-time for
+    /// plaintext; for a hash, remembered successes are constant-time HMAC
+    /// checks and anything else is a full argon2 verification on the
+    /// blocking pool.
+    pub async fn check(&self, candidate: &str) -> Result<bool, Busy> {
         let phc = match &self.kind {
-            Kind::Plain(h) => return h.verify(candidate),
+            Kind::Plain(h) => return Ok(h.verify(candidate)),
             Kind::Argon2(phc) => phc.clone(),
         };
         if self.remembered_matches(candidate) {
-            return true;
+            return Ok(true);
         }
-        // The semaphore is never closed, so acquiring fails only in theory;
-        // refusing the login is the safe answer then.
-        let Ok(_slot) = ARGON2_SLOTS.acquire().await else {
-            return false;
-        };
-        let owned = candidate.to_owned();
-        let ok = tokio::task::spawn_blocking(move || verify_phc(&phc, &owned))
-            .await
-            .unwrap_or(false);
+        let ok = self.queue.verify(phc, candidate).await?;
         if ok {
             if let Ok(mut r) = self.remembered.lock() {
                 *r = Some(SecretHash::new(candidate));
             }
         }
-        ok
+        Ok(ok)
     }
 
     fn remembered_matches(&self, candidate: &str) -> bool {
@@ -223,6 +357,66 @@ mod tests {
         assert!(p.verify("hunter2hunter2").await);
         assert!(!p.verify("hunter2hunter").await);
         assert_eq!(format!("{p:?}"), "ConfigPassword(plaintext)");
+    }
+
+    #[tokio::test]
+    async fn a_full_line_answers_busy_at_once_and_a_long_wait_times_out() {
+        let settings = Argon2Settings {
+            concurrency: 1,
+            max_waiting: 1,
+            max_wait: Duration::from_secs(60),
+        };
+        let stats = Arc::new(Argon2Stats::default());
+        let queue = Arc::new(Argon2Queue::new(
+            Lane::Dashboard,
+            &settings,
+            Duration::from_secs(60),
+            stats.clone(),
+        ));
+        let p = Arc::new(
+            ConfigPassword::parse(&hash_password("correct horse battery").unwrap())
+                .unwrap()
+                .queued(queue.clone()),
+        );
+        // Hold the only slot, then fill the line of one.
+        let held = queue.slots.clone().acquire_owned().await.unwrap();
+        let waiter = tokio::spawn({
+            let p = p.clone();
+            async move { p.check("correct horse battery").await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while queue.waiting.load(Ordering::Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the waiter queues");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(p.check("wrong password here").await, Err(Busy), "line full");
+        assert_eq!(
+            stats.busy[Lane::Dashboard as usize].load(Ordering::Relaxed),
+            1
+        );
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Ok(true), "the waiter gets the slot");
+        // Remembered now: no slot needed even while one is held.
+        let _held = queue.slots.clone().acquire_owned().await.unwrap();
+        assert_eq!(p.check("correct horse battery").await, Ok(true));
+
+        // A wait longer than the bound is Busy, not a wrong password.
+        let short = Arc::new(Argon2Queue::new(
+            Lane::Service,
+            &settings,
+            Duration::from_millis(50),
+            stats.clone(),
+        ));
+        let q = ConfigPassword::parse(&hash_password("correct horse battery").unwrap())
+            .unwrap()
+            .queued(short.clone());
+        let _held = short.slots.clone().acquire_owned().await.unwrap();
+        assert_eq!(q.check("correct horse battery").await, Err(Busy));
+        assert!(!q.verify("correct horse battery").await, "busy reads as no");
+        assert_eq!(
+            stats.busy[Lane::Service as usize].load(Ordering::Relaxed),
+            2
+        );
     }
 
     #[test]

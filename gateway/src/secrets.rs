@@ -355,7 +355,7 @@ impl WebhookKey {
             Err(e) => return Err(io_err(e)),
         }
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
+            crate::private_fs::create_dir(dir).map_err(io_err)?;
         }
         let key = random_key();
         let tmp = path.with_extension(format!("tmp-{}", random_lower_alnum(8)));

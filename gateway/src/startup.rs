@@ -21,7 +21,7 @@ use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub, UplinkForwarder};
 use crate::notifier::{machine_event, Notifier};
 use crate::orders::{OrderService, OrderUplinks};
-use crate::passwords::ConfigPassword;
+use crate::passwords::{Argon2Queue, ConfigPassword, Lane};
 use crate::presence::{MachinePresence, PresenceRegistry};
 use crate::secrets::WebhookKey;
 use crate::storage::{self, PresenceChange, PresenceWrite, Storage};
@@ -163,6 +163,18 @@ impl Gateway {
         let presence = Arc::new(PresenceRegistry::new());
         let pings = Arc::new(PingTable::default());
         let uplinks = Arc::new(DeviceUplinks::new(presence.clone(), pings.clone()));
+        let node = settings
+            .cluster
+            .enabled()
+            .then(|| crate::cluster::node_id(&settings.cluster.node_id));
+        let metrics = Arc::new(crate::metrics::Metrics::for_node(node.as_deref()));
+        // Service logins wait for an argon2 slot within the CONNECT deadline.
+        let service_queue = Arc::new(Argon2Queue::new(
+            Lane::Service,
+            &settings.argon2,
+            settings.mqtt.connect_timeout,
+            metrics.argon2.clone(),
+        ));
         let mut services = Vec::with_capacity(settings.services.len());
         for c in &settings.services {
             if c.username.bytes().all(|b| b.is_ascii_digit()) {
@@ -172,7 +184,8 @@ impl Gateway {
                 );
             }
             let password = ConfigPassword::parse(&c.password)
-                .with_context(|| format!("[[services]] {:?} password", c.username))?;
+                .with_context(|| format!("[[services]] {:?} password", c.username))?
+                .queued(service_queue.clone());
             if !password.is_hashed() {
                 warn!(
                     username = %c.username,
@@ -181,11 +194,6 @@ impl Gateway {
             }
             services.push((c.username.clone(), password));
         }
-        let node = settings
-            .cluster
-            .enabled()
-            .then(|| crate::cluster::node_id(&settings.cluster.node_id));
-        let metrics = Arc::new(crate::metrics::Metrics::for_node(node.as_deref()));
         let auth = Authenticator::new(store.clone(), services)
             .count_previous_secret_uses(metrics.previous_secrets.clone());
         let hub = Arc::new(Hub::new(
@@ -334,20 +342,14 @@ impl Gateway {
             let shutdown = h.shutdown.clone();
             let app = crate::http::router(h.clone(), h.orders.clone());
             let listener = self.http;
+            let (l, tls) = match listener {
+                HttpListener::Plain(l) => (l, None),
+                HttpListener::Tls(l, config) => (l, Some(config)),
+            };
+            let settings = h.settings.clone();
+            let stats = h.metrics.http.clone();
             tokio::spawn(async move {
-                match listener {
-                    HttpListener::Plain(l) => {
-                        axum::serve(l, app)
-                            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                            .await
-                    }
-                    HttpListener::Tls(l, config) => {
-                        let l = crate::http::tls::TlsListener::spawn(l, config, shutdown.clone())?;
-                        axum::serve(l, app)
-                            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                            .await
-                    }
-                }
+                crate::http::serve::serve(l, app, &settings.http, tls, stats, shutdown).await
             })
         };
 

@@ -322,7 +322,7 @@ async fn failed_attempts_are_retried_until_a_2xx() {
     let attempts = gw.handle.store.order_webhook_attempts(id).await.unwrap();
     let recorded: Vec<Option<u16>> = attempts.iter().map(|a| a.http_status).collect();
     assert_eq!(recorded, [Some(500), Some(500), Some(500), Some(200)]);
-    assert_eq!(attempts[0].error.as_deref(), Some("HTTP 500"));
+    assert_eq!(attempts[0].error.as_deref(), Some("http_500"));
     assert!(attempts.iter().all(|a| a.event_id == event_id));
 
     let list = events(&api, "?status=delivered").await;
@@ -539,7 +539,7 @@ async fn dead_letters_are_listed_and_replayed() {
         .unwrap_or_else(|| panic!("never dead: {dead}"));
     assert_eq!(ev["type"], "order.completed");
     assert_eq!(ev["status"], "dead");
-    assert_eq!(ev["last_error"], "HTTP 500");
+    assert_eq!(ev["last_error"], "http_500");
     assert!(ev["attempts"].as_u64().unwrap_or(0) >= 2, "{ev}");
     assert!(ev.get("next_attempt_at").is_none());
     let event_id = ev["event_id"].as_str().unwrap().to_string();
@@ -565,10 +565,7 @@ async fn dead_letters_are_listed_and_replayed() {
     assert_eq!(down_ev["type"], "machine.online");
     assert_eq!(down_ev["machine_no"], M2);
     let err = down_ev["last_error"].as_str().unwrap_or("");
-    assert!(
-        err.contains("onnect") || err.contains("refused"),
-        "connection error expected: {err}"
-    );
+    assert_eq!(err, "connect_failed", "a category, no address");
     assert!(!err.contains(&down.to_string()), "URL left out: {err}");
 
     // Replay rules: only your own, only dead ones.
@@ -762,10 +759,7 @@ async fn private_targets_are_refused_at_delivery() {
     let _s1 = ready_sim(&gw, sim_config(&gw, M1, &ms1)).await;
     let _s2 = ready_sim(&gw, sim_config(&gw, M2, &ms2)).await;
 
-    for (appid, want) in [
-        (&literal, "refused target: 127.0.0.1 is a loopback address"),
-        (&named, "refused target: localhost resolves only to"),
-    ] {
+    for (appid, want) in [(&literal, "blocked_address"), (&named, "blocked_address")] {
         let store = gw.handle.store.clone();
         let appid = appid.clone();
         vendgate_e2e::wait_until_async("refused events go dead", || {
@@ -784,7 +778,8 @@ async fn private_targets_are_refused_at_delivery() {
             .await
             .unwrap();
         let err = dead[0].last_error.clone().unwrap_or_default();
-        assert!(err.starts_with(want), "{appid}: {err}");
+        // A category only: the addresses are in the gateway's log.
+        assert_eq!(err, want, "{appid}");
     }
     assert!(rx.hits().is_empty(), "nothing reached the private address");
     assert!(

@@ -330,7 +330,8 @@ async fn get_order(
             (
                 a.at,
                 json!({ "at": rfc3339(Some(a.at)), "type": "webhook", "detail": {
-                    "event_id": a.event_id, "event": a.kind, "http_status": a.http_status, "error": a.error } }),
+                    "event_id": a.event_id, "event": a.kind, "http_status": a.http_status,
+                    "error": a.error.as_deref().map(crate::notifier::shown_error) } }),
             )
         })),
         Err(_) => return err(&s, ErrorCode::Internal),

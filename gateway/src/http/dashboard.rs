@@ -12,14 +12,23 @@
 //! configured as an argon2id hash (`vendgate hash-password`, see
 //! [`crate::passwords`]) or, with a warning, in plaintext. A successful Basic
 //! login also sets an HttpOnly session cookie so the page's own requests do
-//! not depend on how a browser replays Basic credentials. Without a
-//! configured credential the dashboard is refused with a message saying so.
+//! not depend on how a browser replays Basic credentials (`Secure` when the
+//! listener is HTTPS). Without a configured credential the dashboard is
+//! refused with a message saying so.
+//!
+//! Sign-ins are guarded like MQTT CONNECTs: failed ones are throttled per
+//! source address and per username (`http.login_throttle`; 429 while
+//! blocked), and argon2 checks wait in the dashboard's own bounded queue
+//! (`[argon2]`; 503 "busy" when it is full), so guessing costs the guesser
+//! time and cannot delay MQTT service logins.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -35,11 +44,13 @@ use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 use vendgate_proto::codes::ErrorCode;
 
+use super::limits::HttpStats;
+use crate::edge::limits::AuthThrottle;
 use crate::metrics::edge::{Direction, PATTERNS};
 use crate::metrics::orders::OUTCOMES;
 use crate::metrics::webhooks::DeliveryResult;
 use crate::metrics::{Metrics, FLAP_THRESHOLD};
-use crate::passwords::ConfigPassword;
+use crate::passwords::{Argon2Queue, Busy, ConfigPassword, Lane};
 use crate::startup::GatewayHandle;
 
 const INDEX_HTML: &str = include_str!("../../assets/dashboard.html");
@@ -68,6 +79,11 @@ struct DashState {
     /// The operator password, parsed once; Err says why the dashboard is
     /// refused.
     password: Result<Arc<ConfigPassword>, String>,
+    /// Failed sign-ins per source address and per username.
+    throttle: Arc<AuthThrottle>,
+    stats: Arc<HttpStats>,
+    /// Served over HTTPS: the session cookie is `Secure`.
+    tls: bool,
 }
 
 /// The dashboard's routes (full paths, to merge into the HTTP router).
@@ -81,6 +97,9 @@ pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
         Ok(_) => {}
     }
     let state = DashState {
+        throttle: Arc::new(AuthThrottle::new(gw.settings.http.login_throttle.clone())),
+        stats: gw.metrics.http.clone(),
+        tls: gw.settings.http.tls.is_some(),
         gw,
         sessions: Arc::new(DashMap::new()),
         password,
@@ -111,8 +130,15 @@ fn operator_password(gw: &GatewayHandle) -> Result<Arc<ConfigPassword>, String> 
                     (or VENDGATE_OPERATOR__USERNAME / VENDGATE_OPERATOR__PASSWORD)"
             .into());
     }
+    let queue = Argon2Queue::new(
+        Lane::Dashboard,
+        &gw.settings.argon2,
+        gw.settings.argon2.max_wait,
+        gw.metrics.argon2.clone(),
+    );
     let password = ConfigPassword::parse(&op.password)
-        .map_err(|e| format!("dashboard disabled: [operator] password: {e}"))?;
+        .map_err(|e| format!("dashboard disabled: [operator] password: {e}"))?
+        .queued(Arc::new(queue));
     if !password.is_hashed() && op.password.chars().count() < MIN_PASSWORD {
         return Err(format!(
             "dashboard disabled: [operator] password must have at least {MIN_PASSWORD} characters"
@@ -130,34 +156,34 @@ fn same(a: &str, b: &str) -> bool {
     digest(a).ct_eq(&digest(b)).into()
 }
 
-/// The credential of an `Authorization: Basic …` header matches the operator's.
-async fn basic_ok(gw: &GatewayHandle, password: &ConfigPassword, headers: &HeaderMap) -> bool {
-    let Some(v) = headers
+/// The username and password of an `Authorization: Basic …` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let v = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some(b64) = v
+        .and_then(|v| v.to_str().ok())?;
+    let b64 = v
         .strip_prefix("Basic ")
-        .or_else(|| v.strip_prefix("basic "))
-    else {
-        return false;
-    };
-    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
-        return false;
-    };
-    let Ok(text) = String::from_utf8(raw) else {
-        return false;
-    };
-    let Some((user, pass)) = text.split_once(':') else {
-        return false;
-    };
+        .or_else(|| v.strip_prefix("basic "))?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (user, pass) = text.split_once(':')?;
+    Some((user.to_string(), pass.to_string()))
+}
+
+/// The credential matches the operator's, or the password check was busy.
+async fn credential_ok(
+    gw: &GatewayHandle,
+    password: &ConfigPassword,
+    user: &str,
+    pass: &str,
+) -> Result<bool, Busy> {
     let op = &gw.settings.operator;
     // Both compared, always, so timing does not tell which one was wrong.
     let u = same(user, &op.username);
-    let p = password.verify(pass).await;
-    u & p
+    let p = password.check(pass).await?;
+    Ok(u & p)
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
@@ -206,7 +232,9 @@ fn new_session(state: &DashState) -> String {
 }
 
 /// Middleware: the operator credential or a session from it; 503 with the
-/// reason when no usable credential is configured.
+/// reason when no usable credential is configured. A sign-in from a blocked
+/// address or for a blocked username answers 429 without checking the
+/// password; one whose check found the argon2 queue full answers 503.
 async fn require_operator(State(state): State<DashState>, req: Request, next: Next) -> Response {
     let password = match &state.password {
         Ok(p) => p.clone(),
@@ -215,24 +243,79 @@ async fn require_operator(State(state): State<DashState>, req: Request, next: Ne
     if session_ok(&state, req.headers()) {
         return secure(next.run(req).await);
     }
-    if basic_ok(&state.gw, &password, req.headers()).await {
-        let token = new_session(&state);
-        info!("operator signed in to the dashboard");
-        let mut res = secure(next.run(req).await);
-        let cookie = format!(
-            "{COOKIE}={token}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}",
-            SESSION_TTL.as_secs()
+    let Some((user, pass)) = basic_credentials(req.headers()) else {
+        return unauthorized();
+    };
+    // Requests built without a socket (tests) have no peer: one shared key.
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    if let Some(scope) = state
+        .throttle
+        .check(ip, Some(&user), std::time::Instant::now())
+    {
+        state.stats.login_throttled[scope as usize].fetch_add(1, Ordering::Relaxed);
+        let retry = state
+            .gw
+            .settings
+            .http
+            .login_throttle
+            .cooldown
+            .as_secs()
+            .max(1);
+        return retry_after(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed sign-ins; try again later",
+            retry,
         );
-        if let Ok(v) = HeaderValue::from_str(&cookie) {
-            res.headers_mut().append(header::SET_COOKIE, v);
-        }
-        return res;
     }
+    match credential_ok(&state.gw, &password, &user, &pass).await {
+        Ok(true) => {}
+        Ok(false) => {
+            state
+                .throttle
+                .failed(ip, Some(&user), std::time::Instant::now());
+            state.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(%ip, username = %user, "dashboard sign-in failed");
+            return unauthorized();
+        }
+        Err(Busy) => {
+            return retry_after(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sign-in is busy; try again shortly",
+                1,
+            )
+        }
+    }
+    state.throttle.succeeded(ip, &user);
+    let token = new_session(&state);
+    info!("operator signed in to the dashboard");
+    let mut res = secure(next.run(req).await);
+    let cookie = format!(
+        "{COOKIE}={token}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        SESSION_TTL.as_secs(),
+        if state.tls { "; Secure" } else { "" },
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        res.headers_mut().append(header::SET_COOKIE, v);
+    }
+    res
+}
+
+fn unauthorized() -> Response {
     let mut res = (StatusCode::UNAUTHORIZED, "operator credential required").into_response();
     res.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Basic realm=\"vendgate dashboard\", charset=\"UTF-8\""),
     );
+    res
+}
+
+fn retry_after(status: StatusCode, why: &'static str, secs: u64) -> Response {
+    let mut res = (status, why).into_response();
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     res
 }
 

@@ -39,7 +39,7 @@ fn event_json(e: &OutboxEntry) -> Value {
         "type": e.kind,
         "status": e.status.as_str(),
         "attempts": e.attempts,
-        "last_error": e.last_error,
+        "last_error": e.last_error.as_deref().map(crate::notifier::shown_error),
         "created_at": rfc3339(Some(e.created_at)),
         "next_attempt_at": rfc3339(e.next_attempt_at),
         "delivered_at": rfc3339(e.delivered_at),

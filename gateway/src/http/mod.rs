@@ -7,14 +7,18 @@
 //! - `events`: the merchant's webhook events (list, replay).
 //! - `ops`: `/metrics`, `/healthz`, `/readyz`, the admin listener.
 //! - `dashboard`: the operator dashboard and its JSON endpoints.
-//! - `tls`: the HTTPS listener (`[http.tls]`).
+//! - `serve`: the accept loop and connections of the HTTP listeners.
+//! - `limits`: connection caps and the request deadline.
+//! - `tls`: the bounded TLS handshake of the HTTPS listener (`[http.tls]`).
 
 mod api;
 pub mod dashboard;
 pub mod envelope;
 mod events;
+pub mod limits;
 pub mod ops;
 mod rate;
+pub mod serve;
 pub mod tls;
 
 use std::sync::Arc;
@@ -50,6 +54,15 @@ pub fn router(gw: GatewayHandle, orders: Arc<OrderService>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.gw.clone(),
             ops::track_order_requests,
+        ))
+        // Outermost, so the deadline covers the order middleware too.
+        .layer(axum::middleware::from_fn_with_state(
+            limits::TimeoutState {
+                timeout: state.gw.settings.http.request_timeout,
+                mode: state.gw.settings.http.http_status,
+                stats: state.gw.metrics.http.clone(),
+            },
+            limits::request_timeout,
         ))
         .with_state(state)
 }

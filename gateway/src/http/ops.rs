@@ -152,13 +152,15 @@ impl AdminListener {
     /// Serve `/metrics`, `/healthz` and `/readyz` until shutdown.
     pub fn spawn(self, gw: GatewayHandle) -> JoinHandle<()> {
         let shutdown = gw.shutdown.clone();
+        let settings = gw.settings.clone();
+        let stats = gw.metrics.http.clone();
         let app: Router = routes(gw, true);
         info!(addr = %self.addr, "metrics listener running");
+        // The same connection bounds as the API listener.
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(self.listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
-            {
+            let served =
+                super::serve::serve(self.listener, app, &settings.http, None, stats, shutdown);
+            if let Err(e) = served.await {
                 error!(error = %e, "metrics listener failed");
             }
         })

@@ -1,98 +1,76 @@
-//! HTTPS for the HTTP listener: an `axum::serve::Listener` that hands axum
-//! only connections whose TLS handshake finished. Handshakes run on tasks of
-//! their own, bounded in number and in time, so a peer that opens a socket
-//! and says nothing cannot stall the accept loop for everyone else.
+//! HTTPS for the HTTP listener: the TLS handshake of one accepted
+//! connection, bounded in time and in how many run at once.
+//!
+//! The handshake slot is taken *after* the TCP accept, on the connection's
+//! own task, and the wait for it counts against the same deadline as the
+//! handshake: a peer that connects and says nothing holds one slot for at
+//! most `http.tls_handshake_timeout`, never the accept loop, and (with the
+//! per-address connection cap in front) one address cannot hold them all.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
-/// A TLS handshake must finish this soon after the TCP accept.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; further connections wait in the kernel's
-/// accept backlog.
-const MAX_HANDSHAKES: usize = 256;
+use super::limits::HttpStats;
 
-type Accepted = (TlsStream<TcpStream>, SocketAddr);
-
-/// Completed TLS connections of one HTTPS listener.
-pub struct TlsListener {
-    rx: mpsc::Receiver<Accepted>,
-    addr: SocketAddr,
+/// The TLS side of one HTTPS listener.
+#[derive(Clone)]
+pub struct Handshakes {
+    acceptor: TlsAcceptor,
+    slots: Arc<Semaphore>,
+    timeout: std::time::Duration,
+    stats: Arc<HttpStats>,
 }
 
-impl TlsListener {
-    /// Start accepting on `listener` until `shutdown` fires.
-    pub fn spawn(
-        listener: TcpListener,
+impl Handshakes {
+    pub fn new(
         config: Arc<rustls::ServerConfig>,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
-        let (tx, rx) = mpsc::channel(MAX_HANDSHAKES);
-        let acceptor = TlsAcceptor::from(config);
-        let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    p = permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => return,
-                    },
-                };
-                let (tcp, peer) = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = listener.accept() => match r {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            warn!(error = %e, "HTTPS accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => {
-                            let _ = tx.send((s, peer)).await;
-                        }
-                        Ok(Err(e)) => debug!(%peer, error = %e, "HTTPS handshake failed"),
-                        Err(_) => debug!(%peer, "HTTPS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self { rx, addr })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(a) => a,
-            // The acceptor stopped (shutdown): nothing more will come, and
-            // axum's graceful shutdown ends the serve loop.
-            None => std::future::pending().await,
+        max: usize,
+        timeout: std::time::Duration,
+        stats: Arc<HttpStats>,
+    ) -> Self {
+        Self {
+            acceptor: TlsAcceptor::from(config),
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            timeout,
+            stats,
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.addr)
+    /// Run the handshake of `tcp`; None (counted) when it fails or does not
+    /// finish, slot wait included, within the timeout.
+    pub async fn accept(&self, tcp: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
+        let deadline = Instant::now() + self.timeout;
+        let done = tokio::time::timeout_at(deadline, async {
+            let _slot = self.slots.acquire().await.ok()?;
+            Some(self.acceptor.accept(tcp).await)
+        })
+        .await;
+        match done {
+            Ok(Some(Ok(s))) => Some(s),
+            Ok(Some(Err(e))) => {
+                debug!(%peer, error = %e, "HTTPS handshake failed");
+                self.stats
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            // The semaphore is never closed; None cannot happen.
+            Ok(None) => None,
+            Err(_) => {
+                debug!(%peer, "HTTPS handshake timed out");
+                self.stats
+                    .tls_handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
     }
 }

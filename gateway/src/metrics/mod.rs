@@ -108,6 +108,15 @@ struct Series {
     oversized_packets: Counter,
     auth_throttled: [Counter; 2],
     http_rate_limited: Counter,
+    http_connections: Gauge,
+    http_rejected: [Counter; 2],
+    http_header_timeouts: Counter,
+    http_request_timeouts: Counter,
+    http_tls_handshake_timeouts: Counter,
+    http_tls_handshake_failures: Counter,
+    dashboard_login_failures: Counter,
+    dashboard_login_throttled: [Counter; 2],
+    argon2_busy: [Counter; 2],
     machines_online: Gauge,
     machines_provisioned: Gauge,
     machines_flapping: Gauge,
@@ -249,6 +258,10 @@ pub struct Metrics {
     /// Open API requests refused with 10003 (any endpoint, not only
     /// `POST /orders`, which `order_requests` also counts by code).
     pub http_rate_limited: AtomicU64,
+    /// The HTTP listeners' bounds and the dashboard's sign-in throttle.
+    pub http: Arc<crate::http::limits::HttpStats>,
+    /// Logins answered busy by the argon2 queues.
+    pub argon2: Arc<crate::passwords::Argon2Stats>,
 }
 
 impl Default for Metrics {
@@ -413,6 +426,57 @@ impl Metrics {
                 "Open API requests refused with 10003 by the per-merchant rate limit.",
                 &[],
             ),
+            http_connections: r.gauge(
+                "vendgate_http_connections",
+                "Open HTTP connections (API and admin listeners, TLS handshakes included).",
+                &[],
+            ),
+            http_rejected: crate::http::limits::ConnRejection::ALL.map(|why| {
+                r.counter(
+                    "vendgate_http_connections_rejected_total",
+                    "New HTTP connections closed at once by a connection cap, by reason.",
+                    &[("reason", why.as_str())],
+                )
+            }),
+            http_header_timeouts: r.counter(
+                "vendgate_http_header_timeouts_total",
+                "HTTP connections closed because request headers did not arrive within http.header_read_timeout (slow or idle clients).",
+                &[],
+            ),
+            http_request_timeouts: r.counter(
+                "vendgate_http_request_timeouts_total",
+                "HTTP requests answered 50000/503 because they ran past http.request_timeout.",
+                &[],
+            ),
+            http_tls_handshake_timeouts: r.counter(
+                "vendgate_http_tls_handshake_timeouts_total",
+                "HTTPS connections closed because the TLS handshake (slot wait included) took longer than http.tls_handshake_timeout.",
+                &[],
+            ),
+            http_tls_handshake_failures: r.counter(
+                "vendgate_http_tls_handshake_failures_total",
+                "Failed TLS handshakes on the HTTPS listener.",
+                &[],
+            ),
+            dashboard_login_failures: r.counter(
+                "vendgate_dashboard_login_failures_total",
+                "Dashboard sign-ins with a wrong username or password.",
+                &[],
+            ),
+            dashboard_login_throttled: crate::edge::limits::ThrottleScope::ALL.map(|scope| {
+                r.counter(
+                    "vendgate_dashboard_login_throttled_total",
+                    "Dashboard sign-ins refused (429) by failed-login throttling, by the key that was blocked.",
+                    &[("scope", scope.as_str())],
+                )
+            }),
+            argon2_busy: crate::passwords::Lane::ALL.map(|lane| {
+                r.counter(
+                    "vendgate_argon2_busy_total",
+                    "Logins answered busy because no argon2 slot was free within the bounds, by lane.",
+                    &[("lane", lane.as_str())],
+                )
+            }),
             machines_online: r.gauge("vendgate_machines_online", "Machines online now.", &[]),
             machines_provisioned: r.gauge(
                 "vendgate_machines_provisioned",
@@ -514,6 +578,8 @@ impl Metrics {
             started: std::time::Instant::now(),
             order_requests: Default::default(),
             http_rate_limited: AtomicU64::new(0),
+            http: Arc::default(),
+            argon2: Arc::default(),
             order_request_duration,
             accept_latency,
             dispense_duration,
@@ -654,6 +720,25 @@ impl Metrics {
             c.absolute(l(a));
         }
         s.http_rate_limited.absolute(l(&self.http_rate_limited));
+        let h = &self.http;
+        s.http_connections
+            .set(h.connections.load(Ordering::Relaxed) as f64);
+        for (c, a) in s.http_rejected.iter().zip(&h.rejected) {
+            c.absolute(l(a));
+        }
+        s.http_header_timeouts.absolute(l(&h.header_timeouts));
+        s.http_request_timeouts.absolute(l(&h.request_timeouts));
+        s.http_tls_handshake_timeouts
+            .absolute(l(&h.tls_handshake_timeouts));
+        s.http_tls_handshake_failures
+            .absolute(l(&h.tls_handshake_failures));
+        s.dashboard_login_failures.absolute(l(&h.login_failures));
+        for (c, a) in s.dashboard_login_throttled.iter().zip(&h.login_throttled) {
+            c.absolute(l(a));
+        }
+        for (c, a) in s.argon2_busy.iter().zip(&self.argon2.busy) {
+            c.absolute(l(a));
+        }
 
         let p = Self::presence_counts(gw);
         s.machines_online.set(p.online as f64);

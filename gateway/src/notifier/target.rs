@@ -47,6 +47,13 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
         // 100.64.0.0/10, carrier-grade NAT: internal to a provider.
         Some("shared (CGNAT)")
+    } else if o[..3] == [192, 0, 0] {
+        // 192.0.0.0/24, IETF protocol assignments: DS-Lite and NAT64
+        // gateways (192.0.0.0/29, 192.0.0.170/171) sit here.
+        Some("IETF protocol assignment")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        // 198.18.0.0/15, benchmarking: used inside data centres and labs.
+        Some("benchmarking")
     } else if ip.is_multicast() || o[0] >= 240 {
         // Multicast, 240/4 reserved, and the broadcast address.
         Some("multicast or reserved")
@@ -75,9 +82,19 @@ fn forbidden_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("private (site-local)")
     } else if (s[0] & 0xff00) == 0xff00 {
         Some("multicast or reserved")
-    } else if s[..6] == [0; 6] || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) {
-        // IPv4-compatible ::a.b.c.d (deprecated) and NAT64 64:ff9b::a.b.c.d
-        // carry an IPv4 address that a translator would connect to.
+    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        // 64:ff9b:1::/48, NAT64 for local use (RFC 8215): its translator is
+        // the operator's own, and where the IPv4 address sits in it depends
+        // on a prefix length we cannot know, so none of it is allowed.
+        Some("NAT64 (local use)")
+    } else if s[..6] == [0; 6]
+        || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4])
+        || (s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0)
+    {
+        // IPv4-compatible ::a.b.c.d (deprecated), NAT64 64:ff9b::a.b.c.d
+        // and IPv4-translated ::ffff:0:a.b.c.d (SIIT) carry an IPv4 address
+        // that a translator would connect to. (IPv4-mapped ::ffff:a.b.c.d
+        // is judged above.)
         let v4 = Ipv4Addr::new(
             (s[6] >> 8) as u8,
             (s[6] & 0xff) as u8,
@@ -242,8 +259,51 @@ mod tests {
             ("64:ff9b::169.254.169.254", Some("metadata")),
             ("64:ff9b::7f00:1", Some("loopback")),
             ("64:ff9b::8.8.8.8", None),
+            // IPv4-mapped, the whole ::ffff:0:0/96, and IPv4-translated.
+            ("::ffff:0.0.0.0", Some("unspecified")),
+            ("::ffff:192.0.0.8", Some("IETF protocol assignment")),
+            ("::ffff:198.18.0.1", Some("benchmarking")),
+            ("::ffff:0:127.0.0.1", Some("loopback")),
+            ("::ffff:0:10.0.0.1", Some("private")),
+            ("::ffff:0:169.254.169.254", Some("metadata")),
+            ("::ffff:0:8.8.8.8", None),
         ] {
             assert_eq!(why(ip), want, "{ip}");
+        }
+    }
+
+    #[test]
+    fn special_purpose_ranges_are_refused() {
+        for (ip, want) in [
+            ("192.0.0.0", "IETF protocol assignment"),
+            ("192.0.0.8", "IETF protocol assignment"),
+            ("192.0.0.170", "IETF protocol assignment"),
+            ("192.0.0.255", "IETF protocol assignment"),
+            ("198.18.0.0", "benchmarking"),
+            ("198.19.255.255", "benchmarking"),
+            ("64:ff9b:1::", "NAT64 (local use)"),
+            ("64:ff9b:1::a00:1", "NAT64 (local use)"),
+            ("64:ff9b:1:ffff:ffff:ffff:ffff:ffff", "NAT64 (local use)"),
+        ] {
+            assert_eq!(why(ip), Some(want), "{ip}");
+        }
+        // Their neighbours are public.
+        for ip in [
+            "191.255.255.255",
+            "192.0.1.0",
+            "198.17.255.255",
+            "198.20.0.0",
+            "64:ff9b:2::1",
+            "64:ff9a:1::1",
+        ] {
+            assert_eq!(why(ip), None, "{ip}");
+        }
+        for url in [
+            "http://192.0.0.8/",
+            "http://198.18.0.1/",
+            "http://[64:ff9b:1::1]/",
+        ] {
+            assert!(check_url(url, false).is_err(), "{url}");
         }
     }
 

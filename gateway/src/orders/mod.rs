@@ -393,7 +393,7 @@ impl OrderService {
 
     async fn place_new(&self, req: &PlaceRequest) -> Result<u64, OrderError> {
         // Another merchant's machine answers exactly like an absent one.
-        if !self.owned_by(&req.machine_no, &req.merchant).await? {
+        if !self.owned_for_order(&req.machine_no, &req.merchant).await? {
             return Err(OrderError::MachineNotFound);
         }
         if !self.presence.is_online(&req.machine_no) {
@@ -462,6 +462,23 @@ impl OrderService {
     pub async fn owned_by(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
         if let Some(owner) = self.owners.get(m) {
             return Ok(owner.as_str() == merchant);
+        }
+        let Some(machine) = self.store.machine(m).await? else {
+            return Ok(false);
+        };
+        let owned = machine.merchant_appid == merchant;
+        self.owners.insert(*m, machine.merchant_appid);
+        Ok(owned)
+    }
+
+    /// [`Self::owned_by`] for placing an order: a machine the cache does not
+    /// show as the merchant's is read from storage whether it is cached as
+    /// another merchant's or unknown, so both answers take the same time (a
+    /// faster "not found" for foreign machines would tell which numbers are
+    /// provisioned).
+    async fn owned_for_order(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
+        if self.owners.get(m).is_some_and(|o| o.as_str() == merchant) {
+            return Ok(true);
         }
         let Some(machine) = self.store.machine(m).await? else {
             return Ok(false);

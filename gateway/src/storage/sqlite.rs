@@ -73,9 +73,13 @@ impl SqliteStorage {
     /// Open `path`, creating the file and its parent directory if missing, and
     /// apply pending migrations.
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(parent).await.map_err(backend)?;
-        }
+        // Private to the gateway's user whatever the umask: the database
+        // holds every secret's hash and the merchants' encrypted AppSecrets.
+        let owned = path.to_path_buf();
+        tokio::task::spawn_blocking(move || crate::private_fs::prepare_sqlite(&owned))
+            .await
+            .map_err(backend)?
+            .map_err(backend)?;
         // Two processes opening a fresh file at once (gateway and CLI): the
         // first connections turn the file to WAL, and SQLite answers another
         // connection's set-up SQLITE_BUSY at that moment without waiting in
