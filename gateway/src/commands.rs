@@ -41,6 +41,15 @@ pub trait CommandBus: Send + Sync + 'static {
         command: Command,
         payload: Bytes,
     ) -> Result<(), DeliveryError>;
+    /// [`CommandBus::send`], then wait up to `within` for the machine's
+    /// acknowledgement of it (its PUBACK): Ok only once the machine has it.
+    async fn send_confirmed(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+        within: Duration,
+    ) -> Result<(), DeliveryError>;
     /// `cmd/ping` → `pong`: the machine's application-level round trip.
     async fn ping(
         &self,
@@ -103,6 +112,24 @@ impl CommandBus for LocalCommands {
         payload: Bytes,
     ) -> Result<(), DeliveryError> {
         delivery(self.hub.send_command(machine_no, command, payload))
+    }
+
+    async fn send_confirmed(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+        within: Duration,
+    ) -> Result<(), DeliveryError> {
+        let (receipt, acked) = crate::edge::router::Receipt::new();
+        delivery(
+            self.hub
+                .send_command_with_receipt(machine_no, command, payload, receipt),
+        )?;
+        match tokio::time::timeout(within, acked).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(DeliveryError::Timeout),
+        }
     }
 
     async fn ping(

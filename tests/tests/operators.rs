@@ -510,7 +510,10 @@ async fn metrics_after_a_scripted_run() {
             .hub
             .stats
             .topics
-            .get(vendgate::metrics::edge::Direction::In, 8)
+            .get(
+                vendgate::metrics::edge::Direction::In,
+                vendgate::metrics::edge::PATTERNS.len() - 1,
+            )
             .0
             >= 1
     })

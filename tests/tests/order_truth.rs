@@ -212,8 +212,11 @@ async fn a_clean_session_zero_machine_gets_no_redelivery_after_reconnecting() {
     let id = last_order(&s.gw).await.order_id;
     // The machine's connection dies with the dispense unacknowledged; it
     // reconnects (clean_session = 0 again) on a working link.
+    // The held bytes die with the old connection: it is cut while the link
+    // is still stalled, and the link recovers only once the machine saw it go.
     let connects = s.relay.accepted();
     s.relay.cut();
+    assert!(s.sim.wait_disconnected(DEADLINE).await, "the old connection ends");
     s.relay.resume();
     wait_until("the machine reconnects", || s.relay.accepted() > connects).await;
     assert!(s.sim.wait_ready(DEADLINE).await, "ready again");

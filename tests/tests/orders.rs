@@ -283,6 +283,7 @@ async fn busy_machine_queues_in_order_and_answers_30003_when_full() {
         );
         let id = cmd["order_id"].as_u64().unwrap();
         ack(&mach, id).await;
+        assert_eq!(next_command(&mut mach, "go").await["order_id"], id);
         let answered = waiting.remove(0).await.unwrap();
         assert_eq!(
             order_id(&answered),

@@ -469,7 +469,11 @@ impl Cluster {
                     Err(e) => failed(e),
                 }
             }
-            OwnerRequest::Command { suffix, payload } => {
+            OwnerRequest::Command {
+                suffix,
+                payload,
+                confirm_ms,
+            } => {
                 let Some(command) = Command::ALL.into_iter().find(|c| c.suffix() == suffix) else {
                     return OwnerReply::NotDelivered {
                         error: "unknown command".into(),
@@ -480,7 +484,16 @@ impl Cluster {
                         error: "bad payload".into(),
                     };
                 };
-                match self.local.send(&m, command, Bytes::from(payload)).await {
+                let payload = Bytes::from(payload);
+                let sent = match confirm_ms {
+                    Some(ms) => {
+                        self.local
+                            .send_confirmed(&m, command, payload, Duration::from_millis(ms))
+                            .await
+                    }
+                    None => self.local.send(&m, command, payload).await,
+                };
+                match sent {
                     Ok(()) => OwnerReply::Delivered,
                     Err(e) => OwnerReply::NotDelivered {
                         error: delivery_name(e).into(),
@@ -1040,20 +1053,18 @@ impl CommandBus for Cluster {
         command: Command,
         payload: Bytes,
     ) -> Result<(), DeliveryError> {
-        if self.presence.is_online(machine_no) {
-            return self.local.send(machine_no, command, payload).await;
-        }
-        let body = OwnerRequest::Command {
-            suffix: command.suffix().to_string(),
-            payload: base64::engine::general_purpose::STANDARD.encode(&payload),
-        };
-        match self.ask(machine_no, &body, Duration::from_secs(2)).await {
-            Asked::Reply(OwnerReply::Delivered) => Ok(()),
-            Asked::Reply(OwnerReply::NotDelivered { error }) => Err(delivery_from(&error)),
-            Asked::Reply(_) | Asked::Offline => Err(DeliveryError::NotConnected),
-            Asked::Local => self.local.send(machine_no, command, payload).await,
-            Asked::Lost => Err(DeliveryError::Timeout),
-        }
+        self.command(machine_no, command, payload, None).await
+    }
+
+    async fn send_confirmed(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+        within: Duration,
+    ) -> Result<(), DeliveryError> {
+        self.command(machine_no, command, payload, Some(within))
+            .await
     }
 
     async fn ping(
@@ -1075,6 +1086,45 @@ impl CommandBus for Cluster {
             Asked::Reply(OwnerReply::NotDelivered { error }) => Err(delivery_from(&error)),
             Asked::Reply(_) | Asked::Offline => Err(DeliveryError::NotConnected),
             Asked::Local => self.local.ping(machine_no, timeout).await,
+            Asked::Lost => Err(DeliveryError::Timeout),
+        }
+    }
+}
+
+impl Cluster {
+    /// A command to machine `m` wherever it is connected; with `confirm`,
+    /// delivered means acknowledged by the machine within that time.
+    async fn command(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+        confirm: Option<Duration>,
+    ) -> Result<(), DeliveryError> {
+        let local = |payload| async move {
+            match confirm {
+                Some(w) => {
+                    self.local
+                        .send_confirmed(machine_no, command, payload, w)
+                        .await
+                }
+                None => self.local.send(machine_no, command, payload).await,
+            }
+        };
+        if self.presence.is_online(machine_no) {
+            return local(payload).await;
+        }
+        let body = OwnerRequest::Command {
+            suffix: command.suffix().to_string(),
+            payload: base64::engine::general_purpose::STANDARD.encode(&payload),
+            confirm_ms: confirm.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let wait = Duration::from_secs(2) + confirm.unwrap_or_default();
+        match self.ask(machine_no, &body, wait).await {
+            Asked::Reply(OwnerReply::Delivered) => Ok(()),
+            Asked::Reply(OwnerReply::NotDelivered { error }) => Err(delivery_from(&error)),
+            Asked::Reply(_) | Asked::Offline => Err(DeliveryError::NotConnected),
+            Asked::Local => local(payload).await,
             Asked::Lost => Err(DeliveryError::Timeout),
         }
     }

@@ -88,6 +88,10 @@ pub enum OwnerRequest {
     Command {
         suffix: String,
         payload: String,
+        /// Answer `delivered` only once the machine acknowledged it, waiting
+        /// up to this long (absent: once it is queued).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confirm_ms: Option<u64>,
     },
     Ping {
         timeout_ms: u64,

@@ -39,13 +39,16 @@ pub enum Refusal {
     StorageUnavailable,
     /// A verified client certificate whose CN is not a machine number.
     BadCertificate,
+    /// The password check found no argon2 slot in time: not a wrong
+    /// password, so not counted as one.
+    Busy,
 }
 
 impl Refusal {
     pub fn code(self) -> ConnectReturnCode {
         match self {
             Self::BadClientId => ConnectReturnCode::BadClientId,
-            Self::StorageUnavailable => ConnectReturnCode::ServiceUnavailable,
+            Self::StorageUnavailable | Self::Busy => ConnectReturnCode::ServiceUnavailable,
             // An unknown account and a wrong secret look the same from outside.
             _ => ConnectReturnCode::NotAuthorized,
         }
@@ -60,6 +63,7 @@ impl Refusal {
             Self::BadClientId => "bad_client_id",
             Self::UnknownService => "unknown_service",
             Self::StorageUnavailable => "storage_unavailable",
+            Self::Busy => "busy",
             Self::BadCertificate => "bad_certificate",
         }
     }
@@ -71,7 +75,10 @@ impl Refusal {
     /// (ours) and a client-id mismatch after the right secret (the holder of
     /// the secret, misconfigured) are not counted.
     pub fn is_credential_failure(self) -> bool {
-        !matches!(self, Self::StorageUnavailable | Self::ClientIdMismatch)
+        !matches!(
+            self,
+            Self::StorageUnavailable | Self::ClientIdMismatch | Self::Busy
+        )
     }
 }
 
@@ -155,7 +162,7 @@ impl Authenticator {
             return Err(Refusal::BadClientId);
         }
         let ok = if let Some(p) = self.config_services.get(&login.username) {
-            p.verify(&login.password).await
+            p.check(&login.password).await.map_err(|_| Refusal::Busy)?
         } else {
             let stored = self
                 .store

@@ -250,13 +250,23 @@ pub(crate) async fn handshake(
         }
     }
 
-    let class = match Box::pin(hub.auth.authenticate(
-        &connect.client_id,
-        connect.login.as_ref(),
-        cert_cn.as_deref(),
-    ))
-    .await
-    {
+    // The CONNECT deadline covers authentication too (a queue for argon2
+    // included): counted from the TCP accept, like everything before CONNACK.
+    let authenticated = timeout_at(
+        deadline,
+        Box::pin(hub.auth.authenticate(
+            &connect.client_id,
+            connect.login.as_ref(),
+            cert_cn.as_deref(),
+        )),
+    )
+    .await;
+    let Ok(authenticated) = authenticated else {
+        debug!(%peer, "authentication not done within the connect timeout");
+        hub.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    let class = match authenticated {
         Ok(c) => {
             if cert_cn.is_none() {
                 if let Some(u) = username {
@@ -1012,6 +1022,9 @@ impl Loop {
             let keep = !done(f);
             if !keep {
                 session.release(f.msg.cost());
+                if let Some(r) = &f.msg.receipt {
+                    r.fire();
+                }
             }
             keep
         });

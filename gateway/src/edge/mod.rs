@@ -276,6 +276,24 @@ impl Hub {
         )
     }
 
+    /// [`Hub::send_command`]; `receipt` fires when the machine acknowledges it.
+    pub fn send_command_with_receipt(
+        &self,
+        machine_no: &MachineNo,
+        command: Command,
+        payload: Bytes,
+        receipt: router::Receipt,
+    ) -> MachineDelivery {
+        self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.router.publish_with_receipt(
+            &topic::command(machine_no, command),
+            payload,
+            QoS::AtLeastOnce,
+            false,
+            Some(receipt),
+        )
+    }
+
     pub fn stats(&self) -> EdgeStatsSnapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         EdgeStatsSnapshot {

@@ -45,6 +45,27 @@ pub struct Outbound {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// Fired when the client acknowledges this message (QoS 1 PUBACK).
+    pub receipt: Option<Receipt>,
+}
+
+/// Tells a sender that its QoS 1 message reached the client: the machine's
+/// PUBACK, not the moment it was queued.
+#[derive(Debug, Clone)]
+pub struct Receipt(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>);
+
+impl Receipt {
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(Arc::new(std::sync::Mutex::new(Some(tx)))), rx)
+    }
+
+    pub fn fire(&self) {
+        let tx = self.0.lock().ok().and_then(|mut t| t.take());
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl Outbound {
@@ -854,6 +875,19 @@ impl Router {
         qos: QoS,
         retain: bool,
     ) -> MachineDelivery {
+        self.publish_with_receipt(topic_name, payload, qos, retain, None)
+    }
+
+    /// [`Router::publish`]; the machine's copy carries `receipt`, fired on
+    /// its acknowledgement.
+    pub fn publish_with_receipt(
+        &self,
+        topic_name: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+        receipt: Option<Receipt>,
+    ) -> MachineDelivery {
         if self.denied(topic_name) {
             // Nobody may receive it, so it is neither delivered nor kept.
             return match topic::machine_of(topic_name) {
@@ -871,6 +905,7 @@ impl Router {
             qos: min_qos(qos, granted),
             // §3.3.1.3: messages forwarded to existing subscribers carry retain 0.
             retain: false,
+            receipt: None,
         };
 
         let any_parked = self.parked_count() > 0;
@@ -878,7 +913,10 @@ impl Router {
             None => MachineDelivery::NotAMachineTopic,
             Some(m) => match self.sessions.get(m.as_str()).map(|s| s.clone()) {
                 Some(s) if s.class == ClientClass::Machine(m) => match s.granted(topic_name) {
-                    Some(g) => match s.offer(make(g)) {
+                    Some(g) => match s.offer(Outbound {
+                        receipt: receipt.clone(),
+                        ..make(g)
+                    }) {
                         Offer::Queued => {
                             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                             MachineDelivery::Queued
@@ -1046,6 +1084,7 @@ impl Router {
                 payload: p.clone(),
                 qos: min_qos(*q, granted),
                 retain: true,
+                receipt: None,
             });
         }
         Some((out, cost))

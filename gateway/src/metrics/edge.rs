@@ -189,7 +189,7 @@ impl DisconnectReason {
 
 /// Every `reason` label of refused CONNECTs: the authenticator's refusals
 /// (`edge::auth::Refusal::as_str`) and the edge's own checks.
-pub const REFUSALS: [&str; 13] = [
+pub const REFUSALS: [&str; 14] = [
     "no_credentials",
     "unknown_machine",
     "wrong_secret",
@@ -197,6 +197,7 @@ pub const REFUSALS: [&str; 13] = [
     "bad_client_id",
     "unknown_service",
     "storage_unavailable",
+    "busy",
     "protocol_version",
     "will_not_allowed",
     "bad_certificate",

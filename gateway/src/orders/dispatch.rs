@@ -549,7 +549,7 @@ impl OrderService {
             Ok(Some(_)) => {
                 self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
                 if owes_cancel {
-                    self.cancel_now(stored.machine_no, stored.order_id).await;
+                    self.cancel_now(stored.machine_no, stored.order_id);
                 }
                 Answered::NotAccepted
             }

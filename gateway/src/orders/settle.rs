@@ -33,6 +33,10 @@ use crate::storage::{
 /// (forwarded requests wait `owner_answer_slack` longer, well below this).
 const STALE_DISPATCH_SLACK: Duration = Duration::from_secs(15);
 
+/// How long a cancel waits for the machine's acknowledgement before it is
+/// left owed (delivered again on the machine's next connection).
+const CANCEL_ACK_WAIT: Duration = Duration::from_secs(2);
+
 /// Conditions and values of one stored change beyond what the event says.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct ChangeOpts {
@@ -375,18 +379,26 @@ impl OrderService {
         }
     }
 
-    /// Send the cancel a give-up owes, now; recorded as delivered once
-    /// handed to the machine's connection, else left owed for its next
-    /// connection.
-    pub(super) async fn cancel_now(&self, m: MachineNo, order_id: u64) {
-        match self.send_cancel(m, order_id).await {
-            Ok(()) => {
-                let _ = self.store.cancel_delivered(order_id).await;
+    /// Send the cancel a give-up owes, now, in the background (waiting for
+    /// the machine's acknowledgement must not delay any answer); recorded as
+    /// delivered once the machine acknowledged it, else left owed for its
+    /// next connection.
+    pub(super) fn cancel_now(&self, m: MachineNo, order_id: u64) {
+        let Some(me) = self.me.upgrade() else { return };
+        tokio::spawn(async move {
+            match me.send_cancel(m, order_id).await {
+                Ok(()) => {
+                    let _ = me.store.cancel_delivered(order_id).await;
+                }
+                Err(e) => {
+                    debug!(machine_no = %m, order_id, error = %e, "cancel not acknowledged; owed")
+                }
             }
-            Err(e) => debug!(machine_no = %m, order_id, error = %e, "cancel not delivered; owed"),
-        }
+        });
     }
 
+    /// A cancel to machine `m`; Ok once the machine acknowledged it (within
+    /// [`CANCEL_ACK_WAIT`]).
     pub(super) async fn send_cancel(
         &self,
         m: MachineNo,
@@ -394,10 +406,11 @@ impl OrderService {
     ) -> Result<(), crate::commands::DeliveryError> {
         let r = self
             .commands
-            .send(
+            .send_confirmed(
                 &m,
                 Command::Cancel,
                 Bytes::from(msg::encode(&CancelCmd { order_id })),
+                CANCEL_ACK_WAIT,
             )
             .await;
         let _ = self
@@ -595,7 +608,7 @@ impl OrderService {
                 Ok(Some(_)) => {
                     self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
                     self.release(o.machine_no, &o.lines);
-                    self.cancel_now(o.machine_no, o.order_id).await;
+                    self.cancel_now(o.machine_no, o.order_id);
                     return Err(OrderError::NotAccepted);
                 }
                 // Changed under us (the owner recorded the ack after all), or

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use serde_json::json;
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, AckMsg, GoCmd, InventoryMsg, ResultMsg};
 use vendgate_proto::topic::{Command, Uplink};
@@ -141,9 +141,13 @@ impl OrderService {
         let decide = |d: Decision| deciding.as_ref().is_none_or(|t| t.decide(d));
         let o = match self.store.order(id).await {
             Ok(Some(o)) if o.machine_no == m => o,
+            // An ack for no order of this machine: a stray (late, repeated
+            // or foreign) one, counted as such.
             Ok(_) => {
                 decide(Decision::NotAccepted);
-                self.unmatched(m, id, "ack");
+                self.stats
+                    .duplicate_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Err(e) => {
@@ -193,7 +197,7 @@ impl OrderService {
                     .fetch_add(1, Ordering::Relaxed);
                 let now = self.store.order(id).await.ok().flatten().unwrap_or(o);
                 if now.status == Status::Rejected {
-                    self.late_accept(m, &now).await;
+                    self.late_accept(m, &now);
                 }
                 decide(Decision::Stored(Box::new(now)));
             }
@@ -216,12 +220,12 @@ impl OrderService {
                             )
                             .await;
                         if matches!(gave_up, Ok(Some(_))) {
-                            self.cancel_now(m, id).await;
+                            self.cancel_now(m, id);
                         }
                         decide(Decision::NotAccepted);
                     }
                     Status::Rejected => {
-                        self.late_accept(m, &now).await;
+                        self.late_accept(m, &now);
                         decide(Decision::Stored(Box::new(now)));
                     }
                     // Accepted already (a repeat): nothing to send.
@@ -237,7 +241,9 @@ impl OrderService {
             // expired): fits no order in flight.
             Err(OrderError::StateConflict) => {
                 decide(Decision::NotAccepted);
-                self.unmatched(m, id, "ack");
+                self.stats
+                    .duplicate_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 warn!(machine_no = %m, order_id = id, error = %e, "acceptance not recorded: storage failed; no go");
@@ -261,9 +267,7 @@ impl OrderService {
             return;
         }
         self.stats.go_withheld.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.send_cancel(m, id).await {
-            debug!(machine_no = %m, order_id = id, error = %e, "cancel not delivered");
-        }
+        self.cancel_now(m, id);
         let Some(me) = self.me.upgrade() else { return };
         tokio::spawn(async move { me.record_withheld(id).await });
     }
@@ -321,9 +325,9 @@ impl OrderService {
 
     /// A machine accepted an order we gave up on: repeat the cancel (no
     /// `go` was ever sent for a rejected order).
-    async fn late_accept(&self, m: MachineNo, o: &StoredOrder) {
+    fn late_accept(&self, m: MachineNo, o: &StoredOrder) {
         warn!(machine_no = %m, order_id = o.order_id, "machine accepted an order after it was given up; cancelling again");
-        let _ = self.send_cancel(m, o.order_id).await;
+        self.cancel_now(m, o.order_id);
     }
 
     /// Apply a machine's result (PROTOCOL.md gateway rules 5–6). A result
