@@ -216,7 +216,10 @@ async fn a_clean_session_zero_machine_gets_no_redelivery_after_reconnecting() {
     // is still stalled, and the link recovers only once the machine saw it go.
     let connects = s.relay.accepted();
     s.relay.cut();
-    assert!(s.sim.wait_disconnected(DEADLINE).await, "the old connection ends");
+    assert!(
+        s.sim.wait_disconnected(DEADLINE).await,
+        "the old connection ends"
+    );
     s.relay.resume();
     wait_until("the machine reconnects", || s.relay.accepted() > connects).await;
     assert!(s.sim.wait_ready(DEADLINE).await, "ready again");
@@ -558,4 +561,125 @@ async fn publish(mach: &Client, suffix: &str, payload: String) {
         )
         .await
         .expect("publish");
+}
+
+/// A raw machine that reads its commands and acknowledges (PUBACK) only
+/// when told to.
+struct RawMachine(RawClient);
+
+impl RawMachine {
+    async fn connect(gw: &TestGateway, m: &str, secret: &str) -> Self {
+        use rumqttc::mqttbytes::v4::{Packet, Publish, Subscribe};
+        use rumqttc::mqttbytes::QoS;
+        let (mut c, code) = RawClient::connect(gw.mqtt_addr, m, Some((m, secret)), 30).await;
+        assert_eq!(
+            code,
+            Some(rumqttc::mqttbytes::v4::ConnectReturnCode::Success)
+        );
+        c.send(Packet::Subscribe(Subscribe::new(
+            format!("vend/v1/{m}/cmd/#"),
+            QoS::AtLeastOnce,
+        )))
+        .await;
+        assert!(matches!(c.recv().await, Some(Packet::SubAck(_))), "suback");
+        let inv = r#"{"items":[{"product_id":1,"stock":10,"price":350}]}"#;
+        c.send(Packet::Publish(Publish::new(
+            format!("vend/v1/{m}/inventory"),
+            QoS::AtMostOnce,
+            inv,
+        )))
+        .await;
+        let mn = self::m(m);
+        wait_until("inventory seen", || {
+            !gw.handle.orders.inventory.view(&mn).is_empty()
+        })
+        .await;
+        Self(c)
+    }
+
+    /// The next command PUBLISH (topic, payload, pkid), not acknowledged.
+    async fn command(&mut self) -> (String, Value, u16) {
+        loop {
+            match self.0.recv().await {
+                Some(rumqttc::mqttbytes::v4::Packet::Publish(p)) => {
+                    let v = serde_json::from_slice(&p.payload).expect("json");
+                    return (p.topic, v, p.pkid);
+                }
+                Some(_) => continue,
+                None => panic!("connection closed before a command"),
+            }
+        }
+    }
+
+    async fn puback(&mut self, pkid: u16) {
+        self.0
+            .send(rumqttc::mqttbytes::v4::Packet::PubAck(
+                rumqttc::mqttbytes::v4::PubAck::new(pkid),
+            ))
+            .await;
+    }
+}
+
+/// A cancel counts as delivered only once the machine acknowledged it: one
+/// the machine never PUBACKs stays owed and is sent again on its next
+/// connection, where its PUBACK settles it.
+#[tokio::test]
+async fn a_cancel_is_delivered_only_when_the_machine_acknowledges_it() {
+    let gw = TestGateway::start_with(quick).await;
+    let (appid, secret) = gw.merchant("acks").await;
+    let ms = gw.machine(&appid, M2).await;
+    let api = Api::new(&gw, &appid, &secret);
+    let mut mach = RawMachine::connect(&gw, M2, &ms).await;
+    // The machine receives the dispense but never answers: 30002.
+    let v = api.order(M2, &[(1, 1)]).await;
+    assert_eq!(code(&v), 30002, "{v}");
+    let (topic, cmd, _) = mach.command().await;
+    assert_eq!(topic, format!("vend/v1/{M2}/cmd/dispense"));
+    let id = cmd["order_id"].as_u64().expect("id");
+    let (topic, _, pkid) = mach.command().await;
+    assert_eq!(topic, format!("vend/v1/{M2}/cmd/cancel"));
+    // Not acknowledged: recorded as not delivered, still owed.
+    let store = gw.handle.store.clone();
+    wait_until_async("the unacknowledged cancel recorded", || {
+        let store = store.clone();
+        async move {
+            store
+                .order_events(id)
+                .await
+                .unwrap_or_default()
+                .iter()
+                .any(|e| e.kind == "cancel_sent" && e.detail["delivered"] == false)
+        }
+    })
+    .await;
+    assert_eq!(
+        gw.handle.store.pending_cancels(&m(M2)).await.unwrap(),
+        vec![id]
+    );
+    // Too late to count; the machine goes away and comes back.
+    mach.puback(pkid).await;
+    drop(mach);
+    wait_until("offline", || !gw.online(M2)).await;
+    let mut mach = RawMachine::connect(&gw, M2, &ms).await;
+    let (topic, cmd, pkid) = mach.command().await;
+    assert_eq!(topic, format!("vend/v1/{M2}/cmd/cancel"));
+    assert_eq!(cmd["order_id"], id);
+    assert_eq!(
+        gw.handle.store.pending_cancels(&m(M2)).await.unwrap(),
+        vec![id]
+    );
+    mach.puback(pkid).await;
+    let store = gw.handle.store.clone();
+    wait_until_async("the acknowledged cancel settled", || {
+        let store = store.clone();
+        async move {
+            store
+                .pending_cancels(&m(M2))
+                .await
+                .unwrap_or_default()
+                .is_empty()
+        }
+    })
+    .await;
+    gw.stop().await;
 }

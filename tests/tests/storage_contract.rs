@@ -100,6 +100,8 @@ contract!(
     orders_insert_read_and_duplicates,
     orders_compare_and_set,
     orders_refunds_unpaid_counts_and_timeline,
+    orders_acceptance_only_before_accept_by,
+    orders_timeline_extra_events_are_capped,
     inventories_replace_snapshots,
     ownership_epochs,
     nodes_heartbeats_reaping_orphans,
@@ -1875,4 +1877,119 @@ async fn postgres_down_fails_fast_and_recovers() {
     server.start().await;
     s.ping().await.unwrap();
     assert!(s.machine(&no("00000001")).await.unwrap().is_some());
+}
+
+/// The acceptance compare-and-set: `dispatching → dispensing` succeeds only
+/// while the stored `accept_by` is later than the given instant, and never
+/// twice; a refund keeps what was refunded apart from what is owed.
+async fn orders_acceptance_only_before_accept_by(db: Db) {
+    let s = db.store.as_ref();
+    outbox_setup(s).await;
+    for id in [1, 2] {
+        s.insert_order(
+            &NewOrder {
+                accept_by: Some(t(4_000)),
+                ..new_order(id, "00000001", Status::Dispatching, 9_000)
+            },
+            &ev("created", 1_000),
+        )
+        .await
+        .unwrap();
+    }
+    let accept = |before: i64| OrderChange {
+        only_before_accept_by: Some(t(before)),
+        accept_by: Some(t(4_000)),
+        ..change(Status::Dispensing, false, before)
+    };
+    let cas = |id: u64, c: OrderChange| async move {
+        s.update_order(id, Status::Dispatching, &c, &ev("accepted", 0), &[])
+            .await
+            .unwrap()
+    };
+    // At or past accept_by: refused, nothing written.
+    assert!(!cas(1, accept(4_000)).await);
+    assert_eq!(
+        s.order(1).await.unwrap().unwrap().status,
+        Status::Dispatching
+    );
+    // Before it: the acceptance is recorded, once.
+    assert!(cas(2, accept(3_999)).await);
+    assert!(!cas(2, accept(3_999)).await);
+    let o = s.order(2).await.unwrap().unwrap();
+    assert_eq!(
+        (o.status, o.accept_by),
+        (Status::Dispensing, Some(t(4_000)))
+    );
+    // The give-up of order 1 needs no deadline condition.
+    assert!(
+        to(
+            s,
+            1,
+            Status::Dispatching,
+            change(Status::Rejected, true, 5_000)
+        )
+        .await
+    );
+    // Refund recorded: refunded_amount keeps what was owed then.
+    assert!(
+        to(
+            s,
+            2,
+            Status::Dispensing,
+            OrderChange {
+                refund_amount: 300,
+                ..change(Status::Unknown, false, 6_000)
+            }
+        )
+        .await
+    );
+    assert!(s
+        .mark_refunded(2, t(7_000), &ev("refunded", 7_000))
+        .await
+        .unwrap());
+    let o = s.order(2).await.unwrap().unwrap();
+    assert_eq!((o.refund_amount, o.refunded_amount), (300, 300));
+    assert!(
+        to(
+            s,
+            2,
+            Status::Unknown,
+            OrderChange {
+                refund_amount: 0,
+                result_applied: true,
+                ..change(Status::Completed, false, 8_000)
+            }
+        )
+        .await
+    );
+    let o = s.order(2).await.unwrap().unwrap();
+    assert_eq!((o.refund_amount, o.refunded_amount), (0, 300));
+}
+
+/// Events beside status changes are capped per order; the ones past the cap
+/// are counted on the order, status changes are always kept.
+async fn orders_timeline_extra_events_are_capped(db: Db) {
+    let s = db.store.as_ref();
+    outbox_setup(s).await;
+    order(s, 1, "00000001", Status::Dispatching, 9_000).await;
+    let extra = vendgate::storage::MAX_EXTRA_EVENTS;
+    for i in 0..extra + 5 {
+        s.append_order_event(1, &ev("cancel_sent", 2_000 + i))
+            .await
+            .unwrap();
+    }
+    assert!(
+        to(
+            s,
+            1,
+            Status::Dispatching,
+            change(Status::Rejected, false, 9_000)
+        )
+        .await
+    );
+    let events = s.order_events(1).await.unwrap();
+    // created + the capped extras + the status change.
+    assert_eq!(events.len() as i64, 1 + extra + 1);
+    assert_eq!(events.last().map(|e| e.kind.as_str()), Some("rejected"));
+    assert_eq!(s.order(1).await.unwrap().unwrap().events_dropped, 5);
 }

@@ -357,6 +357,7 @@ async fn get_order(
             "refunded_amount": o.refunded_amount,
             "refunded_at": rfc3339(o.refunded_at),
             "events": events,
+            "events_dropped": o.events_dropped,
         }),
     )
 }

@@ -670,6 +670,7 @@ impl StoredOrder {
             refunded_at: None,
             refunded_amount: 0,
             accept_by: new.accept_by,
+            events_dropped: 0,
         }
     }
 }

@@ -43,7 +43,9 @@ mod sqlite_outbox;
 mod sqlite_writer;
 
 pub use cluster::{ClusterStorage, Due, NodeRow, Ownership};
-pub use orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+pub use orders::{
+    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder, MAX_EXTRA_EVENTS,
+};
 pub use outbox::{
     Attempt, AttemptResult, ClaimRequest, ClaimedEvent, MachineEvent, OutboxBacklog, OutboxEntry,
     OutboxStatus, OutboxStorage, PresenceChange, ReplayOutcome, WebhookAttempt,

@@ -55,6 +55,9 @@ pub struct StoredOrder {
     pub refunded_amount: i64,
     /// The machine's acceptance counts only if recorded before this.
     pub accept_by: Option<DateTime<Utc>>,
+    /// Timeline events not stored because the order had its
+    /// [`MAX_EXTRA_EVENTS`] already.
+    pub events_dropped: i64,
 }
 
 /// The new values of a status change (lines carry the dispensed counts).
@@ -97,6 +100,10 @@ pub struct NewOutboxEvent {
     pub body: String,
     pub created_at: DateTime<Utc>,
 }
+
+/// Most rows one order's timeline holds beside its status changes (which
+/// the state machine bounds on its own).
+pub const MAX_EXTRA_EVENTS: i64 = 64;
 
 /// One entry of an order's timeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +149,10 @@ pub trait OrderStorage: Send + Sync + 'static {
     /// Open `awaiting_payment` orders of a merchant and of a machine.
     async fn count_unpaid(&self, merchant: &str, m: &MachineNo)
         -> Result<(u64, u64), StorageError>;
+    /// An event beside the status changes (a command sent, a refund
+    /// recorded). At most [`MAX_EXTRA_EVENTS`] such rows per order, so a
+    /// machine repeating itself cannot grow an order's history: past that
+    /// the order's `events_dropped` counts them instead.
     async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError>;
     /// The timeline, oldest first.
     async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError>;

@@ -11,7 +11,9 @@ use sqlx::Row;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
-use super::orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+use super::orders::{
+    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder, MAX_EXTRA_EVENTS,
+};
 use super::postgres::{
     by_machine, get_machine_no, get_ms, get_opt_ms, get_u64, pg_error, PgStorage,
 };
@@ -22,7 +24,7 @@ use crate::orders::state::{Line, Status};
 pub(super) const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, \
      request_fingerprint, pay_later, status, amount, refund_amount, error, result_applied, \
      created_at_ms, updated_at_ms, dispense_deadline_ms, pay_deadline_ms, refunded_at_ms, \
-     refunded_amount, accept_by_ms";
+     refunded_amount, accept_by_ms, events_dropped";
 
 /// The class half of the two-key advisory lock that serialises inventory
 /// snapshots of one machine ("vg" and 1); the machine number is the other
@@ -145,6 +147,7 @@ impl PgStorage {
                 refunded_at: get_opt_ms(row, "refunded_at_ms")?,
                 refunded_amount: row.try_get("refunded_amount").map_err(backend)?,
                 accept_by: get_opt_ms(row, "accept_by_ms")?,
+                events_dropped: row.try_get("events_dropped").map_err(backend)?,
             });
         }
         Ok(out)
@@ -328,8 +331,30 @@ impl OrderStorage for PgStorage {
 
     async fn append_order_event(&self, order_id: u64, ev: &OrderEvent) -> Result<(), StorageError> {
         let id = id_i64(order_id)?;
-        let mut conn = self.pool().acquire().await.map_err(pg_error)?;
-        insert_event(&mut conn, id, ev).await
+        let mut tx = self.pool().begin().await.map_err(pg_error)?;
+        // The count on the order row is the bound: no scan of its timeline.
+        let room = sqlx::query(
+            "UPDATE orders SET extra_events = extra_events + 1 \
+             WHERE order_id = $1 AND extra_events < $2",
+        )
+        .bind(id)
+        .bind(MAX_EXTRA_EVENTS)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+        if room.rows_affected() == 1 {
+            insert_event(&mut tx, id, ev).await?;
+        } else {
+            sqlx::query(
+                "UPDATE orders SET events_dropped = events_dropped + 1 WHERE order_id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)?;
+        Ok(())
     }
 
     async fn order_events(&self, order_id: u64) -> Result<Vec<OrderEvent>, StorageError> {

@@ -13,14 +13,16 @@ use sqlx::Row;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
-use super::orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder};
+use super::orders::{
+    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder, MAX_EXTRA_EVENTS,
+};
 use super::sqlite::{backend, from_ms, SqliteStorage};
 use super::StorageError;
 use crate::orders::state::{Line, Status};
 
 pub(super) const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
      pay_later, status, amount, refund_amount, error, result_applied, created_at_ms, updated_at_ms, \
-     dispense_deadline_ms, pay_deadline_ms, refunded_at_ms, refunded_amount, accept_by_ms";
+     dispense_deadline_ms, pay_deadline_ms, refunded_at_ms, refunded_amount, accept_by_ms, events_dropped";
 
 pub(super) fn id_i64(id: u64) -> Result<i64, StorageError> {
     i64::try_from(id).map_err(|_| StorageError::Corrupt(format!("order id {id} out of range")))
@@ -254,6 +256,7 @@ impl SqliteStorage {
                 refunded_at: ms("refunded_at_ms")?,
                 refunded_amount: row.try_get("refunded_amount").map_err(backend)?,
                 accept_by: ms("accept_by_ms")?,
+                events_dropped: row.try_get("events_dropped").map_err(backend)?,
             });
         }
         Ok(out)
@@ -381,7 +384,28 @@ impl OrderStorage for SqliteStorage {
         self.writer()
             .write(move |conn| {
                 Box::pin(async move {
-                    insert_event(conn, id, &ev).await?;
+                    // The count on the order row is the bound: no scan of
+                    // its timeline.
+                    let room = sqlx::query(
+                        "UPDATE orders SET extra_events = extra_events + 1 \
+                         WHERE order_id = ? AND extra_events < ?",
+                    )
+                    .bind(id)
+                    .bind(MAX_EXTRA_EVENTS)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(backend)?;
+                    if room.rows_affected() == 1 {
+                        insert_event(conn, id, &ev).await?;
+                    } else {
+                        sqlx::query(
+                            "UPDATE orders SET events_dropped = events_dropped + 1 WHERE order_id = ?",
+                        )
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(backend)?;
+                    }
                     Ok(true)
                 })
             })
