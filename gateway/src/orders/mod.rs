@@ -227,7 +227,9 @@ pub struct OrderService {
     inflight: DashMap<u64, Arc<Ticket>>,
     /// The in-flight order's "result applied" waiter, by order id.
     settled: DashMap<u64, tokio::sync::oneshot::Sender<()>>,
-    inventory_writes: mpsc::UnboundedSender<(MachineNo, Vec<vendgate_proto::msg::InventoryItem>)>,
+    /// Inventory snapshots not yet persisted: the latest per machine (a
+    /// newer one replaces it), so bounded by the machines connected here.
+    inventory_writes: Arc<settle::PendingSnapshots>,
     inventory_writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Acks and results waiting for a task (see [`uplinks`]).
     uplink_work: mpsc::Sender<uplinks::Work>,
@@ -266,7 +268,7 @@ impl OrderService {
         notifier: Arc<crate::notifier::Notifier>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let (inventory_writes, rx) = mpsc::unbounded_channel();
+        let inventory_writes = Arc::new(settle::PendingSnapshots::default());
         let (uplink_work, uplink_rx) = mpsc::channel(uplinks::WORK_QUEUE);
         let svc = Arc::new_cyclic(|me| Self {
             store,
@@ -292,7 +294,7 @@ impl OrderService {
         });
         let writer = tokio::spawn(settle::inventory_writer(
             svc.store.clone(),
-            rx,
+            svc.inventory_writes.clone(),
             svc.shutdown.clone(),
         ));
         if let Ok(mut w) = svc.inventory_writer.lock() {

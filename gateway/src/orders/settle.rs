@@ -12,7 +12,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -671,33 +670,53 @@ fn order_webhook(o: &StoredOrder, next: &Order, kind: Notice, at: DateTime<Utc>)
     }
 }
 
-/// Persists inventory snapshots in arrival order, off the edge's tasks.
+/// Inventory snapshots waiting to be persisted: the latest per machine.
+#[derive(Debug, Default)]
+pub(crate) struct PendingSnapshots {
+    latest: std::sync::Mutex<std::collections::HashMap<MachineNo, Vec<msg::InventoryItem>>>,
+    ready: tokio::sync::Notify,
+}
+
+impl PendingSnapshots {
+    pub(crate) fn put(&self, m: MachineNo, items: Vec<msg::InventoryItem>) {
+        if let Ok(mut l) = self.latest.lock() {
+            l.insert(m, items);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Up to `n` pending snapshots, removed.
+    fn take(&self, n: usize) -> Vec<(MachineNo, Vec<msg::InventoryItem>)> {
+        let Ok(mut l) = self.latest.lock() else {
+            return Vec::new();
+        };
+        let keys: Vec<MachineNo> = l.keys().take(n).copied().collect();
+        keys.into_iter()
+            .filter_map(|k| l.remove(&k).map(|v| (k, v)))
+            .collect()
+    }
+}
+
+/// Persists inventory snapshots off the edge's tasks, many machines per
+/// transaction; whatever is pending at shutdown is written before it ends.
 pub(super) async fn inventory_writer(
     store: Arc<dyn Storage>,
-    mut rx: mpsc::UnboundedReceiver<(MachineNo, Vec<msg::InventoryItem>)>,
+    pending: Arc<PendingSnapshots>,
     shutdown: CancellationToken,
 ) {
     /// Most snapshots written in one transaction.
     const BATCH: usize = 1024;
     loop {
-        let first = tokio::select! {
-            biased;
-            n = rx.recv() => n,
-            // Drain what is queued, then stop.
-            _ = shutdown.cancelled() => rx.try_recv().ok(),
-        };
-        let Some(first) = first else { return };
-        // Whatever else is queued goes in the same transaction; a machine's
-        // later snapshot replaces its earlier one (arrival order is kept).
-        let mut batch: Vec<(MachineNo, Vec<msg::InventoryItem>)> = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok((m, items)) => match batch.iter_mut().find(|(bm, _)| *bm == m) {
-                    Some(slot) => slot.1 = items,
-                    None => batch.push((m, items)),
-                },
-                Err(_) => break,
+        let batch = pending.take(BATCH);
+        if batch.is_empty() {
+            if shutdown.is_cancelled() {
+                return;
             }
+            tokio::select! {
+                _ = pending.ready.notified() => {}
+                _ = shutdown.cancelled() => {}
+            }
+            continue;
         }
         if let Err(e) = store.put_inventories(&batch, Utc::now()).await {
             warn!(machines = batch.len(), error = %e, "inventory snapshots not persisted");

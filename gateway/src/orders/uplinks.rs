@@ -416,9 +416,16 @@ impl OrderService {
 
     fn on_inventory(&self, m: MachineNo, payload: &Bytes) {
         match msg::decode::<InventoryMsg>(payload) {
+            // A negative price would make amounts and refunds negative: the
+            // snapshot is malformed, and the last good one stays.
+            Ok(inv) if inv.items.iter().any(|i| i.price < 0) => {
+                self.stats
+                    .malformed_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             Ok(inv) => {
                 self.inventory.set_snapshot(m, &inv.items);
-                let _ = self.inventory_writes.send((m, inv.items));
+                self.inventory_writes.put(m, inv.items);
             }
             Err(_) => {
                 self.stats
