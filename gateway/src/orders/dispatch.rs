@@ -375,7 +375,12 @@ impl OrderService {
             }
         };
         let order_id = stored.order_id;
-        let accept_by = Instant::now() + self.settings.accept_timeout;
+        // The same instant as the stored `accept_by`, on this clock.
+        let accept_by = Instant::now()
+            + stored
+                .accept_by
+                .and_then(|a| (a - Utc::now()).to_std().ok())
+                .unwrap_or_default();
         self.inflight.insert(order_id, ticket.clone());
         let answered = self
             .send_and_decide(&stored, &ticket, accept_by, req.answer_by)
@@ -418,9 +423,7 @@ impl OrderService {
         lines: &[Line],
         paid: Option<StoredOrder>,
     ) -> Result<StoredOrder, (u64, OrderError)> {
-        let accept_by = Utc::now()
-            + chrono::Duration::from_std(self.settings.accept_timeout)
-                .unwrap_or(chrono::Duration::MAX);
+        let accept_by = self.accept_by_for(req.answer_by);
         match paid {
             Some(mut o) => match self.pay_transition(&o, accept_by).await {
                 Ok(true) => {
@@ -570,6 +573,17 @@ impl OrderService {
         }
     }
 
+    /// The `accept_by` of an order stored now: `accept_timeout` from now,
+    /// but never past the request's `answer_by` (an order taken from its
+    /// queue at the last moment gets the time that is left).
+    fn accept_by_for(&self, answer_by: Instant) -> chrono::DateTime<Utc> {
+        let left = self
+            .settings
+            .accept_timeout
+            .min(answer_by.saturating_duration_since(Instant::now()));
+        Utc::now() + chrono::Duration::from_std(left).unwrap_or(chrono::Duration::MAX)
+    }
+
     /// Insert a new order (retrying on an id collision); `dispatching`
     /// orders get their `accept_by`.
     pub(super) async fn persist_new(
@@ -585,10 +599,7 @@ impl OrderService {
         let mut attempts = 0;
         loop {
             let now = Utc::now();
-            let accept_by = (!pay_later).then(|| {
-                now + chrono::Duration::from_std(self.settings.accept_timeout)
-                    .unwrap_or(chrono::Duration::MAX)
-            });
+            let accept_by = (!pay_later).then(|| self.accept_by_for(req.answer_by));
             let new = NewOrder {
                 order_id,
                 merchant_appid: req.merchant.clone(),

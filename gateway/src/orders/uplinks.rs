@@ -135,7 +135,12 @@ impl OrderService {
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Err(None) => {}
+                // This node gave the order up (its merchant may have been
+                // answered 30002 already): it never sends `go` for it.
+                Err(None) => {
+                    self.withhold(m, id, ack.accepted, &|_| true).await;
+                    return;
+                }
             }
         }
         let decide = |d: Decision| deciding.as_ref().is_none_or(|t| t.decide(d));
