@@ -683,3 +683,18 @@ async fn a_cancel_is_delivered_only_when_the_machine_acknowledges_it() {
     .await;
     gw.stop().await;
 }
+
+/// One machine, orders one after another as fast as the merchant can send
+/// them: each is answered 0 and completes; the machine's worker moves on as
+/// soon as each result is in (a result can arrive right after `go`, before
+/// the worker has answered the merchant).
+#[tokio::test]
+async fn back_to_back_orders_on_one_machine_all_go_through() {
+    let s = setup(|_| {}, |_| {}).await;
+    for _ in 0..10 {
+        let v = s.api.order(M1, &[(1, 1)]).await;
+        assert_eq!(code(&v), 0, "{v}");
+        s.api.wait_status(order_id_of(&v), "completed").await;
+    }
+    s.gw.stop().await;
+}
