@@ -384,6 +384,10 @@ pub enum HttpStatusMode {
     Mirror,
 }
 
+/// Kept free at the end of `orders.request_timeout` for the answer to be
+/// written after the last decision (a storage write, the HTTP response).
+pub const ANSWER_MARGIN: Duration = Duration::from_millis(500);
+
 /// Order handling.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -735,7 +739,7 @@ impl Settings {
         } else {
             Duration::ZERO
         };
-        let least = self.orders.accept_timeout + slack + crate::orders::ANSWER_MARGIN;
+        let least = self.orders.accept_timeout + slack + ANSWER_MARGIN;
         if self.orders.request_timeout < least {
             return Err(ConfigError::OrderRequestTimeout {
                 request_timeout: self.orders.request_timeout,

@@ -71,9 +71,7 @@ use state::{GiveUp, Line, Order, Status};
 
 pub use uplinks::OrderUplinks;
 
-/// Kept free at the end of `request_timeout` for the answer to be written
-/// after the last decision (a storage write, the HTTP response).
-pub const ANSWER_MARGIN: Duration = Duration::from_millis(500);
+pub use crate::config::ANSWER_MARGIN;
 
 /// Why an order was not accepted; each maps to one API code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
