@@ -752,12 +752,12 @@ pub fn reachable(a: Status, b: Status) -> bool {
     use Status::*;
     fn next(s: Status) -> &'static [Status] {
         match s {
-            AwaitingPayment => &[Dispatching, Expired],
+            AwaitingPayment => &[Dispatching, Expired, Cancelled],
             Dispatching => &[Dispensing, Rejected],
             // Rejected: an acceptance recorded whose `go` was withheld.
             Dispensing => &[Completed, PartiallyDispensed, Failed, Unknown, Rejected],
             Unknown => &[Completed, PartiallyDispensed, Failed],
-            Completed | PartiallyDispensed | Failed | Rejected | Expired => &[],
+            Completed | PartiallyDispensed | Failed | Rejected | Expired | Cancelled => &[],
         }
     }
     let mut todo = vec![a];
