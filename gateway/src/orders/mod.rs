@@ -567,6 +567,33 @@ impl OrderService {
         self.place_local(order_id, req, lines, Some(o)).await
     }
 
+    /// `POST /orders/{id}/cancel`: cancel an unpaid `pay_later` order and
+    /// give its stock back at once. Exactly one of a cancel, a payment and
+    /// the expiry wins (compare-and-set on `awaiting_payment`); the losers
+    /// see a state conflict, and only the winner releases the stock. A
+    /// second cancel is a conflict too: the order is no longer unpaid.
+    pub async fn cancel(&self, merchant: &str, order_id: u64) -> Result<StoredOrder, OrderError> {
+        let Some(o) = self.store.order(order_id).await? else {
+            return Err(OrderError::OrderNotFound);
+        };
+        if o.merchant_appid != merchant {
+            return Err(OrderError::OrderNotFound);
+        }
+        if o.status != Status::AwaitingPayment {
+            return Err(OrderError::StateConflict);
+        }
+        match self
+            .transition(&o, &state::Event::Cancel, json!({ "by": "merchant" }))
+            .await?
+        {
+            Some(_) => {
+                self.release(o.machine_no, &o.lines);
+                self.load(order_id).await
+            }
+            None => Err(OrderError::StateConflict),
+        }
+    }
+
     /// `POST /orders/{id}/refund`: the merchant records that it refunded
     /// `refund_amount`. Idempotent; 40002 when there is nothing to refund.
     pub async fn refund(&self, merchant: &str, order_id: u64) -> Result<StoredOrder, OrderError> {

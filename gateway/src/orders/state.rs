@@ -17,6 +17,8 @@ pub enum Status {
     Failed,
     Rejected,
     Expired,
+    /// A `pay_later` order the merchant cancelled before paying.
+    Cancelled,
     Unknown,
 }
 
@@ -31,6 +33,7 @@ impl Status {
             Self::Failed => "failed",
             Self::Rejected => "rejected",
             Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
             Self::Unknown => "unknown",
         }
     }
@@ -45,6 +48,7 @@ impl Status {
             "failed" => Self::Failed,
             "rejected" => Self::Rejected,
             "expired" => Self::Expired,
+            "cancelled" => Self::Cancelled,
             "unknown" => Self::Unknown,
             _ => return None,
         })
@@ -68,6 +72,7 @@ impl Status {
                 | Self::Failed
                 | Self::Rejected
                 | Self::Expired
+                | Self::Cancelled
         )
     }
 }
@@ -172,6 +177,8 @@ pub enum Event {
     Paid,
     /// Unpaid past the deadline.
     PaymentExpired,
+    /// The merchant cancelled a `pay_later` order before paying it.
+    Cancel,
     /// The machine's acceptance was recorded (before the order's
     /// `accept_by`: the storage compare-and-set checks that): `go` follows.
     Accepted,
@@ -198,6 +205,7 @@ impl Event {
         match self {
             Self::Paid => "paid",
             Self::PaymentExpired => "expired",
+            Self::Cancel => "cancelled",
             Self::Accepted => "accepted",
             Self::Refused(_) => "refused",
             Self::NotAccepted(_) | Self::GoWithheld => "not_accepted",
@@ -367,6 +375,10 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
     match (order.status, event) {
         (AwaitingPayment, Event::Paid) => next.status = Dispatching,
         (AwaitingPayment, Event::PaymentExpired) => next.status = Expired,
+        // Only before payment: no command has left, so nothing is owed to
+        // or from the machine. Of a cancel, a payment and the expiry, the
+        // first stored wins (compare-and-set on `awaiting_payment`).
+        (AwaitingPayment, Event::Cancel) => next.status = Cancelled,
         (Dispatching, Event::Accepted) => next.status = Dispensing,
         // A duplicate ack after we moved on changes nothing.
         (Dispensing | Completed | PartiallyDispensed | Failed | Unknown, Event::Accepted) => {
@@ -663,6 +675,34 @@ mod tests {
     }
 
     #[test]
+    fn cancel_only_before_payment() {
+        let o = order(true);
+        let c = changed(apply(&o, &Event::Cancel));
+        assert_eq!(c.status, Status::Cancelled);
+        assert!(c.status.is_final() && !c.status.holds_reservation());
+        assert_eq!((c.refund_amount(), notices(&o, &c)), (0, vec![]));
+        // Nothing moves a cancelled order, a second cancel included.
+        for ev in [Event::Cancel, Event::Paid, Event::PaymentExpired] {
+            assert_eq!(
+                apply(&c, &ev),
+                Err(TransitionError::Conflict(Status::Cancelled)),
+                "{ev:?}"
+            );
+        }
+        // Paid, expired or never `pay_later`: too late to cancel.
+        let paid = changed(apply(&o, &Event::Paid));
+        let expired = changed(apply(&o, &Event::PaymentExpired));
+        for x in [paid, expired, order(false)] {
+            assert!(matches!(
+                apply(&x, &Event::Cancel),
+                Err(TransitionError::Conflict(_))
+            ));
+        }
+        assert_eq!(Status::parse("cancelled"), Some(Status::Cancelled));
+        assert_eq!(Status::Cancelled.as_str(), "cancelled");
+    }
+
+    #[test]
     fn give_up_reasons_round_trip() {
         for g in [
             GiveUp::AcceptTimeout,
@@ -783,6 +823,7 @@ mod tests {
         prop_oneof![
             Just(Event::Paid),
             Just(Event::PaymentExpired),
+            Just(Event::Cancel),
             Just(Event::Accepted),
             Just(Event::Refused("door_open".into())),
             Just(Event::NotAccepted(GiveUp::AcceptTimeout)),
@@ -814,6 +855,11 @@ mod tests {
                         }
                         if n.status == Status::Rejected {
                             prop_assert_eq!(n.refund_amount(), 0);
+                        }
+                        // Only an unpaid order is cancelled, and only by a cancel.
+                        if n.status == Status::Cancelled {
+                            prop_assert_eq!(ev, &Event::Cancel);
+                            prop_assert_eq!(before.status, Status::AwaitingPayment);
                         }
                         if n.result_applied && !before.result_applied { results_applied += 1; }
                         o = n;
