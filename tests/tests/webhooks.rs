@@ -833,3 +833,80 @@ async fn a_merchant_without_an_encrypted_secret_gets_dead_events_saying_why() {
     assert!(rx.hits().is_empty(), "nothing unsigned was sent");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_partially_dispensed_order_is_notified_with_the_shortfall_owed() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start_with(fast).await;
+    let (appid, secret) = gw.merchant_with_url("shop", &rx.url()).await;
+    let ms = gw.machine(&appid, M1).await;
+    let api = Api::new(&gw, &appid, &secret);
+    let sim = ready_sim(&gw, sim_config(&gw, M1, &ms)).await;
+    sim.set_behaviour(Behaviour::Partial {
+        error: "motor_jam".into(),
+    });
+
+    let id = order_id(&api.order(M1, &[(1, 2), (2, 1)]).await);
+    api.wait_status(id, "partially_dispensed").await;
+    wait_until("order.partially_dispensed delivered", || {
+        rx.delivered_of("order.partially_dispensed").len() == 1
+    })
+    .await;
+    let hit = &rx.delivered_of("order.partially_dispensed")[0];
+    verify(hit, &secret);
+    let d = &hit.json["data"];
+    assert_eq!(d["order_id"], id);
+    assert_eq!(d["status"], "partially_dispensed");
+    assert_eq!(d["error"], "motor_jam");
+    // Half of each line, rounded down: 1 of 2 × 350 out, 0 of 1 × 200.
+    assert_eq!(d["amount"], 2 * 350 + 200);
+    assert_eq!(d["refund_amount"], 350 + 200);
+    assert_eq!(d["items"][0]["dispensed"], 1);
+    assert_eq!(d["items"][1]["dispensed"], 0);
+    // The only order event: no order.completed or dispense_failed beside it.
+    let kinds: Vec<String> = rx
+        .delivered()
+        .iter()
+        .filter(|h| h.order_id() == Some(id))
+        .map(|h| h.kind().to_string())
+        .collect();
+    assert_eq!(kinds, ["order.partially_dispensed"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_unpaid_order_that_expires_is_notified() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start_with(|s| {
+        fast(s);
+        s.orders.unpaid_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (appid, secret) = gw.merchant_with_url("shop", &rx.url()).await;
+    let ms = gw.machine(&appid, M1).await;
+    let api = Api::new(&gw, &appid, &secret);
+    let sim = ready_sim(&gw, sim_config(&gw, M1, &ms)).await;
+
+    let body = serde_json::json!({
+        "machine_no": M1,
+        "products": [{ "product_id": 1, "quantity": 2 }],
+        "pay_later": true,
+    });
+    let id = order_id(&api.post_raw("/orders", body.to_string()).await.1);
+    api.wait_status(id, "expired").await;
+    wait_until("order.expired delivered", || {
+        rx.delivered_of("order.expired").len() == 1
+    })
+    .await;
+    let hit = &rx.delivered_of("order.expired")[0];
+    verify(hit, &secret);
+    let d = &hit.json["data"];
+    assert_eq!(d["order_id"], id);
+    assert_eq!(d["machine_no"], M1);
+    assert_eq!(d["status"], "expired");
+    // Nothing was paid or dispensed, so nothing is owed.
+    assert_eq!(d["refund_amount"], 0);
+    assert_eq!(d["items"][0]["dispensed"], 0);
+    assert!(sim.dispensed_orders().is_empty());
+    gw.stop().await;
+}
