@@ -916,6 +916,29 @@ mod tests {
         });
     }
 
+    /// API.md promises that an unpaid `pay_later` order expires after 20
+    /// minutes unless configured otherwise: the built-in default, and what
+    /// a configuration that does not mention it loads.
+    #[test]
+    fn unpaid_orders_expire_after_20_minutes_by_default() {
+        assert_eq!(
+            OrderSettings::default().unpaid_timeout,
+            Duration::from_secs(20 * 60)
+        );
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("v.toml", "[orders]\naccept_timeout = \"2s\"\n")?;
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(s.orders.accept_timeout, Duration::from_secs(2));
+            assert_eq!(s.orders.unpaid_timeout, Duration::from_secs(20 * 60));
+            jail.set_env("VENDGATE_ORDERS__UNPAID_TIMEOUT", "5m");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(s.orders.unpaid_timeout, Duration::from_secs(5 * 60));
+            Ok(())
+        });
+    }
+
     #[test]
     fn notifier_settings_and_key_file() {
         figment::Jail::expect_with(|jail| {
