@@ -459,6 +459,22 @@ fn query_time(raw: Option<&String>) -> Result<Option<DateTime<Utc>>, ()> {
     .transpose()
 }
 
+/// `page` (from 1) and `page_size` (1..=`max`, default `default`) of a
+/// listing's query; Err for anything else.
+fn paging(q: &HashMap<String, String>, default: u64, max: u64) -> Result<(u64, u64), ()> {
+    let page = match q.get("page").map(|p| p.parse::<u64>()) {
+        None => 1,
+        Some(Ok(p)) if p >= 1 => p,
+        _ => return Err(()),
+    };
+    let page_size = match q.get("page_size").map(|p| p.parse::<u64>()) {
+        None => default,
+        Some(Ok(p)) if (1..=max).contains(&p) => p,
+        _ => return Err(()),
+    };
+    Ok((page, page_size))
+}
+
 /// `GET /orders`: the caller's orders, newest first, filtered and paged.
 /// Each entry is what `GET /orders/{id}` shows, without the timeline.
 async fn list_orders(
@@ -466,15 +482,8 @@ async fn list_orders(
     Merchant(merchant): Merchant,
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer {
-    let page = match q.get("page").map(|p| p.parse::<u64>()) {
-        None => 1,
-        Some(Ok(p)) if p >= 1 => p,
-        _ => return err(&s, ErrorCode::InvalidParams),
-    };
-    let page_size = match q.get("page_size").map(|p| p.parse::<u64>()) {
-        None => DEFAULT_ORDERS_PAGE,
-        Some(Ok(p)) if (1..=MAX_ORDERS_PAGE).contains(&p) => p,
-        _ => return err(&s, ErrorCode::InvalidParams),
+    let Ok((page, page_size)) = paging(&q, DEFAULT_ORDERS_PAGE, MAX_ORDERS_PAGE) else {
+        return err(&s, ErrorCode::InvalidParams);
     };
     let (Ok(from), Ok(to)) = (query_time(q.get("from")), query_time(q.get("to"))) else {
         return err(&s, ErrorCode::InvalidParams);
@@ -625,15 +634,11 @@ async fn list_machines(
     Merchant(merchant): Merchant,
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer {
-    let page = match q.get("page").map(|p| p.parse::<usize>()) {
-        None => 1,
-        Some(Ok(p)) if p >= 1 => p,
-        _ => return err(&s, ErrorCode::InvalidParams),
+    let Ok((page, page_size)) = paging(&q, 20, 100) else {
+        return err(&s, ErrorCode::InvalidParams);
     };
-    let page_size = match q.get("page_size").map(|p| p.parse::<usize>()) {
-        None => 20,
-        Some(Ok(p)) if (1..=100).contains(&p) => p,
-        _ => return err(&s, ErrorCode::InvalidParams),
+    let (Ok(page), Ok(page_size)) = (usize::try_from(page), usize::try_from(page_size)) else {
+        return err(&s, ErrorCode::InvalidParams);
     };
     let online_filter = match q.get("online").map(String::as_str) {
         None => None,
