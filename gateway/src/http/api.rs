@@ -84,7 +84,8 @@ pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<St
         Utc::now(),
     );
     match merchant {
-        Some(m) if matched.is_match() => {
+        // A disabled merchant is answered like a wrong AppSecret.
+        Some(m) if matched.is_match() && m.disabled_at.is_none() => {
             if matched == SecretMatch::Previous
                 && s.gw
                     .metrics
