@@ -427,7 +427,14 @@ mod tests {
             s.disconnects(ClientKind::Service, DisconnectReason::AuthFailure),
             1
         );
-        assert_eq!(s.refusals(7), 1);
+        let protocol = REFUSALS.iter().position(|r| *r == "protocol_version");
+        assert_eq!(s.refusals(protocol.unwrap_or(usize::MAX)), 1);
         assert_eq!(s.refusals(REFUSALS.len() - 1), 1);
+        s.refused("disabled", Some("12345678"));
+        assert_eq!(
+            s.disconnects(ClientKind::Machine, DisconnectReason::AuthFailure),
+            2,
+            "a disabled machine's refusal counts as a failed connect"
+        );
     }
 }
