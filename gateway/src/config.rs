@@ -386,6 +386,10 @@ pub enum HttpStatusMode {
     Mirror,
 }
 
+/// Kept free at the end of `orders.request_timeout` for the answer to be
+/// written after the last decision (a storage write, the HTTP response).
+pub const ANSWER_MARGIN: Duration = Duration::from_millis(500);
+
 /// Order handling.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -792,7 +796,7 @@ impl Settings {
         if r.interval < Duration::from_secs(1) {
             return Err(ConfigError::RetentionInterval);
         }
-        let least = self.orders.accept_timeout + slack + crate::orders::ANSWER_MARGIN;
+        let least = self.orders.accept_timeout + slack + ANSWER_MARGIN;
         if self.orders.request_timeout < least {
             return Err(ConfigError::OrderRequestTimeout {
                 request_timeout: self.orders.request_timeout,
@@ -965,6 +969,29 @@ mod tests {
             assert_eq!(s.http.addr.port(), 9);
             let shown = s.redacted_toml();
             assert!(!shown.contains("hunter2"), "{shown}");
+            Ok(())
+        });
+    }
+
+    /// API.md promises that an unpaid `pay_later` order expires after 20
+    /// minutes unless configured otherwise: the built-in default, and what
+    /// a configuration that does not mention it loads.
+    #[test]
+    fn unpaid_orders_expire_after_20_minutes_by_default() {
+        assert_eq!(
+            OrderSettings::default().unpaid_timeout,
+            Duration::from_secs(20 * 60)
+        );
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("v.toml", "[orders]\naccept_timeout = \"2s\"\n")?;
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(s.orders.accept_timeout, Duration::from_secs(2));
+            assert_eq!(s.orders.unpaid_timeout, Duration::from_secs(20 * 60));
+            jail.set_env("VENDGATE_ORDERS__UNPAID_TIMEOUT", "5m");
+            let s = Settings::load(Some(Path::new("v.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(s.orders.unpaid_timeout, Duration::from_secs(5 * 60));
             Ok(())
         });
     }

@@ -208,9 +208,10 @@ impl PresenceRegistry {
         }
     }
 
+    /// Record a ping's round trip (see [`rtt_ms`]).
     pub fn set_rtt(&self, machine_no: &MachineNo, rtt: Duration) {
         if let Some(mut e) = self.machines.get_mut(machine_no) {
-            e.last_rtt_ms = Some(u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX));
+            e.last_rtt_ms = Some(rtt_ms(rtt));
         }
     }
 
@@ -271,6 +272,12 @@ fn view(machine_no: MachineNo, e: &Entry) -> MachinePresence {
         flaps: u32::try_from(flaps).unwrap_or(u32::MAX),
         last_offline_reason: e.last_offline_reason,
     }
+}
+
+/// A round trip in whole milliseconds, rounded up: a measured round trip
+/// never reads as 0, which the API leaves out as "not measured".
+pub fn rtt_ms(rtt: Duration) -> u64 {
+    u64::try_from(rtt.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

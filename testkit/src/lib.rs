@@ -16,7 +16,8 @@
 //!   nodes without restarting the simulated machine.
 //!
 //! Every fixture panics with an install hint when the binary it needs is
-//! missing: the cluster tests never skip silently.
+//! missing (`cargo xtask test` installs them all): the cluster tests never
+//! skip silently.
 
 pub mod haproxy;
 pub mod nats;
@@ -36,8 +37,10 @@ pub use node::{GatewayNode, NodeOptions, Timings};
 pub use pg::PgServer;
 pub use relay::Relay;
 
-/// The packages the cluster tests need, for the panic message.
-pub const INSTALL_HINT: &str = "apt-get install -y nats-server postgresql haproxy";
+/// What installs the engines the tests need, for the panic messages: the
+/// README's test command, or the packages by hand.
+pub const INSTALL_HINT: &str = "run `cargo xtask test`, which installs what the test suite needs \
+     (as root; otherwise it prints the command), or: apt-get install -y nats-server postgresql haproxy";
 
 /// Panics with "<name> is needed for the cluster tests: apt-get install …"
 /// unless `nats-server`, `haproxy` and PostgreSQL 15 are all installed, so a
@@ -107,20 +110,37 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// The path of `name`, looked up in `PATH` and then in `extra_dirs`;
-/// panics with "<name> is needed for the cluster tests: apt-get install …"
-/// when it is nowhere.
+/// panics with "<name> is needed for the cluster tests: run `cargo xtask
+/// test` … apt-get install …" when it is nowhere.
+#[track_caller]
 pub fn require_binary(name: &str, extra_dirs: &[&str]) -> PathBuf {
+    find_binary(name, extra_dirs)
+        .unwrap_or_else(|| panic!("{name} is needed for the cluster tests: {INSTALL_HINT}"))
+}
+
+/// The path of `name` (a tool some test drives, outside the cluster
+/// fixtures); panics naming `cargo xtask test` and the Debian `packages`
+/// to install by hand when it is missing, so the test fails rather than
+/// skips.
+#[track_caller]
+pub fn require_tool(name: &str, purpose: &str, packages: &str) -> PathBuf {
+    find_binary(name, &[]).unwrap_or_else(|| {
+        panic!(
+            "{name} is needed for {purpose}: run `cargo xtask test`, which installs what the \
+             test suite needs (as root; otherwise it prints the command), or: \
+             apt-get install -y {packages}"
+        )
+    })
+}
+
+/// `name` in `PATH`, `extra_dirs` or the sbin directories.
+fn find_binary(name: &str, extra_dirs: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::env::split_paths(&path)
+    std::env::split_paths(&path)
         .chain(extra_dirs.iter().map(PathBuf::from))
-        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
-    for d in dirs {
-        let p = d.join(name);
-        if is_executable(&p) {
-            return p;
-        }
-    }
-    panic!("{name} is needed for the cluster tests: {INSTALL_HINT}");
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {

@@ -25,8 +25,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Where Debian's `postgresql-15` puts the server binaries.
 const BIN: &str = "/usr/lib/postgresql/15/bin";
-const MISSING: &str = "PostgreSQL 15 is needed for this test: apt-get install -y postgresql \
-                       (the cluster tests also need nats-server and haproxy)";
+const MISSING: &str = "PostgreSQL 15 is needed for this test: run `cargo xtask test`, which \
+                       installs what the test suite needs (as root; otherwise it prints the \
+                       command), or: apt-get install -y postgresql";
 /// Set to `postgres://…` to use that server instead of spawning one.
 pub const URL_ENV: &str = "VENDGATE_TEST_PG_URL";
 

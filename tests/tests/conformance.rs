@@ -21,7 +21,7 @@ use vendgate_e2e::{hand_machine, wait_until, Client, RawClient, TestGateway, DEA
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
-/// Where `.ci/run` installs paho-mqtt (`VENDGATE_PYDEPS` overrides).
+/// Where `cargo xtask test` installs paho-mqtt (`VENDGATE_PYDEPS` overrides).
 fn pydeps() -> PathBuf {
     std::env::var_os("VENDGATE_PYDEPS")
         .map(PathBuf::from)
@@ -59,9 +59,9 @@ fn paho_present() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Make paho-mqtt available once per test binary: present already (`.ci/run`
-/// installs it), or installed now with pip into `pydeps()` so the README's
-/// test command works on a machine that has python3 and pip. Anything else
+/// Make paho-mqtt available once per test binary: present already (`cargo
+/// xtask test` installs it), or installed now with pip into `pydeps()` so a
+/// bare `cargo test` works on a machine that has python3 and pip. Anything else
 /// fails the test with the command that installs it: a conformance suite
 /// that silently skips proves nothing.
 fn ensure_paho() {
@@ -84,8 +84,9 @@ fn ensure_paho() {
     if let Err(why) = ready {
         panic!(
             "python3 with paho-mqtt 2.x is required for the conformance tests and could not be \
-             found or installed ({why}); install it with: python3 -m pip install --target {} \
-             'paho-mqtt==2.*' (.ci/run does this)",
+             found or installed ({why}); run `cargo xtask test`, which installs what the test \
+             suite needs, or: apt-get install -y python3-pip && python3 -m pip install \
+             --target {} 'paho-mqtt==2.*'",
             pydeps().display()
         );
     }

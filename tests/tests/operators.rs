@@ -1237,7 +1237,8 @@ async fn dashboard_in_headless_chromium() {
         if !Path::new(tool).exists() {
             println!(
                 "SKIPPED dashboard_in_headless_chromium: {tool} is missing \
-                 (apt-get install chromium chromium-driver)"
+                 (`cargo xtask test` installs it where it can: apt-get install -y \
+                 chromium chromium-driver)"
             );
             return;
         }

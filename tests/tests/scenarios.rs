@@ -761,3 +761,124 @@ async fn an_ill_fitting_result_is_not_an_acceptance() {
     .await;
     gw.stop().await;
 }
+
+/// What a merchant sees of one order on a machine behaving as `b`
+/// (mixed.toml's header): an error code, or the order's final status.
+fn expected_outcome(b: &Behaviour) -> &'static str {
+    match b {
+        Behaviour::Refuse { .. } => "30005",
+        Behaviour::Fail { .. } => "failed",
+        Behaviour::Partial { .. } => "partially_dispensed",
+        Behaviour::NeverAck | Behaviour::DropConnection => "30002",
+        Behaviour::AckThenSilent => "unknown",
+        Behaviour::SlowAck { .. } | Behaviour::Normal => "completed",
+        other => panic!("mixed.toml gained a behaviour this test does not know: {other:?}"),
+    }
+}
+
+/// The status an order settles in: the first one that is not on the way.
+async fn settled_status(api: &Api, id: u64) -> String {
+    let deadline = tokio::time::Instant::now() + vendgate_e2e::DEADLINE;
+    loop {
+        let status = api.order_status(id).await;
+        if !matches!(status.as_str(), "" | "dispatching" | "dispensing") {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "order {id} never settled (last {status:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// mixed.toml end to end: a fleet of machines each behaving as the file
+/// assigns (flapping included), one order each, all at once. Every order
+/// ends as its machine's behaviour says, and each outcome comes in about
+/// its share. The seed fixes who does what, so the counts are the same on
+/// every run; the bounds only say "about its share".
+#[tokio::test]
+async fn mixed_scenario_outcomes_come_in_their_shares() {
+    const FLEET: u32 = 150;
+    let gw = TestGateway::start_with(|s| {
+        // ack-then-silent machines become `unknown` at this deadline.
+        s.orders.dispense_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let (appid, secret) = gw.merchant("shop").await;
+    let api = Api::new(&gw, &appid, &secret);
+    let file = scenario("mixed.toml");
+    let mut sims = Vec::new();
+    for n in 0..FLEET {
+        let machine = (10_000_000 + n).to_string();
+        sims.push(start_machine(&gw, &appid, &machine, "mixed.toml", |_| {}).await);
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _schedules = file.start_schedules(&sims, &cancel);
+
+    let mut orders = tokio::task::JoinSet::new();
+    for sim in &sims {
+        let (api, machine) = (api.clone(), sim.machine_no());
+        orders.spawn(async move {
+            let v = api.order(machine.as_str(), &[(1, 2)]).await;
+            let outcome = match code(&v) {
+                0 => settled_status(&api, order_id(&v)).await,
+                c => c.to_string(),
+            };
+            (machine, outcome)
+        });
+    }
+    let mut counts = std::collections::BTreeMap::<String, u32>::new();
+    while let Some(done) = orders.join_next().await {
+        let (machine, outcome) = done.expect("order task");
+        let a = file.assignment_for(machine);
+        let expected = expected_outcome(&a.behaviour);
+        // A flapping machine may be between connections when its order
+        // comes (30002); otherwise it works.
+        let ok = outcome == expected || (a.flap.is_some() && outcome == "30002");
+        assert!(
+            ok,
+            "{machine} ({}): {outcome}, expected {expected}",
+            a.behaviour
+        );
+        *counts.entry(outcome).or_default() += 1;
+    }
+
+    // About its share: 10 pinned refusals plus 5 % of the other 140, and
+    // so on down mixed.toml; completed takes the rest (75 % normal, 5 %
+    // slow-ack, 2 % flapping).
+    let drawn = f64::from(FLEET - 10);
+    let about = |outcome: &str, expected: f64| {
+        let got = f64::from(counts.get(outcome).copied().unwrap_or(0));
+        assert!(
+            got >= 1.0 && got >= expected / 3.0 && got <= expected * 3.0 + 3.0,
+            "{outcome}: {got} of {FLEET}, expected about {expected:.1}: {counts:?}"
+        );
+    };
+    about("30005", 10.0 + 0.05 * drawn);
+    about("failed", 0.05 * drawn);
+    about("partially_dispensed", 0.05 * drawn);
+    about("30002", 0.03 * drawn);
+    about("unknown", 0.02 * drawn);
+    about("completed", 0.82 * drawn);
+    assert_eq!(counts.values().sum::<u32>(), FLEET);
+
+    // Flapping: every machine with a `flap` rule drops and comes back.
+    let flapping: Vec<&SimHandle> = sims
+        .iter()
+        .filter(|s| file.assignment_for(s.machine_no()).flap.is_some())
+        .collect();
+    assert!(
+        !flapping.is_empty(),
+        "the draw gave no machine the flap rule"
+    );
+    wait_until("every flapping machine dropped once", || {
+        flapping
+            .iter()
+            .all(|s| count(s, |e| matches!(e, JournalEvent::Dropped)) >= 1)
+    })
+    .await;
+    wait_until("and is back", || flapping.iter().all(|s| s.ready())).await;
+    cancel.cancel();
+    gw.stop().await;
+}

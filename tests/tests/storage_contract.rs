@@ -17,8 +17,8 @@ use vendgate::secrets::SecretHash;
 use vendgate::storage::{
     self, Attempt, AttemptResult, ClaimRequest, ClaimedEvent, Due, MachineEvent, NewMachine,
     NewMerchant, NewOrder, NewOutboxEvent, NewService, NodeRow, OrderChange, OrderEvent,
-    OutboxBacklog, OutboxStatus, Ownership, PresenceChange, PresenceWrite, ReplayOutcome, Storage,
-    StorageError,
+    OrderQuery, OutboxBacklog, OutboxStatus, Ownership, PresenceChange, PresenceWrite,
+    ReplayOutcome, Storage, StorageError,
 };
 use vendgate::Settings;
 use vendgate_e2e::pg::PgServer;
@@ -86,6 +86,7 @@ macro_rules! contract {
 
 contract!(
     merchants_round_trip_and_duplicates,
+    merchant_notify_url_set_and_cleared,
     machines_round_trip_listing_and_errors,
     bulk_machines_all_or_nothing,
     services_round_trip_and_duplicates,
@@ -102,6 +103,7 @@ contract!(
     orders_refunds_unpaid_counts_and_timeline,
     orders_acceptance_only_before_accept_by,
     orders_timeline_extra_events_are_capped,
+    orders_listed_newest_first_filtered_and_paged,
     inventories_replace_snapshots,
     ownership_epochs,
     nodes_heartbeats_reaping_orphans,
@@ -336,6 +338,59 @@ fn order_ids(v: &[storage::StoredOrder]) -> Vec<u64> {
 }
 
 // --------------------------------------------------------------- accounts
+
+async fn merchant_notify_url_set_and_cleared(db: Db) {
+    let s = db.store.as_ref();
+    merchant(s, "vga", None).await;
+    merchant(s, "vgb", Some("https://b.example/")).await;
+    // Read first, so a cached row would show if the write did not clear it.
+    assert!(s
+        .merchant("vga")
+        .await
+        .unwrap()
+        .unwrap()
+        .notify_url
+        .is_none());
+    assert!(s
+        .set_notify_url("vga", Some("https://a.example/h"))
+        .await
+        .unwrap());
+    let a = s.merchant("vga").await.unwrap().unwrap();
+    assert_eq!(a.notify_url.as_deref(), Some("https://a.example/h"));
+    // Nothing else of the row changed, nor any other merchant.
+    assert!(a.appsecret_hash.verify("appsecret"));
+    assert_eq!(
+        (a.name.as_str(), a.appsecret_enc.as_deref()),
+        ("merchant vga", Some("enc-vga"))
+    );
+    let b = s.merchant("vgb").await.unwrap().unwrap();
+    assert_eq!(b.notify_url.as_deref(), Some("https://b.example/"));
+    // Another handle (another node, or the CLI) sees it too.
+    let other = db.another().await;
+    assert_eq!(
+        other
+            .merchant("vga")
+            .await
+            .unwrap()
+            .unwrap()
+            .notify_url
+            .as_deref(),
+        Some("https://a.example/h")
+    );
+    assert!(s.set_notify_url("vga", None).await.unwrap());
+    assert!(s
+        .merchant("vga")
+        .await
+        .unwrap()
+        .unwrap()
+        .notify_url
+        .is_none());
+    assert!(!s
+        .set_notify_url("nobody", Some("https://x.example/"))
+        .await
+        .unwrap());
+    assert!(s.merchant("nobody").await.unwrap().is_none());
+}
 
 async fn merchants_round_trip_and_duplicates(db: Db) {
     let s = db.store.as_ref();
@@ -911,6 +966,138 @@ async fn outbox_attempts_listing_backlog_timeline(db: Db) {
 }
 
 // ----------------------------------------------------------------- orders
+
+async fn orders_listed_newest_first_filtered_and_paged(db: Db) {
+    let s = db.store.as_ref();
+    machines(s, &["00000001", "00000002"]).await;
+    merchant(s, "vgb", None).await;
+    s.create_machine(new_machine("00000009", "vgb"))
+        .await
+        .unwrap();
+    // Orders 1..=6 of vga created at 1_000, 2_000, …; 4 and 5 at the same
+    // instant (the order id breaks the tie); 7 is vgb's.
+    let at = [0, 1_000, 2_000, 3_000, 4_000, 4_000, 6_000];
+    for id in 1..=6u64 {
+        let m = if id % 2 == 0 { "00000002" } else { "00000001" };
+        let status = if id <= 3 {
+            Status::AwaitingPayment
+        } else {
+            Status::Dispatching
+        };
+        s.insert_order(
+            &NewOrder {
+                out_trade_no: Some(format!("T-{id}")),
+                created_at: t(at[id as usize]),
+                ..new_order(id, m, status, 1 << 40)
+            },
+            &ev("created", at[id as usize]),
+        )
+        .await
+        .unwrap();
+    }
+    s.insert_order(
+        &NewOrder {
+            merchant_appid: "vgb".into(),
+            out_trade_no: Some("T-1".into()),
+            created_at: t(5_000),
+            ..new_order(7, "00000009", Status::AwaitingPayment, 1 << 40)
+        },
+        &ev("created", 5_000),
+    )
+    .await
+    .unwrap();
+    let q = |f: &dyn Fn(&mut OrderQuery)| {
+        let mut q = OrderQuery {
+            merchant_appid: "vga".into(),
+            limit: 100,
+            ..OrderQuery::default()
+        };
+        f(&mut q);
+        q
+    };
+    let list = |q: OrderQuery| async move {
+        let (orders, total) = s.list_orders(&q).await.unwrap();
+        (
+            orders.into_iter().map(|o| o.order_id).collect::<Vec<_>>(),
+            total,
+        )
+    };
+    assert_eq!(list(q(&|_| {})).await, (vec![6, 5, 4, 3, 2, 1], 6));
+    // Whole stored orders, lines included.
+    let (first, _) = s.list_orders(&q(&|q| q.limit = 1)).await.unwrap();
+    assert_eq!(first, vec![s.order(6).await.unwrap().unwrap()]);
+    // Pages: the total counts every match.
+    assert_eq!(
+        list(q(&|q| {
+            q.limit = 2;
+            q.offset = 2
+        }))
+        .await,
+        (vec![4, 3], 6)
+    );
+    assert_eq!(list(q(&|q| q.offset = 6)).await, (vec![], 6));
+    // from inclusive, to exclusive.
+    assert_eq!(
+        list(q(&|q| q.from = Some(t(4_000)))).await,
+        (vec![6, 5, 4], 3)
+    );
+    assert_eq!(
+        list(q(&|q| q.to = Some(t(4_000)))).await,
+        (vec![3, 2, 1], 3)
+    );
+    assert_eq!(
+        list(q(&|q| {
+            q.from = Some(t(2_000));
+            q.to = Some(t(6_000))
+        }))
+        .await,
+        (vec![5, 4, 3, 2], 4)
+    );
+    assert_eq!(
+        list(q(&|q| q.status = Some(Status::AwaitingPayment))).await,
+        (vec![3, 2, 1], 3)
+    );
+    assert_eq!(
+        list(q(&|q| q.machine_no = Some(no("00000002")))).await,
+        (vec![6, 4, 2], 3)
+    );
+    assert_eq!(
+        list(q(&|q| {
+            q.machine_no = Some(no("00000001"));
+            q.status = Some(Status::Dispatching);
+            q.limit = 1
+        }))
+        .await,
+        (vec![5], 1)
+    );
+    assert_eq!(
+        list(q(&|q| q.out_trade_no = Some("T-1".into()))).await,
+        (vec![1], 1)
+    );
+    // Another merchant's orders are never listed, whatever the filter.
+    assert_eq!(
+        list(q(&|q| q.machine_no = Some(no("00000009")))).await,
+        (vec![], 0)
+    );
+    let (theirs, n) = s
+        .list_orders(&OrderQuery {
+            merchant_appid: "vgb".into(),
+            limit: 100,
+            ..OrderQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((theirs.len(), theirs[0].order_id, n), (1, 7, 1));
+    assert_eq!(
+        list(OrderQuery {
+            merchant_appid: "nobody".into(),
+            limit: 100,
+            ..OrderQuery::default()
+        })
+        .await,
+        (vec![], 0)
+    );
+}
 
 async fn orders_insert_read_and_duplicates(db: Db) {
     let s = db.store.as_ref();

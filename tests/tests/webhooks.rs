@@ -833,3 +833,241 @@ async fn a_merchant_without_an_encrypted_secret_gets_dead_events_saying_why() {
     assert!(rx.hits().is_empty(), "nothing unsigned was sent");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_partially_dispensed_order_is_notified_with_the_shortfall_owed() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start_with(fast).await;
+    let (appid, secret) = gw.merchant_with_url("shop", &rx.url()).await;
+    let ms = gw.machine(&appid, M1).await;
+    let api = Api::new(&gw, &appid, &secret);
+    let sim = ready_sim(&gw, sim_config(&gw, M1, &ms)).await;
+    sim.set_behaviour(Behaviour::Partial {
+        error: "motor_jam".into(),
+    });
+
+    let id = order_id(&api.order(M1, &[(1, 2), (2, 1)]).await);
+    api.wait_status(id, "partially_dispensed").await;
+    wait_until("order.partially_dispensed delivered", || {
+        rx.delivered_of("order.partially_dispensed").len() == 1
+    })
+    .await;
+    let hit = &rx.delivered_of("order.partially_dispensed")[0];
+    verify(hit, &secret);
+    let d = &hit.json["data"];
+    assert_eq!(d["order_id"], id);
+    assert_eq!(d["status"], "partially_dispensed");
+    assert_eq!(d["error"], "motor_jam");
+    // Half of each line, rounded down: 1 of 2 × 350 out, 0 of 1 × 200.
+    assert_eq!(d["amount"], 2 * 350 + 200);
+    assert_eq!(d["refund_amount"], 350 + 200);
+    assert_eq!(d["items"][0]["dispensed"], 1);
+    assert_eq!(d["items"][1]["dispensed"], 0);
+    // The only order event: no order.completed or dispense_failed beside it.
+    let kinds: Vec<String> = rx
+        .delivered()
+        .iter()
+        .filter(|h| h.order_id() == Some(id))
+        .map(|h| h.kind().to_string())
+        .collect();
+    assert_eq!(kinds, ["order.partially_dispensed"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_unpaid_order_that_expires_is_notified() {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start_with(|s| {
+        fast(s);
+        s.orders.unpaid_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (appid, secret) = gw.merchant_with_url("shop", &rx.url()).await;
+    let ms = gw.machine(&appid, M1).await;
+    let api = Api::new(&gw, &appid, &secret);
+    let sim = ready_sim(&gw, sim_config(&gw, M1, &ms)).await;
+
+    let body = serde_json::json!({
+        "machine_no": M1,
+        "products": [{ "product_id": 1, "quantity": 2 }],
+        "pay_later": true,
+    });
+    let id = order_id(&api.post_raw("/orders", body.to_string()).await.1);
+    api.wait_status(id, "expired").await;
+    wait_until("order.expired delivered", || {
+        rx.delivered_of("order.expired").len() == 1
+    })
+    .await;
+    let hit = &rx.delivered_of("order.expired")[0];
+    verify(hit, &secret);
+    let d = &hit.json["data"];
+    assert_eq!(d["order_id"], id);
+    assert_eq!(d["machine_no"], M1);
+    assert_eq!(d["status"], "expired");
+    // Nothing was paid or dispensed, so nothing is owed.
+    assert_eq!(d["refund_amount"], 0);
+    assert_eq!(d["items"][0]["dispensed"], 0);
+    assert!(sim.dispensed_orders().is_empty());
+    gw.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The README's verification examples in Go and PHP (docs/examples/), run as
+// a merchant would run them, against a real signed delivery.
+
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const GO_EXAMPLE: &str = "docs/examples/verify_webhook.go";
+const PHP_EXAMPLE: &str = "docs/examples/verify_webhook.php";
+
+/// The README shows each example file whole, so what is tested is what
+/// merchants copy.
+#[test]
+fn the_readme_shows_the_example_files_verbatim() {
+    let readme = std::fs::read_to_string(format!("{REPO}/README.md")).expect("README.md");
+    for file in [GO_EXAMPLE, PHP_EXAMPLE] {
+        let text = std::fs::read_to_string(format!("{REPO}/{file}")).expect(file);
+        assert!(
+            readme.contains(&text),
+            "README.md must contain {file} verbatim (copy the file into its code block)"
+        );
+    }
+}
+
+/// One delivered, signed `order.completed`: (AppSecret, Vendgate-Signature,
+/// body exactly as received).
+async fn a_signed_delivery() -> (String, String, String) {
+    let rx = Receiver::start().await;
+    let gw = TestGateway::start_with(fast).await;
+    let (appid, secret) = gw.merchant_with_url("shop", &rx.url()).await;
+    let ms = gw.machine(&appid, M1).await;
+    let api = Api::new(&gw, &appid, &secret);
+    let sim = ready_sim(&gw, sim_config(&gw, M1, &ms)).await;
+    order_id(&api.order(M1, &[(1, 1)]).await);
+    wait_until("order.completed delivered", || {
+        rx.delivered_of("order.completed").len() == 1
+    })
+    .await;
+    let hit = rx.delivered_of("order.completed").remove(0);
+    verify(&hit, &secret);
+    sim.shutdown().await;
+    gw.stop().await;
+    let sig = hit.header("vendgate-signature").to_string();
+    (secret, sig, hit.body)
+}
+
+/// Runs `program args… APPSECRET SIGNATURE` with `body` on stdin; whether it
+/// accepted (exit status 0).
+async fn example_accepts(
+    program: &std::path::Path,
+    args: &[&str],
+    envs: &[(&str, std::ffi::OsString)],
+    secret: &str,
+    signature: &str,
+    body: &str,
+) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(program)
+        .current_dir(REPO)
+        .args(args)
+        .args([secret, signature])
+        .envs(envs.iter().map(|(k, v)| (*k, v)))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(body.as_bytes())
+        .await
+        .expect("writing the body");
+    drop(stdin);
+    // Generous: the first `go run` compiles the standard library packages
+    // it uses into an empty cache.
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{} {args:?} did not finish", program.display()))
+        .expect("waiting for the example");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    // (`go run` adds its own "exit status 1" line.)
+    match out.status.code() {
+        Some(0) => assert_eq!(stdout.trim(), "verified", "{stderr}"),
+        Some(1) => assert!(stderr.starts_with("rejected\n"), "{stdout}\n{stderr}"),
+        _ => panic!(
+            "{} {args:?}: {}\n{stdout}\n{stderr}",
+            program.display(),
+            out.status
+        ),
+    }
+    out.status.success()
+}
+
+/// The example accepts the genuine delivery and rejects a tampered body, the
+/// wrong AppSecret, a stale timestamp (correctly signed) and a malformed
+/// header.
+async fn check_example(
+    program: &std::path::Path,
+    args: &[&str],
+    envs: &[(&str, std::ffi::OsString)],
+) {
+    let (secret, sig, body) = a_signed_delivery().await;
+    let run = |secret: String, sig: String, body: String| async move {
+        example_accepts(program, args, envs, &secret, &sig, &body).await
+    };
+    assert!(
+        run(secret.clone(), sig.clone(), body.clone()).await,
+        "the genuine delivery was rejected: {sig} {body}"
+    );
+    let tampered = body.replacen("\"dispensed\":1", "\"dispensed\":2", 1);
+    assert_ne!(tampered, body);
+    assert!(
+        !run(secret.clone(), sig.clone(), tampered).await,
+        "tampered body"
+    );
+    assert!(
+        !run("wrong".into(), sig.clone(), body.clone()).await,
+        "wrong AppSecret"
+    );
+    let old = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        - 600;
+    let stale = format!("t={old},v1={}", hmac_hex(&secret, &format!("{old}.{body}")));
+    assert!(!run(secret.clone(), stale, body.clone()).await, "stale t");
+    assert!(
+        !run(secret.clone(), "v1=00".into(), body.clone()).await,
+        "no t"
+    );
+}
+
+#[tokio::test]
+async fn the_go_example_verifies_a_real_delivery() {
+    let go =
+        vendgate_testkit::require_tool("go", "the Go webhook example's test", "golang php-cli");
+    // No network and nothing outside a temp dir: GOPATH mode for one
+    // standard-library file, a private build cache, no proxy.
+    let home = tempfile::tempdir().expect("temp dir");
+    let envs = [
+        ("HOME", home.path().into()),
+        ("GOCACHE", home.path().join("cache").into()),
+        ("GOPATH", home.path().join("gopath").into()),
+        ("GO111MODULE", "off".into()),
+        ("GOFLAGS", "".into()),
+        ("GOPROXY", "off".into()),
+        ("GOTOOLCHAIN", "local".into()),
+        ("CGO_ENABLED", "0".into()),
+    ];
+    check_example(&go, &["run", GO_EXAMPLE], &envs).await;
+}
+
+#[tokio::test]
+async fn the_php_example_verifies_a_real_delivery() {
+    let php =
+        vendgate_testkit::require_tool("php", "the PHP webhook example's test", "golang php-cli");
+    check_example(&php, &[PHP_EXAMPLE], &[]).await;
+}

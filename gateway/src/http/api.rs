@@ -20,18 +20,21 @@ use vendgate_proto::machine::MachineNo;
 
 use super::envelope::Envelope;
 use super::AppState;
+use crate::commands::DeliveryError;
 use crate::orders::PlaceRequest;
 use crate::secrets::{verify_rotating, AccountKind, SecretMatch};
 
 pub fn routes(state: &AppState) -> Router<AppState> {
     let limit = state.gw.settings.http.max_body;
     Router::new()
-        .route("/orders", post(place_order))
+        .route("/orders", post(place_order).get(list_orders))
         .route("/orders/{order_id}", get(get_order))
         .route("/orders/{order_id}/pay", post(pay_order))
+        .route("/orders/{order_id}/cancel", post(cancel_order))
         .route("/orders/{order_id}/refund", post(refund_order))
         .route("/machines", get(list_machines))
         .route("/machines/{machine_no}", get(get_machine))
+        .route("/machines/{machine_no}/ping", post(ping_machine))
         .layer(DefaultBodyLimit::max(limit))
 }
 
@@ -48,6 +51,23 @@ pub(super) fn ok(s: &AppState, data: Value) -> Answer {
 pub async fn not_found(State(s): State<AppState>, method: Method, uri: Uri) -> Answer {
     debug!(%method, %uri, "no such route");
     err(&s, ErrorCode::InvalidParams)
+}
+
+/// A known path with a method it does not take (`DELETE /orders`): the
+/// envelope with 20001 like any other bad request, HTTP 405 when the
+/// operator chose `http_status = "mirror"` (axum adds the `Allow` header).
+pub async fn method_not_allowed(
+    State(s): State<AppState>,
+    method: Method,
+    uri: Uri,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    debug!(%method, %uri, "method not allowed");
+    let mut resp = err(&s, ErrorCode::InvalidParams).into_response();
+    if s.gw.settings.http.http_status == crate::config::HttpStatusMode::Mirror {
+        *resp.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    }
+    resp
 }
 
 /// The caller's appid when `Appid`/`AppSecret` match (constant-time; an
@@ -310,11 +330,6 @@ async fn get_order(
         Ok(None) => return err(&s, ErrorCode::OrderNotFound),
         Err(e) => return err(&s, e.code()),
     };
-    let items: Vec<Value> = o
-        .lines
-        .iter()
-        .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed, "unit_price": l.unit_price }))
-        .collect();
     let mut events: Vec<(DateTime<Utc>, Value)> = events
         .iter()
         .map(|e| {
@@ -339,28 +354,39 @@ async fn get_order(
     }
     events.sort_by_key(|(at, _)| *at);
     let events: Vec<Value> = events.into_iter().map(|(_, v)| v).collect();
-    ok(
-        &s,
-        json!({
-            "order_id": o.order_id,
-            "machine_no": o.machine_no.as_str(),
-            "status": o.status.as_str(),
-            "out_trade_no": o.out_trade_no,
-            "items": items,
-            "amount": o.amount,
-            "refund_amount": o.refund_amount,
-            "created_at": rfc3339(Some(o.created_at)),
-            "updated_at": rfc3339(Some(o.updated_at)),
-            "error": o.error,
-            "pay_later": o.pay_later,
-            "pay_deadline": if o.status == crate::orders::state::Status::AwaitingPayment { rfc3339(o.pay_deadline) } else { Value::Null },
-            "refund_status": refund_status(&o),
-            "refunded_amount": o.refunded_amount,
-            "refunded_at": rfc3339(o.refunded_at),
-            "events": events,
-            "events_dropped": o.events_dropped,
-        }),
-    )
+    let mut data = order_json(&o);
+    if let Some(d) = data.as_object_mut() {
+        d.insert("events".into(), Value::Array(events));
+        d.insert("events_dropped".into(), json!(o.events_dropped));
+    }
+    ok(&s, data)
+}
+
+/// An order as `GET /orders/{id}` shows it, without its timeline (which
+/// the caller adds); also one entry of `GET /orders`.
+fn order_json(o: &crate::storage::StoredOrder) -> Value {
+    let items: Vec<Value> = o
+        .lines
+        .iter()
+        .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed, "unit_price": l.unit_price }))
+        .collect();
+    json!({
+        "order_id": o.order_id,
+        "machine_no": o.machine_no.as_str(),
+        "status": o.status.as_str(),
+        "out_trade_no": o.out_trade_no,
+        "items": items,
+        "amount": o.amount,
+        "refund_amount": o.refund_amount,
+        "created_at": rfc3339(Some(o.created_at)),
+        "updated_at": rfc3339(Some(o.updated_at)),
+        "error": o.error,
+        "pay_later": o.pay_later,
+        "pay_deadline": if o.status == crate::orders::state::Status::AwaitingPayment { rfc3339(o.pay_deadline) } else { Value::Null },
+        "refund_status": refund_status(o),
+        "refunded_amount": o.refunded_amount,
+        "refunded_at": rfc3339(o.refunded_at),
+    })
 }
 
 /// `pending` while a refund is owed and not recorded, `refunded` once the
@@ -417,6 +443,151 @@ async fn refund_order(
             json!({ "order_id": o.order_id, "refund_amount": o.refund_amount, "refunded_amount": o.refunded_amount, "refund_status": refund_status(&o), "refunded_at": rfc3339(o.refunded_at) }),
         ),
         Err(e) => err(&s, e.code()),
+    }
+}
+
+/// Most orders on one page of `GET /orders`.
+const MAX_ORDERS_PAGE: u64 = 100;
+const DEFAULT_ORDERS_PAGE: u64 = 20;
+
+/// An RFC 3339 instant of a query parameter.
+fn query_time(raw: Option<&String>) -> Result<Option<DateTime<Utc>>, ()> {
+    raw.map(|t| {
+        DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| ())
+    })
+    .transpose()
+}
+
+/// `GET /orders`: the caller's orders, newest first, filtered and paged.
+/// Each entry is what `GET /orders/{id}` shows, without the timeline.
+async fn list_orders(
+    State(s): State<AppState>,
+    Merchant(merchant): Merchant,
+    Query(q): Query<HashMap<String, String>>,
+) -> Answer {
+    let page = match q.get("page").map(|p| p.parse::<u64>()) {
+        None => 1,
+        Some(Ok(p)) if p >= 1 => p,
+        _ => return err(&s, ErrorCode::InvalidParams),
+    };
+    let page_size = match q.get("page_size").map(|p| p.parse::<u64>()) {
+        None => DEFAULT_ORDERS_PAGE,
+        Some(Ok(p)) if (1..=MAX_ORDERS_PAGE).contains(&p) => p,
+        _ => return err(&s, ErrorCode::InvalidParams),
+    };
+    let (Ok(from), Ok(to)) = (query_time(q.get("from")), query_time(q.get("to"))) else {
+        return err(&s, ErrorCode::InvalidParams);
+    };
+    if let (Some(f), Some(t)) = (from, to) {
+        if f > t {
+            return err(&s, ErrorCode::InvalidParams);
+        }
+    }
+    let status = match q.get("status") {
+        None => None,
+        Some(raw) => match crate::orders::state::Status::parse(raw) {
+            Some(st) => Some(st),
+            None => return err(&s, ErrorCode::InvalidParams),
+        },
+    };
+    let machine_no = match q.get("machine_no") {
+        None => None,
+        Some(raw) => match raw.parse::<MachineNo>() {
+            Ok(m) => Some(m),
+            Err(_) => return err(&s, ErrorCode::InvalidMachineNo),
+        },
+    };
+    let out_trade_no = match q.get("out_trade_no") {
+        None => None,
+        Some(o) if !o.is_empty() && o.chars().count() <= 64 => Some(o.clone()),
+        Some(_) => return err(&s, ErrorCode::InvalidParams),
+    };
+    let query = crate::storage::OrderQuery {
+        merchant_appid: merchant,
+        from,
+        to,
+        status,
+        machine_no,
+        out_trade_no,
+        offset: (page - 1).saturating_mul(page_size),
+        limit: page_size,
+    };
+    let (orders, total) = match s.gw.store.list_orders(&query).await {
+        Ok(x) => x,
+        Err(_) => return err(&s, ErrorCode::Internal),
+    };
+    let mut data = Map::new();
+    data.insert(
+        "orders".into(),
+        Value::Array(orders.iter().map(order_json).collect()),
+    );
+    data.insert("total".into(), json!(total));
+    data.insert("page".into(), json!(page));
+    data.insert("page_size".into(), json!(page_size));
+    ok(&s, Value::Object(data))
+}
+
+/// `POST /orders/{id}/cancel`: an unpaid `pay_later` order is cancelled and
+/// its stock released at once (40002 once it is paid, expired or cancelled).
+async fn cancel_order(
+    State(s): State<AppState>,
+    Merchant(merchant): Merchant,
+    Segment(order_id): Segment,
+) -> Answer {
+    let order_id = match parse_order_id(&s, &order_id) {
+        Ok(id) => id,
+        Err(a) => return a,
+    };
+    match s.orders.cancel(&merchant, order_id).await {
+        Ok(o) => {
+            info!(appid = %merchant, order_id, "unpaid order cancelled; stock released");
+            ok(
+                &s,
+                json!({ "order_id": o.order_id, "status": o.status.as_str() }),
+            )
+        }
+        Err(e) => err(&s, e.code()),
+    }
+}
+
+/// How long `POST /machines/{no}/ping` waits for the machine's `pong`.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `POST /machines/{no}/ping`: an application-level round trip to the
+/// machine (`cmd/ping` → `pong`), on whichever node holds its connection.
+/// The round trip is then the machine's `last_rtt_ms`.
+async fn ping_machine(
+    State(s): State<AppState>,
+    Merchant(merchant): Merchant,
+    Segment(machine_no): Segment,
+) -> Answer {
+    let Ok(m) = machine_no.parse::<MachineNo>() else {
+        return err(&s, ErrorCode::InvalidMachineNo);
+    };
+    // Read from storage like `GET /machines/{no}`: another merchant's
+    // machine answers exactly like an unknown one.
+    match s.gw.store.machine(&m).await {
+        Ok(Some(machine)) if machine.merchant_appid == merchant => {}
+        Ok(_) => return err(&s, ErrorCode::MachineNotFound),
+        Err(_) => return err(&s, ErrorCode::Internal),
+    }
+    if !s.gw.machine_online(&m) {
+        return err(&s, ErrorCode::MachineOffline);
+    }
+    match s.gw.commands.ping(&m, PING_TIMEOUT).await {
+        Ok(rtt) => ok(
+            &s,
+            json!({ "machine_no": m.as_str(), "rtt_ms": crate::presence::rtt_ms(rtt) }),
+        ),
+        // Connected but too slow to take a command: as for orders.
+        Err(DeliveryError::Backpressure) => err(&s, ErrorCode::MachineBusy),
+        // Gone, not subscribed, or no pong in time: not reachable now.
+        Err(e) => {
+            debug!(machine_no = %m, error = %e, "ping not answered");
+            err(&s, ErrorCode::MachineOffline)
+        }
     }
 }
 
@@ -522,8 +693,8 @@ async fn list_online_machines(
     {
         match s.gw.store.machine(m).await {
             Ok(Some(machine)) => list.push(machine_json(s, &machine).await),
-            // Owned a moment ago (owners never change): only a storage error
-            // can get here.
+            // Owned a moment ago, and machine rows are never deleted (a
+            // removed machine keeps its row): only a storage error gets here.
             Ok(None) | Err(_) => return err(s, ErrorCode::Internal),
         }
     }

@@ -5,6 +5,7 @@
 //! - `envelope`: the response envelope and `data` pruning.
 //! - `api`: the open API handlers and request validation.
 //! - `events`: the merchant's webhook events (list, replay).
+//! - `merchant`: the merchant's own settings (`notify_url`).
 //! - `ops`: `/metrics`, `/healthz`, `/readyz`, the admin listener.
 //! - `dashboard`: the operator dashboard and its JSON endpoints.
 //! - `serve`: the accept loop and connections of the HTTP listeners.
@@ -16,6 +17,7 @@ pub mod dashboard;
 pub mod envelope;
 mod events;
 pub mod limits;
+mod merchant;
 pub mod ops;
 mod rate;
 pub mod serve;
@@ -48,7 +50,11 @@ pub fn router(gw: GatewayHandle, orders: Arc<OrderService>) -> Router {
         .merge(dashboard::routes(state.gw.clone()))
         .nest(
             "/api/openapi/v1",
-            api::routes(&state).merge(events::routes()),
+            api::routes(&state)
+                .merge(events::routes())
+                .merge(merchant::routes(&state))
+                // Last: it applies to the routes added before it.
+                .method_not_allowed_fallback(api::method_not_allowed),
         )
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(

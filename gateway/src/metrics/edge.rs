@@ -428,7 +428,7 @@ mod tests {
             1
         );
         let protocol = REFUSALS.iter().position(|r| *r == "protocol_version");
-        assert_eq!(s.refusals(protocol.unwrap_or(usize::MAX)), 1);
+        assert_eq!(protocol.map(|i| s.refusals(i)), Some(1));
         assert_eq!(s.refusals(REFUSALS.len() - 1), 1);
         s.refused("disabled", Some("12345678"));
         assert_eq!(

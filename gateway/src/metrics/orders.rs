@@ -21,13 +21,14 @@ const MAX_ERROR: usize = 80;
 
 /// Every `outcome` label, in index order: the statuses an order ends in
 /// (`unknown` can still become a result later; both are counted then).
-pub const OUTCOMES: [Status; 6] = [
+pub const OUTCOMES: [Status; 7] = [
     Status::Completed,
     Status::PartiallyDispensed,
     Status::Failed,
     Status::Rejected,
     Status::Expired,
     Status::Unknown,
+    Status::Cancelled,
 ];
 
 /// An order that ended badly, for operators.

@@ -71,9 +71,7 @@ use state::{GiveUp, Line, Order, Status};
 
 pub use uplinks::OrderUplinks;
 
-/// Kept free at the end of `request_timeout` for the answer to be written
-/// after the last decision (a storage write, the HTTP response).
-pub const ANSWER_MARGIN: Duration = Duration::from_millis(500);
+pub use crate::config::ANSWER_MARGIN;
 
 /// How long a cached machine owner is trusted (see `OrderService::owners`):
 /// the bound on how long a transfer, disable or removal by the CLI takes to
@@ -609,6 +607,33 @@ impl OrderService {
         };
         let lines = o.lines.clone();
         self.place_local(order_id, req, lines, Some(o)).await
+    }
+
+    /// `POST /orders/{id}/cancel`: cancel an unpaid `pay_later` order and
+    /// give its stock back at once. Exactly one of a cancel, a payment and
+    /// the expiry wins (compare-and-set on `awaiting_payment`); the losers
+    /// see a state conflict, and only the winner releases the stock. A
+    /// second cancel is a conflict too: the order is no longer unpaid.
+    pub async fn cancel(&self, merchant: &str, order_id: u64) -> Result<StoredOrder, OrderError> {
+        let Some(o) = self.store.order(order_id).await? else {
+            return Err(OrderError::OrderNotFound);
+        };
+        if o.merchant_appid != merchant {
+            return Err(OrderError::OrderNotFound);
+        }
+        if o.status != Status::AwaitingPayment {
+            return Err(OrderError::StateConflict);
+        }
+        match self
+            .transition(&o, &state::Event::Cancel, json!({ "by": "merchant" }))
+            .await?
+        {
+            Some(_) => {
+                self.release(o.machine_no, &o.lines);
+                self.load(order_id).await
+            }
+            None => Err(OrderError::StateConflict),
+        }
     }
 
     /// `POST /orders/{id}/refund`: the merchant records that it refunded

@@ -17,10 +17,26 @@ pub enum Status {
     Failed,
     Rejected,
     Expired,
+    /// A `pay_later` order the merchant cancelled before paying.
+    Cancelled,
     Unknown,
 }
 
 impl Status {
+    /// Every status, for code that must cover them all (SQL lists).
+    pub const ALL: [Self; 10] = [
+        Self::AwaitingPayment,
+        Self::Dispatching,
+        Self::Dispensing,
+        Self::Completed,
+        Self::PartiallyDispensed,
+        Self::Failed,
+        Self::Rejected,
+        Self::Expired,
+        Self::Cancelled,
+        Self::Unknown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AwaitingPayment => "awaiting_payment",
@@ -31,6 +47,7 @@ impl Status {
             Self::Failed => "failed",
             Self::Rejected => "rejected",
             Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
             Self::Unknown => "unknown",
         }
     }
@@ -45,6 +62,7 @@ impl Status {
             "failed" => Self::Failed,
             "rejected" => Self::Rejected,
             "expired" => Self::Expired,
+            "cancelled" => Self::Cancelled,
             "unknown" => Self::Unknown,
             _ => return None,
         })
@@ -68,6 +86,7 @@ impl Status {
                 | Self::Failed
                 | Self::Rejected
                 | Self::Expired
+                | Self::Cancelled
         )
     }
 }
@@ -172,6 +191,8 @@ pub enum Event {
     Paid,
     /// Unpaid past the deadline.
     PaymentExpired,
+    /// The merchant cancelled a `pay_later` order before paying it.
+    Cancel,
     /// The machine's acceptance was recorded (before the order's
     /// `accept_by`: the storage compare-and-set checks that): `go` follows.
     Accepted,
@@ -198,6 +219,7 @@ impl Event {
         match self {
             Self::Paid => "paid",
             Self::PaymentExpired => "expired",
+            Self::Cancel => "cancelled",
             Self::Accepted => "accepted",
             Self::Refused(_) => "refused",
             Self::NotAccepted(_) | Self::GoWithheld => "not_accepted",
@@ -367,6 +389,10 @@ pub fn apply(order: &Order, event: &Event) -> Result<Transition, TransitionError
     match (order.status, event) {
         (AwaitingPayment, Event::Paid) => next.status = Dispatching,
         (AwaitingPayment, Event::PaymentExpired) => next.status = Expired,
+        // Only before payment: no command has left, so nothing is owed to
+        // or from the machine. Of a cancel, a payment and the expiry, the
+        // first stored wins (compare-and-set on `awaiting_payment`).
+        (AwaitingPayment, Event::Cancel) => next.status = Cancelled,
         (Dispatching, Event::Accepted) => next.status = Dispensing,
         // A duplicate ack after we moved on changes nothing.
         (Dispensing | Completed | PartiallyDispensed | Failed | Unknown, Event::Accepted) => {
@@ -663,6 +689,44 @@ mod tests {
     }
 
     #[test]
+    fn cancel_only_before_payment() {
+        let o = order(true);
+        let c = changed(apply(&o, &Event::Cancel));
+        assert_eq!(c.status, Status::Cancelled);
+        assert!(c.status.is_final() && !c.status.holds_reservation());
+        assert_eq!((c.refund_amount(), notices(&o, &c)), (0, vec![]));
+        // Nothing moves a cancelled order, a second cancel included.
+        for ev in [Event::Cancel, Event::Paid, Event::PaymentExpired] {
+            assert_eq!(
+                apply(&c, &ev),
+                Err(TransitionError::Conflict(Status::Cancelled)),
+                "{ev:?}"
+            );
+        }
+        // Paid, expired or never `pay_later`: too late to cancel.
+        let paid = changed(apply(&o, &Event::Paid));
+        let expired = changed(apply(&o, &Event::PaymentExpired));
+        for x in [paid, expired, order(false)] {
+            assert!(matches!(
+                apply(&x, &Event::Cancel),
+                Err(TransitionError::Conflict(_))
+            ));
+        }
+        assert_eq!(Status::parse("cancelled"), Some(Status::Cancelled));
+        assert_eq!(Status::Cancelled.as_str(), "cancelled");
+    }
+
+    #[test]
+    fn all_statuses_listed_once() {
+        let names: std::collections::HashSet<&str> =
+            Status::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), Status::ALL.len());
+        for s in Status::ALL {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+    }
+
+    #[test]
     fn give_up_reasons_round_trip() {
         for g in [
             GiveUp::AcceptTimeout,
@@ -783,6 +847,7 @@ mod tests {
         prop_oneof![
             Just(Event::Paid),
             Just(Event::PaymentExpired),
+            Just(Event::Cancel),
             Just(Event::Accepted),
             Just(Event::Refused("door_open".into())),
             Just(Event::NotAccepted(GiveUp::AcceptTimeout)),
@@ -814,6 +879,11 @@ mod tests {
                         }
                         if n.status == Status::Rejected {
                             prop_assert_eq!(n.refund_amount(), 0);
+                        }
+                        // Only an unpaid order is cancelled, and only by a cancel.
+                        if n.status == Status::Cancelled {
+                            prop_assert_eq!(ev, &Event::Cancel);
+                            prop_assert_eq!(before.status, Status::AwaitingPayment);
                         }
                         if n.result_applied && !before.result_applied { results_applied += 1; }
                         o = n;

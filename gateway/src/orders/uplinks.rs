@@ -135,10 +135,19 @@ impl OrderService {
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Err(None) => {}
+                // This node gave the order up (its merchant may have been
+                // answered 30002 already): it never sends `go` for it.
+                Err(None) => {
+                    self.withhold(m, id, ack.accepted, &|_| true).await;
+                    return;
+                }
             }
         }
         let decide = |d: Decision| deciding.as_ref().is_none_or(|t| t.decide(d));
+        // When the command left rides on the decision's own timeline event.
+        let sent = ticket
+            .as_ref()
+            .map_or_else(|| json!({}), |t| t.sent_detail());
         let o = match self.store.order(id).await {
             Ok(Some(o)) if o.machine_no == m => o,
             // An ack for no order of this machine: a stray (late, repeated
@@ -160,7 +169,7 @@ impl OrderService {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             let reason = ack.reason.clone().unwrap_or_else(|| "refused".into());
             let decision = match self
-                .transition(&o, &Event::Refused(reason.clone()), json!({}))
+                .transition(&o, &Event::Refused(reason.clone()), sent)
                 .await
             {
                 Ok(Some(_)) => Decision::Refused(reason),

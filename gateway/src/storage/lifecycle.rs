@@ -11,11 +11,8 @@ use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 
 use super::{ServiceAccount, StorageError, StoredOrder};
+use crate::orders::state::Status;
 use crate::secrets::SecretHash;
-
-/// Order statuses that are not final: a machine with such an order cannot
-/// be removed or transferred.
-pub const IN_FLIGHT: [&str; 3] = ["awaiting_payment", "dispatching", "dispensing"];
 
 /// What a guarded machine change found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,9 +127,11 @@ pub trait LifecycleStorage: Send + Sync + 'static {
 /// `?protected`; `{b}`/`{p}` are the backend's placeholders. Written once
 /// for both backends.
 pub(super) fn purgeable(b: &str, p: &str, yes: &str) -> String {
+    // Every status that holds no stock: the final ones and `unknown`
+    // (protected below).
+    let done = status_list(|s| !s.holds_reservation());
     format!(
-        "o.status IN ('completed', 'partially_dispensed', 'failed', 'rejected', 'expired', \
-         'unknown') \
+        "o.status IN ({done}) \
          AND o.updated_at_ms < {b} \
          AND NOT EXISTS (SELECT 1 FROM outbox w WHERE w.order_id = o.order_id \
                          AND w.status = 'pending') \
@@ -146,8 +145,18 @@ pub(super) fn purgeable(b: &str, p: &str, yes: &str) -> String {
     )
 }
 
-/// `status IN (...)` of [`IN_FLIGHT`].
+/// `status IN (...)` of the statuses still in flight (holding stock): a
+/// machine with such an order cannot be removed or transferred.
 pub(super) fn in_flight_sql() -> String {
-    let list: Vec<String> = IN_FLIGHT.iter().map(|s| format!("'{s}'")).collect();
-    format!("status IN ({})", list.join(", "))
+    format!("status IN ({})", status_list(Status::holds_reservation))
+}
+
+/// The quoted names of the statuses `keep` selects, comma-separated.
+fn status_list(keep: impl Fn(Status) -> bool) -> String {
+    let list: Vec<String> = Status::ALL
+        .into_iter()
+        .filter(|s| keep(*s))
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    list.join(", ")
 }

@@ -50,7 +50,8 @@ mod sqlite_writer;
 pub use cluster::{ClusterStorage, Due, NodeRow, Ownership};
 pub use lifecycle::{LifecycleStorage, MachineChange, OrderPage, OrderPurge, Purged};
 pub use orders::{
-    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder, MAX_EXTRA_EVENTS,
+    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderQuery, OrderStorage, StoredOrder,
+    MAX_EXTRA_EVENTS,
 };
 pub use outbox::{
     Attempt, AttemptResult, ClaimRequest, ClaimedEvent, MachineEvent, OutboxBacklog, OutboxEntry,
@@ -178,6 +179,10 @@ pub trait Storage:
     /// Err(Duplicate("merchant")) if the appid is taken.
     async fn create_merchant(&self, m: NewMerchant) -> Result<Merchant, StorageError>;
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError>;
+    /// Set the merchant's webhook URL (None: no webhooks). Callers check
+    /// the URL first (`notifier::target::check_url`). Ok(false) if there is
+    /// no such merchant.
+    async fn set_notify_url(&self, appid: &str, url: Option<&str>) -> Result<bool, StorageError>;
     /// All merchants, ordered by appid.
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError>;
     /// Err(UnknownMerchant) if the merchant does not exist,

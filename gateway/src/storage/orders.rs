@@ -101,6 +101,72 @@ pub struct NewOutboxEvent {
     pub created_at: DateTime<Utc>,
 }
 
+/// A merchant's search of its orders (`GET /orders`): every filter given
+/// must match; newest first (`created_at`, then `order_id`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderQuery {
+    pub merchant_appid: String,
+    /// Created at or after this instant.
+    pub from: Option<DateTime<Utc>>,
+    /// Created before this instant (half-open: consecutive ranges never
+    /// list an order twice).
+    pub to: Option<DateTime<Utc>>,
+    pub status: Option<Status>,
+    pub machine_no: Option<MachineNo>,
+    pub out_trade_no: Option<String>,
+    /// Rows skipped (the pages before this one).
+    pub offset: u64,
+    /// Most rows returned.
+    pub limit: u64,
+}
+
+/// A value bound to a statement both backends share.
+#[derive(Debug, Clone)]
+pub(super) enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl OrderQuery {
+    /// The `WHERE` clause of the query and its values, with numbered
+    /// placeholders (`mark` is `?` for SQLite, `$` for PostgreSQL), so the
+    /// statement is written once. It leads with `merchant_appid` and a
+    /// `created_at_ms` range: the `orders_by_merchant` index of both
+    /// schemas serves the filter and the newest-first order.
+    pub(super) fn where_clause(&self, mark: char) -> (String, Vec<Bind>) {
+        let mut binds = vec![Bind::Text(self.merchant_appid.clone())];
+        let mut sql = format!("merchant_appid = {mark}1");
+        let mut add = |cond: &str, b: Bind| {
+            binds.push(b);
+            sql.push_str(&format!(" AND {cond} {mark}{}", binds.len()));
+        };
+        if let Some(t) = self.from {
+            add("created_at_ms >=", Bind::Int(t.timestamp_millis()));
+        }
+        if let Some(t) = self.to {
+            add("created_at_ms <", Bind::Int(t.timestamp_millis()));
+        }
+        if let Some(s) = self.status {
+            add("status =", Bind::Text(s.as_str().into()));
+        }
+        if let Some(m) = &self.machine_no {
+            add("machine_no =", Bind::Text(m.as_str().into()));
+        }
+        if let Some(o) = &self.out_trade_no {
+            add("out_trade_no =", Bind::Text(o.clone()));
+        }
+        (sql, binds)
+    }
+
+    /// `LIMIT`/`OFFSET` as the signed integers both backends bind.
+    pub(super) fn limit_offset(&self) -> (i64, i64) {
+        (
+            i64::try_from(self.limit).unwrap_or(i64::MAX),
+            i64::try_from(self.offset).unwrap_or(i64::MAX),
+        )
+    }
+}
+
 /// Most rows one order's timeline holds beside its status changes (which
 /// the state machine bounds on its own).
 pub const MAX_EXTRA_EVENTS: i64 = 64;
@@ -146,6 +212,9 @@ pub trait OrderStorage: Send + Sync + 'static {
         at: DateTime<Utc>,
         ev: &OrderEvent,
     ) -> Result<bool, StorageError>;
+    /// One page of a merchant's orders matching `q`, newest first, and how
+    /// many match in all.
+    async fn list_orders(&self, q: &OrderQuery) -> Result<(Vec<StoredOrder>, u64), StorageError>;
     /// Open `awaiting_payment` orders of a merchant and of a machine.
     async fn count_unpaid(&self, merchant: &str, m: &MachineNo)
         -> Result<(u64, u64), StorageError>;

@@ -281,6 +281,18 @@ impl Storage for PgStorage {
         Ok(found)
     }
 
+    async fn set_notify_url(&self, appid: &str, url: Option<&str>) -> Result<bool, StorageError> {
+        let done = sqlx::query("UPDATE merchants SET notify_url = $1 WHERE appid = $2")
+            .bind(url)
+            .bind(appid)
+            .execute(&self.pool)
+            .await
+            .map_err(pg_error)?;
+        // This process sees the change at once; others within the TTL.
+        self.merchants.remove(appid);
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError> {
         sqlx::query_as::<_, MerchantRow>(&format!(
             "SELECT {MERCHANT_COLUMNS} FROM merchants ORDER BY appid"

@@ -12,7 +12,8 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
 use super::orders::{
-    NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderStorage, StoredOrder, MAX_EXTRA_EVENTS,
+    Bind, NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderQuery, OrderStorage, StoredOrder,
+    MAX_EXTRA_EVENTS,
 };
 use super::postgres::{
     by_machine, get_machine_no, get_ms, get_opt_ms, get_u64, pg_error, PgStorage,
@@ -152,6 +153,20 @@ impl PgStorage {
         }
         Ok(out)
     }
+}
+
+/// Bind the values of an [`OrderQuery`]'s `WHERE` clause, in order.
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    binds: &[Bind],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for b in binds {
+        query = match b {
+            Bind::Text(t) => query.bind(t.clone()),
+            Bind::Int(i) => query.bind(*i),
+        };
+    }
+    query
 }
 
 #[async_trait::async_trait]
@@ -307,6 +322,33 @@ impl OrderStorage for PgStorage {
         insert_event(&mut tx, id, ev).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(true)
+    }
+
+    async fn list_orders(&self, q: &OrderQuery) -> Result<(Vec<StoredOrder>, u64), StorageError> {
+        let (cond, binds) = q.where_clause('$');
+        let count_sql = format!("SELECT count(*) AS n FROM orders WHERE {cond}");
+        let total: i64 = bind_all(sqlx::query(&count_sql), &binds)
+            .fetch_one(self.pool())
+            .await
+            .map_err(pg_error)?
+            .try_get("n")
+            .map_err(backend)?;
+        let (limit, offset) = q.limit_offset();
+        let n = binds.len();
+        let page_sql = format!(
+            "SELECT {ORDER_COLUMNS} FROM orders WHERE {cond} \
+             ORDER BY created_at_ms DESC, order_id DESC LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        );
+        let rows = bind_all(sqlx::query(&page_sql), &binds)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(self.pool())
+            .await
+            .map_err(pg_error)?;
+        let orders = self.load_orders(rows).await?;
+        Ok((orders, u64::try_from(total).unwrap_or(0)))
     }
 
     async fn count_unpaid(

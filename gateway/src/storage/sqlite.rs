@@ -199,6 +199,18 @@ impl Storage for SqliteStorage {
         Ok(found)
     }
 
+    async fn set_notify_url(&self, appid: &str, url: Option<&str>) -> Result<bool, StorageError> {
+        let done = sqlx::query("UPDATE merchants SET notify_url = ? WHERE appid = ?")
+            .bind(url)
+            .bind(appid)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        // This process sees the change at once; others within the TTL.
+        self.merchants.remove(appid);
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError> {
         sqlx::query_as::<_, MerchantRow>(
             "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms, \
