@@ -217,7 +217,9 @@ pub async fn machine_add_bulk(
 }
 
 /// One tab-separated line per machine, ordered by number:
-/// `machine_no merchant online|offline last_seen` (RFC 3339, or `-`).
+/// `machine_no merchant online|offline last_seen state`, with `last_seen`
+/// RFC 3339 or `-` and `state` one of `active`, `disabled`, `removed`
+/// (removed machines stay listed: their orders refer to them).
 pub async fn machine_list(store: &dyn Storage, out: &mut impl Write) -> Result<(), ProvisionError> {
     let machines = store
         .list_machines(None)
@@ -229,10 +231,17 @@ pub async fn machine_list(store: &dyn Storage, out: &mut impl Write) -> Result<(
             .last_seen
             .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
             .unwrap_or_else(|| "-".to_owned());
-        let state = if m.online { "online" } else { "offline" };
+        let presence = if m.online { "online" } else { "offline" };
+        let state = if m.removed_at.is_some() {
+            "removed"
+        } else if m.disabled_at.is_some() {
+            "disabled"
+        } else {
+            "active"
+        };
         writeln!(
             buf,
-            "{}\t{}\t{state}\t{last_seen}",
+            "{}\t{}\t{presence}\t{last_seen}\t{state}",
             m.machine_no, m.merchant_appid
         )
         .map_err(ProvisionError::Output)?;
@@ -913,7 +922,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn machine_list_shows_presence() {
+    async fn machine_list_shows_presence_and_state() {
         let (_dir, store) = store().await;
         let (appid, _) = add_merchant(store.as_ref()).await;
         let mut out = Vec::new();
@@ -934,12 +943,25 @@ mod tests {
             .unwrap();
         machine_list(store.as_ref(), &mut out).await.unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(std::mem::take(&mut out)).unwrap(),
             format!(
-                "00000001\t{appid}\toffline\t-\n\
-                 00000002\t{appid}\tonline\t2025-03-01T12:34:56Z\n"
+                "00000001\t{appid}\toffline\t-\tactive\n\
+                 00000002\t{appid}\tonline\t2025-03-01T12:34:56Z\tactive\n"
             )
         );
+        machine_set_disabled(store.as_ref(), no("00000001"), true, &mut Vec::new())
+            .await
+            .unwrap();
+        machine_remove(store.as_ref(), no("00000002"), &mut Vec::new())
+            .await
+            .unwrap();
+        machine_list(store.as_ref(), &mut out).await.unwrap();
+        let states: Vec<String> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit('\t').next().unwrap_or("").to_owned())
+            .collect();
+        assert_eq!(states, ["disabled", "removed"]);
     }
 
     /// `machine rotate-secret` for machine 00000001; its `key=value` output.
