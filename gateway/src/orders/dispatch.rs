@@ -75,6 +75,17 @@ enum Phase {
     Abandoned,
 }
 
+/// How [`Ticket::begin_decision`] found the order.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Begin {
+    /// This ack decides.
+    Deciding,
+    /// Another ack decides or decided: this one is a repeat.
+    Repeat,
+    /// Given up here: no `go` from this node.
+    Abandoned,
+}
+
 /// How [`Ticket::abandon`] found the order.
 #[derive(Debug)]
 pub(crate) enum Abandon {
@@ -161,16 +172,16 @@ impl Ticket {
         })
     }
 
-    /// An ack arrived: start recording it. Err(None) when the order was
-    /// abandoned here, Err(Some(d)) when it is already decided.
-    pub(crate) fn begin_decision(&self) -> Result<(), Option<Decision>> {
+    /// An ack arrived: start recording it, unless another ack is being
+    /// recorded (a repeat), the order is decided, or it was abandoned here.
+    pub(crate) fn begin_decision(&self) -> Begin {
         self.with(|p| match p {
             Phase::AwaitingAck => {
                 *p = Phase::Deciding;
-                Ok(())
+                Begin::Deciding
             }
-            Phase::Decided(d) => Err(Some(d.clone())),
-            _ => Err(None),
+            Phase::Deciding | Phase::Decided(_) => Begin::Repeat,
+            Phase::Queued | Phase::Storing | Phase::Abandoned => Begin::Abandoned,
         })
     }
 
@@ -480,7 +491,12 @@ impl OrderService {
                 .collect(),
             ttl_ms,
         };
-        let sent_at = Utc::now();
+        // Set before the command leaves: its ack may be handled before
+        // `send` returns here.
+        let _ = ticket.sent.set(json!({
+            "sent_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "ttl_ms": ttl_ms,
+        }));
         if let Err(e) = self
             .commands
             .send(&m, Command::Dispense, Bytes::from(msg::encode(&cmd)))
@@ -494,10 +510,6 @@ impl OrderService {
                 .await;
             return Answered::Failed(OrderError::Offline);
         }
-        let _ = ticket.sent.set(json!({
-            "sent_at": sent_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "ttl_ms": ttl_ms,
-        }));
         match self.await_decision(ticket, accept_by, answer_by).await {
             (Abandon::Decided(Decision::Accepted), _) => Answered::Accepted,
             (Abandon::Decided(Decision::Refused(r)), _) => Answered::Failed(OrderError::Refused(r)),

@@ -17,7 +17,7 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, AckMsg, GoCmd, InventoryMsg, ResultMsg};
 use vendgate_proto::topic::{Command, Uplink};
 
-use super::dispatch::Decision;
+use super::dispatch::{Begin, Decision};
 use super::settle::{Cas, ChangeOpts};
 use super::state::{check_result, Event, GiveUp, Status};
 use super::{OrderError, OrderService};
@@ -128,8 +128,8 @@ impl OrderService {
         let mut deciding = None;
         if let Some(t) = &ticket {
             match t.begin_decision() {
-                Ok(()) => deciding = Some(t.clone()),
-                Err(Some(_)) => {
+                Begin::Deciding => deciding = Some(t.clone()),
+                Begin::Repeat => {
                     self.stats
                         .duplicate_device_messages
                         .fetch_add(1, Ordering::Relaxed);
@@ -137,7 +137,7 @@ impl OrderService {
                 }
                 // This node gave the order up (its merchant may have been
                 // answered 30002 already): it never sends `go` for it.
-                Err(None) => {
+                Begin::Abandoned => {
                     self.withhold(m, id, ack.accepted, &|_| true).await;
                     return;
                 }
@@ -185,10 +185,7 @@ impl OrderService {
             accept_by: None,
             only_before_accept_by: Some(Utc::now()),
         };
-        match self
-            .change_once(&o, &Event::Accepted, json!({}), opts)
-            .await
-        {
+        match self.change_once(&o, &Event::Accepted, sent, opts).await {
             Ok(Cas::Changed(_)) => {
                 if decide(Decision::Accepted) {
                     self.stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -390,7 +387,7 @@ impl OrderService {
                 if o.status == Status::Dispatching {
                     // Given up before any acceptance: a waiter here hears it now.
                     if let Some(t) = self.inflight.get(&o.order_id).map(|t| t.clone()) {
-                        if t.begin_decision().is_ok() {
+                        if t.begin_decision() == Begin::Deciding {
                             if let Ok(Some(now)) = self.store.order(o.order_id).await {
                                 t.decide(Decision::Stored(Box::new(now)));
                             } else {
