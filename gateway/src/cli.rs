@@ -1,6 +1,6 @@
-//! The `vendgate` command line: `serve`, `config`, `hash-password`, and the
-//! provisioning commands that work against the running gateway's database
-//! (no restart).
+//! The `vendgate` command line: `serve`, `config`, `hash-password`, the
+//! provisioning and lifecycle commands that work against the running
+//! gateway's database (no restart), and `export`.
 //! `--config` and `--data-dir` are accepted anywhere on the command line.
 
 use std::io::Write;
@@ -80,6 +80,27 @@ pub enum Cmd {
     /// Read a password (one line) from stdin and print its argon2id hash, for
     /// `[operator] password` or a `[[services]]` password in the config file.
     HashPassword,
+    /// Export records for audits, to stdout.
+    #[command(subcommand)]
+    Export(ExportCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCmd {
+    /// Orders created in [--from, --to), oldest first, as CSV or JSON lines.
+    Orders {
+        /// RFC 3339, e.g. 2026-01-01T00:00:00Z (inclusive).
+        #[arg(long)]
+        from: chrono::DateTime<chrono::FixedOffset>,
+        /// RFC 3339 (exclusive).
+        #[arg(long)]
+        to: chrono::DateTime<chrono::FixedOffset>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::export::Format,
+        /// Only this merchant's orders.
+        #[arg(long)]
+        merchant: Option<String>,
+    },
 }
 
 /// How long a replaced secret keeps working after `rotate-secret`.
@@ -112,6 +133,29 @@ pub enum MerchantCmd {
         #[arg(long, default_value = DEFAULT_GRACE, value_parser = parse_grace)]
         grace: std::time::Duration,
     },
+    /// Refuse the merchant's API calls (as a wrong AppSecret) and hold its
+    /// webhooks, until enabled.
+    Disable {
+        #[arg(long)]
+        appid: String,
+    },
+    /// Undo `disable`; held webhooks are delivered.
+    Enable {
+        #[arg(long)]
+        appid: String,
+    },
+    /// Change a merchant's settings.
+    Set {
+        #[arg(long)]
+        appid: String,
+        /// New webhook URL (http or https; private addresses refused unless
+        /// notifier.allow_private_targets).
+        #[arg(long, required_unless_present = "clear_notify_url")]
+        notify_url: Option<String>,
+        /// Remove the webhook URL (events then go dead: nowhere to deliver).
+        #[arg(long, conflicts_with = "notify_url")]
+        clear_notify_url: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +186,32 @@ pub enum MachineCmd {
         #[arg(long, default_value = DEFAULT_GRACE, value_parser = parse_grace)]
         grace: std::time::Duration,
     },
+    /// Refuse the machine at CONNECT, close its connection (within 2 s) and
+    /// answer its orders like an unknown machine's, until enabled.
+    Disable {
+        #[arg(long)]
+        machine: MachineNo,
+    },
+    /// Undo `disable`.
+    Enable {
+        #[arg(long)]
+        machine: MachineNo,
+    },
+    /// Revoke the machine's secrets for good, keeping its order history.
+    /// Refused while it has orders in flight.
+    Remove {
+        #[arg(long)]
+        machine: MachineNo,
+    },
+    /// Give the machine to another merchant. Refused while it has orders in
+    /// flight; its past orders stay the old merchant's.
+    Transfer {
+        #[arg(long)]
+        machine: MachineNo,
+        /// The new merchant's appid.
+        #[arg(long)]
+        merchant: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +220,13 @@ pub enum ServiceCmd {
     Add {
         #[arg(long)]
         name: String,
+    },
+    /// One line per provisioned account: username, name, created.
+    List,
+    /// Delete an account; its live connections are closed within 2 s.
+    Remove {
+        #[arg(long)]
+        username: String,
     },
 }
 
@@ -285,6 +362,90 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open(&settings).await?;
             let mut out = std::io::stdout();
             provision::service_add(store.as_ref(), &name, &mut out).await?;
+            Ok(())
+        }
+        Cmd::Service(ServiceCmd::List) => {
+            let store = open(&settings).await?;
+            provision::service_list(store.as_ref(), &mut std::io::stdout()).await?;
+            Ok(())
+        }
+        Cmd::Service(ServiceCmd::Remove { username }) => {
+            let store = open(&settings).await?;
+            provision::service_remove(store.as_ref(), &username, &mut std::io::stdout()).await?;
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::Disable { machine }) => {
+            let store = open(&settings).await?;
+            provision::machine_set_disabled(store.as_ref(), machine, true, &mut std::io::stdout())
+                .await?;
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::Enable { machine }) => {
+            let store = open(&settings).await?;
+            provision::machine_set_disabled(store.as_ref(), machine, false, &mut std::io::stdout())
+                .await?;
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::Remove { machine }) => {
+            let store = open(&settings).await?;
+            provision::machine_remove(store.as_ref(), machine, &mut std::io::stdout()).await?;
+            Ok(())
+        }
+        Cmd::Machine(MachineCmd::Transfer { machine, merchant }) => {
+            let store = open(&settings).await?;
+            provision::machine_transfer(store.as_ref(), machine, &merchant, &mut std::io::stdout())
+                .await?;
+            Ok(())
+        }
+        Cmd::Merchant(MerchantCmd::Disable { appid }) => {
+            let store = open(&settings).await?;
+            provision::merchant_set_disabled(store.as_ref(), &appid, true, &mut std::io::stdout())
+                .await?;
+            Ok(())
+        }
+        Cmd::Merchant(MerchantCmd::Enable { appid }) => {
+            let store = open(&settings).await?;
+            provision::merchant_set_disabled(store.as_ref(), &appid, false, &mut std::io::stdout())
+                .await?;
+            Ok(())
+        }
+        Cmd::Merchant(MerchantCmd::Set {
+            appid,
+            notify_url,
+            clear_notify_url: _,
+        }) => {
+            let store = open(&settings).await?;
+            provision::merchant_set_notify_url(
+                store.as_ref(),
+                &appid,
+                notify_url.as_deref(),
+                settings.notifier.allow_private_targets,
+                &mut std::io::stdout(),
+            )
+            .await?;
+            Ok(())
+        }
+        Cmd::Export(ExportCmd::Orders {
+            from,
+            to,
+            format,
+            merchant,
+        }) => {
+            let store = open(&settings).await?;
+            // Locked and buffered: one write per many rows; each page is
+            // flushed before the next is read.
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let n = crate::export::orders(
+                store.as_ref(),
+                from.with_timezone(&chrono::Utc),
+                to.with_timezone(&chrono::Utc),
+                merchant.as_deref(),
+                format,
+                &mut out,
+            )
+            .await?;
+            eprintln!("exported {n} orders");
             Ok(())
         }
     }

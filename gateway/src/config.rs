@@ -36,6 +36,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// Bounds on argon2 password checks (dashboard and service logins).
     pub argon2: Argon2Settings,
+    /// How long finished orders and webhook rows are kept.
+    pub retention: RetentionSettings,
 }
 
 /// Cluster mode (docs/scale-out.md). The NATS client settings are chosen for
@@ -489,6 +491,48 @@ impl Default for NotifierSettings {
     }
 }
 
+/// The background purge (README "Retention"). A duration of 0 keeps that
+/// kind forever.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSettings {
+    /// Final orders (with their lines and timeline) are deleted this long
+    /// after their last change.
+    #[serde(with = "humantime_serde")]
+    pub orders: Duration,
+    /// Orders that may still matter to money or stock (`unknown`;
+    /// `rejected` with goods reported out; a refund owed and not recorded;
+    /// a cancel owed) are kept at least this long, whatever `orders` says.
+    #[serde(with = "humantime_serde")]
+    pub protected_orders: Duration,
+    /// Delivered and dead webhook rows (with their attempts) are deleted
+    /// this long after they were written.
+    #[serde(with = "humantime_serde")]
+    pub webhooks: Duration,
+    /// How often the purge runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rows (orders, or webhook rows) deleted per transaction.
+    pub batch_size: usize,
+    /// Pause between two batches, so other writers get the database.
+    #[serde(with = "humantime_serde")]
+    pub batch_pause: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            orders: Duration::from_secs(180 * DAY),
+            protected_orders: Duration::from_secs(90 * DAY),
+            webhooks: Duration::from_secs(30 * DAY),
+            interval: Duration::from_secs(3600),
+            batch_size: 500,
+            batch_pause: Duration::from_millis(100),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
@@ -538,6 +582,7 @@ impl Default for Settings {
             cluster: ClusterSettings::default(),
             database: DatabaseSettings::default(),
             argon2: Argon2Settings::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -678,6 +723,10 @@ pub enum ConfigError {
     },
     #[error("{0} is set but empty: give the PEM file's path")]
     MissingPem(&'static str),
+    #[error("retention.batch_size = {0} must be between 1 and 10000")]
+    RetentionBatch(usize),
+    #[error("retention.interval must be at least 1 s")]
+    RetentionInterval,
     #[error(
         "orders.request_timeout = {request_timeout:?} is below {least:?}: it must leave room for \
          orders.accept_timeout (+ cluster.owner_answer_slack in cluster mode) + 0.5 s"
@@ -739,6 +788,14 @@ impl Settings {
         } else {
             Duration::ZERO
         };
+        let r = &self.retention;
+        if !(1..=10_000).contains(&r.batch_size) {
+            return Err(ConfigError::RetentionBatch(r.batch_size));
+        }
+        // A tighter loop would be a busy purge, not a retention policy.
+        if r.interval < Duration::from_secs(1) {
+            return Err(ConfigError::RetentionInterval);
+        }
         let least = self.orders.accept_timeout + slack + ANSWER_MARGIN;
         if self.orders.request_timeout < least {
             return Err(ConfigError::OrderRequestTimeout {

@@ -14,10 +14,13 @@
 //! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
 //! - [`passwords`]: argon2id verification of the human-chosen passwords in the configuration.
 //! - [`private_fs`]: owner-only modes for the data directory, database and key files.
-//! - [`provision`]: the `vendgate merchant|machine|service add/list/rotate-secret` commands.
+//! - [`provision`]: the `vendgate merchant|machine|service` commands (add, list,
+//!   rotate-secret, disable, enable, remove, transfer, set).
 //! - [`http`]: the HTTP listener (plain or HTTPS).
 //! - [`tls`]: rustls server configurations from PEM files, client-certificate identity.
 //! - [`notifier`]: webhook delivery from the outbox.
+//! - [`retention`]: the background purge of old orders and webhook rows.
+//! - [`export`]: `vendgate export orders`, paged CSV or JSON lines.
 //! - [`metrics`]: Prometheus exposition, operator counters and observers.
 //! - [`top`]: `vendgate top`, a terminal view of a running gateway's metrics.
 //! - [`cli`]: the `vendgate` command line.
@@ -30,6 +33,7 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod edge;
+pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
@@ -40,6 +44,7 @@ pub mod passwords;
 pub mod presence;
 pub mod private_fs;
 pub mod provision;
+pub mod retention;
 pub mod secrets;
 pub mod startup;
 pub mod storage;

@@ -1,7 +1,10 @@
 //! Provisioning commands (`vendgate merchant add`, `machine add`, `machine
-//! list`, `service add`, `machine rotate-secret`, `merchant rotate-secret`):
-//! create accounts with fresh secrets, or give them new ones, in the same
-//! database the running gateway reads, so no restart is needed. Each secret
+//! list`, `service add`, `machine rotate-secret`, `merchant rotate-secret`)
+//! and the lifecycle ones (`machine disable|enable|remove|transfer`,
+//! `merchant disable|enable|set`, `service list|remove`): create accounts
+//! with fresh secrets, give them new ones, or change them, in the same
+//! database the running gateway reads, so no restart is needed. The running
+//! gateway notices a lifecycle change within a bound stated on each command. Each secret
 //! is shown exactly once, on `out` or in the secrets file; only its hash is
 //! stored, except a merchant's AppSecret, which is also stored encrypted
 //! under the webhook key so that webhooks can be signed with it.
@@ -14,7 +17,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use vendgate_proto::machine::MachineNo;
 
 use crate::secrets::{generate_appid, generate_secret, random_lower_alnum, SecretHash, WebhookKey};
-use crate::storage::{NewMachine, NewMerchant, NewService, Storage, StorageError};
+use crate::storage::{MachineChange, NewMachine, NewMerchant, NewService, Storage, StorageError};
 
 /// Random characters after "svc-" in a service username.
 const SERVICE_SUFFIX_LEN: usize = 12;
@@ -34,6 +37,12 @@ pub enum ProvisionError {
     DuplicateMachines { first: MachineNo, last: MachineNo },
     #[error("invalid notify url {0:?}: expected http://host/... or https://host/...")]
     InvalidNotifyUrl(String),
+    #[error("notify url refused: {0}")]
+    RefusedNotifyUrl(String),
+    #[error("machine {machine} has {count} order(s) in flight (awaiting_payment, dispatching or dispensing); try again when they have ended")]
+    OrdersInFlight { machine: MachineNo, count: u64 },
+    #[error("unknown service account {0:?}")]
+    UnknownService(String),
     #[error("the name must not be empty or contain control characters")]
     InvalidName,
     #[error("count must be at least 1")]
@@ -208,7 +217,9 @@ pub async fn machine_add_bulk(
 }
 
 /// One tab-separated line per machine, ordered by number:
-/// `machine_no merchant online|offline last_seen` (RFC 3339, or `-`).
+/// `machine_no merchant online|offline last_seen state`, with `last_seen`
+/// RFC 3339 or `-` and `state` one of `active`, `disabled`, `removed`
+/// (removed machines stay listed: their orders refer to them).
 pub async fn machine_list(store: &dyn Storage, out: &mut impl Write) -> Result<(), ProvisionError> {
     let machines = store
         .list_machines(None)
@@ -220,10 +231,17 @@ pub async fn machine_list(store: &dyn Storage, out: &mut impl Write) -> Result<(
             .last_seen
             .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
             .unwrap_or_else(|| "-".to_owned());
-        let state = if m.online { "online" } else { "offline" };
+        let presence = if m.online { "online" } else { "offline" };
+        let state = if m.removed_at.is_some() {
+            "removed"
+        } else if m.disabled_at.is_some() {
+            "disabled"
+        } else {
+            "active"
+        };
         writeln!(
             buf,
-            "{}\t{}\t{state}\t{last_seen}",
+            "{}\t{}\t{presence}\t{last_seen}\t{state}",
             m.machine_no, m.merchant_appid
         )
         .map_err(ProvisionError::Output)?;
@@ -309,6 +327,182 @@ pub async fn merchant_rotate_secret(
     writeln!(out, "appid={appid}").map_err(ProvisionError::CredentialsNotShown)?;
     writeln!(out, "appsecret={appsecret}").map_err(ProvisionError::CredentialsNotShown)?;
     print_until(out, until)
+}
+
+/// `machine disable` (`disabled`) or `machine enable`: prints
+/// `machine=… state=disabled|enabled`. A disabled machine is refused at
+/// CONNECT at once; a live connection is closed within
+/// [`crate::edge::enforce::ENFORCE_INTERVAL`]; orders for it answer like an
+/// unknown machine within [`crate::orders::OWNER_CACHE_TTL`].
+pub async fn machine_set_disabled(
+    store: &dyn Storage,
+    machine_no: MachineNo,
+    disabled: bool,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let found = store
+        .set_machine_disabled(&machine_no, disabled.then(Utc::now))
+        .await
+        .map_err(ProvisionError::Storage)?;
+    if !found {
+        return Err(ProvisionError::UnknownMachine(machine_no));
+    }
+    let state = if disabled { "disabled" } else { "enabled" };
+    writeln!(out, "machine={machine_no} state={state}").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// `machine remove`: refused while the machine has orders in flight;
+/// otherwise its secrets are revoked (replaced by the hash of a secret
+/// nobody is shown) and it is marked removed. Its orders stay, readable by
+/// their merchant. Prints `machine=… state=removed`.
+pub async fn machine_remove(
+    store: &dyn Storage,
+    machine_no: MachineNo,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let revoked = SecretHash::new(&generate_secret());
+    match store
+        .remove_machine(&machine_no, &revoked, Utc::now())
+        .await
+        .map_err(ProvisionError::Storage)?
+    {
+        MachineChange::Done => {}
+        MachineChange::NotFound => return Err(ProvisionError::UnknownMachine(machine_no)),
+        MachineChange::OrdersInFlight(count) => {
+            return Err(ProvisionError::OrdersInFlight {
+                machine: machine_no,
+                count,
+            })
+        }
+    }
+    writeln!(out, "machine={machine_no} state=removed").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// `machine transfer`: give the machine to merchant `to`, refused while it
+/// has orders in flight. Its past orders stay the previous owner's. The
+/// order path follows within [`crate::orders::OWNER_CACHE_TTL`]. Prints
+/// `machine=… merchant=…`.
+pub async fn machine_transfer(
+    store: &dyn Storage,
+    machine_no: MachineNo,
+    to: &str,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    match store.transfer_machine(&machine_no, to).await {
+        Ok(MachineChange::Done) => {}
+        Ok(MachineChange::NotFound) => return Err(ProvisionError::UnknownMachine(machine_no)),
+        Ok(MachineChange::OrdersInFlight(count)) => {
+            return Err(ProvisionError::OrdersInFlight {
+                machine: machine_no,
+                count,
+            })
+        }
+        Err(StorageError::UnknownMerchant) => {
+            return Err(ProvisionError::UnknownMerchant(to.to_owned()))
+        }
+        Err(e) => return Err(ProvisionError::Storage(e)),
+    }
+    writeln!(out, "machine={machine_no} merchant={to}").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// `merchant disable` / `merchant enable`: a disabled merchant's API calls
+/// are answered like a wrong AppSecret (within the storage's one-second
+/// merchant cache) and its webhooks are held, not attempted, until enabled.
+/// Prints `appid=… state=disabled|enabled`.
+pub async fn merchant_set_disabled(
+    store: &dyn Storage,
+    appid: &str,
+    disabled: bool,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let found = store
+        .set_merchant_disabled(appid, disabled.then(Utc::now))
+        .await
+        .map_err(ProvisionError::Storage)?;
+    if !found {
+        return Err(ProvisionError::UnknownMerchant(appid.to_owned()));
+    }
+    let state = if disabled { "disabled" } else { "enabled" };
+    writeln!(out, "appid={appid} state={state}").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// `merchant set --notify-url`: checked as `merchant add` checks it, and by
+/// the notifier's own rules for what needs no DNS (the scheme, an IP-literal
+/// host that is loopback, private, link-local or a metadata address unless
+/// `allow_private`). None clears it. Prints `appid=… notify_url=…|none`.
+pub async fn merchant_set_notify_url(
+    store: &dyn Storage,
+    appid: &str,
+    notify_url: Option<&str>,
+    allow_private: bool,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    if let Some(url) = notify_url {
+        if !is_http_url(url) {
+            return Err(ProvisionError::InvalidNotifyUrl(url.to_owned()));
+        }
+        crate::notifier::target::check_url(url, allow_private)
+            .map_err(|e| ProvisionError::RefusedNotifyUrl(e.0))?;
+    }
+    let found = store
+        .set_merchant_notify_url(appid, notify_url)
+        .await
+        .map_err(ProvisionError::Storage)?;
+    if !found {
+        return Err(ProvisionError::UnknownMerchant(appid.to_owned()));
+    }
+    writeln!(
+        out,
+        "appid={appid} notify_url={}",
+        notify_url.unwrap_or("none")
+    )
+    .map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
+}
+
+/// `service list`: one tab-separated line per account, by username:
+/// `username name created_at` (RFC 3339). Accounts from the config file
+/// are not listed (they live there).
+pub async fn service_list(store: &dyn Storage, out: &mut impl Write) -> Result<(), ProvisionError> {
+    let services = store
+        .list_services()
+        .await
+        .map_err(ProvisionError::Storage)?;
+    let mut buf = io::BufWriter::new(out);
+    for s in services {
+        writeln!(
+            buf,
+            "{}\t{}\t{}",
+            s.username,
+            s.name,
+            s.created_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+        )
+        .map_err(ProvisionError::Output)?;
+    }
+    buf.flush().map_err(ProvisionError::Output)
+}
+
+/// `service remove`: the account is deleted; new CONNECTs with it are
+/// refused at once and its live connections are closed within
+/// [`crate::edge::enforce::ENFORCE_INTERVAL`]. Prints `username=… removed`.
+pub async fn service_remove(
+    store: &dyn Storage,
+    username: &str,
+    out: &mut impl Write,
+) -> Result<(), ProvisionError> {
+    let found = store
+        .remove_service(username)
+        .await
+        .map_err(ProvisionError::Storage)?;
+    if !found {
+        return Err(ProvisionError::UnknownService(username.to_owned()));
+    }
+    writeln!(out, "username={username} state=removed").map_err(ProvisionError::Output)?;
+    out.flush().map_err(ProvisionError::Output)
 }
 
 /// When a previous secret stops working; None for a zero grace.
@@ -728,7 +922,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn machine_list_shows_presence() {
+    async fn machine_list_shows_presence_and_state() {
         let (_dir, store) = store().await;
         let (appid, _) = add_merchant(store.as_ref()).await;
         let mut out = Vec::new();
@@ -749,12 +943,25 @@ mod tests {
             .unwrap();
         machine_list(store.as_ref(), &mut out).await.unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(std::mem::take(&mut out)).unwrap(),
             format!(
-                "00000001\t{appid}\toffline\t-\n\
-                 00000002\t{appid}\tonline\t2025-03-01T12:34:56Z\n"
+                "00000001\t{appid}\toffline\t-\tactive\n\
+                 00000002\t{appid}\tonline\t2025-03-01T12:34:56Z\tactive\n"
             )
         );
+        machine_set_disabled(store.as_ref(), no("00000001"), true, &mut Vec::new())
+            .await
+            .unwrap();
+        machine_remove(store.as_ref(), no("00000002"), &mut Vec::new())
+            .await
+            .unwrap();
+        machine_list(store.as_ref(), &mut out).await.unwrap();
+        let states: Vec<String> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit('\t').next().unwrap_or("").to_owned())
+            .collect();
+        assert_eq!(states, ["disabled", "removed"]);
     }
 
     /// `machine rotate-secret` for machine 00000001; its `key=value` output.

@@ -337,6 +337,23 @@ impl Gateway {
         let expiry = h.orders.spawn_sweeps();
         let cancels = h.orders.spawn_owed_delivery();
         let _metrics_upkeep = h.metrics.spawn_upkeep(h.shutdown.clone());
+        // Closes connections of accounts the CLI disabled or removed.
+        let enforce = tokio::spawn(crate::edge::enforce::run(
+            h.hub.clone(),
+            h.store.clone(),
+            h.settings
+                .services
+                .iter()
+                .map(|c| c.username.clone())
+                .collect(),
+            h.shutdown.clone(),
+        ));
+        let retention = tokio::spawn(crate::retention::run(
+            h.store.clone(),
+            h.settings.retention.clone(),
+            h.metrics.retention.clone(),
+            h.shutdown.clone(),
+        ));
         let admin_task = self.admin.map(|a| a.spawn(h.clone()));
         let http_task = {
             let shutdown = h.shutdown.clone();
@@ -395,6 +412,10 @@ impl Gateway {
             warn!("webhook notifier did not stop in time");
         }
         for t in cluster_tasks {
+            let _ = tokio::time::timeout(SHUTDOWN_STEP, t).await;
+        }
+        // A purge batch in progress finishes before storage closes.
+        for t in [enforce, retention] {
             let _ = tokio::time::timeout(SHUTDOWN_STEP, t).await;
         }
         if let Some(c) = &h.cluster {

@@ -116,6 +116,12 @@ contract!(
     concurrent_compare_and_set_has_one_winner,
     concurrent_reapers_get_each_node_once,
     ping_and_close,
+    machine_disable_remove_transfer,
+    merchant_disable_holds_webhooks_and_notify_url,
+    services_list_and_remove,
+    export_pages_in_creation_order,
+    retention_purges_in_batches_and_keeps_protected,
+    retention_purges_finished_webhook_rows,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -2179,4 +2185,440 @@ async fn orders_timeline_extra_events_are_capped(db: Db) {
     assert_eq!(events.len() as i64, 1 + extra + 1);
     assert_eq!(events.last().map(|e| e.kind.as_str()), Some("rejected"));
     assert_eq!(s.order(1).await.unwrap().unwrap().events_dropped, 5);
+}
+
+// ---------------------------------------------------------------- lifecycle
+
+async fn machine_disable_remove_transfer(db: Db) {
+    let s = db.store.as_ref();
+    machines(s, &["00000001", "00000002"]).await;
+    merchant(s, "vgb", None).await;
+
+    assert!(s
+        .set_machine_disabled(&no("00000001"), Some(t(5_000)))
+        .await
+        .unwrap());
+    let m = s.machine(&no("00000001")).await.unwrap().unwrap();
+    assert_eq!(m.disabled_at, Some(t(5_000)));
+    assert!(!m.is_active());
+    assert_eq!(s.blocked_machines().await.unwrap(), vec![no("00000001")]);
+    assert!(s.set_machine_disabled(&no("00000001"), None).await.unwrap());
+    assert!(s
+        .machine(&no("00000001"))
+        .await
+        .unwrap()
+        .unwrap()
+        .is_active());
+    assert!(s.blocked_machines().await.unwrap().is_empty());
+    assert!(!s
+        .set_machine_disabled(&no("00000009"), Some(t(1)))
+        .await
+        .unwrap());
+
+    // An order in flight blocks removal and transfer.
+    order(s, 10, "00000001", Status::Dispatching, 1 << 40).await;
+    let revoked = SecretHash::new("nobody-knows");
+    assert_eq!(
+        s.remove_machine(&no("00000001"), &revoked, t(6_000))
+            .await
+            .unwrap(),
+        storage::MachineChange::OrdersInFlight(1)
+    );
+    assert_eq!(
+        s.transfer_machine(&no("00000001"), "vgb").await.unwrap(),
+        storage::MachineChange::OrdersInFlight(1)
+    );
+    assert!(s
+        .machine(&no("00000001"))
+        .await
+        .unwrap()
+        .unwrap()
+        .is_active());
+
+    // Transfer: to an existing merchant only.
+    assert!(matches!(
+        s.transfer_machine(&no("00000002"), "vgnope").await,
+        Err(StorageError::UnknownMerchant)
+    ));
+    assert_eq!(
+        s.transfer_machine(&no("00000002"), "vgb").await.unwrap(),
+        storage::MachineChange::Done
+    );
+    assert_eq!(
+        s.machine(&no("00000002"))
+            .await
+            .unwrap()
+            .unwrap()
+            .merchant_appid,
+        "vgb"
+    );
+    assert_eq!(
+        s.transfer_machine(&no("00000009"), "vgb").await.unwrap(),
+        storage::MachineChange::NotFound
+    );
+
+    // Once the order is final: removed, secrets revoked, history kept.
+    assert!(
+        to(
+            s,
+            10,
+            Status::Dispatching,
+            change(Status::Failed, false, 7_000)
+        )
+        .await
+    );
+    s.rotate_machine_secret(
+        &no("00000001"),
+        &SecretHash::new("second"),
+        Some(t(4_000_000_000_000)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.remove_machine(&no("00000001"), &revoked, t(8_000))
+            .await
+            .unwrap(),
+        storage::MachineChange::Done
+    );
+    let m = s.machine(&no("00000001")).await.unwrap().unwrap();
+    assert_eq!(m.removed_at, Some(t(8_000)));
+    assert!(m.secret_hash.verify("nobody-knows"));
+    assert!(!m.secret_hash.verify("secret-00000001"));
+    assert!(
+        m.previous_secret.is_none(),
+        "the previous secret is revoked too"
+    );
+    assert_eq!(s.blocked_machines().await.unwrap(), vec![no("00000001")]);
+    let o = s.order(10).await.unwrap().expect("history kept");
+    assert_eq!(o.merchant_appid, "vga");
+    assert_eq!(
+        s.remove_machine(&no("00000001"), &revoked, t(9_000))
+            .await
+            .unwrap(),
+        storage::MachineChange::NotFound
+    );
+    assert!(!s.set_machine_disabled(&no("00000001"), None).await.unwrap());
+    assert_eq!(
+        s.transfer_machine(&no("00000001"), "vgb").await.unwrap(),
+        storage::MachineChange::NotFound
+    );
+    // Another handle (the CLI's process) sees the same.
+    let other = db.another().await;
+    assert!(other
+        .machine(&no("00000001"))
+        .await
+        .unwrap()
+        .unwrap()
+        .removed_at
+        .is_some());
+}
+
+async fn merchant_disable_holds_webhooks_and_notify_url(db: Db) {
+    let s = db.store.as_ref();
+    outbox_setup(s).await;
+    put(s, "e1", "vga", 1, 1_000).await;
+    put(s, "e2", "vgb", 2, 1_000).await;
+    assert!(s
+        .set_merchant_disabled("vga", Some(t(1_500)))
+        .await
+        .unwrap());
+    assert_eq!(
+        s.merchant("vga").await.unwrap().unwrap().disabled_at,
+        Some(t(1_500))
+    );
+    let none = HashMap::new();
+    // vga's event is held; vgb's goes.
+    assert_eq!(ids(&claim(s, 2_000, 10, 10, &none).await), ["e2"]);
+    assert!(claim(s, 3_000, 10, 10, &none).await.is_empty());
+    assert!(s.set_merchant_disabled("vga", None).await.unwrap());
+    assert!(s
+        .merchant("vga")
+        .await
+        .unwrap()
+        .unwrap()
+        .disabled_at
+        .is_none());
+    assert_eq!(ids(&claim(s, 4_000, 10, 10, &none).await), ["e1"]);
+    assert!(!s.set_merchant_disabled("vgnope", None).await.unwrap());
+
+    assert!(s
+        .set_merchant_notify_url("vga", Some("https://new.example/h"))
+        .await
+        .unwrap());
+    assert_eq!(
+        s.merchant("vga")
+            .await
+            .unwrap()
+            .unwrap()
+            .notify_url
+            .as_deref(),
+        Some("https://new.example/h")
+    );
+    assert!(s.set_merchant_notify_url("vga", None).await.unwrap());
+    assert!(s
+        .merchant("vga")
+        .await
+        .unwrap()
+        .unwrap()
+        .notify_url
+        .is_none());
+    assert!(!s.set_merchant_notify_url("vgnope", None).await.unwrap());
+}
+
+async fn services_list_and_remove(db: Db) {
+    let s = db.store.as_ref();
+    for u in ["svc-b", "svc-a"] {
+        s.create_service(NewService {
+            name: format!("name {u}"),
+            username: u.into(),
+            password_hash: SecretHash::new("pw"),
+        })
+        .await
+        .unwrap();
+    }
+    let listed: Vec<String> = s
+        .list_services()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.username)
+        .collect();
+    assert_eq!(listed, ["svc-a", "svc-b"]);
+    assert!(s.remove_service("svc-a").await.unwrap());
+    assert!(!s.remove_service("svc-a").await.unwrap());
+    assert!(s.service("svc-a").await.unwrap().is_none());
+    assert_eq!(s.list_services().await.unwrap().len(), 1);
+}
+
+async fn export_pages_in_creation_order(db: Db) {
+    let s = db.store.as_ref();
+    machines(s, &["00000001"]).await;
+    merchant(s, "vgb", None).await;
+    s.create_machine(new_machine("00000002", "vgb"))
+        .await
+        .unwrap();
+    // Two orders share a creation time: the order id breaks the tie.
+    for (id, created, m, appid) in [
+        (5u64, 3_000, "00000001", "vga"),
+        (3, 2_000, "00000001", "vga"),
+        (4, 2_000, "00000002", "vgb"),
+        (1, 1_000, "00000001", "vga"),
+        (9, 9_000, "00000001", "vga"),
+    ] {
+        s.insert_order(
+            &NewOrder {
+                merchant_appid: appid.into(),
+                machine_no: no(m),
+                created_at: t(created),
+                ..new_order(id, m, Status::Completed, 1 << 40)
+            },
+            &ev("created", created),
+        )
+        .await
+        .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s
+            .export_orders(&storage::OrderPage {
+                from: t(1_000),
+                to: t(9_000),
+                merchant: None,
+                after,
+                limit: 2,
+            })
+            .await
+            .unwrap();
+        seen.extend(page.iter().map(|o| o.order_id));
+        match page.last() {
+            Some(o) if page.len() == 2 => after = Some((o.created_at, o.order_id)),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, [1, 3, 4, 5], "[from, to), by (created_at, order_id)");
+    let vgb = s
+        .export_orders(&storage::OrderPage {
+            from: t(0),
+            to: t(10_000),
+            merchant: Some("vgb"),
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(vgb.len(), 1);
+    assert_eq!(vgb[0].order_id, 4);
+    assert_eq!(vgb[0].lines, vec![line(0)]);
+}
+
+async fn retention_purges_in_batches_and_keeps_protected(db: Db) {
+    let s = db.store.as_ref();
+    machines(s, &["00000001"]).await;
+    let old = 2_000;
+    // Plain final orders, old: purged.
+    for id in [1, 2, 3] {
+        order(s, id, "00000001", Status::Dispensing, 1 << 40).await;
+        assert!(
+            to(
+                s,
+                id,
+                Status::Dispensing,
+                change(Status::Completed, false, old)
+            )
+            .await
+        );
+    }
+    // Protected: unknown; rejected with goods out; refund owed; cancel owed.
+    order(s, 4, "00000001", Status::Dispensing, 1 << 40).await;
+    assert!(
+        to(
+            s,
+            4,
+            Status::Dispensing,
+            change(Status::Unknown, false, old)
+        )
+        .await
+    );
+    order(s, 5, "00000001", Status::Dispatching, 1 << 40).await;
+    let rejected_out = OrderChange {
+        lines: vec![line(1)],
+        result_applied: true,
+        ..change(Status::Rejected, false, old)
+    };
+    assert!(to(s, 5, Status::Dispatching, rejected_out).await);
+    order(s, 6, "00000001", Status::Dispensing, 1 << 40).await;
+    let refund_owed = OrderChange {
+        lines: vec![line(1)],
+        result_applied: true,
+        refund_amount: 150,
+        ..change(Status::PartiallyDispensed, false, old)
+    };
+    assert!(to(s, 6, Status::Dispensing, refund_owed).await);
+    order(s, 7, "00000001", Status::Dispatching, 1 << 40).await;
+    assert!(
+        to(
+            s,
+            7,
+            Status::Dispatching,
+            change(Status::Rejected, true, old)
+        )
+        .await
+    );
+    // Not final, recent, or with a webhook still pending: kept.
+    order(s, 8, "00000001", Status::Dispensing, 1 << 40).await;
+    order(s, 9, "00000001", Status::Dispensing, 1 << 40).await;
+    assert!(
+        to(
+            s,
+            9,
+            Status::Dispensing,
+            change(Status::Completed, false, 900_000)
+        )
+        .await
+    );
+    put(s, "pending-10", "vga", 10, old).await;
+    assert!(
+        to(
+            s,
+            10,
+            Status::AwaitingPayment,
+            change(Status::Expired, false, old)
+        )
+        .await
+    );
+    // A rejected order without goods out is not protected.
+    order(s, 11, "00000001", Status::Dispatching, 1 << 40).await;
+    assert!(
+        to(
+            s,
+            11,
+            Status::Dispatching,
+            change(Status::Rejected, false, old)
+        )
+        .await
+    );
+
+    let rule = storage::OrderPurge {
+        before: t(500_000),
+        protected_before: t(1_000),
+        limit: 2,
+    };
+    let first = s.purge_orders(&rule).await.unwrap();
+    assert_eq!(first.orders, 2, "at most one batch");
+    assert!(first.order_events >= 4, "their timelines go too: {first:?}");
+    let second = s.purge_orders(&rule).await.unwrap();
+    assert_eq!(second.orders, 2);
+    assert_eq!(
+        s.purge_orders(&rule).await.unwrap(),
+        storage::Purged::default()
+    );
+    for id in [1, 2, 3, 11] {
+        assert!(s.order(id).await.unwrap().is_none(), "order {id} purged");
+        assert!(s.order_events(id).await.unwrap().is_empty());
+    }
+    for id in [4, 5, 6, 7, 8, 9, 10] {
+        assert!(s.order(id).await.unwrap().is_some(), "order {id} kept");
+    }
+
+    // Past the protection too: the protected ones go, the rest stay.
+    let later = storage::OrderPurge {
+        protected_before: t(500_000),
+        limit: 100,
+        ..rule
+    };
+    assert_eq!(s.purge_orders(&later).await.unwrap().orders, 4);
+    for id in [8, 9, 10] {
+        assert!(s.order(id).await.unwrap().is_some(), "order {id} kept");
+    }
+    assert!(s.database_size().await.unwrap() > 0);
+}
+
+async fn retention_purges_finished_webhook_rows(db: Db) {
+    let s = db.store.as_ref();
+    outbox_setup(s).await;
+    put(s, "delivered", "vga", 1, 1_000).await;
+    put(s, "dead", "vga", 2, 1_000).await;
+    put(s, "pending", "vga", 3, 1_000).await;
+    put(s, "recent", "vga", 4, 50_000).await;
+    let none = HashMap::new();
+    assert_eq!(claim(s, 60_000, 10, 10, &none).await.len(), 4);
+    s.record_attempt(&Attempt {
+        http_status: Some(200),
+        error: None,
+        ..failed("delivered", 60_001, AttemptResult::Delivered)
+    })
+    .await
+    .unwrap();
+    s.record_attempt(&failed("dead", 60_001, AttemptResult::Dead))
+        .await
+        .unwrap();
+    s.record_attempt(&Attempt {
+        http_status: Some(200),
+        error: None,
+        ..failed("recent", 60_001, AttemptResult::Delivered)
+    })
+    .await
+    .unwrap();
+    s.record_attempt(&failed(
+        "pending",
+        60_001,
+        AttemptResult::RetryAt(t(90_000)),
+    ))
+    .await
+    .unwrap();
+    let first = s.purge_webhooks(t(10_000), 1).await.unwrap();
+    assert_eq!(first.webhooks, 1, "one batch of one");
+    assert_eq!(s.purge_webhooks(t(10_000), 10).await.unwrap().webhooks, 1);
+    assert_eq!(s.purge_webhooks(t(10_000), 10).await.unwrap().webhooks, 0);
+    // The pending and the recent rows are left.
+    let left: Vec<String> = s
+        .list_outbox("vga", None, 0, 100)
+        .await
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
 }

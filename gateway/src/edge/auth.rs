@@ -18,9 +18,11 @@ use crate::secrets::{
 };
 use crate::storage::Storage;
 
-/// Looks credentials up in storage (provisioned and rotated with the CLI
-/// while the gateway runs, so no cache that would need invalidating: a
-/// rotation takes effect at the next CONNECT) and in config.
+/// Looks credentials up in storage (provisioned, rotated, disabled and
+/// removed with the CLI while the gateway runs, so no cache that would need
+/// invalidating: a change takes effect at the next CONNECT) and in config.
+/// Connections already open are closed by the edge's periodic check
+/// (`edge::enforce`).
 pub struct Authenticator {
     store: Arc<dyn Storage>,
     config_services: HashMap<String, ConfigPassword>,
@@ -39,6 +41,9 @@ pub enum Refusal {
     StorageUnavailable,
     /// A verified client certificate whose CN is not a machine number.
     BadCertificate,
+    /// The right secret, but the machine is disabled (`vendgate machine
+    /// disable`). Answered like a wrong secret.
+    Disabled,
     /// The password check found no argon2 slot in time: not a wrong
     /// password, so not counted as one.
     Busy,
@@ -65,6 +70,7 @@ impl Refusal {
             Self::StorageUnavailable => "storage_unavailable",
             Self::Busy => "busy",
             Self::BadCertificate => "bad_certificate",
+            Self::Disabled => "disabled",
         }
     }
 
@@ -72,12 +78,14 @@ impl Refusal {
     /// provoke without the secret, including those decided before the
     /// password is looked at (a machine-shaped client id with a service
     /// username), so none of them is free to repeat. Only storage trouble
-    /// (ours) and a client-id mismatch after the right secret (the holder of
-    /// the secret, misconfigured) are not counted.
+    /// (ours), a client-id mismatch after the right secret (the holder of
+    /// the secret, misconfigured) and a disabled machine (its retries would
+    /// otherwise throttle its neighbours behind the same address) are not
+    /// counted.
     pub fn is_credential_failure(self) -> bool {
         !matches!(
             self,
-            Self::StorageUnavailable | Self::ClientIdMismatch | Self::Busy
+            Self::StorageUnavailable | Self::ClientIdMismatch | Self::Busy | Self::Disabled
         )
     }
 }
@@ -116,11 +124,13 @@ impl Authenticator {
         // A username that is a machine number is a machine; service usernames
         // can never take that shape (refused at provisioning and in config).
         if let Ok(machine_no) = login.username.parse::<MachineNo>() {
+            // A removed machine is unknown (its secrets were revoked too).
             let stored = self
                 .store
                 .machine(&machine_no)
                 .await
-                .map_err(|_| Refusal::StorageUnavailable)?;
+                .map_err(|_| Refusal::StorageUnavailable)?
+                .filter(|m| m.removed_at.is_none());
             let matched = verify_rotating(
                 stored.as_ref().map(|m| &m.secret_hash),
                 stored.as_ref().and_then(|m| m.previous_secret.as_ref()),
@@ -135,6 +145,9 @@ impl Authenticator {
             }
             if client_id != login.username {
                 return Err(Refusal::ClientIdMismatch);
+            }
+            if stored.disabled_at.is_some() {
+                return Err(Refusal::Disabled);
             }
             if matched == SecretMatch::Previous {
                 // Operators finish a rotation by checking who still uses
@@ -185,7 +198,8 @@ impl Authenticator {
 
 impl Authenticator {
     /// A machine by certificate: the CN is an 8-digit machine_no that is
-    /// provisioned now (deleting the machine revokes the certificate's use),
+    /// provisioned now, not removed and not disabled (removing or disabling
+    /// the machine revokes the certificate's use),
     /// and the client id, and the username if one is sent, are that number.
     /// A password, if sent, is not needed and not checked.
     async fn authenticate_certificate(
@@ -205,8 +219,13 @@ impl Authenticator {
             .machine(&machine_no)
             .await
             .map_err(|_| Refusal::StorageUnavailable)?;
-        if stored.is_none() {
-            return Err(Refusal::UnknownMachine);
+        match stored {
+            Some(m) if m.removed_at.is_none() => {
+                if m.disabled_at.is_some() {
+                    return Err(Refusal::Disabled);
+                }
+            }
+            _ => return Err(Refusal::UnknownMachine),
         }
         Ok(ClientClass::Machine(machine_no))
     }

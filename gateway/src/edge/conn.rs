@@ -85,13 +85,17 @@ enum End {
     RateLimited,
     /// The connection's memory budget was exhausted.
     MemoryBudget,
+    /// Its account was disabled or removed while connected.
+    Revoked,
 }
 
 impl End {
     fn presence_reason(self) -> OfflineReason {
         match self {
             End::Clean => OfflineReason::Clean,
-            End::SocketClosed | End::TakeOver | End::SlowConsumer => OfflineReason::SocketClosed,
+            End::SocketClosed | End::TakeOver | End::SlowConsumer | End::Revoked => {
+                OfflineReason::SocketClosed
+            }
             End::KeepAlive => OfflineReason::KeepAliveTimeout,
             End::Protocol(_)
             | End::Acl
@@ -126,6 +130,7 @@ impl End {
             End::InflightExceeded => DisconnectReason::InflightExceeded,
             End::RateLimited => DisconnectReason::RateLimited,
             End::MemoryBudget => DisconnectReason::MemoryBudget,
+            End::Revoked => DisconnectReason::Revoked,
         }
     }
 }
@@ -958,6 +963,7 @@ impl Loop {
         match self.session.kick_reason() {
             Some(KickReason::TakeOver) => End::TakeOver,
             Some(KickReason::MemoryBudget) => End::MemoryBudget,
+            Some(KickReason::Revoked) => End::Revoked,
             _ => End::SlowConsumer,
         }
     }

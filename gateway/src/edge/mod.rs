@@ -7,6 +7,7 @@
 //! - `conn`: one connection's protocol state machine.
 //! - `router`: sessions, subscriptions, retained messages, fan-out.
 //! - `auth`: CONNECT credentials (password or client certificate).
+//! - `enforce`: closes live connections of disabled or removed accounts.
 //! - `limits`: connection caps and accept rates (per source address, then
 //!   global), failed-auth throttling, machines' packet rates, refusal-log
 //!   rate.
@@ -14,6 +15,7 @@
 
 pub mod auth;
 mod conn;
+pub mod enforce;
 pub mod limits;
 pub mod router;
 mod stream;

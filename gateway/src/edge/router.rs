@@ -89,6 +89,8 @@ pub enum KickReason {
     SlowConsumer,
     /// Its connection's memory budget was exhausted.
     MemoryBudget,
+    /// Its account was disabled or removed (`edge::enforce`).
+    Revoked,
 }
 
 /// Why a SUBSCRIBE filter was refused by the session's limits.
@@ -146,6 +148,12 @@ pub struct Session {
 /// length makes it unambiguous whatever the two contain).
 pub fn service_key(account: &str, client_id: &str) -> String {
     format!("{}:{account}:{client_id}", account.len())
+}
+
+/// The account part of a [`service_key`].
+fn service_account_of(key: &str) -> Option<&str> {
+    let (len, rest) = key.split_once(':')?;
+    rest.get(..len.parse::<usize>().ok()?)
 }
 
 impl Session {
@@ -639,6 +647,44 @@ impl Router {
             }
         }
         n
+    }
+
+    /// Close the live sessions of service account `account` (its sessions'
+    /// keys start with its part of [`service_key`]). Returns how many.
+    pub fn kick_service_account(&self, account: &str, reason: KickReason) -> usize {
+        let prefix = format!("{}:{account}:", account.len());
+        let mut n = 0;
+        for s in self.sessions.iter() {
+            if s.class == ClientClass::Service && s.key.starts_with(&prefix) {
+                s.kick(reason);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The service accounts with a live session, each once.
+    pub fn service_accounts(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|s| s.class == ClientClass::Service)
+            .filter_map(|s| service_account_of(&s.key).map(str::to_owned))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Close machine `m`'s live session with `reason`; whether there was one.
+    pub fn kick_machine(&self, m: &MachineNo, reason: KickReason) -> bool {
+        match self.sessions.get(m.as_str()) {
+            Some(s) if s.class == ClientClass::Machine(*m) => {
+                s.kick(reason);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Remove a session if it is still the registered one for its client id.

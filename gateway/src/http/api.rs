@@ -104,7 +104,8 @@ pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<St
         Utc::now(),
     );
     match merchant {
-        Some(m) if matched.is_match() => {
+        // A disabled merchant is answered like a wrong AppSecret.
+        Some(m) if matched.is_match() && m.disabled_at.is_none() => {
             if matched == SecretMatch::Previous
                 && s.gw
                     .metrics
@@ -697,8 +698,8 @@ async fn list_online_machines(
     {
         match s.gw.store.machine(m).await {
             Ok(Some(machine)) => list.push(machine_json(s, &machine).await),
-            // Owned a moment ago (owners never change): only a storage error
-            // can get here.
+            // Owned a moment ago, and machine rows are never deleted (a
+            // removed machine keeps its row): only a storage error gets here.
             Ok(None) | Err(_) => return err(s, ErrorCode::Internal),
         }
     }

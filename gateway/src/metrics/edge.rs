@@ -149,10 +149,12 @@ pub enum DisconnectReason {
     RateLimited,
     /// Over `mqtt.machine_connection_memory` / `mqtt.service_connection_memory`.
     MemoryBudget,
+    /// The account was disabled or removed while connected.
+    Revoked,
 }
 
 impl DisconnectReason {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Clean,
         Self::SocketClosed,
         Self::KeepAliveTimeout,
@@ -166,6 +168,7 @@ impl DisconnectReason {
         Self::InflightExceeded,
         Self::RateLimited,
         Self::MemoryBudget,
+        Self::Revoked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -183,13 +186,14 @@ impl DisconnectReason {
             Self::InflightExceeded => "inflight_exceeded",
             Self::RateLimited => "rate_limited",
             Self::MemoryBudget => "memory_budget",
+            Self::Revoked => "revoked",
         }
     }
 }
 
 /// Every `reason` label of refused CONNECTs: the authenticator's refusals
 /// (`edge::auth::Refusal::as_str`) and the edge's own checks.
-pub const REFUSALS: [&str; 14] = [
+pub const REFUSALS: [&str; 15] = [
     "no_credentials",
     "unknown_machine",
     "wrong_secret",
@@ -201,6 +205,7 @@ pub const REFUSALS: [&str; 14] = [
     "protocol_version",
     "will_not_allowed",
     "bad_certificate",
+    "disabled",
     "throttled",
     "rate_limited",
     "other",
@@ -241,6 +246,7 @@ impl ConnectionStats {
                 | "client_id_mismatch"
                 | "unknown_service"
                 | "bad_certificate"
+                | "disabled"
         );
         if credentials {
             // The authenticator's own rule: an all-digit username is a machine.
@@ -424,5 +430,11 @@ mod tests {
         let protocol = REFUSALS.iter().position(|r| *r == "protocol_version");
         assert_eq!(protocol.map(|i| s.refusals(i)), Some(1));
         assert_eq!(s.refusals(REFUSALS.len() - 1), 1);
+        s.refused("disabled", Some("12345678"));
+        assert_eq!(
+            s.disconnects(ClientKind::Machine, DisconnectReason::AuthFailure),
+            2,
+            "a disabled machine's refusal counts as a failed connect"
+        );
     }
 }

@@ -131,6 +131,8 @@ struct Series {
     outbox_backlog: Gauge,
     outbox_oldest_age: Gauge,
     uptime: Gauge,
+    retention_purged: [Counter; crate::retention::KINDS.len()],
+    database_size: Gauge,
 }
 
 /// Registers series on the recorder, describing each name once.
@@ -262,6 +264,8 @@ pub struct Metrics {
     pub http: Arc<crate::http::limits::HttpStats>,
     /// Logins answered busy by the argon2 queues.
     pub argon2: Arc<crate::passwords::Argon2Stats>,
+    /// The retention purge's counts and the database size.
+    pub retention: Arc<crate::retention::RetentionStats>,
 }
 
 impl Default for Metrics {
@@ -553,6 +557,18 @@ impl Metrics {
                 "Seconds since this gateway was built.",
                 &[],
             ),
+            retention_purged: crate::retention::KINDS.map(|k| {
+                r.counter(
+                    "vendgate_retention_purged_rows_total",
+                    "Rows deleted by the retention purge, by kind (orders, their timeline rows, webhook rows).",
+                    &[("kind", k)],
+                )
+            }),
+            database_size: r.gauge(
+                "vendgate_database_size_bytes",
+                "Size of the database (SQLite: the main file; PostgreSQL: pg_database_size), measured every minute; 0 before the first measurement.",
+                &[],
+            ),
         };
         let build_info = r.gauge(
             "vendgate_build_info",
@@ -580,6 +596,7 @@ impl Metrics {
             http_rate_limited: AtomicU64::new(0),
             http: Arc::default(),
             argon2: Arc::default(),
+            retention: Arc::default(),
             order_request_duration,
             accept_latency,
             dispense_duration,
@@ -792,6 +809,11 @@ impl Metrics {
                 .set(oldest_age_seconds(b.oldest_pending));
         }
         s.uptime.set(self.started.elapsed().as_secs_f64());
+        for (c, n) in s.retention_purged.iter().zip(&self.retention.purged) {
+            c.absolute(n.load(Ordering::Relaxed));
+        }
+        s.database_size
+            .set(self.retention.database_size.load(Ordering::Relaxed) as f64);
 
         let mut out = self.handle.render();
         process::ProcessStats::read().render(&mut out);

@@ -73,6 +73,28 @@ pub use uplinks::OrderUplinks;
 
 pub use crate::config::ANSWER_MARGIN;
 
+/// How long a cached machine owner is trusted (see `OrderService::owners`):
+/// the bound on how long a transfer, disable or removal by the CLI takes to
+/// reach the order path.
+pub const OWNER_CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// A cached owner: the merchant, whether the machine is active (neither
+/// disabled nor removed), and when this was read.
+#[derive(Debug, Clone)]
+struct Owner {
+    merchant: String,
+    active: bool,
+    read: std::time::Instant,
+}
+
+impl Owner {
+    /// The merchant that may order from the machine, if still fresh.
+    fn fresh(&self) -> Option<Option<&str>> {
+        (self.read.elapsed() < OWNER_CACHE_TTL)
+            .then(|| self.active.then_some(self.merchant.as_str()))
+    }
+}
+
 /// Why an order was not accepted; each maps to one API code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderError {
@@ -234,12 +256,13 @@ pub struct OrderService {
     uplink_rx: std::sync::Mutex<Option<mpsc::Receiver<uplinks::Work>>>,
     ids: OrderIds,
     idempotency_locks: IdempotencyLocks,
-    /// Machine → owning merchant, filled on first use. A machine's owner
-    /// never changes once provisioned (there is no transfer or delete), so
-    /// entries never go stale; unknown machines are not cached, so one the
-    /// CLI adds later is found. A future transfer command must clear its
-    /// entry.
-    owners: DashMap<MachineNo, String>,
+    /// Machine → owning merchant and whether it may take orders, filled on
+    /// use and trusted for [`OWNER_CACHE_TTL`]. The CLI transfers, disables
+    /// and removes machines from another process, so an entry cannot be
+    /// invalidated from here: the TTL bounds how long the previous owner (or
+    /// a disabled machine) is still answered for. Unknown machines are not
+    /// cached, so one the CLI adds later is found at once.
+    owners: DashMap<MachineNo, Owner>,
     /// Cluster mode: machines connected to other nodes.
     remote: std::sync::OnceLock<Arc<dyn RemoteMachines>>,
     pub stats: OrderStats,
@@ -458,34 +481,53 @@ impl OrderService {
         let _ = self.remote.set(remote);
     }
 
-    /// Whether `merchant` owns machine `m` (cached: see `owners`).
+    /// Whether `merchant` owns machine `m` and it is active (cached: see
+    /// `owners`). A disabled or removed machine is nobody's.
     pub async fn owned_by(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
-        if let Some(owner) = self.owners.get(m) {
-            return Ok(owner.as_str() == merchant);
+        if let Some(owner) = self
+            .owners
+            .get(m)
+            .and_then(|o| o.fresh().map(|o| o == Some(merchant)))
+        {
+            return Ok(owner);
         }
+        self.read_owner(m, merchant).await
+    }
+
+    /// Read `m`'s owner from storage into the cache; whether it is
+    /// `merchant`'s and active.
+    async fn read_owner(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
         let Some(machine) = self.store.machine(m).await? else {
+            self.owners.remove(m);
             return Ok(false);
         };
-        let owned = machine.merchant_appid == merchant;
-        self.owners.insert(*m, machine.merchant_appid);
+        let active = machine.is_active();
+        let owned = active && machine.merchant_appid == merchant;
+        self.owners.insert(
+            *m,
+            Owner {
+                merchant: machine.merchant_appid,
+                active,
+                read: std::time::Instant::now(),
+            },
+        );
         Ok(owned)
     }
 
     /// [`Self::owned_by`] for placing an order: a machine the cache does not
     /// show as the merchant's is read from storage whether it is cached as
-    /// another merchant's or unknown, so both answers take the same time (a
-    /// faster "not found" for foreign machines would tell which numbers are
-    /// provisioned).
+    /// another merchant's, disabled, or unknown, so all answers take the same
+    /// time (a faster "not found" for foreign machines would tell which
+    /// numbers are provisioned).
     async fn owned_for_order(&self, m: &MachineNo, merchant: &str) -> Result<bool, StorageError> {
-        if self.owners.get(m).is_some_and(|o| o.as_str() == merchant) {
+        if self
+            .owners
+            .get(m)
+            .is_some_and(|o| o.fresh() == Some(Some(merchant)))
+        {
             return Ok(true);
         }
-        let Some(machine) = self.store.machine(m).await? else {
-            return Ok(false);
-        };
-        let owned = machine.merchant_appid == merchant;
-        self.owners.insert(*m, machine.merchant_appid);
-        Ok(owned)
+        self.read_owner(m, merchant).await
     }
 
     /// Orders waiting behind the one in flight on machine `m`.

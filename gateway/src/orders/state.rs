@@ -23,6 +23,20 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, for code that must cover them all (SQL lists).
+    pub const ALL: [Self; 10] = [
+        Self::AwaitingPayment,
+        Self::Dispatching,
+        Self::Dispensing,
+        Self::Completed,
+        Self::PartiallyDispensed,
+        Self::Failed,
+        Self::Rejected,
+        Self::Expired,
+        Self::Cancelled,
+        Self::Unknown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AwaitingPayment => "awaiting_payment",
@@ -700,6 +714,16 @@ mod tests {
         }
         assert_eq!(Status::parse("cancelled"), Some(Status::Cancelled));
         assert_eq!(Status::Cancelled.as_str(), "cancelled");
+    }
+
+    #[test]
+    fn all_statuses_listed_once() {
+        let names: std::collections::HashSet<&str> =
+            Status::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), Status::ALL.len());
+        for s in Status::ALL {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!   the gateway (online, since when, last seen, connection epoch);
 //! - service accounts: username, name, hashed password.
 //!
-//! - orders ([`orders`]) and the webhook outbox ([`outbox`]).
+//! - orders ([`orders`]) and the webhook outbox ([`outbox`]);
+//! - account lifecycle (disabled, removed), exports and the retention purge
+//!   ([`lifecycle`]).
 //!
 //! Secrets are stored hashed ([`SecretHash`]); the one exception is the
 //! merchant's AppSecret, also kept encrypted under a key that lives outside
@@ -30,19 +32,23 @@ use vendgate_proto::machine::MachineNo;
 use crate::secrets::{PreviousSecret, SecretHash};
 
 pub mod cluster;
+pub mod lifecycle;
 pub mod orders;
 pub mod outbox;
 pub mod postgres;
 mod postgres_cluster;
+mod postgres_lifecycle;
 mod postgres_orders;
 mod postgres_outbox;
 pub mod sqlite;
 mod sqlite_cluster;
+mod sqlite_lifecycle;
 mod sqlite_orders;
 mod sqlite_outbox;
 mod sqlite_writer;
 
 pub use cluster::{ClusterStorage, Due, NodeRow, Ownership};
+pub use lifecycle::{LifecycleStorage, MachineChange, OrderPage, OrderPurge, Purged};
 pub use orders::{
     NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderQuery, OrderStorage, StoredOrder,
     MAX_EXTRA_EVENTS,
@@ -80,6 +86,9 @@ pub struct Merchant {
     /// [`crate::secrets::verify_rotating`] ignores it once expired.
     pub previous_appsecret: Option<PreviousSecret>,
     pub created_at: DateTime<Utc>,
+    /// Set by `vendgate merchant disable`: the API answers it like a wrong
+    /// AppSecret and its webhooks are held (not attempted) until enabled.
+    pub disabled_at: Option<DateTime<Utc>>,
 }
 
 /// A machine to provision.
@@ -104,6 +113,19 @@ pub struct Machine {
     pub last_seen: Option<DateTime<Utc>>,
     pub online_since: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// Set by `vendgate machine disable`: refused at CONNECT, closed if
+    /// connected, and unknown to orders, until enabled again.
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// Set by `vendgate machine remove`: its secrets are gone for good; the
+    /// row stays because its orders (the merchant's history) refer to it.
+    pub removed_at: Option<DateTime<Utc>>,
+}
+
+impl Machine {
+    /// Neither disabled nor removed: may connect and take orders.
+    pub fn is_active(&self) -> bool {
+        self.disabled_at.is_none() && self.removed_at.is_none()
+    }
 }
 
 /// A service account to create.
@@ -151,7 +173,9 @@ pub enum StorageError {
 
 /// The storage operations the gateway and the provisioning commands need.
 #[async_trait::async_trait]
-pub trait Storage: OrderStorage + OutboxStorage + ClusterStorage + Send + Sync + 'static {
+pub trait Storage:
+    OrderStorage + OutboxStorage + ClusterStorage + LifecycleStorage + Send + Sync + 'static
+{
     /// Err(Duplicate("merchant")) if the appid is taken.
     async fn create_merchant(&self, m: NewMerchant) -> Result<Merchant, StorageError>;
     async fn merchant(&self, appid: &str) -> Result<Option<Merchant>, StorageError>;

@@ -50,10 +50,10 @@ const MERCHANT_CACHE_TTL: Duration = Duration::from_secs(1);
 /// Machine columns as [`MachineRow`] decodes them (`online` as 0/1).
 pub(super) const MACHINE_COLUMNS: &str = "machine_no, merchant_appid, secret_hash, \
      (online::int)::bigint AS online, last_seen_ms, online_since_ms, created_at_ms, \
-     prev_secret_hash, prev_secret_expires_ms";
+     prev_secret_hash, prev_secret_expires_ms, disabled_at_ms, removed_at_ms";
 
 const MERCHANT_COLUMNS: &str = "appid, name, notify_url, appsecret_hash, appsecret_enc, \
-     created_at_ms, prev_appsecret_hash, prev_appsecret_expires_ms";
+     created_at_ms, prev_appsecret_hash, prev_appsecret_expires_ms, disabled_at_ms";
 
 /// A pool of connections to one PostgreSQL database.
 #[derive(Debug, Clone)]
@@ -94,6 +94,11 @@ impl PgStorage {
     /// The underlying pool, for backend-specific tools and tests.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Drop a cached merchant after this process changed its row.
+    pub(super) fn forget_merchant(&self, appid: &str) {
+        self.merchants.remove(appid);
     }
 }
 
@@ -243,6 +248,7 @@ impl Storage for PgStorage {
             appsecret_enc: m.appsecret_enc,
             previous_appsecret: None,
             created_at: from_ms(created_at_ms, "merchants.created_at_ms")?,
+            disabled_at: None,
         })
     }
 
@@ -321,6 +327,8 @@ impl Storage for PgStorage {
             last_seen: None,
             online_since: None,
             created_at: from_ms(created_at_ms, "machines.created_at_ms")?,
+            disabled_at: None,
+            removed_at: None,
         })
     }
 

@@ -24,6 +24,8 @@ use super::StorageError;
 /// merchant's oldest due first and at most $2 per merchant, oldest due first
 /// overall (the same selection as SQLite's). Read without locks: the lease
 /// below takes the rows and re-checks that they are still due.
+/// Events of a disabled merchant are held: never claimed, so never
+/// attempted, until it is enabled again.
 const CANDIDATES: &str = "\
 SELECT seq, event_id, merchant_appid, order_key, type, body, attempts, created_at_ms, \
        pending_since_ms, notify_url, appsecret_enc FROM ( \
@@ -34,6 +36,7 @@ SELECT seq, event_id, merchant_appid, order_key, type, body, attempts, created_a
                               ORDER BY o.next_attempt_at_ms, o.seq) AS rn \
     FROM outbox o JOIN merchants c ON c.appid = o.merchant_appid \
     WHERE o.status = 'pending' AND o.next_attempt_at_ms <= $1 \
+      AND c.disabled_at_ms IS NULL \
       AND NOT EXISTS (SELECT 1 FROM outbox p \
                       WHERE p.order_key = o.order_key AND p.status = 'pending' AND p.seq < o.seq) \
 ) AS due WHERE rn <= $2 ORDER BY next_attempt_at_ms, seq LIMIT $3";

@@ -129,6 +129,11 @@ impl SqliteStorage {
         &self.pool
     }
 
+    /// Drop a cached merchant after this process changed its row.
+    pub(super) fn forget_merchant(&self, appid: &str) {
+        self.merchants.remove(appid);
+    }
+
     /// The group-commit writer.
     pub(super) fn writer(&self) -> &Writer {
         &self.writer
@@ -161,6 +166,7 @@ impl Storage for SqliteStorage {
             appsecret_enc: m.appsecret_enc,
             previous_appsecret: None,
             created_at: from_ms(created_at_ms, "merchants.created_at_ms")?,
+            disabled_at: None,
         })
     }
 
@@ -172,7 +178,7 @@ impl Storage for SqliteStorage {
         }
         let found = sqlx::query_as::<_, MerchantRow>(
             "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms, \
-             prev_appsecret_hash, prev_appsecret_expires_ms \
+             prev_appsecret_hash, prev_appsecret_expires_ms, disabled_at_ms \
              FROM merchants WHERE appid = ?",
         )
         .bind(appid)
@@ -208,7 +214,7 @@ impl Storage for SqliteStorage {
     async fn list_merchants(&self) -> Result<Vec<Merchant>, StorageError> {
         sqlx::query_as::<_, MerchantRow>(
             "SELECT appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms, \
-             prev_appsecret_hash, prev_appsecret_expires_ms \
+             prev_appsecret_hash, prev_appsecret_expires_ms, disabled_at_ms \
              FROM merchants ORDER BY appid",
         )
         .fetch_all(&self.pool)
@@ -238,6 +244,8 @@ impl Storage for SqliteStorage {
             last_seen: None,
             online_since: None,
             created_at: from_ms(created_at_ms, "machines.created_at_ms")?,
+            disabled_at: None,
+            removed_at: None,
         })
     }
 
@@ -277,7 +285,7 @@ impl Storage for SqliteStorage {
     async fn machine(&self, m: &MachineNo) -> Result<Option<Machine>, StorageError> {
         sqlx::query_as::<_, MachineRow>(
             "SELECT machine_no, merchant_appid, secret_hash, online, last_seen_ms, \
-             online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms FROM machines WHERE machine_no = ?",
+             online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms, disabled_at_ms, removed_at_ms FROM machines WHERE machine_no = ?",
         )
         .bind(m.as_str())
         .fetch_optional(&self.pool)
@@ -342,13 +350,13 @@ impl Storage for SqliteStorage {
         let query = match merchant {
             Some(appid) => sqlx::query_as::<_, MachineRow>(
                 "SELECT machine_no, merchant_appid, secret_hash, online, last_seen_ms, \
-                 online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms FROM machines WHERE merchant_appid = ? \
+                 online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms, disabled_at_ms, removed_at_ms FROM machines WHERE merchant_appid = ? \
                  ORDER BY machine_no",
             )
             .bind(appid),
             None => sqlx::query_as::<_, MachineRow>(
                 "SELECT machine_no, merchant_appid, secret_hash, online, last_seen_ms, \
-                 online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms FROM machines ORDER BY machine_no",
+                 online_since_ms, created_at_ms, prev_secret_hash, prev_secret_expires_ms, disabled_at_ms, removed_at_ms FROM machines ORDER BY machine_no",
             ),
         };
         query
@@ -545,6 +553,7 @@ pub(super) struct MerchantRow {
     created_at_ms: i64,
     prev_appsecret_hash: Option<String>,
     prev_appsecret_expires_ms: Option<i64>,
+    disabled_at_ms: Option<i64>,
 }
 
 impl MerchantRow {
@@ -563,6 +572,7 @@ impl MerchantRow {
                 &self.appid,
             )?,
             created_at: from_ms(self.created_at_ms, "merchants.created_at_ms")?,
+            disabled_at: opt_from_ms(self.disabled_at_ms, "merchants.disabled_at_ms")?,
             appid: self.appid,
             name: self.name,
             notify_url: self.notify_url,
@@ -584,6 +594,8 @@ pub(super) struct MachineRow {
     created_at_ms: i64,
     prev_secret_hash: Option<String>,
     prev_secret_expires_ms: Option<i64>,
+    disabled_at_ms: Option<i64>,
+    removed_at_ms: Option<i64>,
 }
 
 impl MachineRow {
@@ -616,6 +628,8 @@ impl MachineRow {
                 .map(|ms| from_ms(ms, "machines.online_since_ms"))
                 .transpose()?,
             created_at: from_ms(self.created_at_ms, "machines.created_at_ms")?,
+            disabled_at: opt_from_ms(self.disabled_at_ms, "machines.disabled_at_ms")?,
+            removed_at: opt_from_ms(self.removed_at_ms, "machines.removed_at_ms")?,
             machine_no,
             merchant_appid: self.merchant_appid,
         })
@@ -653,6 +667,13 @@ pub(super) fn now_ms() -> i64 {
 pub(super) fn from_ms(ms: i64, column: &str) -> Result<DateTime<Utc>, StorageError> {
     DateTime::from_timestamp_millis(ms)
         .ok_or_else(|| StorageError::Corrupt(format!("{column} {ms} is out of range")))
+}
+
+pub(super) fn opt_from_ms(
+    ms: Option<i64>,
+    column: &str,
+) -> Result<Option<DateTime<Utc>>, StorageError> {
+    ms.map(|ms| from_ms(ms, column)).transpose()
 }
 
 /// `key` names the row; the stored value is not repeated in the message.

@@ -20,6 +20,8 @@ use super::StorageError;
 /// merchant's oldest due first and at most ?2 per merchant, oldest due first
 /// overall. The NOT EXISTS probe uses `outbox_by_key`; the due filter
 /// `outbox_due`.
+/// Events of a disabled merchant are held: never claimed, so never
+/// attempted, until it is enabled again.
 const CANDIDATES: &str = "\
 SELECT seq, event_id, merchant_appid, order_key, type, body, attempts, created_at_ms, \
        pending_since_ms, notify_url, appsecret_enc FROM ( \
@@ -30,6 +32,7 @@ SELECT seq, event_id, merchant_appid, order_key, type, body, attempts, created_a
                               ORDER BY o.next_attempt_at_ms, o.seq) AS rn \
     FROM outbox o JOIN merchants c ON c.appid = o.merchant_appid \
     WHERE o.status = 'pending' AND o.next_attempt_at_ms <= ?1 \
+      AND c.disabled_at_ms IS NULL \
       AND NOT EXISTS (SELECT 1 FROM outbox p \
                       WHERE p.order_key = o.order_key AND p.status = 'pending' AND p.seq < o.seq) \
 ) WHERE rn <= ?2 ORDER BY next_attempt_at_ms, seq LIMIT ?3";
@@ -120,7 +123,9 @@ impl OutboxStorage for SqliteStorage {
         // The idle case (every poll) is a read on the partial index, without
         // taking the write lock that order writes need.
         let due: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM outbox WHERE status = 'pending' AND next_attempt_at_ms <= ? LIMIT 1",
+            "SELECT 1 FROM outbox o JOIN merchants c ON c.appid = o.merchant_appid \
+             WHERE o.status = 'pending' AND o.next_attempt_at_ms <= ? \
+             AND c.disabled_at_ms IS NULL LIMIT 1",
         )
         .bind(now)
         .fetch_optional(self.pool())

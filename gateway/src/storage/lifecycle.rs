@@ -1,0 +1,162 @@
+//! The lifecycle half of the storage contract: disabling, enabling,
+//! removing and transferring accounts (the operator commands of `vendgate`),
+//! paging orders out for an export, and the retention purge.
+//!
+//! Changes refused while orders are in flight (remove, transfer) check and
+//! write in one transaction that holds the machine row, so an order being
+//! inserted for the machine either committed before (and is counted) or
+//! commits after the change.
+
+use chrono::{DateTime, Utc};
+use vendgate_proto::machine::MachineNo;
+
+use super::{ServiceAccount, StorageError, StoredOrder};
+use crate::orders::state::Status;
+use crate::secrets::SecretHash;
+
+/// What a guarded machine change found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineChange {
+    Done,
+    /// No such machine, or it was removed.
+    NotFound,
+    /// Refused: this many orders of the machine are not final yet.
+    OrdersInFlight(u64),
+}
+
+/// One page of an export: orders created in `[from, to)`, optionally one
+/// merchant's, after the key of the previous page's last order, ordered by
+/// (created_at, order_id).
+#[derive(Debug, Clone)]
+pub struct OrderPage<'a> {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub merchant: Option<&'a str>,
+    /// (created_at, order_id) of the last order already read.
+    pub after: Option<(DateTime<Utc>, u64)>,
+    pub limit: usize,
+}
+
+/// Rows one purge batch deleted, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub orders: u64,
+    /// Timeline rows of the purged orders.
+    pub order_events: u64,
+    /// Outbox rows (with their attempts), of purged orders or on their own.
+    pub webhooks: u64,
+}
+
+/// Which finished orders a purge batch may delete.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderPurge {
+    /// Final orders last changed before this go.
+    pub before: DateTime<Utc>,
+    /// ...except protected ones (`unknown`; `rejected` with goods reported
+    /// out; a refund owed and not recorded; a cancel owed), which go only
+    /// when last changed before this too.
+    pub protected_before: DateTime<Utc>,
+    pub limit: usize,
+}
+
+#[async_trait::async_trait]
+pub trait LifecycleStorage: Send + Sync + 'static {
+    /// Disable (`Some(at)`) or enable (`None`) a machine. Ok(false) if there
+    /// is no such machine or it was removed.
+    async fn set_machine_disabled(
+        &self,
+        m: &MachineNo,
+        disabled: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError>;
+    /// Remove a machine unless it has orders in flight: its secret becomes
+    /// `revoked` (a hash of a secret nobody knows), its previous secret is
+    /// dropped, `removed_at` is set. The row and its orders stay.
+    async fn remove_machine(
+        &self,
+        m: &MachineNo,
+        revoked: &SecretHash,
+        at: DateTime<Utc>,
+    ) -> Result<MachineChange, StorageError>;
+    /// Give a machine to merchant `to` unless it has orders in flight.
+    /// Err(UnknownMerchant) if `to` does not exist. Its past orders stay
+    /// the previous owner's.
+    async fn transfer_machine(
+        &self,
+        m: &MachineNo,
+        to: &str,
+    ) -> Result<MachineChange, StorageError>;
+    /// Machines that must not be connected: disabled or removed.
+    async fn blocked_machines(&self) -> Result<Vec<MachineNo>, StorageError>;
+    /// Disable (`Some(at)`) or enable (`None`) a merchant; Ok(false) if
+    /// unknown.
+    async fn set_merchant_disabled(
+        &self,
+        appid: &str,
+        disabled: Option<DateTime<Utc>>,
+    ) -> Result<bool, StorageError>;
+    /// Ok(false) if unknown.
+    async fn set_merchant_notify_url(
+        &self,
+        appid: &str,
+        url: Option<&str>,
+    ) -> Result<bool, StorageError>;
+    /// Service accounts ordered by username.
+    async fn list_services(&self) -> Result<Vec<ServiceAccount>, StorageError>;
+    /// Ok(false) if unknown.
+    async fn remove_service(&self, username: &str) -> Result<bool, StorageError>;
+    /// One page of an export (see [`OrderPage`]).
+    async fn export_orders(&self, page: &OrderPage<'_>) -> Result<Vec<StoredOrder>, StorageError>;
+    /// Delete at most `rule.limit` finished orders, with their lines,
+    /// timeline and delivered or dead webhook rows, in one transaction.
+    /// Orders with a webhook still pending are kept.
+    async fn purge_orders(&self, rule: &OrderPurge) -> Result<Purged, StorageError>;
+    /// Delete at most `limit` delivered or dead webhook rows (and their
+    /// attempts) created before `before`, in one transaction.
+    async fn purge_webhooks(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Purged, StorageError>;
+    /// The database's size in bytes (SQLite: the main file's pages;
+    /// PostgreSQL: `pg_database_size`).
+    async fn database_size(&self) -> Result<u64, StorageError>;
+}
+
+/// The SQL condition (on `orders o`) of an order that is final, last changed
+/// before `?before`, and either not protected or last changed before
+/// `?protected`; `{b}`/`{p}` are the backend's placeholders. Written once
+/// for both backends.
+pub(super) fn purgeable(b: &str, p: &str, yes: &str) -> String {
+    // Every status that holds no stock: the final ones and `unknown`
+    // (protected below).
+    let done = status_list(|s| !s.holds_reservation());
+    format!(
+        "o.status IN ({done}) \
+         AND o.updated_at_ms < {b} \
+         AND NOT EXISTS (SELECT 1 FROM outbox w WHERE w.order_id = o.order_id \
+                         AND w.status = 'pending') \
+         AND (o.updated_at_ms < {p} OR NOT ( \
+              o.status = 'unknown' \
+              OR o.cancel_pending = {yes} \
+              OR (o.refund_amount > 0 AND o.refunded_at_ms IS NULL) \
+              OR (o.status = 'rejected' AND o.result_applied = {yes} \
+                  AND EXISTS (SELECT 1 FROM order_items i \
+                              WHERE i.order_id = o.order_id AND i.dispensed > 0))))"
+    )
+}
+
+/// `status IN (...)` of the statuses still in flight (holding stock): a
+/// machine with such an order cannot be removed or transferred.
+pub(super) fn in_flight_sql() -> String {
+    format!("status IN ({})", status_list(Status::holds_reservation))
+}
+
+/// The quoted names of the statuses `keep` selects, comma-separated.
+fn status_list(keep: impl Fn(Status) -> bool) -> String {
+    let list: Vec<String> = Status::ALL
+        .into_iter()
+        .filter(|s| keep(*s))
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    list.join(", ")
+}
