@@ -1,5 +1,6 @@
 // vendgate operator dashboard: polls /dashboard/api/* every 2 s and turns
-// cumulative counters into rates from successive samples. Plain DOM, no
+// cumulative counters into rates from successive samples; #machine/{no}
+// shows one machine's page instead of the overview. Plain DOM, no
 // framework, no build step; every value is set with textContent (machine
 // supplied text such as error strings is never parsed as HTML).
 'use strict';
@@ -42,12 +43,12 @@ function replaceRows(tbody, rows) {
   tbody.replaceChildren(...rows);
 }
 
-async function getJSON(path) {
+async function getJSON(path, method) {
   // Resolve against the origin, not the page URL: a page opened as
   // http://user:pass@host/dashboard would otherwise pass its credentials on,
   // which fetch refuses. The session cookie set at sign-in authenticates.
   const url = location.origin + path;
-  const r = await fetch(url, { credentials: 'same-origin', cache: 'no-store' });
+  const r = await fetch(url, { method: method || 'GET', credentials: 'same-origin', cache: 'no-store' });
   if (r.status === 401) throw new Error('not signed in: reload the page');
   if (!r.ok) throw new Error(path + ': HTTP ' + r.status);
   return r.json();
@@ -206,7 +207,7 @@ async function pollMachines() {
   $('prev').disabled = m.page <= 1;
   $('next').disabled = m.page >= pages;
   const rows = m.machines.map((x) => el('tr', { 'data-machine': x.machine_no }, [
-    td(x.machine_no, 'mono'),
+    el('td', { class: 'mono' }, [el('a', { href: '#machine/' + x.machine_no, class: 'machine-link', text: x.machine_no })]),
     td(x.online ? 'online' : 'offline', x.online ? 'online' : 'offline'),
     td(fmtTime(x.last_seen)),
     td(x.flaps, 'num'),
@@ -215,6 +216,108 @@ async function pollMachines() {
     td(x.last_offline_reason || ''),
   ]));
   replaceRows($('machines'), rows);
+}
+
+// ---- A machine's page (#machine/{machine_no}) ----
+
+function machineNoInHash() {
+  const m = /^#machine\/(\d{8})$/.exec(location.hash);
+  return m ? m[1] : null;
+}
+
+function orderLink(id) {
+  return el('td', { class: 'mono' }, [el('a', { href: '#order/' + id, class: 'order-link', text: String(id) })]);
+}
+
+function fmtItems(items, showDispensed) {
+  return items.map((i) => 'product ' + i.product_id + ' × ' + i.quantity +
+    (showDispensed ? ' (dispensed ' + i.dispensed + ')' : '')).join(', ');
+}
+
+function fmtRefund(o) {
+  switch (o.refund_status) {
+    case 'pending': return 'owed ' + o.refund_amount + ', not recorded';
+    case 'refunded': return 'refunded ' + o.refunded_amount;
+    case 'mismatch': return 'owed ' + o.refund_amount + ', recorded ' + o.refunded_amount;
+    default: return '';
+  }
+}
+
+function renderMachine(x) {
+  $('machine-no').textContent = x.machine_no;
+  const st = $('machine-state');
+  st.textContent = x.online ? 'online' : 'offline';
+  st.className = x.online ? 'online' : 'offline';
+  $('machine-summary').textContent = [
+    'merchant ' + x.merchant,
+    'last seen ' + fmtTime(x.last_seen),
+    'firmware ' + (x.firmware || '–'),
+    'last rtt ' + (x.last_rtt_ms == null ? '–' : x.last_rtt_ms + ' ms'),
+    'flaps/h ' + x.flaps,
+    'queued ' + x.queued_orders,
+  ].join(' · ');
+
+  const pending = x.pending.map((o) => el('tr', { 'data-order': String(o.order_id) }, [
+    orderLink(o.order_id), td(o.status, 'status-' + o.status), td(fmtTime(o.since)), td(fmtItems(o.items, false)),
+  ]));
+  if (pending.length === 0) pending.push(el('tr', {}, [el('td', { text: 'none', class: 'offline', colspan: '4' })]));
+  replaceRows($('machine-pending'), pending);
+
+  const recent = x.recent.map((o) => el('tr', { 'data-order': String(o.order_id) }, [
+    orderLink(o.order_id), td(fmtTime(o.created_at)), td(o.status, 'status-' + o.status),
+    td(o.error || '', 'error-text'), el('td', { class: 'num', text: o.dispensed + ' / ' + o.ordered, title: fmtItems(o.items, true) }),
+    td(o.amount, 'num'), td(fmtRefund(o)),
+  ]));
+  if (recent.length === 0) recent.push(el('tr', {}, [el('td', { text: 'no orders yet', class: 'offline', colspan: '7' })]));
+  replaceRows($('machine-orders'), recent);
+  $('machine-orders-shown').textContent = x.recent.length;
+  $('machine-orders-total').textContent = x.orders_total;
+}
+
+async function pollMachine() {
+  const no = machineNoInHash();
+  if (!no) return;
+  const x = await getJSON('/dashboard/api/machines/' + no);
+  if (machineNoInHash() === no) renderMachine(x);
+}
+
+async function ping() {
+  const no = machineNoInHash();
+  if (!no) return;
+  const out = $('ping-result');
+  const button = $('ping');
+  button.disabled = true;
+  out.className = '';
+  out.textContent = 'pinging…';
+  try {
+    const r = await getJSON('/dashboard/api/machines/' + no + '/ping', 'POST');
+    const shown = { ok: 'rtt ' + r.rtt_ms + ' ms', offline: 'offline', no_answer: 'no answer (2 s)', busy: 'busy: connection cannot take a command' };
+    out.textContent = shown[r.result] || r.result;
+    out.className = r.result === 'ok' ? 'ok' : 'bad';
+    // The round trip is now the machine's last_rtt_ms: show it there too.
+    pollMachine().catch(showError);
+  } catch (e) {
+    out.textContent = String(e.message || e);
+    out.className = 'bad';
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// Which page the hash asks for: a machine's, or the overview (with an
+// order's timeline open for #order/{id}).
+function route() {
+  const no = machineNoInHash();
+  $('machine-page').hidden = !no;
+  $('overview').hidden = !!no;
+  if (no && $('machine-no').textContent !== no) {
+    $('machine-no').textContent = no;
+    $('ping-result').textContent = '';
+    replaceRows($('machine-pending'), []);
+    replaceRows($('machine-orders'), []);
+  }
+  if (no) pollMachine().catch(showError);
+  showTimeline();
 }
 
 async function showTimeline() {
@@ -244,7 +347,7 @@ function showError(e) {
 
 async function tick() {
   try {
-    await Promise.all([pollSummary(), pollMachines()]);
+    await Promise.all([pollSummary(), machineNoInHash() ? pollMachine() : pollMachines()]);
     showError(null);
   } catch (e) {
     showError(e);
@@ -269,7 +372,9 @@ $('filter').addEventListener('change', (ev) => {
 $('prev').addEventListener('click', () => { if (state.page > 1) { state.page--; pollMachines().catch(showError); } });
 $('next').addEventListener('click', () => { state.page++; pollMachines().catch(showError); });
 $('timeline-close').addEventListener('click', (ev) => { ev.preventDefault(); history.replaceState(null, '', location.pathname); showTimeline(); });
-window.addEventListener('hashchange', showTimeline);
+$('machine-back').addEventListener('click', (ev) => { ev.preventDefault(); history.pushState(null, '', location.pathname); route(); });
+$('ping').addEventListener('click', ping);
+window.addEventListener('hashchange', route);
 
-showTimeline();
+route();
 tick();

@@ -608,7 +608,7 @@ impl Harness {
         use tower::ServiceExt;
 
         const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
-        const PATHS: [&str; 22] = [
+        const PATHS: [&str; 24] = [
             "/api/openapi/v1/orders",
             "/api/openapi/v1/orders/{}",
             "/api/openapi/v1/orders/{}/pay",
@@ -631,6 +631,9 @@ impl Harness {
             "/dashboard/api/orders/{}",
             "/{}",
             "/api/openapi/v1/orders/{}/{}",
+            // Appended: corpus inputs whose path byte is below 22 keep their path.
+            "/dashboard/api/machines/{}",
+            "/dashboard/api/machines/{}/ping",
         ];
         let mut r = Reader::new(data);
         let method = METHODS[usize::from(r.u8()) % METHODS.len()];
@@ -710,6 +713,8 @@ impl Harness {
                 | "/dashboard/app.js"
                 | "/dashboard/api/summary"
                 | "/dashboard/api/machines"
+                | "/dashboard/api/machines/{}"
+                | "/dashboard/api/machines/{}/ping"
                 | "/dashboard/api/orders/{}"
         );
         // `/readyz` answers 503 while not ready (documented in ops.rs).

@@ -920,6 +920,7 @@ async fn dashboard_needs_the_operator_credential() {
         "/dashboard/app.js",
         "/dashboard/api/summary",
         "/dashboard/api/machines",
+        "/dashboard/api/machines/00000001",
         "/dashboard/api/orders/1",
     ] {
         let r = http.get(url(path)).send().await.expect("request");
@@ -982,6 +983,136 @@ async fn dashboard_needs_the_operator_credential() {
         .expect("request");
     let v: Value = r.json().await.expect("envelope");
     assert_eq!(v["code"], 10001);
+    gw.stop().await;
+}
+
+/// A machine's page answers: the pending order, the newest orders (at most
+/// 20 of however many), and a Ping with its round trip; all operator-only.
+#[tokio::test]
+async fn dashboard_machine_page_api() {
+    use vendgate::orders::state::{Line, Status};
+    use vendgate::storage::{NewOrder, OrderEvent};
+
+    let gw = TestGateway::start_with(with_operator).await;
+    let (appid, appsecret) = gw.merchant("shop").await;
+    let api = Api::new(&gw, &appid, &appsecret);
+    let (busy, idle) = ("70000001", "70000002");
+    let secret = gw.machine(&appid, busy).await;
+    gw.machine(&appid, idle).await;
+    let mut c = sim_config(&gw, busy, &secret);
+    c.behaviour = Behaviour::AckThenSilent;
+    let _sim = ready_sim(&gw, c).await;
+
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://{}{p}", gw.http_addr);
+    let page = format!("/dashboard/api/machines/{busy}");
+    let ping = format!("{page}/ping");
+    let r = http.get(url(&page)).send().await.expect("request");
+    assert_eq!(r.status(), 401);
+    let r = http.post(url(&ping)).send().await.expect("request");
+    assert_eq!(r.status(), 401);
+    for missing in ["99999999", "not-a-machine"] {
+        let r = dash(&gw, &format!("/dashboard/api/machines/{missing}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 404, "{missing}");
+    }
+
+    // 24 finished orders from the last hour, then a real one left pending.
+    let now = chrono::Utc::now();
+    for i in 1..=24u64 {
+        let at = now - chrono::Duration::minutes(60 - i as i64);
+        let o = NewOrder {
+            order_id: i,
+            merchant_appid: appid.clone(),
+            machine_no: m(busy),
+            out_trade_no: None,
+            request_fingerprint: None,
+            pay_later: false,
+            status: Status::Completed,
+            lines: vec![Line {
+                product_id: 1,
+                quantity: 2,
+                dispensed: 2,
+                unit_price: 100,
+            }],
+            amount: 200,
+            created_at: at,
+            pay_deadline: None,
+            accept_by: None,
+        };
+        let ev = OrderEvent {
+            at,
+            kind: "created".into(),
+            detail: serde_json::json!({}),
+        };
+        gw.handle
+            .store
+            .insert_order(&o, &ev)
+            .await
+            .expect("insert order");
+    }
+    let pending = order_id(&api.order(busy, &[(1, 1)]).await);
+    api.wait_status(pending, "dispensing").await;
+
+    let v = dash_json(&gw, &page).await;
+    assert_eq!(v["machine_no"], busy);
+    assert_eq!(v["merchant"], appid.as_str());
+    assert_eq!(v["online"], true);
+    let open = v["pending"].as_array().expect("pending");
+    assert_eq!(open.len(), 1, "{v}");
+    assert_eq!(open[0]["order_id"], pending);
+    assert_eq!(open[0]["status"], "dispensing");
+    assert!(open[0]["since"].is_string());
+    assert_eq!(open[0]["items"][0]["quantity"], 1);
+    let recent = v["recent"].as_array().expect("recent");
+    assert_eq!(recent.len(), 20, "bounded");
+    assert_eq!(v["orders_total"], 25);
+    assert_eq!(recent[0]["order_id"], pending, "newest first");
+    assert_eq!(recent[1]["order_id"], 24);
+    assert_eq!(recent[19]["order_id"], 6);
+    assert_eq!(recent[1]["status"], "completed");
+    assert_eq!(
+        (
+            recent[1]["dispensed"].as_u64(),
+            recent[1]["ordered"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+
+    // Ping: a round trip that becomes the machine's last_rtt_ms.
+    let r = http
+        .post(url(&ping))
+        .basic_auth(OPERATOR, Some(OPERATOR_PASSWORD))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+    let p: Value = r.json().await.expect("json");
+    assert_eq!(p["result"], "ok", "{p}");
+    let rtt = p["rtt_ms"].as_u64().expect("rtt_ms");
+    assert_eq!(dash_json(&gw, &page).await["last_rtt_ms"], rtt);
+    let r = http
+        .post(url(&format!("/dashboard/api/machines/{idle}/ping")))
+        .basic_auth(OPERATOR, Some(OPERATOR_PASSWORD))
+        .send()
+        .await
+        .expect("request");
+    let p: Value = r.json().await.expect("json");
+    assert_eq!(p["result"], "offline", "{p}");
+    assert!(p["rtt_ms"].is_null());
+    // Another site's page cannot make the operator's browser ping.
+    let r = http
+        .post(url(&ping))
+        .basic_auth(OPERATOR, Some(OPERATOR_PASSWORD))
+        .header("origin", "https://elsewhere.example")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 403);
+    let r = dash(&gw, &ping).send().await.expect("request");
+    assert_eq!(r.status(), 405, "ping is a POST");
     gw.stop().await;
 }
 
@@ -1163,15 +1294,21 @@ impl<'a> Browser<'a> {
 
     /// Wait until the text of `css` is `want` (the page polls every 2 s).
     async fn wait_text(&self, css: &str, want: &str) {
+        self.wait_text_that(css, want, |t| t == want).await;
+    }
+
+    /// Wait until the text of `css` passes `ok` (`what` describes it); the
+    /// text it then has.
+    async fn wait_text_that(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let got = self.text(css).await;
-            if got.as_deref() == Some(want) {
-                return;
+            if let Some(t) = got.as_deref().filter(|t| ok(t)) {
+                return t.to_string();
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{css}: wanted {want:?}, page shows {got:?}"
+                "{css}: wanted {what:?}, page shows {got:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -1231,17 +1368,33 @@ impl Drop for Browser<'_> {
     }
 }
 
-#[tokio::test]
-async fn dashboard_in_headless_chromium() {
+/// Chromium or its driver is not installed: say so, and the test skips.
+fn browser_missing(test: &str) -> bool {
     for tool in [CHROMIUM, CHROMEDRIVER] {
         if !Path::new(tool).exists() {
             println!(
-                "SKIPPED dashboard_in_headless_chromium: {tool} is missing \
+                "SKIPPED {test}: {tool} is missing \
                  (`cargo xtask test` installs it where it can: apt-get install -y \
                  chromium chromium-driver)"
             );
-            return;
+            return true;
         }
+    }
+    false
+}
+
+/// Where a browser test's screenshot goes: where `env` says, else into
+/// `dir`, so a test run never rewrites tracked files.
+fn screenshot_path(env: &str, dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.path().join(name))
+}
+
+#[tokio::test]
+async fn dashboard_in_headless_chromium() {
+    if browser_missing("dashboard_in_headless_chromium") {
+        return;
     }
     let gw = TestGateway::start_with(|s| {
         with_operator(s);
@@ -1331,10 +1484,119 @@ async fn dashboard_in_headless_chromium() {
     let _ = traffic.await;
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     let out_dir = tempfile::tempdir().expect("screenshot dir");
-    let shot = std::env::var_os("VENDGATE_SCREENSHOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| out_dir.path().join("dashboard.png"));
+    let shot = screenshot_path("VENDGATE_SCREENSHOT", &out_dir, "dashboard.png");
     std::fs::write(&shot, &png).expect("screenshot written");
+    browser.quit().await;
+    gw.stop().await;
+}
+
+/// A machine's page, opened from the machine list: the order its command
+/// is out for, its recent orders with their outcome (a machine's error text
+/// shown as text, never markup), and a Ping that shows the round trip.
+#[tokio::test]
+async fn machine_page_in_headless_chromium() {
+    if browser_missing("machine_page_in_headless_chromium") {
+        return;
+    }
+    let gw = TestGateway::start_with(with_operator).await;
+    let (appid, appsecret) = gw.merchant("shop").await;
+    let api = Api::new(&gw, &appid, &appsecret);
+    let mno = "50000011";
+    let secret = gw.machine(&appid, mno).await;
+    // Machines choose their error texts; this one tries markup.
+    let error = "<img src=x onerror=alert(1)>jam";
+    let mut c = sim_config(&gw, mno, &secret);
+    c.behaviour = Behaviour::Fail {
+        error: error.into(),
+    };
+    let sim = ready_sim(&gw, c).await;
+    let failed = order_id(&api.order(mno, &[(1, 1)]).await);
+    api.wait_status(failed, "failed").await;
+    sim.set_behaviour(Behaviour::Normal);
+    let completed = order_id(&api.order(mno, &[(1, 2)]).await);
+    api.wait_status(completed, "completed").await;
+    sim.set_behaviour(Behaviour::AckThenSilent);
+    let pending = order_id(&api.order(mno, &[(2, 1)]).await);
+    api.wait_status(pending, "dispensing").await;
+
+    let driver = Driver::start().await;
+    let browser = Browser::open(&driver).await;
+    let url = format!(
+        "http://{OPERATOR}:{OPERATOR_PASSWORD}@{}/dashboard",
+        gw.http_addr
+    );
+    browser.goto(&url).await;
+    browser.wait_text("#machines-total", "1").await;
+    let link = format!("#machines a[href='#machine/{mno}']");
+    browser.wait_text(&link, mno).await;
+    browser.click(&link).await;
+    browser.wait_text("#machine-no", mno).await;
+    browser.wait_text("#machine-state", "online").await;
+
+    let row = |table: &str, id: u64, col: u32| {
+        format!("#{table} tr[data-order='{id}'] td:nth-child({col})")
+    };
+    browser
+        .wait_text(&row("machine-pending", pending, 2), "dispensing")
+        .await;
+    let items = browser.text(&row("machine-pending", pending, 4)).await;
+    assert_eq!(items.as_deref(), Some("product 2 × 1"));
+    browser.wait_text("#machine-orders-total", "3").await;
+    // Newest first.
+    let first = browser
+        .text("#machine-orders tr:nth-child(1) td:nth-child(1)")
+        .await;
+    assert_eq!(first, Some(pending.to_string()));
+    let last = browser
+        .text("#machine-orders tr:nth-child(3) td:nth-child(1)")
+        .await;
+    assert_eq!(last, Some(failed.to_string()));
+    for (id, status, shown) in [
+        (completed, "completed", "2 / 2"),
+        (failed, "failed", "0 / 1"),
+        (pending, "dispensing", "0 / 1"),
+    ] {
+        let got = browser.text(&row("machine-orders", id, 3)).await;
+        assert_eq!(got.as_deref(), Some(status), "order {id}");
+        let got = browser.text(&row("machine-orders", id, 5)).await;
+        assert_eq!(got.as_deref(), Some(shown), "order {id}");
+    }
+    let got = browser.text(&row("machine-orders", failed, 4)).await;
+    assert_eq!(got.as_deref(), Some(error), "the error as text");
+    assert!(
+        browser.find("#machine-page img").await.is_none(),
+        "no markup from machines"
+    );
+
+    browser.click("#ping").await;
+    let shown = browser
+        .wait_text_that("#ping-result", "rtt N ms", |t| {
+            t.strip_prefix("rtt ")
+                .and_then(|t| t.strip_suffix(" ms"))
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+        })
+        .await;
+    let rtt = gw
+        .handle
+        .machine_presence(&m(mno))
+        .and_then(|p| p.last_rtt_ms)
+        .expect("last_rtt_ms");
+    assert_eq!(shown, format!("rtt {rtt} ms"));
+    // Among the machine's figures too.
+    let want = format!("last rtt {rtt} ms");
+    browser
+        .wait_text_that("#machine-summary", &want, |t| t.contains(&want))
+        .await;
+
+    let png = browser.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    let out_dir = tempfile::tempdir().expect("screenshot dir");
+    let shot = screenshot_path("VENDGATE_MACHINE_SCREENSHOT", &out_dir, "machine.png");
+    std::fs::write(&shot, &png).expect("screenshot written");
+
+    // Back to the overview.
+    browser.click("#machine-back").await;
+    browser.wait_text(&link, mno).await;
     browser.quit().await;
     gw.stop().await;
 }

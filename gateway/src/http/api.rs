@@ -392,7 +392,7 @@ fn order_json(o: &crate::storage::StoredOrder) -> Value {
 /// `pending` while a refund is owed and not recorded, `refunded` once the
 /// merchant recorded it, `mismatch` when a late result changed what is owed
 /// after that (both figures are in the order); absent when nothing is owed.
-fn refund_status(o: &crate::storage::StoredOrder) -> Value {
+pub(super) fn refund_status(o: &crate::storage::StoredOrder) -> Value {
     match (o.refund_amount > 0, o.refunded_at) {
         (_, Some(_)) if o.refunded_amount != o.refund_amount => json!("mismatch"),
         (_, Some(_)) => json!("refunded"),

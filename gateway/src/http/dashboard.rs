@@ -6,6 +6,11 @@
 //!   counters per pattern, order outcomes, recent failures, webhook backlog;
 //! - `/dashboard/api/machines?q=&page=&page_size=&filter=`: the machine list,
 //!   filtered and paginated on the server so 10,000 machines cost one page;
+//! - `/dashboard/api/machines/{machine_no}`: one machine's page: its
+//!   presence, the order its command is pending for (`dispatching` or
+//!   `dispensing`), and its last [`RECENT_ORDERS`] orders with their outcome;
+//! - `POST /dashboard/api/machines/{machine_no}/ping`: a round trip to the
+//!   machine, bounded by [`PING_TIMEOUT`];
 //! - `/dashboard/api/orders/{id}`: one order with its timeline.
 //!
 //! Access needs the `[operator]` credential (HTTP Basic); its password may be
@@ -32,7 +37,7 @@ use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -43,15 +48,19 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 use vendgate_proto::codes::ErrorCode;
+use vendgate_proto::machine::MachineNo;
 
 use super::limits::HttpStats;
+use crate::commands::DeliveryError;
 use crate::edge::limits::AuthThrottle;
 use crate::metrics::edge::{Direction, PATTERNS};
 use crate::metrics::orders::OUTCOMES;
 use crate::metrics::webhooks::DeliveryResult;
 use crate::metrics::{Metrics, FLAP_THRESHOLD};
+use crate::orders::state::Status;
 use crate::passwords::{Argon2Queue, Busy, ConfigPassword, Lane};
 use crate::startup::GatewayHandle;
+use crate::storage::{OrderQuery, StoredOrder};
 
 const INDEX_HTML: &str = include_str!("../../assets/dashboard.html");
 const APP_JS: &str = include_str!("../../assets/dashboard.js");
@@ -69,6 +78,10 @@ pub const MIN_PASSWORD: usize = 12;
 /// Machine list page size bounds.
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 200;
+/// Orders a machine's page lists, newest first.
+const RECENT_ORDERS: u64 = 20;
+/// How long the page's Ping waits for the machine's `pong`.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Every page and answer forbids framing and outside scripts.
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
@@ -111,6 +124,8 @@ pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
         .route("/dashboard/app.css", get(app_css))
         .route("/dashboard/api/summary", get(summary))
         .route("/dashboard/api/machines", get(machines))
+        .route("/dashboard/api/machines/{machine_no}", get(machine))
+        .route("/dashboard/api/machines/{machine_no}/ping", post(ping))
         .route("/dashboard/api/orders/{order_id}", get(order))
         .route("/dashboard/api/cluster", get(cluster))
         .layer(axum::middleware::from_fn_with_state(
@@ -560,20 +575,7 @@ async fn machines(
         .into_iter()
         .skip((q.page - 1).saturating_mul(q.page_size))
         .take(q.page_size)
-        .map(|e| {
-            let p = gw.machine_presence(&e.machine_no);
-            json!({
-                "machine_no": e.machine_no.as_str(),
-                "online": p.as_ref().is_some_and(|p| p.online),
-                "last_seen": rfc3339(p.as_ref().and_then(|p| p.last_seen).or(e.last_seen)),
-                "online_since": rfc3339(p.as_ref().and_then(|p| p.online_since)),
-                "flaps": p.as_ref().map_or(0, |p| p.flaps),
-                "firmware": p.as_ref().and_then(|p| p.firmware.clone()),
-                "last_rtt_ms": p.as_ref().and_then(|p| p.last_rtt_ms),
-                "last_offline_reason": p.as_ref().and_then(|p| p.last_offline_reason).map(|r| r.as_str()),
-                "queued_orders": gw.orders.queued(&e.machine_no),
-            })
-        })
+        .map(|e| machine_row(gw, &e.machine_no, e.last_seen))
         .collect();
     (
         secure_json(),
@@ -583,6 +585,166 @@ async fn machines(
             "page_size": q.page_size,
             "machines": rows,
         })),
+    )
+        .into_response()
+}
+
+/// A machine's presence as the list and its page show it. This process's
+/// registry is the truth; `stored_last_seen` covers machines that have not
+/// connected since it started.
+fn machine_row(
+    gw: &GatewayHandle,
+    m: &MachineNo,
+    stored_last_seen: Option<DateTime<Utc>>,
+) -> Value {
+    let p = gw.machine_presence(m);
+    json!({
+        "machine_no": m.as_str(),
+        "online": p.as_ref().is_some_and(|p| p.online),
+        "last_seen": rfc3339(p.as_ref().and_then(|p| p.last_seen).or(stored_last_seen)),
+        "online_since": rfc3339(p.as_ref().and_then(|p| p.online_since)),
+        "flaps": p.as_ref().map_or(0, |p| p.flaps),
+        "firmware": p.as_ref().and_then(|p| p.firmware.clone()),
+        "last_rtt_ms": p.as_ref().and_then(|p| p.last_rtt_ms),
+        "last_offline_reason": p.as_ref().and_then(|p| p.last_offline_reason).map(|r| r.as_str()),
+        "queued_orders": gw.orders.queued(m),
+    })
+}
+
+/// An order as a machine's page lists it: what was ordered and dispensed,
+/// how it ended, and what refund is owed and recorded. `error` is the
+/// machine's text, shown by the page as text only.
+fn order_row(o: &StoredOrder) -> Value {
+    let items: Vec<Value> = o
+        .lines
+        .iter()
+        .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed }))
+        .collect();
+    json!({
+        "order_id": o.order_id,
+        "status": o.status.as_str(),
+        "created_at": rfc3339(Some(o.created_at)),
+        // The last status change: for an open order, when it entered its status.
+        "since": rfc3339(Some(o.updated_at)),
+        "error": o.error,
+        "items": items,
+        "ordered": o.lines.iter().map(|l| u64::from(l.quantity)).sum::<u64>(),
+        "dispensed": o.lines.iter().map(|l| u64::from(l.dispensed)).sum::<u64>(),
+        "amount": o.amount,
+        "refund_amount": o.refund_amount,
+        "refunded_amount": o.refunded_amount,
+        "refunded_at": rfc3339(o.refunded_at),
+        "refund_status": super::api::refund_status(o),
+    })
+}
+
+fn machine_not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": "machine not found" })),
+    )
+        .into_response()
+}
+
+/// A machine's page: its presence, the orders its dispense command is out
+/// for, and its latest orders. The listing is the merchant order search
+/// narrowed to the machine (orders on a machine are its owner's).
+async fn machine(State(state): State<DashState>, Path(machine_no): Path<String>) -> Response {
+    let gw = &state.gw;
+    let Ok(m) = machine_no.parse::<MachineNo>() else {
+        return machine_not_found();
+    };
+    let stored = match gw.store.machine(&m).await {
+        Ok(Some(s)) => s,
+        Ok(None) => return machine_not_found(),
+        Err(_) => return internal(),
+    };
+    let pending: Vec<Value> = match gw.store.open_orders(&m).await {
+        Ok(open) => open
+            .iter()
+            .filter(|o| matches!(o.status, Status::Dispatching | Status::Dispensing))
+            .map(order_row)
+            .collect(),
+        Err(_) => return internal(),
+    };
+    let q = OrderQuery {
+        merchant_appid: stored.merchant_appid.clone(),
+        machine_no: Some(m),
+        limit: RECENT_ORDERS,
+        ..OrderQuery::default()
+    };
+    let (recent, total) = match gw.store.list_orders(&q).await {
+        Ok(r) => r,
+        Err(_) => return internal(),
+    };
+    let mut row = machine_row(gw, &m, stored.last_seen);
+    if let Some(r) = row.as_object_mut() {
+        r.insert("merchant".into(), json!(stored.merchant_appid));
+        r.insert("pending".into(), Value::Array(pending));
+        r.insert(
+            "recent".into(),
+            Value::Array(recent.iter().map(order_row).collect()),
+        );
+        r.insert("orders_total".into(), json!(total));
+    }
+    (secure_json(), Json(row)).into_response()
+}
+
+/// A request the browser marks as coming from another site (or whose
+/// `Origin` is not this host). The session cookie is `SameSite=Strict`, but
+/// a browser replays remembered Basic credentials on any site's form post.
+fn cross_site(headers: &HeaderMap) -> bool {
+    let text = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
+    if text("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none") {
+        return true;
+    }
+    match (text("origin"), text("host")) {
+        (None, _) => false,
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_none_or(|(_, rest)| !rest.eq_ignore_ascii_case(host)),
+        (Some(_), None) => true,
+    }
+}
+
+/// The page's Ping: `cmd/ping` → `pong` within [`PING_TIMEOUT`] (the round
+/// trip also becomes the machine's `last_rtt_ms`). `result` is `ok` (with
+/// `rtt_ms`), `offline` (not connected, nothing sent), `no_answer` or `busy`
+/// (its connection cannot take a command now).
+async fn ping(
+    State(state): State<DashState>,
+    headers: HeaderMap,
+    Path(machine_no): Path<String>,
+) -> Response {
+    if cross_site(&headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": "cross-site request refused" })),
+        )
+            .into_response();
+    }
+    let gw = &state.gw;
+    let Ok(m) = machine_no.parse::<MachineNo>() else {
+        return machine_not_found();
+    };
+    match gw.store.machine(&m).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return machine_not_found(),
+        Err(_) => return internal(),
+    }
+    let (result, rtt) = if !gw.machine_online(&m) {
+        ("offline", None)
+    } else {
+        match gw.commands.ping(&m, PING_TIMEOUT).await {
+            Ok(rtt) => ("ok", Some(crate::presence::rtt_ms(rtt))),
+            Err(DeliveryError::Backpressure) => ("busy", None),
+            Err(DeliveryError::Timeout) => ("no_answer", None),
+            Err(DeliveryError::NotConnected | DeliveryError::NotSubscribed) => ("offline", None),
+        }
+    };
+    (
+        secure_json(),
+        Json(json!({ "machine_no": m.as_str(), "result": result, "rtt_ms": rtt })),
     )
         .into_response()
 }
@@ -683,6 +845,37 @@ mod tests {
         );
         assert_eq!(session_cookie(&h).as_deref(), Some("abc"));
         assert!(same("x", "x") && !same("x", "y"));
+    }
+
+    #[test]
+    fn cross_site_posts_are_told_apart() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        // curl and other non-browser clients send neither header.
+        assert!(!cross_site(&h(&[("host", "gw:8080")])));
+        assert!(!cross_site(&h(&[
+            ("host", "gw:8080"),
+            ("origin", "http://gw:8080"),
+            ("sec-fetch-site", "same-origin"),
+        ])));
+        assert!(cross_site(&h(&[
+            ("host", "gw:8080"),
+            ("origin", "https://evil.example")
+        ])));
+        assert!(cross_site(&h(&[("host", "gw:8080"), ("origin", "null")])));
+        assert!(cross_site(&h(&[
+            ("host", "gw:8080"),
+            ("sec-fetch-site", "cross-site")
+        ])));
+        assert!(cross_site(&h(&[
+            ("host", "gw:8080"),
+            ("sec-fetch-site", "same-site")
+        ])));
     }
 
     #[test]
