@@ -259,14 +259,18 @@ pub fn parse_order_body(
     })
 }
 
-/// Place an order: validate, reserve stock, persist, send the dispense
-/// command, and wait up to `accept_timeout` for the machine to accept it.
-/// Codes: 0; 10001–10003; 20001–20003; 30001–30005; 40003; 50000.
+/// Place an order.
+///
+/// Validate, check the machine is the caller's and online, reserve stock,
+/// persist the order, send the dispense command, and wait up to
+/// `accept_timeout` for the machine to accept it (a `pay_later` order is
+/// answered after the reservation). Codes: 0; 10001–10003; 20001–20003;
+/// 30001–30005; 40003; 50000.
 #[utoipa::path(
     post,
     path = "/orders",
     tag = "orders",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Same meaning as `out_trade_no` (1–64 characters; the body's `out_trade_no` wins).")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Same meaning as `out_trade_no` (1–64 characters; the body's `out_trade_no` wins).")),
     request_body(content = PlaceOrderRequest, content_type = "application/json", description = "Parsed as JSON whatever the Content-Type says (the published examples send none)."),
     responses((status = 200, description = "The order was accepted by the machine (or reserved, for `pay_later`), or an error envelope.", body = PlacedAnswer))
 )]
@@ -328,7 +332,9 @@ fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// One of the caller's orders, with its timeline.
+/// One of the caller's orders.
+///
+/// With its timeline (`events`), webhook attempts included.
 /// Codes: 0; 10001–10003; 40001; 50000.
 #[utoipa::path(
     get,
@@ -427,9 +433,11 @@ fn parse_order_id(s: &AppState, raw: &str) -> Result<u64, Answer> {
         .map_err(|_| err(s, ErrorCode::OrderNotFound))
 }
 
-/// Mark a `pay_later` order paid and dispatch it (same online and accept
-/// rules as placing). Codes: 0; 10001–10003; 30002–30005; 40001; 40002
-/// (not `awaiting_payment`, e.g. expired); 50000.
+/// Pay a `pay_later` order.
+///
+/// Marks it paid and dispatches it, with the online and accept rules of
+/// placing. Codes: 0; 10001–10003; 30002–30005; 40001; 40002 (not
+/// `awaiting_payment`, e.g. expired); 50000.
 #[utoipa::path(
     post,
     path = "/orders/{order_id}/pay",
@@ -459,8 +467,11 @@ async fn pay_order(
     }
 }
 
-/// Record that the merchant refunded what the order owes. Idempotent.
-/// Codes: 0; 10001–10003; 40001; 40002 (nothing owed); 50000.
+/// Record a refund.
+///
+/// Records that the merchant refunded the customer what the order owes
+/// (`refund_amount`, from what came out). Idempotent. Codes: 0;
+/// 10001–10003; 40001; 40002 (nothing owed); 50000.
 #[utoipa::path(
     post,
     path = "/orders/{order_id}/refund",
@@ -500,20 +511,23 @@ fn query_time(raw: Option<&String>) -> Result<Option<DateTime<Utc>>, ()> {
     .transpose()
 }
 
-/// `GET /orders`: the caller's orders, newest first, filtered and paged.
-/// Each entry is what `GET /orders/{id}` shows, without the timeline.
+/// List the caller's orders.
+///
+/// Newest first (`created_at`, then `order_id`), filtered and paged; each
+/// entry is what `GET /orders/{order_id}` shows, without the timeline.
+/// Codes: 0; 10001–10003; 20001; 20002 (`machine_no`); 50000.
 #[utoipa::path(
     get,
     path = "/orders",
     tag = "orders",
     params(
-        ("from" = Option<String>, Query, format = DateTime, description = "RFC 3339; `from` ≤ created_at (any offset; `+` written `%2B`)."),
-        ("to" = Option<String>, Query, format = DateTime, description = "RFC 3339; created_at < `to`; not before `from`."),
-        ("status" = Option<crate::orders::state::Status>, Query, description = "One order status."),
-        ("machine_no" = Option<String>, Query, description = "8 ASCII digits (else 20002)."),
-        ("out_trade_no" = Option<String>, Query, description = "The merchant's order number, 1–64 characters."),
-        ("page" = Option<u64>, Query, minimum = 1, description = "From 1 (default 1)."),
-        ("page_size" = Option<u64>, Query, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
+        ("from" = Option<String>, Query, nullable = false, format = DateTime, description = "RFC 3339; `from` ≤ created_at (any offset; `+` written `%2B`)."),
+        ("to" = Option<String>, Query, nullable = false, format = DateTime, description = "RFC 3339; created_at < `to`; not before `from`."),
+        ("status" = Option<crate::orders::state::Status>, Query, nullable = false, description = "One order status."),
+        ("machine_no" = Option<String>, Query, nullable = false, description = "8 ASCII digits (else 20002)."),
+        ("out_trade_no" = Option<String>, Query, nullable = false, description = "The merchant's order number, 1–64 characters."),
+        ("page" = Option<u64>, Query, nullable = false, minimum = 1, description = "From 1 (default 1)."),
+        ("page_size" = Option<u64>, Query, nullable = false, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
     ),
     responses((status = 200, description = "One page of orders, or an error envelope (20001 for any bad parameter but `machine_no`).", body = OrderPageAnswer))
 )]
@@ -584,8 +598,11 @@ async fn list_orders(
     ok(&s, Value::Object(data))
 }
 
-/// `POST /orders/{id}/cancel`: an unpaid `pay_later` order is cancelled and
-/// its stock released at once (40002 once it is paid, expired or cancelled).
+/// Cancel an unpaid `pay_later` order.
+///
+/// The order becomes `cancelled` and its stock is released at once; no
+/// webhook is sent. Not idempotent. Codes: 0; 10001–10003; 40001; 40002
+/// (paid, expired, cancelled, or not `pay_later`); 50000.
 #[utoipa::path(
     post,
     path = "/orders/{order_id}/cancel",
@@ -617,9 +634,12 @@ async fn cancel_order(
 /// How long `POST /machines/{no}/ping` waits for the machine's `pong`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `POST /machines/{no}/ping`: an application-level round trip to the
-/// machine (`cmd/ping` → `pong`), on whichever node holds its connection.
-/// The round trip is then the machine's `last_rtt_ms`.
+/// Ping a machine.
+///
+/// An application-level round trip (`cmd/ping` → `pong`) on whichever node
+/// holds the machine's connection, waiting at most 2 s; it becomes the
+/// machine's `last_rtt_ms`. Codes: 0; 10001–10003; 20002; 30001; 30002;
+/// 30003; 50000.
 #[utoipa::path(
     post,
     path = "/machines/{machine_no}/ping",
@@ -690,16 +710,17 @@ async fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
     })
 }
 
-/// The caller's machines, paged and filterable.
-/// Codes: 0; 10001–10003; 20001; 50000.
+/// List the caller's machines.
+///
+/// Paged, filterable by presence. Codes: 0; 10001–10003; 20001; 50000.
 #[utoipa::path(
     get,
     path = "/machines",
     tag = "machines",
     params(
-        ("online" = Option<bool>, Query, description = "`true` or `false`: only machines online / offline."),
-        ("page" = Option<u64>, Query, minimum = 1, description = "From 1 (default 1)."),
-        ("page_size" = Option<u64>, Query, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
+        ("online" = Option<bool>, Query, nullable = false, description = "`true` or `false`: only machines online / offline."),
+        ("page" = Option<u64>, Query, nullable = false, minimum = 1, description = "From 1 (default 1)."),
+        ("page_size" = Option<u64>, Query, nullable = false, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
     ),
     responses((status = 200, description = "One page of machines, or an error envelope.", body = MachinePageAnswer))
 )]
@@ -800,6 +821,7 @@ fn machines_page(
 }
 
 /// One of the caller's machines.
+///
 /// Codes: 0; 10001–10003; 20002; 30001; 50000.
 #[utoipa::path(
     get,

@@ -46,16 +46,18 @@ fn event_json(e: &OutboxEntry) -> Value {
     })
 }
 
-/// The caller's webhook events, oldest first.
+/// List the caller's webhook events.
+///
+/// Oldest first, filtered by delivery status, paged.
 /// Codes: 0; 10001–10003; 20001; 50000.
 #[utoipa::path(
     get,
     path = "/events",
     tag = "events",
     params(
-        ("status" = Option<String>, Query, pattern = "^(pending|delivered|dead)?$", description = "`pending`, `delivered` or `dead` (absent or empty: all)."),
-        ("page" = Option<u64>, Query, minimum = 1, description = "From 1 (default 1)."),
-        ("page_size" = Option<u64>, Query, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
+        ("status" = Option<String>, Query, nullable = false, pattern = "^(pending|delivered|dead)?$", description = "`pending`, `delivered` or `dead` (absent or empty: all)."),
+        ("page" = Option<u64>, Query, nullable = false, minimum = 1, description = "From 1 (default 1)."),
+        ("page_size" = Option<u64>, Query, nullable = false, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
     ),
     responses((status = 200, description = "One page of events, or an error envelope.", body = EventPageAnswer))
 )]
@@ -98,9 +100,11 @@ async fn list_events(
     )
 }
 
-/// Replay a dead event: it goes before the order's events still pending.
-/// Codes: 0; 10001–10003; 40001 (unknown or another merchant's); 40002 (not
-/// dead); 50000.
+/// Replay a dead webhook event.
+///
+/// It is pending again, ahead of its order's events still pending.
+/// Codes: 0; 10001–10003; 40001 (unknown or another merchant's); 40002
+/// (not dead); 50000.
 #[utoipa::path(
     post,
     path = "/events/{event_id}/replay",

@@ -36,7 +36,9 @@ async fn show(s: &AppState, appid: &str) -> Answer {
     }
 }
 
-/// The caller's settings. Codes: 0; 10001–10003; 50000.
+/// The caller's settings.
+///
+/// Codes: 0; 10001–10003; 50000.
 #[utoipa::path(
     get,
     path = "/merchant",
@@ -62,8 +64,10 @@ fn parse_notify_url(body: &[u8], allow_private: bool) -> Result<Option<String>, 
     }
 }
 
-/// Set or clear the webhook URL; answers the settings as `GET` does.
-/// Codes: 0; 10001–10003; 20001 (bad body or URL: nothing changed); 50000.
+/// Set or clear the webhook URL.
+///
+/// Answers the settings as `GET` does. Codes: 0; 10001–10003; 20001 (bad
+/// body or URL: nothing changed); 50000.
 #[utoipa::path(
     put,
     path = "/merchant",

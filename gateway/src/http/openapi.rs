@@ -167,6 +167,10 @@ fn document(paths: Paths) -> Value {
         schemas.insert("ResultCode".into(), result_code_schema());
         schemas.insert("ErrorCode".into(), error_code_schema());
         schemas.insert("ErrorEnvelope".into(), error_envelope_schema());
+        // `machine_no` or its alias `imei`: one of them is required.
+        if let Some(req) = schemas.get_mut("PlaceOrderRequest") {
+            req["anyOf"] = json!([{ "required": ["machine_no"] }, { "required": ["imei"] }]);
+        }
     }
     if let Some(components) = doc.get_mut("components").and_then(Value::as_object_mut) {
         components.insert(
