@@ -533,6 +533,52 @@ async fn the_document_describes_every_route_and_every_real_answer() {
     gw.stop().await;
 }
 
+/// Under `http_status = "mirror"` errors come with 4xx/5xx statuses: the
+/// document describes those answers too.
+#[tokio::test]
+async fn mirror_mode_errors_match_the_document() {
+    let gw = TestGateway::start_with(|s| {
+        s.http.http_status = vendgate::config::HttpStatusMode::Mirror;
+    })
+    .await;
+    let (appid, secret) = gw.merchant("shop").await;
+    let api = Api::new(&gw, &appid, &secret);
+    let doc: Value = reqwest::get(format!("{}/openapi.json", api.base))
+        .await
+        .expect("GET openapi.json")
+        .json()
+        .await
+        .expect("JSON");
+    let check = Checker {
+        doc,
+        seen: Mutex::new(BTreeSet::new()),
+    };
+    for (method, path, concrete, want) in [
+        ("get", "/orders/{order_id}", "/orders/999", 404),
+        ("get", "/machines/{machine_no}", "/machines/123", 400),
+        ("post", "/orders/{order_id}/pay", "/orders/999/pay", 404),
+    ] {
+        let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+        let r = api
+            .http
+            .request(m, format!("{}{concrete}", api.base))
+            .header("Appid", &api.appid)
+            .header("AppSecret", &api.secret)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        assert_eq!(status, want, "{method} {concrete}");
+        let body: Value = r.json().await.expect("envelope");
+        let range = format!("{}XX", status / 100);
+        let schema = &check.doc["paths"][path][method]["responses"][&range]["content"]
+            ["application/json"]["schema"];
+        assert!(schema.is_object(), "{method} {path}: no {range} answer");
+        check.validate(&format!("{method} {path} {status}"), schema, &body);
+    }
+    gw.stop().await;
+}
+
 /// Every code of API.md's error table is in the document's code enum, and
 /// the document has no code API.md does not list.
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! The HTTP listener: the merchant open API under `/api/openapi/v1` (API.md)
 //! and health endpoints. Every answer, including malformed JSON, oversized
-//! bodies and unknown routes, is one envelope.
+//! bodies and unknown routes, is one envelope, except the OpenAPI document
+//! itself (`GET /api/openapi/v1/openapi.json`, no credentials), which is
+//! served as it is.
 //!
 //! - `envelope`: the response envelope and `data` pruning.
 //! - `api`: the open API handlers and request validation.
