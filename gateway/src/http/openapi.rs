@@ -1,11 +1,13 @@
 //! The OpenAPI 3.1 document of the open API, served at
 //! `GET /api/openapi/v1/openapi.json`.
 //!
-//! Routes and document are one list: a handler is served only through
-//! [`ApiRoutes::add`], which takes its `#[utoipa::path]` description and
-//! routes it at the path and methods that description names. A route cannot
-//! be served without being documented, nor documented at a path it is not
-//! served on.
+//! Routes and document are one list: the open API's modules get no
+//! `Router`, only [`ApiRoutes::add`], which takes a handler's
+//! `#[utoipa::path]` description and routes the handler at the path and
+//! methods that description names. So a route under `/api/openapi/v1` is
+//! not served without being documented, nor documented where it is not
+//! served. (What `add` cannot check is that the description passed is the
+//! handler's own: `add(__path_x, x)`, by convention.)
 //!
 //! The schemas below describe what the handlers put in `data` (they build it
 //! as JSON); the end-to-end tests validate real answers against them. Fields
