@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
-use axum::routing::{get, post};
-use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 use tracing::{debug, info};
@@ -19,23 +17,27 @@ use vendgate_proto::codes::ErrorCode;
 use vendgate_proto::machine::MachineNo;
 
 use super::envelope::Envelope;
+use super::openapi::{
+    ApiRoutes, CancelAnswer, MachineAnswer, MachinePageAnswer, OrderAnswer, OrderPageAnswer,
+    PlaceOrderRequest, PlacedAnswer, PongAnswer, RefundAnswer,
+};
 use super::AppState;
 use crate::commands::DeliveryError;
 use crate::orders::PlaceRequest;
 use crate::secrets::{verify_rotating, AccountKind, SecretMatch};
 
-pub fn routes(state: &AppState) -> Router<AppState> {
-    let limit = state.gw.settings.http.max_body;
-    Router::new()
-        .route("/orders", post(place_order).get(list_orders))
-        .route("/orders/{order_id}", get(get_order))
-        .route("/orders/{order_id}/pay", post(pay_order))
-        .route("/orders/{order_id}/cancel", post(cancel_order))
-        .route("/orders/{order_id}/refund", post(refund_order))
-        .route("/machines", get(list_machines))
-        .route("/machines/{machine_no}", get(get_machine))
-        .route("/machines/{machine_no}/ping", post(ping_machine))
-        .layer(DefaultBodyLimit::max(limit))
+/// The order and machine routes; each handler's `#[utoipa::path]` names
+/// its path and method (openapi.rs).
+pub(super) fn routes(r: ApiRoutes) -> ApiRoutes {
+    r.add(__path_place_order, place_order)
+        .add(__path_list_orders, list_orders)
+        .add(__path_get_order, get_order)
+        .add(__path_pay_order, pay_order)
+        .add(__path_cancel_order, cancel_order)
+        .add(__path_refund_order, refund_order)
+        .add(__path_list_machines, list_machines)
+        .add(__path_get_machine, get_machine)
+        .add(__path_ping_machine, ping_machine)
 }
 
 pub(super) type Answer = Envelope;
@@ -258,6 +260,21 @@ pub fn parse_order_body(
     })
 }
 
+/// Place an order.
+///
+/// Validate, check the machine is the caller's and online, reserve stock,
+/// persist the order, send the dispense command, and wait up to
+/// `accept_timeout` for the machine to accept it (a `pay_later` order is
+/// answered after the reservation). Codes: 0; 10001–10003; 20001–20003;
+/// 30001–30005; 40003; 50000.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Same meaning as `out_trade_no` (1–64 characters; the body's `out_trade_no` wins).")),
+    request_body(content = PlaceOrderRequest, content_type = "application/json", description = "Parsed as JSON whatever the Content-Type says (the published examples send none)."),
+    responses((status = 200, description = "The order was accepted by the machine (or reserved, for `pay_later`), or an error envelope.", body = PlacedAnswer))
+)]
 async fn place_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -316,6 +333,17 @@ fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// One of the caller's orders.
+///
+/// With its timeline (`events`), webhook attempts included.
+/// Codes: 0; 10001–10003; 40001; 50000.
+#[utoipa::path(
+    get,
+    path = "/orders/{order_id}",
+    tag = "orders",
+    params(("order_id" = u64, Path, description = "The `order_id` placing answered; anything else (or another merchant's order) is 40001.")),
+    responses((status = 200, description = "The order, or an error envelope.", body = OrderAnswer))
+)]
 async fn get_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -406,6 +434,18 @@ fn parse_order_id(s: &AppState, raw: &str) -> Result<u64, Answer> {
         .map_err(|_| err(s, ErrorCode::OrderNotFound))
 }
 
+/// Pay a `pay_later` order.
+///
+/// Marks it paid and dispatches it, with the online and accept rules of
+/// placing. Codes: 0; 10001–10003; 30002–30005; 40001; 40002 (not
+/// `awaiting_payment`, e.g. expired); 50000.
+#[utoipa::path(
+    post,
+    path = "/orders/{order_id}/pay",
+    tag = "orders",
+    params(("order_id" = u64, Path, description = "The `order_id` placing answered; anything else (or another merchant's order) is 40001.")),
+    responses((status = 200, description = "The machine accepted the paid order, or an error envelope.", body = PlacedAnswer))
+)]
 async fn pay_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -428,6 +468,18 @@ async fn pay_order(
     }
 }
 
+/// Record a refund.
+///
+/// Records that the merchant refunded the customer what the order owes
+/// (`refund_amount`, from what came out). Idempotent. Codes: 0;
+/// 10001–10003; 40001; 40002 (nothing owed); 50000.
+#[utoipa::path(
+    post,
+    path = "/orders/{order_id}/refund",
+    tag = "orders",
+    params(("order_id" = u64, Path, description = "The `order_id` placing answered; anything else (or another merchant's order) is 40001.")),
+    responses((status = 200, description = "The refund as recorded, or an error envelope.", body = RefundAnswer))
+)]
 async fn refund_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -476,8 +528,26 @@ fn paging(q: &HashMap<String, String>, default: u64, max: u64) -> Result<(u64, u
     Ok((page, page_size))
 }
 
-/// `GET /orders`: the caller's orders, newest first, filtered and paged.
-/// Each entry is what `GET /orders/{id}` shows, without the timeline.
+/// List the caller's orders.
+///
+/// Newest first (`created_at`, then `order_id`), filtered and paged; each
+/// entry is what `GET /orders/{order_id}` shows, without the timeline.
+/// Codes: 0; 10001–10003; 20001; 20002 (`machine_no`); 50000.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "orders",
+    params(
+        ("from" = Option<String>, Query, nullable = false, format = DateTime, description = "RFC 3339; `from` ≤ created_at (any offset; `+` written `%2B`)."),
+        ("to" = Option<String>, Query, nullable = false, format = DateTime, description = "RFC 3339; created_at < `to`; not before `from`."),
+        ("status" = Option<crate::orders::state::Status>, Query, nullable = false, description = "One order status."),
+        ("machine_no" = Option<String>, Query, nullable = false, description = "8 ASCII digits (else 20002)."),
+        ("out_trade_no" = Option<String>, Query, nullable = false, description = "The merchant's order number, 1–64 characters."),
+        ("page" = Option<u64>, Query, nullable = false, minimum = 1, description = "From 1 (default 1)."),
+        ("page_size" = Option<u64>, Query, nullable = false, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
+    ),
+    responses((status = 200, description = "One page of orders, or an error envelope (20001 for any bad parameter but `machine_no`).", body = OrderPageAnswer))
+)]
 async fn list_orders(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -538,8 +608,18 @@ async fn list_orders(
     ok(&s, Value::Object(data))
 }
 
-/// `POST /orders/{id}/cancel`: an unpaid `pay_later` order is cancelled and
-/// its stock released at once (40002 once it is paid, expired or cancelled).
+/// Cancel an unpaid `pay_later` order.
+///
+/// The order becomes `cancelled` and its stock is released at once; no
+/// webhook is sent. Not idempotent. Codes: 0; 10001–10003; 40001; 40002
+/// (paid, expired, cancelled, or not `pay_later`); 50000.
+#[utoipa::path(
+    post,
+    path = "/orders/{order_id}/cancel",
+    tag = "orders",
+    params(("order_id" = u64, Path, description = "The `order_id` placing answered; anything else (or another merchant's order) is 40001.")),
+    responses((status = 200, description = "The order is `cancelled` and its stock released, or an error envelope (40002 once paid, expired, cancelled, or not `pay_later`).", body = CancelAnswer))
+)]
 async fn cancel_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -564,9 +644,19 @@ async fn cancel_order(
 /// How long `POST /machines/{no}/ping` waits for the machine's `pong`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `POST /machines/{no}/ping`: an application-level round trip to the
-/// machine (`cmd/ping` → `pong`), on whichever node holds its connection.
-/// The round trip is then the machine's `last_rtt_ms`.
+/// Ping a machine.
+///
+/// An application-level round trip (`cmd/ping` → `pong`) on whichever node
+/// holds the machine's connection, waiting at most 2 s; it becomes the
+/// machine's `last_rtt_ms`. Codes: 0; 10001–10003; 20002; 30001; 30002;
+/// 30003; 50000.
+#[utoipa::path(
+    post,
+    path = "/machines/{machine_no}/ping",
+    tag = "machines",
+    params(("machine_no" = String, Path, description = "8 ASCII digits (else 20002); another merchant's machine is 30001.")),
+    responses((status = 200, description = "The round trip, or an error envelope (30002 offline or no pong within 2 s, 30003 cannot take a command now).", body = PongAnswer))
+)]
 async fn ping_machine(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -630,6 +720,20 @@ async fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
     })
 }
 
+/// List the caller's machines.
+///
+/// Paged, filterable by presence. Codes: 0; 10001–10003; 20001; 50000.
+#[utoipa::path(
+    get,
+    path = "/machines",
+    tag = "machines",
+    params(
+        ("online" = Option<bool>, Query, nullable = false, description = "`true` or `false`: only machines online / offline."),
+        ("page" = Option<u64>, Query, nullable = false, minimum = 1, description = "From 1 (default 1)."),
+        ("page_size" = Option<u64>, Query, nullable = false, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
+    ),
+    responses((status = 200, description = "One page of machines, or an error envelope.", body = MachinePageAnswer))
+)]
 async fn list_machines(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -722,6 +826,16 @@ fn machines_page(
     ok(s, Value::Object(data))
 }
 
+/// One of the caller's machines.
+///
+/// Codes: 0; 10001–10003; 20002; 30001; 50000.
+#[utoipa::path(
+    get,
+    path = "/machines/{machine_no}",
+    tag = "machines",
+    params(("machine_no" = String, Path, description = "8 ASCII digits (else 20002); another merchant's machine is 30001.")),
+    responses((status = 200, description = "The machine, or an error envelope.", body = MachineAnswer))
+)]
 async fn get_machine(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,

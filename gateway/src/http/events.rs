@@ -7,14 +7,13 @@
 use std::collections::HashMap;
 
 use axum::extract::{Query, State};
-use axum::routing::{get, post};
-use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 use tracing::info;
 use vendgate_proto::codes::ErrorCode;
 
 use super::api::{err, ok, Answer, Merchant, Segment};
+use super::openapi::{ApiRoutes, EventPageAnswer, ReplayAnswer};
 use super::AppState;
 use crate::storage::{OutboxEntry, OutboxStatus, ReplayOutcome};
 
@@ -22,10 +21,9 @@ use crate::storage::{OutboxEntry, OutboxStatus, ReplayOutcome};
 const MAX_PAGE_SIZE: u64 = 100;
 const DEFAULT_PAGE_SIZE: u64 = 20;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/events", get(list_events))
-        .route("/events/{event_id}/replay", post(replay_event))
+pub(super) fn routes(r: ApiRoutes) -> ApiRoutes {
+    r.add(__path_list_events, list_events)
+        .add(__path_replay_event, replay_event)
 }
 
 fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
@@ -48,6 +46,21 @@ fn event_json(e: &OutboxEntry) -> Value {
     })
 }
 
+/// List the caller's webhook events.
+///
+/// Oldest first, filtered by delivery status, paged.
+/// Codes: 0; 10001–10003; 20001; 50000.
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    params(
+        ("status" = Option<String>, Query, nullable = false, pattern = "^(pending|delivered|dead)?$", description = "`pending`, `delivered` or `dead` (absent or empty: all)."),
+        ("page" = Option<u64>, Query, nullable = false, minimum = 1, description = "From 1 (default 1)."),
+        ("page_size" = Option<u64>, Query, nullable = false, minimum = 1, maximum = 100, description = "1–100 (default 20)."),
+    ),
+    responses((status = 200, description = "One page of events, or an error envelope.", body = EventPageAnswer))
+)]
 async fn list_events(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
@@ -87,6 +100,18 @@ async fn list_events(
     )
 }
 
+/// Replay a dead webhook event.
+///
+/// It is pending again, ahead of its order's events still pending.
+/// Codes: 0; 10001–10003; 40001 (unknown or another merchant's); 40002
+/// (not dead); 50000.
+#[utoipa::path(
+    post,
+    path = "/events/{event_id}/replay",
+    tag = "events",
+    params(("event_id" = String, Path, description = "The event's `event_id`.")),
+    responses((status = 200, description = "The event is pending again, or an error envelope.", body = ReplayAnswer))
+)]
 async fn replay_event(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,

@@ -7,24 +7,22 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::routing::get;
-use axum::Router;
+use axum::extract::State;
 use serde_json::{json, Value};
 use tracing::info;
 use vendgate_proto::codes::ErrorCode;
 
 use super::api::{err, ok, Answer, Merchant};
+use super::openapi::{ApiRoutes, MerchantAnswer, MerchantUpdate};
 use super::AppState;
 use crate::notifier::target::check_url;
 
 /// Longest `notify_url` accepted (browsers' and proxies' common limit).
 const MAX_NOTIFY_URL: usize = 2048;
 
-pub fn routes(state: &AppState) -> Router<AppState> {
-    Router::new()
-        .route("/merchant", get(get_merchant).put(put_merchant))
-        .layer(DefaultBodyLimit::max(state.gw.settings.http.max_body))
+pub(super) fn routes(r: ApiRoutes) -> ApiRoutes {
+    r.add(__path_get_merchant, get_merchant)
+        .add(__path_put_merchant, put_merchant)
 }
 
 async fn show(s: &AppState, appid: &str) -> Answer {
@@ -38,6 +36,15 @@ async fn show(s: &AppState, appid: &str) -> Answer {
     }
 }
 
+/// The caller's settings.
+///
+/// Codes: 0; 10001–10003; 50000.
+#[utoipa::path(
+    get,
+    path = "/merchant",
+    tag = "merchant",
+    responses((status = 200, description = "The settings, or an error envelope.", body = MerchantAnswer))
+)]
 async fn get_merchant(State(s): State<AppState>, Merchant(appid): Merchant) -> Answer {
     show(&s, &appid).await
 }
@@ -57,6 +64,17 @@ fn parse_notify_url(body: &[u8], allow_private: bool) -> Result<Option<String>, 
     }
 }
 
+/// Set or clear the webhook URL.
+///
+/// Answers the settings as `GET` does. Codes: 0; 10001–10003; 20001 (bad
+/// body or URL: nothing changed); 50000.
+#[utoipa::path(
+    put,
+    path = "/merchant",
+    tag = "merchant",
+    request_body(content = MerchantUpdate, content_type = "application/json"),
+    responses((status = 200, description = "The settings after the change, or an error envelope.", body = MerchantAnswer))
+)]
 async fn put_merchant(
     State(s): State<AppState>,
     Merchant(appid): Merchant,

@@ -1,11 +1,15 @@
 //! The HTTP listener: the merchant open API under `/api/openapi/v1` (API.md)
 //! and health endpoints. Every answer, including malformed JSON, oversized
-//! bodies and unknown routes, is one envelope.
+//! bodies and unknown routes, is one envelope, except the OpenAPI document
+//! itself (`GET /api/openapi/v1/openapi.json`, no credentials), which is
+//! served as it is.
 //!
 //! - `envelope`: the response envelope and `data` pruning.
 //! - `api`: the open API handlers and request validation.
 //! - `events`: the merchant's webhook events (list, replay).
 //! - `merchant`: the merchant's own settings (`notify_url`).
+//! - `openapi`: the OpenAPI document of the open API, and the route list it
+//!   shares with the router.
 //! - `ops`: `/metrics`, `/healthz`, `/readyz`, the admin listener.
 //! - `dashboard`: the operator dashboard and its JSON endpoints.
 //! - `serve`: the accept loop and connections of the HTTP listeners.
@@ -18,6 +22,7 @@ pub mod envelope;
 mod events;
 pub mod limits;
 mod merchant;
+mod openapi;
 pub mod ops;
 mod rate;
 pub mod serve;
@@ -25,6 +30,7 @@ pub mod tls;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::Router;
 
 use crate::orders::OrderService;
@@ -36,6 +42,11 @@ pub struct AppState {
     pub gw: GatewayHandle,
     pub orders: Arc<OrderService>,
     pub rate: Arc<rate::RateLimiter>,
+}
+
+/// Every route of the open API, each with its document.
+fn open_api_routes() -> openapi::ApiRoutes {
+    events::routes(merchant::routes(api::routes(openapi::ApiRoutes::new())))
 }
 
 pub fn router(gw: GatewayHandle, orders: Arc<OrderService>) -> Router {
@@ -50,9 +61,9 @@ pub fn router(gw: GatewayHandle, orders: Arc<OrderService>) -> Router {
         .merge(dashboard::routes(state.gw.clone()))
         .nest(
             "/api/openapi/v1",
-            api::routes(&state)
-                .merge(events::routes())
-                .merge(merchant::routes(&state))
+            open_api_routes()
+                .finish()
+                .layer(DefaultBodyLimit::max(state.gw.settings.http.max_body))
                 // Last: it applies to the routes added before it.
                 .method_not_allowed_fallback(api::method_not_allowed),
         )

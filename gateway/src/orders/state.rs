@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Order status, as API.md spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     AwaitingPayment,
