@@ -24,8 +24,8 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, AckMsg, InventoryItem, ResultItem, ResultMsg};
 use vendgate_proto::topic::Uplink;
 
+use crate::domain::order::Status;
 use crate::edge::UplinkHandler;
-use crate::orders::state::Status;
 use crate::orders::PlaceRequest;
 use crate::secrets::{generate_appid, generate_secret, SecretHash};
 use crate::storage::{NewMachine, NewMerchant, NewService};
@@ -343,7 +343,7 @@ impl Harness {
     /// the gateway's uplink dispatcher (results awaited in place of the
     /// dispatcher's spawned task, so the case is deterministic). Afterwards
     /// the harness answers like a healthy machine so the order settles.
-    /// Invariants: the order's status only moves along `orders::state`,
+    /// Invariants: the order's status only moves along `domain::order`,
     /// amounts and counts stay consistent, every reservation is released
     /// once the order is final, nothing panics.
     pub fn device_payload(&self, data: &[u8]) {
@@ -759,7 +759,7 @@ impl Default for Harness {
 }
 
 /// Whether an order may get from status `a` to status `b` by any sequence
-/// of transitions of `orders::state::apply`.
+/// of transitions of `domain::order::apply`.
 pub fn reachable(a: Status, b: Status) -> bool {
     use Status::*;
     fn next(s: Status) -> &'static [Status] {

@@ -32,6 +32,7 @@ pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod domain;
 pub mod edge;
 pub mod export;
 #[doc(hidden)]

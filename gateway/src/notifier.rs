@@ -28,31 +28,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
-use rand::{Rng, RngCore};
-use serde_json::json;
+use rand::Rng;
 use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use vendgate_proto::machine::MachineNo;
 
 use crate::config::NotifierSettings;
 use crate::secrets::WebhookKey;
 use crate::storage::{
-    Attempt, AttemptResult, ClaimRequest, ClaimedEvent, MachineEvent, OutboxBacklog, Storage,
-    StorageError,
+    Attempt, AttemptResult, ClaimRequest, ClaimedEvent, OutboxBacklog, Storage, StorageError,
 };
 use target::{GuardedResolver, RefusedTarget};
-
-/// A fresh event id: `evt_` + 128 random bits in hex.
-pub fn new_event_id() -> String {
-    let mut b = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    format!("evt_{}", hex::encode(b))
-}
 
 /// The `Vendgate-Signature` header value for `body` sent at unix time `t`.
 pub fn signature(app_secret: &str, t: i64, body: &str) -> String {
@@ -65,43 +55,6 @@ pub fn signature(app_secret: &str, t: i64, body: &str) -> String {
     mac.update(b".");
     mac.update(body.as_bytes());
     format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// The outbox event of a machine's presence change (`machine.online` /
-/// `machine.offline`); storage finds the merchant from the machine.
-pub fn machine_event(
-    machine_no: MachineNo,
-    online: bool,
-    reason: Option<&str>,
-    at: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> MachineEvent {
-    let event_id = new_event_id();
-    let kind = if online {
-        "machine.online"
-    } else {
-        "machine.offline"
-    };
-    let mut data = json!({
-        "machine_no": machine_no.as_str(),
-        "online": online,
-        "at": at.to_rfc3339_opts(SecondsFormat::Millis, true),
-    });
-    if let (Some(r), Some(obj)) = (reason, data.as_object_mut()) {
-        obj.insert("reason".into(), json!(r));
-    }
-    let body = json!({
-        "event_id": event_id,
-        "type": kind,
-        "created_at": now.to_rfc3339_opts(SecondsFormat::Millis, true),
-        "data": data,
-    });
-    MachineEvent {
-        event_id,
-        kind: kind.to_string(),
-        body: body.to_string(),
-        created_at: now,
-    }
 }
 
 /// Counters (exported by the metrics module).
@@ -676,32 +629,6 @@ mod tests {
             after_failure(&n, &claimed(41, start), end),
             AttemptResult::Dead
         );
-    }
-
-    #[test]
-    fn machine_event_bodies() {
-        let at = DateTime::parse_from_rfc3339("2025-03-01T12:00:00.5Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let m: MachineNo = "00000042".parse().unwrap();
-        let off = machine_event(m, false, Some("keep_alive_timeout"), at, at);
-        let v: serde_json::Value = serde_json::from_str(&off.body).unwrap();
-        assert_eq!(off.kind, "machine.offline");
-        assert_eq!(v["event_id"], off.event_id.as_str());
-        assert_eq!(v["type"], "machine.offline");
-        assert_eq!(v["created_at"], "2025-03-01T12:00:00.500Z");
-        assert_eq!(
-            v["data"],
-            json!({"machine_no": "00000042", "online": false,
-                   "reason": "keep_alive_timeout", "at": "2025-03-01T12:00:00.500Z"})
-        );
-        let on = machine_event(m, true, None, at, at);
-        let v: serde_json::Value = serde_json::from_str(&on.body).unwrap();
-        assert_eq!(
-            v["data"],
-            json!({"machine_no": "00000042", "online": true, "at": "2025-03-01T12:00:00.500Z"})
-        );
-        assert_ne!(on.event_id, off.event_id);
     }
 
     #[test]

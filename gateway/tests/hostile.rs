@@ -152,7 +152,7 @@ fn http_api_arbitrary() {
 /// (it used to be refused and go `unknown` with a full refund).
 #[test]
 fn repeated_product_lines_complete_on_a_real_machine() {
-    use vendgate::orders::state::Status;
+    use vendgate::domain::order::Status;
     use vendgate::orders::PlaceRequest;
     let h = Harness::new();
     h.block_on(async {
@@ -206,7 +206,7 @@ fn repeated_product_lines_complete_on_a_real_machine() {
 
 #[test]
 fn reachability_follows_the_state_machine() {
-    use vendgate::orders::state::Status::*;
+    use vendgate::domain::order::Status::*;
     assert!(fuzzing::reachable(Dispatching, Completed));
     assert!(fuzzing::reachable(Dispensing, Dispensing));
     assert!(!fuzzing::reachable(Completed, Dispensing));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Value};
-use vendgate::orders::state::{Line, Status};
+use vendgate::domain::order::{Line, Status};
 use vendgate::secrets::{generate_appid, generate_secret, SecretHash};
 use vendgate::storage::{NewMachine, NewMerchant, NewOrder, OrderChange, OrderEvent, Storage};
 use vendgate::Settings;

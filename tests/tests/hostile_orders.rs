@@ -51,7 +51,7 @@ async fn a_stolen_machine_cannot_grow_order_history_or_set_negative_prices() {
     let rejected = gw
         .handle
         .store
-        .orders_in_status(&[vendgate::orders::state::Status::Rejected])
+        .orders_in_status(&[vendgate::domain::order::Status::Rejected])
         .await
         .expect("orders");
     let id = rejected.first().expect("the rejected order").order_id;

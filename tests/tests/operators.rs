@@ -990,7 +990,7 @@ async fn dashboard_needs_the_operator_credential() {
 /// 20 of however many), and a Ping with its round trip; all operator-only.
 #[tokio::test]
 async fn dashboard_machine_page_api() {
-    use vendgate::orders::state::{Line, Status};
+    use vendgate::domain::order::{Line, Status};
     use vendgate::storage::{NewOrder, OrderEvent};
 
     let gw = TestGateway::start_with(with_operator).await;

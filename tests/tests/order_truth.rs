@@ -129,8 +129,8 @@ async fn last_order(gw: &TestGateway) -> vendgate::storage::StoredOrder {
         .handle
         .store
         .orders_in_status(&[
-            vendgate::orders::state::Status::Rejected,
-            vendgate::orders::state::Status::Dispatching,
+            vendgate::domain::order::Status::Rejected,
+            vendgate::domain::order::Status::Dispatching,
         ])
         .await
         .expect("orders");
@@ -354,7 +354,7 @@ async fn queued_orders_are_answered_in_time_and_never_sent_late() {
     let stored =
         s.gw.handle
             .store
-            .orders_in_status(&[vendgate::orders::state::Status::Rejected])
+            .orders_in_status(&[vendgate::domain::order::Status::Rejected])
             .await
             .expect("orders");
     assert!(stored.is_empty(), "{stored:?}");
@@ -385,7 +385,7 @@ async fn a_caller_gone_before_the_acceptance_gets_nothing_dispensed() {
         let store = store.clone();
         async move {
             let o = store
-                .orders_in_status(&[vendgate::orders::state::Status::Rejected])
+                .orders_in_status(&[vendgate::domain::order::Status::Rejected])
                 .await
                 .unwrap_or_default();
             o.iter().any(|o| o.error.as_deref() == Some("caller_gone"))

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::json;
-use vendgate::orders::state::{Line, Status};
+use vendgate::domain::order::{Line, Status};
 use vendgate::secrets::SecretHash;
 use vendgate::storage::{
     self, Attempt, AttemptResult, ClaimRequest, ClaimedEvent, Due, MachineEvent, NewMachine,

@@ -48,11 +48,12 @@ use vendgate_proto::topic::Command;
 
 use crate::commands::{CommandBus, DeliveryError, LocalCommands};
 use crate::config::Settings;
+use crate::domain::order::GiveUp;
+use crate::domain::order::{Line, Status};
+use crate::domain::webhook::machine_event;
 use crate::edge::{EpochSource, Hub, UplinkForwarder};
-use crate::notifier::{machine_event, Notifier};
+use crate::notifier::Notifier;
 use crate::orders::inventory::StockView;
-use crate::orders::state::GiveUp;
-use crate::orders::state::{Line, Status};
 use crate::orders::{OrderError, OrderService, PlaceRequest, RemoteMachines};
 use crate::presence::{PresenceEvent, PresenceRegistry};
 use crate::storage::{PresenceChange, PresenceWrite, Storage};

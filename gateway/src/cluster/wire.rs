@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 use vendgate_proto::machine::MachineNo;
 
+use crate::domain::order::Line;
 use crate::orders::inventory::StockView;
-use crate::orders::state::Line;
 use crate::orders::OrderError;
 use vendgate_proto::codes::ErrorCode;
 

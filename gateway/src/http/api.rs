@@ -410,7 +410,7 @@ fn order_json(o: &crate::storage::StoredOrder) -> Value {
         "updated_at": rfc3339(Some(o.updated_at)),
         "error": o.error,
         "pay_later": o.pay_later,
-        "pay_deadline": if o.status == crate::orders::state::Status::AwaitingPayment { rfc3339(o.pay_deadline) } else { Value::Null },
+        "pay_deadline": if o.status == crate::domain::order::Status::AwaitingPayment { rfc3339(o.pay_deadline) } else { Value::Null },
         "refund_status": refund_status(o),
         "refunded_amount": o.refunded_amount,
         "refunded_at": rfc3339(o.refunded_at),
@@ -540,7 +540,7 @@ fn paging(q: &HashMap<String, String>, default: u64, max: u64) -> Result<(u64, u
     params(
         ("from" = Option<String>, Query, nullable = false, format = DateTime, description = "RFC 3339; `from` ≤ created_at (any offset; `+` written `%2B`)."),
         ("to" = Option<String>, Query, nullable = false, format = DateTime, description = "RFC 3339; created_at < `to`; not before `from`."),
-        ("status" = Option<crate::orders::state::Status>, Query, nullable = false, description = "One order status."),
+        ("status" = Option<crate::domain::order::Status>, Query, nullable = false, description = "One order status."),
         ("machine_no" = Option<String>, Query, nullable = false, description = "8 ASCII digits (else 20002)."),
         ("out_trade_no" = Option<String>, Query, nullable = false, description = "The merchant's order number, 1–64 characters."),
         ("page" = Option<u64>, Query, nullable = false, minimum = 1, description = "From 1 (default 1)."),
@@ -566,7 +566,7 @@ async fn list_orders(
     }
     let status = match q.get("status") {
         None => None,
-        Some(raw) => match crate::orders::state::Status::parse(raw) {
+        Some(raw) => match crate::domain::order::Status::parse(raw) {
             Some(st) => Some(st),
             None => return err(&s, ErrorCode::InvalidParams),
         },

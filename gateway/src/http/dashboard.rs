@@ -52,12 +52,12 @@ use vendgate_proto::machine::MachineNo;
 
 use super::limits::HttpStats;
 use crate::commands::DeliveryError;
+use crate::domain::order::Status;
 use crate::edge::limits::AuthThrottle;
 use crate::metrics::edge::{Direction, PATTERNS};
 use crate::metrics::orders::OUTCOMES;
 use crate::metrics::webhooks::DeliveryResult;
 use crate::metrics::{Metrics, FLAP_THRESHOLD};
-use crate::orders::state::Status;
 use crate::passwords::{Argon2Queue, Busy, ConfigPassword, Lane};
 use crate::startup::GatewayHandle;
 use crate::storage::{OrderQuery, StoredOrder};

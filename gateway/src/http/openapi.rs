@@ -30,7 +30,7 @@ use utoipa::{OpenApi, PartialSchema, ToSchema};
 use vendgate_proto::codes::ErrorCode;
 
 use super::AppState;
-use crate::orders::state::Status;
+use crate::domain::order::Status;
 
 /// The open API's routes, with the document of each, built together.
 pub(super) struct ApiRoutes {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use vendgate_proto::machine::MachineNo;
 
-use crate::orders::state::Status;
+use crate::domain::order::Status;
 
 /// Failures kept for the dashboard's "recent failed orders" list.
 const RECENT: usize = 50;

@@ -17,8 +17,8 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, DispenseCmd, OrderLine};
 use vendgate_proto::topic::Command;
 
-use super::state::{Event, GiveUp, Line, Order, Status};
 use super::{event, fingerprint, outcome, OrderError, OrderService, PlaceRequest, ANSWER_MARGIN};
+use crate::domain::order::{Event, GiveUp, Line, Order, Status};
 use crate::storage::{NewOrder, StorageError, StoredOrder};
 
 /// One order waiting for its machine.

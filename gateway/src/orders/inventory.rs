@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
-use super::state::Line;
+use crate::domain::order::Line;
 
 #[derive(Debug, Default, Clone)]
 struct MachineStock {

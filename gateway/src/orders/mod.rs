@@ -6,7 +6,7 @@
 //! then does `cmd/go` leave and the merchant hear 0 (PROTOCOL.md, gateway
 //! rule 4). The machine's `result` settles the order.
 //!
-//! - [`state`]: the pure state machine every change goes through.
+//! - [`crate::domain::order`]: the pure state machine every change goes through.
 //! - [`dispatch`]: the per-machine queue, the worker, and the ticket that
 //!   decides, once, between an acceptance and a give-up.
 //! - [`uplinks`]: acks (the decision), results, inventory snapshots.
@@ -43,7 +43,6 @@ pub mod dispatch;
 pub mod ids;
 pub mod inventory;
 pub mod settle;
-pub mod state;
 pub mod uplinks;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,12 +61,12 @@ use vendgate_proto::machine::MachineNo;
 
 use crate::commands::CommandBus;
 use crate::config::OrderSettings;
+use crate::domain::order::{GiveUp, Line, Order, Status};
 use crate::presence::PresenceRegistry;
 use crate::storage::{OrderEvent, Storage, StorageError, StoredOrder};
 use dispatch::{Job, Ticket};
 use ids::OrderIds;
 use inventory::{Inventory, Shortfall};
-use state::{GiveUp, Line, Order, Status};
 
 pub use uplinks::OrderUplinks;
 
@@ -625,7 +624,11 @@ impl OrderService {
             return Err(OrderError::StateConflict);
         }
         match self
-            .transition(&o, &state::Event::Cancel, json!({ "by": "merchant" }))
+            .transition(
+                &o,
+                &crate::domain::order::Event::Cancel,
+                json!({ "by": "merchant" }),
+            )
             .await?
         {
             Some(_) => {

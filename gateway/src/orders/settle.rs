@@ -19,10 +19,11 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, CancelCmd, GoCmd};
 use vendgate_proto::topic::Command;
 
-use super::state::{
+use super::{event, fingerprint, outcome, OrderError, OrderService, PlaceRequest};
+use crate::domain::order::{
     apply, notices, Event, GiveUp, Line, Notice, Order, Status, Transition, TransitionError,
 };
-use super::{event, fingerprint, outcome, OrderError, OrderService, PlaceRequest};
+use crate::domain::webhook::{order_event, OrderFacts};
 use crate::storage::{
     Due, NewOrder, NewOutboxEvent, OrderChange, Storage, StorageError, StoredOrder,
 };
@@ -624,48 +625,24 @@ impl OrderService {
     }
 }
 
-/// A merchant's webhook about one order. Every `order.*` body is built
-/// here (API.md "Notifications to the merchant").
+/// A merchant's webhook about one order, as its outbox row (the body is
+/// built by [`crate::domain::webhook::order_event`]).
 fn order_webhook(o: &StoredOrder, next: &Order, kind: Notice, at: DateTime<Utc>) -> NewOutboxEvent {
-    let event_id = crate::notifier::new_event_id();
-    let items: Vec<serde_json::Value> = next
-        .lines
-        .iter()
-        .map(|l| json!({ "product_id": l.product_id, "quantity": l.quantity, "dispensed": l.dispensed, "unit_price": l.unit_price }))
-        .collect();
-    let created_at = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let mut data = json!({
-        "order_id": o.order_id,
-        "machine_no": o.machine_no.as_str(),
-        "status": next.status.as_str(),
-        "out_trade_no": o.out_trade_no,
-        "items": items,
-        "amount": o.amount,
-        "refund_amount": next.refund_amount(),
-        "error": next.error,
-    });
-    if let Some(obj) = data.as_object_mut() {
-        if next.refunded_amount > 0 {
-            obj.insert("refunded_amount".into(), json!(next.refunded_amount));
-        }
-        if kind == Notice::DispensedAfterRejection {
-            obj.insert("dispensed_amount".into(), json!(next.dispensed_amount()));
-        }
-    }
-    let body = json!({
-        "event_id": event_id,
-        "type": kind.as_str(),
-        "created_at": created_at,
-        "data": data,
-    });
+    let facts = OrderFacts {
+        order_id: o.order_id,
+        machine_no: o.machine_no,
+        out_trade_no: o.out_trade_no.as_deref(),
+        amount: o.amount,
+    };
+    let hook = order_event(facts, next, kind, at);
     NewOutboxEvent {
-        event_id,
+        event_id: hook.event_id,
         merchant_appid: o.merchant_appid.clone(),
         order_key: format!("order:{}", o.order_id),
         order_id: Some(o.order_id),
         machine_no: Some(o.machine_no),
         kind: kind.as_str().to_string(),
-        body: body.to_string(),
+        body: hook.body,
         created_at: at,
     }
 }

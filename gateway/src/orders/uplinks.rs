@@ -19,8 +19,8 @@ use vendgate_proto::topic::{Command, Uplink};
 
 use super::dispatch::{Begin, Decision};
 use super::settle::{Cas, ChangeOpts};
-use super::state::{check_result, Event, GiveUp, Status};
 use super::{OrderError, OrderService};
+use crate::domain::order::{check_result, Event, GiveUp, Status};
 use crate::edge::UplinkHandler;
 use crate::storage::StoredOrder;
 

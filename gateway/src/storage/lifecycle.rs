@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 
 use super::{ServiceAccount, StorageError, StoredOrder};
-use crate::orders::state::Status;
+use crate::domain::order::Status;
 use crate::secrets::SecretHash;
 
 /// What a guarded machine change found.

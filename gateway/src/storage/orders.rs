@@ -8,7 +8,7 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
 use super::StorageError;
-use crate::orders::state::{Line, Status};
+use crate::domain::order::{Line, Status};
 
 /// An order to insert (with its lines) in one transaction.
 #[derive(Debug, Clone)]

@@ -149,15 +149,7 @@ pub struct WebhookAttempt {
     pub error: Option<String>,
 }
 
-/// A machine event whose merchant storage resolves from the machine row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MachineEvent {
-    pub event_id: String,
-    /// `machine.online` or `machine.offline`.
-    pub kind: String,
-    pub body: String,
-    pub created_at: DateTime<Utc>,
-}
+pub use crate::domain::webhook::MachineEvent;
 
 /// A presence write and the event it emits if it flips the stored online
 /// flag.

@@ -19,7 +19,7 @@ use super::orders::{
 };
 use super::sqlite::{backend, from_ms, SqliteStorage};
 use super::StorageError;
-use crate::orders::state::{Line, Status};
+use crate::domain::order::{Line, Status};
 
 pub(super) const ORDER_COLUMNS: &str = "order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, \
      pay_later, status, amount, refund_amount, error, result_applied, created_at_ms, updated_at_ms, \
