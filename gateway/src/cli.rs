@@ -12,9 +12,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vendgate_proto::machine::MachineNo;
 
+use crate::app::Gateway;
 use crate::config::{Overrides, Settings};
 use crate::secrets::WebhookKey;
-use crate::startup::Gateway;
 use crate::{provision, storage, telemetry};
 
 #[derive(Debug, Parser)]

@@ -9,9 +9,9 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 use vendgate_sim::{SimConfig, SimMachine};
 
+use crate::app::Gateway;
 use crate::config::Settings;
 use crate::secrets::{generate_appid, generate_secret, SecretHash};
-use crate::startup::Gateway;
 use crate::storage::{NewMachine, NewMerchant};
 
 /// Machines the demo simulates.

@@ -200,7 +200,7 @@ impl Harness {
                 assert!(sim.wait_ready(STEP).await, "simulated machine {no} ready");
                 sims.push(sim);
             }
-            let router = crate::http::router(handle.clone(), handle.orders.clone());
+            let router = crate::http::router(handle.http_parts());
             (mqtt, handle, merchants, secrets, password, sims, router)
         });
         let (mqtt, handle, merchants, secrets, password, sims, router) = built;

@@ -27,6 +27,7 @@
 //! - [`demo`]: `vendgate demo`, the gateway with simulated machines in one process.
 //! - `fuzzing` (hidden): bodies of the fuzz targets and hostile-input tests (docs/fuzzing.md).
 
+pub mod app;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
@@ -35,6 +36,7 @@ pub mod demo;
 pub mod domain;
 pub mod edge;
 pub mod export;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
@@ -47,12 +49,11 @@ pub mod private_fs;
 pub mod provision;
 pub mod retention;
 pub mod secrets;
-pub mod startup;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod top;
 pub mod uplink;
 
+pub use app::{Gateway, GatewayHandle};
 pub use config::Settings;
-pub use startup::{Gateway, GatewayHandle};

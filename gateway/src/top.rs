@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::time::Instant;
 
-use crate::metrics::edge::PATTERNS;
+use crate::edge::stats::PATTERNS;
 
 /// Longest a scrape may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);

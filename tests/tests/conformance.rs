@@ -15,7 +15,7 @@ use rumqttc::mqttbytes::v4::{
     SubscribeReasonCode,
 };
 use rumqttc::mqttbytes::QoS;
-use vendgate::metrics::edge::{ClientKind, DisconnectReason};
+use vendgate::edge::stats::{ClientKind, DisconnectReason};
 use vendgate::Settings;
 use vendgate_e2e::{hand_machine, wait_until, Client, RawClient, TestGateway, DEADLINE};
 

@@ -17,7 +17,7 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::QoS;
 use vendgate::edge::limits::ThrottleScope;
 use vendgate::edge::router::MachineDelivery;
-use vendgate::metrics::edge::{ClientKind, DisconnectReason};
+use vendgate::edge::stats::{ClientKind, DisconnectReason};
 use vendgate_e2e::{
     hand_machine, ready_sim, sim_config, wait_until, RawClient, TestGateway, DEADLINE,
 };

@@ -20,7 +20,7 @@ async fn pings(c: &mut RawClient) -> bool {
 }
 
 async fn metrics(gw: &TestGateway) -> String {
-    gw.handle.metrics.render(&gw.handle).await
+    gw.handle.exposition().await
 }
 
 /// Retry `attempt` (a fresh connection each time) until it is accepted;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 use serde_json::Value;
-use vendgate::metrics::edge::{ClientKind, DisconnectReason};
+use vendgate::edge::stats::{ClientKind, DisconnectReason};
 use vendgate::secrets::{generate_secret, SecretHash};
 use vendgate::storage::NewMachine;
 use vendgate_e2e::{
@@ -511,8 +511,8 @@ async fn metrics_after_a_scripted_run() {
             .stats
             .topics
             .get(
-                vendgate::metrics::edge::Direction::In,
-                vendgate::metrics::edge::PATTERNS.len() - 1,
+                vendgate::edge::stats::Direction::In,
+                vendgate::edge::stats::PATTERNS.len() - 1,
             )
             .0
             >= 1
@@ -748,7 +748,7 @@ async fn series_do_not_grow_with_the_fleet() {
             .hub
             .stats
             .topics
-            .get(vendgate::metrics::edge::Direction::In, 0)
+            .get(vendgate::edge::stats::Direction::In, 0)
             .0
             >= u64::from(FLEET)
     })
@@ -1578,6 +1578,7 @@ async fn machine_page_in_headless_chromium() {
         .await;
     let rtt = gw
         .handle
+        .fleet
         .machine_presence(&m(mno))
         .and_then(|p| p.last_rtt_ms)
         .expect("last_rtt_ms");

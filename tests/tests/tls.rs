@@ -125,7 +125,7 @@ async fn machines_connect_over_tls_with_a_password_or_a_client_certificate() {
     assert!(matches!(a.recv().await, Some(Packet::PingResp)));
     let (u, pw) = gw.service("ops").await;
     let _svc = Client::connect(gw.mqtt_addr, "ops-1", &u, &pw).await;
-    let metrics = gw.handle.metrics.render(&gw.handle).await;
+    let metrics = gw.handle.exposition().await;
     assert!(
         metrics.contains("vendgate_mqtt_tls_handshake_failures_total"),
         "{metrics}"

@@ -51,7 +51,7 @@ use super::router::{
 };
 use super::stream::Stream;
 use super::Hub;
-use crate::metrics::edge::{ClientKind, Direction, DisconnectReason, DispenseClock};
+use crate::edge::stats::{ClientKind, Direction, DisconnectReason, DispenseClock};
 use crate::presence::OfflineReason;
 
 /// Bytes read per readiness event.

@@ -18,6 +18,7 @@ mod conn;
 pub mod enforce;
 pub mod limits;
 pub mod router;
+pub mod stats;
 mod stream;
 
 use std::net::SocketAddr;
@@ -82,11 +83,11 @@ pub struct EdgeStats {
     pub messages_out: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Messages and bytes per topic pattern and direction.
-    pub topics: crate::metrics::edge::TopicStats,
+    pub topics: crate::edge::stats::TopicStats,
     /// Connects, disconnects by reason, refused CONNECTs.
-    pub connections: crate::metrics::edge::ConnectionStats,
-    /// Dispense round-trip histograms (set when metrics are attached).
-    pub timings: crate::metrics::edge::Timings,
+    pub connections: crate::edge::stats::ConnectionStats,
+    /// Dispense round-trip histograms (given at construction).
+    pub timings: crate::edge::stats::Timings,
     /// True while the accept loop runs (`/readyz`).
     pub accepting: std::sync::atomic::AtomicBool,
     /// Connections closed at accept: over `max_connections`.
@@ -170,6 +171,7 @@ impl Hub {
         presence: Arc<PresenceRegistry>,
         auth: Authenticator,
         uplinks: Arc<dyn UplinkHandler>,
+        timings: stats::Timings,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -210,7 +212,10 @@ impl Hub {
             presence,
             auth,
             uplinks,
-            stats: EdgeStats::default(),
+            stats: EdgeStats {
+                timings,
+                ..EdgeStats::default()
+            },
             conn_ids: AtomicU64::new(1),
             shutdown,
             epochs: OnceLock::new(),

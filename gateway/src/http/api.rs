@@ -672,10 +672,10 @@ async fn ping_machine(
         Ok(_) => return err(&s, ErrorCode::MachineNotFound),
         Err(_) => return err(&s, ErrorCode::Internal),
     }
-    if !s.gw.machine_online(&m) {
+    if !s.gw.fleet.machine_online(&m) {
         return err(&s, ErrorCode::MachineOffline);
     }
-    match s.gw.commands.ping(&m, PING_TIMEOUT).await {
+    match s.gw.fleet.ping(&m, PING_TIMEOUT).await {
         Ok(rtt) => ok(
             &s,
             json!({ "machine_no": m.as_str(), "rtt_ms": crate::presence::rtt_ms(rtt) }),
@@ -694,7 +694,7 @@ async fn ping_machine(
 const REMOTE_STOCK_WAIT: Duration = Duration::from_millis(500);
 
 async fn machine_json(s: &AppState, m: &crate::storage::Machine) -> Value {
-    let p = s.gw.machine_presence(&m.machine_no);
+    let p = s.gw.fleet.machine_presence(&m.machine_no);
     // Stock and reservations live on the node holding the machine.
     let remote = match &s.gw.cluster {
         Some(c) => c.remote_stock(&m.machine_no, REMOTE_STOCK_WAIT).await,
@@ -760,7 +760,9 @@ async fn list_machines(
     };
     let filtered: Vec<_> = machines
         .iter()
-        .filter(|m| online_filter.is_none_or(|want| s.gw.machine_online(&m.machine_no) == want))
+        .filter(|m| {
+            online_filter.is_none_or(|want| s.gw.fleet.machine_online(&m.machine_no) == want)
+        })
         .collect();
     let total = filtered.len();
     let list: Vec<Value> = futures::future::join_all(
@@ -786,7 +788,7 @@ async fn list_online_machines(
     page_size: usize,
 ) -> Answer {
     let mut mine = Vec::new();
-    for m in s.gw.online_machines() {
+    for m in s.gw.fleet.online_machines() {
         match s.gw.orders.owned_by(&m, merchant).await {
             Ok(true) => mine.push(m),
             Ok(false) => {}

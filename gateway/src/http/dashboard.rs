@@ -51,15 +51,15 @@ use vendgate_proto::codes::ErrorCode;
 use vendgate_proto::machine::MachineNo;
 
 use super::limits::HttpStats;
+use super::Parts;
 use crate::commands::DeliveryError;
 use crate::domain::order::Status;
 use crate::edge::limits::AuthThrottle;
-use crate::metrics::edge::{Direction, PATTERNS};
+use crate::edge::stats::{Direction, PATTERNS};
 use crate::metrics::orders::OUTCOMES;
 use crate::metrics::webhooks::DeliveryResult;
-use crate::metrics::{Metrics, FLAP_THRESHOLD};
+use crate::metrics::FLAP_THRESHOLD;
 use crate::passwords::{Argon2Queue, Busy, ConfigPassword, Lane};
-use crate::startup::GatewayHandle;
 use crate::storage::{OrderQuery, StoredOrder};
 
 const INDEX_HTML: &str = include_str!("../../assets/dashboard.html");
@@ -87,7 +87,7 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-
 
 #[derive(Clone)]
 struct DashState {
-    gw: GatewayHandle,
+    gw: Parts,
     sessions: Arc<DashMap<String, tokio::time::Instant>>,
     /// The operator password, parsed once; Err says why the dashboard is
     /// refused.
@@ -100,7 +100,7 @@ struct DashState {
 }
 
 /// The dashboard's routes (full paths, to merge into the HTTP router).
-pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
+pub fn routes<S>(gw: Parts) -> Router<S> {
     let password = operator_password(&gw);
     match &password {
         Err(why) => warn!("{why}"),
@@ -138,7 +138,7 @@ pub fn routes<S>(gw: GatewayHandle) -> Router<S> {
 /// The configured operator password, or why it cannot protect the
 /// dashboard. The length rule applies to plaintext only: a hash hides the
 /// length (`hash-password` enforces the same minimum).
-fn operator_password(gw: &GatewayHandle) -> Result<Arc<ConfigPassword>, String> {
+fn operator_password(gw: &Parts) -> Result<Arc<ConfigPassword>, String> {
     let op = &gw.settings.operator;
     if op.username.is_empty() || op.password.is_empty() {
         return Err("dashboard disabled: set [operator] username and password \
@@ -189,7 +189,7 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 
 /// The credential matches the operator's, or the password check was busy.
 async fn credential_ok(
-    gw: &GatewayHandle,
+    gw: &Parts,
     password: &ConfigPassword,
     user: &str,
     pass: &str,
@@ -417,7 +417,7 @@ async fn cluster(State(state): State<DashState>) -> Response {
         "node": c.node(),
         "nats": if c.nats_connected() { "connected" } else { "disconnected" },
         "nodes": nodes,
-        "machines_online": gw.online_machines().len(),
+        "machines_online": gw.fleet.online_machines().len(),
     }))
     .into_response()
 }
@@ -425,11 +425,11 @@ async fn cluster(State(state): State<DashState>) -> Response {
 async fn summary(State(state): State<DashState>) -> Response {
     let gw = &state.gw;
     let m = &gw.metrics;
-    let provisioned = match m.directory.list(gw.store.as_ref()).await {
+    let provisioned = match gw.fleet.directory().await {
         Ok(l) => l.len() as u64,
         Err(_) => return internal(),
     };
-    let p = Metrics::presence_counts(gw);
+    let p = gw.fleet.counts(|m| gw.orders.queued(m));
     let topics: Vec<Value> = PATTERNS
         .iter()
         .enumerate()
@@ -553,7 +553,7 @@ async fn machines(
 ) -> Response {
     let gw = &state.gw;
     let q = machine_query(&raw);
-    let list = match gw.metrics.directory.list(gw.store.as_ref()).await {
+    let list = match gw.fleet.directory().await {
         Ok(l) => l,
         Err(_) => return internal(),
     };
@@ -562,10 +562,11 @@ async fn machines(
         .filter(|e| q.q.is_empty() || e.machine_no.as_str().contains(q.q.as_str()))
         .filter(|e| match q.filter {
             Filter::All => true,
-            Filter::Online => gw.machine_online(&e.machine_no),
-            Filter::Offline => !gw.machine_online(&e.machine_no),
+            Filter::Online => gw.fleet.machine_online(&e.machine_no),
+            Filter::Offline => !gw.fleet.machine_online(&e.machine_no),
             Filter::Flapping => gw
-                .presence
+                .fleet
+                .local()
                 .get(&e.machine_no)
                 .is_some_and(|p| p.flaps >= FLAP_THRESHOLD),
         })
@@ -592,12 +593,8 @@ async fn machines(
 /// A machine's presence as the list and its page show it. This process's
 /// registry is the truth; `stored_last_seen` covers machines that have not
 /// connected since it started.
-fn machine_row(
-    gw: &GatewayHandle,
-    m: &MachineNo,
-    stored_last_seen: Option<DateTime<Utc>>,
-) -> Value {
-    let p = gw.machine_presence(m);
+fn machine_row(gw: &Parts, m: &MachineNo, stored_last_seen: Option<DateTime<Utc>>) -> Value {
+    let p = gw.fleet.machine_presence(m);
     json!({
         "machine_no": m.as_str(),
         "online": p.as_ref().is_some_and(|p| p.online),
@@ -732,10 +729,10 @@ async fn ping(
         Ok(None) => return machine_not_found(),
         Err(_) => return internal(),
     }
-    let (result, rtt) = if !gw.machine_online(&m) {
+    let (result, rtt) = if !gw.fleet.machine_online(&m) {
         ("offline", None)
     } else {
-        match gw.commands.ping(&m, PING_TIMEOUT).await {
+        match gw.fleet.ping(&m, PING_TIMEOUT).await {
             Ok(rtt) => ("ok", Some(crate::presence::rtt_ms(rtt))),
             Err(DeliveryError::Backpressure) => ("busy", None),
             Err(DeliveryError::Timeout) => ("no_answer", None),

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,46 +21,7 @@ use vendgate_proto::codes::ErrorCode;
 use super::envelope::Envelope;
 use crate::config::HttpStatusMode;
 
-/// Why a new connection was closed at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnRejection {
-    MaxConnections,
-    PerAddress,
-}
-
-impl ConnRejection {
-    pub const ALL: [Self; 2] = [Self::MaxConnections, Self::PerAddress];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::MaxConnections => "max_connections",
-            Self::PerAddress => "max_connections_per_address",
-        }
-    }
-}
-
-/// Counters of the HTTP listeners (the API listener and the admin one).
-#[derive(Debug, Default)]
-pub struct HttpStats {
-    /// Open connections now, handshakes included.
-    pub connections: AtomicUsize,
-    /// New connections closed at once, by [`ConnRejection`].
-    pub rejected: [AtomicU64; 2],
-    /// Connections closed because a request's headers did not arrive in
-    /// time (slow or idle clients).
-    pub header_timeouts: AtomicU64,
-    /// Requests answered because the handler ran past `request_timeout`.
-    pub request_timeouts: AtomicU64,
-    /// TLS handshakes not done within `tls_handshake_timeout` (waiting for a
-    /// handshake slot included).
-    pub tls_handshake_timeouts: AtomicU64,
-    /// TLS handshakes that failed.
-    pub tls_handshake_failures: AtomicU64,
-    /// Dashboard sign-ins with a wrong credential.
-    pub login_failures: AtomicU64,
-    /// Dashboard sign-ins refused by the throttle, by `ThrottleScope`.
-    pub login_throttled: [AtomicU64; 2],
-}
+pub use crate::metrics::http::{ConnRejection, HttpStats};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Counts stay consistent between statements; a panic elsewhere does not

@@ -33,13 +33,41 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::config::Settings;
+use crate::edge::Hub;
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use crate::notifier::Notifier;
 use crate::orders::OrderService;
-use crate::startup::GatewayHandle;
+use crate::storage::Storage;
+
+/// The parts of the gateway the handlers serve from, handed over by the
+/// builder (`app`), which is the one place that knows every part.
+#[derive(Clone)]
+pub struct Parts {
+    pub settings: Arc<Settings>,
+    pub orders: Arc<OrderService>,
+    pub fleet: Arc<Fleet>,
+    /// Reads: merchants, stored orders, webhook attempts, cluster nodes.
+    pub store: Arc<dyn Storage>,
+    /// The edge's counters, for the dashboard.
+    pub hub: Arc<Hub>,
+    pub notifier: Arc<Notifier>,
+    pub metrics: Arc<Metrics>,
+    /// Readiness and the exposition, computed by the builder.
+    pub probe: Arc<dyn ops::Probe>,
+    /// Cluster mode: stock figures and membership of the other nodes.
+    pub cluster: Option<Arc<Cluster>>,
+    pub shutdown: CancellationToken,
+}
 
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub gw: GatewayHandle,
+    pub gw: Parts,
     pub orders: Arc<OrderService>,
     pub rate: Arc<rate::RateLimiter>,
 }
@@ -49,7 +77,8 @@ fn open_api_routes() -> openapi::ApiRoutes {
     events::routes(merchant::routes(api::routes(openapi::ApiRoutes::new())))
 }
 
-pub fn router(gw: GatewayHandle, orders: Arc<OrderService>) -> Router {
+pub fn router(gw: Parts) -> Router {
+    let orders = gw.orders.clone();
     let rate = Arc::new(rate::RateLimiter::new(
         gw.settings.http.rate_limit,
         gw.settings.http.rate_burst,

@@ -5,8 +5,6 @@
 //! that times `POST /orders`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
@@ -16,23 +14,19 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{error, info};
 
-use crate::metrics::webhooks::NotifierState;
-use crate::startup::GatewayHandle;
+use super::Parts;
 
-/// Longest a readiness probe waits for storage.
-const STORAGE_PROBE: Duration = Duration::from_secs(2);
 /// The path whose latency and answer codes are measured.
 const ORDERS_PATH: &str = "/api/openapi/v1/orders";
 /// Largest answer body the order middleware reads back (envelopes are tiny).
 const MAX_ANSWER: usize = 64 * 1024;
 
 /// `/healthz` and `/readyz`, plus `/metrics` when `with_metrics`.
-pub fn routes<S>(gw: GatewayHandle, with_metrics: bool) -> Router<S> {
+pub fn routes<S>(gw: Parts, with_metrics: bool) -> Router<S> {
     let mut r = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz));
@@ -42,8 +36,18 @@ pub fn routes<S>(gw: GatewayHandle, with_metrics: bool) -> Router<S> {
     r.with_state(gw)
 }
 
-async fn metrics(State(gw): State<GatewayHandle>) -> Response {
-    let body = gw.metrics.render(&gw).await;
+/// What the operator endpoints ask of the running gateway: the builder
+/// (`app`) implements it, as the one part that sees every component.
+#[async_trait::async_trait]
+pub trait Probe: Send + Sync + 'static {
+    /// Whether the gateway is ready, and the checks behind the answer.
+    async fn readiness(&self) -> (bool, serde_json::Value);
+    /// The Prometheus exposition.
+    async fn exposition(&self) -> String;
+}
+
+async fn metrics(State(gw): State<Parts>) -> Response {
+    let body = gw.probe.exposition().await;
     (
         [(
             header::CONTENT_TYPE,
@@ -55,40 +59,11 @@ async fn metrics(State(gw): State<GatewayHandle>) -> Response {
 }
 
 /// The readiness checks, for `/readyz` and the dashboard.
-pub async fn readiness(gw: &GatewayHandle) -> (bool, serde_json::Value) {
-    let storage = match tokio::time::timeout(STORAGE_PROBE, gw.store.ping()).await {
-        Ok(Ok(())) => "ok",
-        Ok(Err(e)) => {
-            error!(error = %e, "readiness: storage not writable");
-            "failing"
-        }
-        Err(_) => "timeout",
-    };
-    let accepting = gw.hub.stats.accepting.load(Ordering::Relaxed) && !gw.shutdown.is_cancelled();
-    let mqtt = if accepting { "ok" } else { "not_accepting" };
-    let notifier = match gw.metrics.webhooks.state() {
-        NotifierState::Absent => "absent",
-        NotifierState::Running => "running",
-        NotifierState::Stopped => "stopped",
-    };
-    // Cluster mode: without NATS this node cannot reach machines held
-    // elsewhere nor be reached for its own.
-    let nats = gw.cluster.as_ref().map(|c| c.nats_connected());
-    let ready = storage == "ok" && accepting && notifier != "stopped" && nats != Some(false);
-    let mut checks = json!({ "storage": storage, "mqtt": mqtt, "notifier": notifier });
-    if let Some(up) = nats {
-        checks["nats"] = json!(if up { "ok" } else { "disconnected" });
-    }
-    (
-        ready,
-        json!({
-            "status": if ready { "ready" } else { "not_ready" },
-            "checks": checks,
-        }),
-    )
+pub async fn readiness(gw: &Parts) -> (bool, serde_json::Value) {
+    gw.probe.readiness().await
 }
 
-async fn readyz(State(gw): State<GatewayHandle>) -> Response {
+async fn readyz(State(gw): State<Parts>) -> Response {
     let (ready, body) = readiness(&gw).await;
     let status = if ready {
         StatusCode::OK
@@ -101,11 +76,7 @@ async fn readyz(State(gw): State<GatewayHandle>) -> Response {
 /// Middleware: time `POST /orders` and count its answers by API code. The
 /// envelope's code is read back from the (small) body because every answer
 /// is HTTP 200 in the default mode.
-pub async fn track_order_requests(
-    State(gw): State<GatewayHandle>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub async fn track_order_requests(State(gw): State<Parts>, req: Request, next: Next) -> Response {
     if req.method() != Method::POST || req.uri().path() != ORDERS_PATH {
         return next.run(req).await;
     }
@@ -150,7 +121,7 @@ impl AdminListener {
     }
 
     /// Serve `/metrics`, `/healthz` and `/readyz` until shutdown.
-    pub fn spawn(self, gw: GatewayHandle) -> JoinHandle<()> {
+    pub fn spawn(self, gw: Parts) -> JoinHandle<()> {
         let shutdown = gw.shutdown.clone();
         let settings = gw.settings.clone();
         let stats = gw.metrics.http.clone();

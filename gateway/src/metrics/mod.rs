@@ -14,12 +14,11 @@
 //! has the same series for 10 machines as for 10,000 and panels never miss a
 //! zero.
 //!
-//! - `edge`: per-pattern topic counters, connects/disconnects, dispense timings.
 //! - `orders`: order outcomes and recent failures ([`OrderObserver`]).
 //! - `webhooks`: delivery result labels, notifier liveness ([`WebhookObserver`]).
 //! - `process`: RSS, CPU, fds, start time from `/proc/self`.
 
-pub mod edge;
+pub mod http;
 pub mod orders;
 pub mod process;
 pub mod webhooks;
@@ -34,13 +33,13 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vendgate_proto::codes::ErrorCode;
-use vendgate_proto::machine::MachineNo;
 
-use crate::edge::Hub;
+use crate::edge::router::RouterStats;
+use crate::edge::stats::{ClientKind, Direction, DisconnectReason, Timings, PATTERNS, REFUSALS};
+use crate::edge::EdgeStats;
+use crate::notifier::NotifierStats;
 use crate::secrets::PreviousSecretUses;
-use crate::startup::GatewayHandle;
-use crate::storage::{Storage, StorageError};
-use edge::{ClientKind, Direction, DisconnectReason, PATTERNS, REFUSALS};
+use crate::storage::OutboxBacklog;
 pub use orders::OrderObserver;
 pub use webhooks::WebhookObserver;
 
@@ -53,10 +52,6 @@ const BUCKETS: [f64; 16] = [
 /// A machine counts as flapping with this many connects in the last hour.
 pub const FLAP_THRESHOLD: u32 = 3;
 
-/// How long the provisioned-machine list is reused before storage is asked
-/// again: provisioning is rare, scrapes and dashboard polls are not.
-const DIRECTORY_TTL: Duration = Duration::from_secs(5);
-
 /// The gateway's version, for `vendgate_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -64,7 +59,7 @@ static META: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// `order_service` counters copied from `OrderStats`, by `event` label.
-const ORDER_EVENTS: [&str; 15] = [
+pub const ORDER_EVENTS: [&str; 15] = [
     "placed",
     "accepted",
     "refused",
@@ -108,6 +103,7 @@ struct Series {
     oversized_packets: Counter,
     auth_throttled: [Counter; 2],
     http_rate_limited: Counter,
+    tasks_ended: Counter,
     http_connections: Gauge,
     http_rejected: [Counter; 2],
     http_header_timeouts: Counter,
@@ -186,57 +182,67 @@ impl Registrar<'_> {
     }
 }
 
-/// The provisioned machines (storage), cached for [`DIRECTORY_TTL`]: the
-/// dashboard's machine list and the `machines_provisioned` gauge read it.
-#[derive(Default)]
-pub struct MachineDirectory {
-    cached: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Vec<DirectoryEntry>>)>>,
-}
-
-/// One provisioned machine as storage last recorded it.
-#[derive(Debug, Clone)]
-pub struct DirectoryEntry {
-    pub machine_no: MachineNo,
-    /// Persisted last-seen time (for machines not seen by this process).
-    pub last_seen: Option<DateTime<Utc>>,
-}
-
-impl MachineDirectory {
-    /// Every provisioned machine, ordered by machine_no.
-    pub async fn list(
-        &self,
-        store: &dyn Storage,
-    ) -> Result<Arc<Vec<DirectoryEntry>>, StorageError> {
-        // One refresh at a time: concurrent polls wait for it instead of each
-        // reading 10,000 rows.
-        let mut cached = self.cached.lock().await;
-        if let Some((at, list)) = cached.as_ref() {
-            if at.elapsed() < DIRECTORY_TTL {
-                return Ok(list.clone());
-            }
-        }
-        let list: Arc<Vec<DirectoryEntry>> = Arc::new(
-            store
-                .list_machines(None)
-                .await?
-                .into_iter()
-                .map(|m| DirectoryEntry {
-                    machine_no: m.machine_no,
-                    last_seen: m.last_seen,
-                })
-                .collect(),
-        );
-        *cached = Some((tokio::time::Instant::now(), list.clone()));
-        Ok(list)
-    }
-}
-
 /// Presence figures computed in one pass over the registry.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PresenceCounts {
     pub online: u64,
     pub flapping: u64,
     pub queued_orders: u64,
+}
+
+/// What the exposition shows of the components: their counters (read in
+/// place) and figures computed from their state. The builder of the gateway
+/// fills one at each scrape; this module reads nothing of the components
+/// itself, so every component can count into it without an import circle.
+pub struct Snapshot<'a> {
+    pub edge: &'a EdgeStats,
+    pub router: &'a RouterStats,
+    /// Sessions in the router, connected now.
+    pub sessions: u64,
+    /// Persistent sessions kept while their client is away.
+    pub parked_sessions: u64,
+    /// Open MQTT connections.
+    pub connections: u64,
+    pub log_lines_suppressed: u64,
+    /// Uplink payloads dropped as malformed, by the uplink dispatcher and
+    /// the order service together.
+    pub malformed_payloads: u64,
+    pub presence: PresenceCounts,
+    /// Provisioned machines; None keeps the last value (storage error).
+    pub machines_provisioned: Option<u64>,
+    /// The order service's event counters, in [`ORDER_EVENTS`] order.
+    pub order_events: [u64; ORDER_EVENTS.len()],
+    pub notifier: &'a NotifierStats,
+    /// The webhook outbox; None keeps the last value (storage error).
+    pub outbox: Option<OutboxBacklog>,
+    /// Cluster mode: this node's cluster traffic and the live members.
+    pub cluster: Option<ClusterFigures>,
+    /// Long-lived tasks that ended before shutdown.
+    pub tasks_ended: u64,
+}
+
+/// Cluster series: counters and the live members' machine counts.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterFigures {
+    pub node: String,
+    pub counts: ClusterCounts,
+    /// Machines connected to each live node, as its heartbeat says.
+    pub members: std::collections::HashMap<String, u64>,
+}
+
+/// The cluster's traffic counters at one scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterCounts {
+    pub forwarded: u64,
+    pub forward_lost: u64,
+    pub no_responder_retries: u64,
+    pub served: u64,
+    pub takeovers_closed: u64,
+    pub fenced: u64,
+    pub machines_reaped: u64,
+    pub uplinks_out: u64,
+    pub uplinks_in: u64,
+    pub uplinks_dropped: u64,
 }
 
 /// See the module docs. One per gateway, in `GatewayHandle::metrics`.
@@ -253,7 +259,6 @@ pub struct Metrics {
     pub orders: Arc<OrderObserver>,
     /// Whether the notifier's task runs (start-up wraps it).
     pub webhooks: Arc<WebhookObserver>,
-    pub directory: MachineDirectory,
     /// Uses of previous secrets during rotation grace periods; the edge's
     /// authenticator and the open API count into it.
     pub previous_secrets: Arc<PreviousSecretUses>,
@@ -261,7 +266,7 @@ pub struct Metrics {
     /// `POST /orders`, which `order_requests` also counts by code).
     pub http_rate_limited: AtomicU64,
     /// The HTTP listeners' bounds and the dashboard's sign-in throttle.
-    pub http: Arc<crate::http::limits::HttpStats>,
+    pub http: Arc<http::HttpStats>,
     /// Logins answered busy by the argon2 queues.
     pub argon2: Arc<crate::passwords::Argon2Stats>,
     /// The retention purge's counts and the database size.
@@ -425,6 +430,11 @@ impl Metrics {
                     &[("scope", scope.as_str())],
                 )
             }),
+            tasks_ended: r.counter(
+                "vendgate_tasks_ended_total",
+                "Long-lived tasks (edge, notifier, sweeps, persister...) that ended before shutdown; /readyz fails while any has.",
+                &[],
+            ),
             http_rate_limited: r.counter(
                 "vendgate_http_rate_limited_total",
                 "Open API requests refused with 10003 by the per-merchant rate limit.",
@@ -602,19 +612,16 @@ impl Metrics {
             dispense_duration,
             orders: Arc::new(OrderObserver::default()),
             webhooks: Arc::new(WebhookObserver::default()),
-            directory: MachineDirectory::default(),
             previous_secrets: Arc::default(),
         }
     }
 
-    /// Give the edge its dispense-timing histograms.
-    pub fn instrument_edge(&self, hub: &Hub) {
-        let _ = hub.stats.timings.accept.set(self.accept_latency.clone());
-        let _ = hub
-            .stats
-            .timings
-            .dispense
-            .set(self.dispense_duration.clone());
+    /// The edge's dispense-timing histograms, recorded into this recorder.
+    pub fn edge_timings(&self) -> Timings {
+        Timings {
+            accept: self.accept_latency.clone(),
+            dispense: self.dispense_duration.clone(),
+        }
     }
 
     /// Drain recorded histogram samples into their buckets every few seconds,
@@ -662,30 +669,11 @@ impl Metrics {
         self.started.elapsed()
     }
 
-    /// One pass over the presence registry.
-    pub fn presence_counts(gw: &GatewayHandle) -> PresenceCounts {
-        let mut c = PresenceCounts::default();
-        for p in gw.presence.snapshot() {
-            if p.online {
-                c.online += 1;
-            }
-            if p.flaps >= FLAP_THRESHOLD {
-                c.flapping += 1;
-            }
-            c.queued_orders += gw.orders.queued(&p.machine_no) as u64;
-        }
-        // Cluster mode: machines online on the other nodes count too (this
-        // node's own are in its registry).
-        if let Some(cl) = &gw.cluster {
-            c.online += cl.remote_online().len() as u64;
-        }
-        c
-    }
-
-    /// The exposition: copy every component's counters, then render.
-    pub async fn render(&self, gw: &GatewayHandle) -> String {
+    /// The exposition: copy the figures of `snap` and this module's own
+    /// counters into the recorder, then render.
+    pub fn render(&self, snap: &Snapshot<'_>) -> String {
         let s = &self.series;
-        let e = &gw.hub.stats;
+        let e = snap.edge;
         for d in Direction::ALL {
             for (i, _) in PATTERNS.iter().enumerate() {
                 let (m, b) = e.topics.get(d, i);
@@ -695,9 +683,7 @@ impl Metrics {
         }
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         s.malformed_packets.absolute(l(&e.malformed));
-        s.malformed_payloads.absolute(
-            l(&gw.uplinks.stats.malformed) + l(&gw.orders.stats.malformed_device_messages),
-        );
+        s.malformed_payloads.absolute(snap.malformed_payloads);
         s.acl_violations.absolute(l(&e.acl_violations));
         for (i, c) in s.refused.iter().enumerate() {
             c.absolute(e.connections.refusals(i));
@@ -708,27 +694,22 @@ impl Metrics {
                 s.disconnects[k as usize][r as usize].absolute(e.connections.disconnects(k, r));
             }
         }
-        s.sessions.set(gw.hub.router.session_count() as f64);
-        s.slow_consumers
-            .absolute(l(&gw.hub.router.stats.slow_consumers));
-        s.persistent_sessions_away
-            .set(gw.hub.router.parked_count() as f64);
-        s.session_dropped
-            .absolute(l(&gw.hub.router.stats.session_dropped));
-        s.sessions_expired
-            .absolute(l(&gw.hub.router.stats.sessions_expired));
+        let router = snap.router;
+        s.sessions.set(snap.sessions as f64);
+        s.slow_consumers.absolute(l(&router.slow_consumers));
+        s.persistent_sessions_away.set(snap.parked_sessions as f64);
+        s.session_dropped.absolute(l(&router.session_dropped));
+        s.sessions_expired.absolute(l(&router.sessions_expired));
         s.denied_subscriptions.absolute(l(&e.denied_subscriptions));
-        s.connections.set(gw.hub.gate.live() as f64);
+        s.connections.set(snap.connections as f64);
         s.rejected[0].absolute(l(&e.rejected_max_connections));
         s.rejected[1].absolute(l(&e.rejected_accept_rate));
         s.rejected[2].absolute(l(&e.rejected_address_connections));
         s.rejected[3].absolute(l(&e.rejected_address_rate));
         s.subscriptions_refused
             .absolute(l(&e.subscriptions_refused));
-        s.retained_refused
-            .absolute(l(&gw.hub.router.stats.retained_refused));
-        s.log_lines_suppressed
-            .absolute(l(&gw.hub.log_gate.suppressed));
+        s.retained_refused.absolute(l(&router.retained_refused));
+        s.log_lines_suppressed.absolute(snap.log_lines_suppressed);
         s.connect_timeouts.absolute(l(&e.connect_timeouts));
         s.tls_handshake_failures
             .absolute(l(&e.tls_handshake_failures));
@@ -737,6 +718,7 @@ impl Metrics {
             c.absolute(l(a));
         }
         s.http_rate_limited.absolute(l(&self.http_rate_limited));
+        s.tasks_ended.absolute(snap.tasks_ended);
         let h = &self.http;
         s.http_connections
             .set(h.connections.load(Ordering::Relaxed) as f64);
@@ -757,43 +739,25 @@ impl Metrics {
             c.absolute(l(a));
         }
 
-        let p = Self::presence_counts(gw);
+        let p = snap.presence;
         s.machines_online.set(p.online as f64);
         s.machines_flapping.set(p.flapping as f64);
         s.queue_depth.set(p.queued_orders as f64);
-        if let Ok(list) = self.directory.list(gw.store.as_ref()).await {
-            s.machines_provisioned.set(list.len() as f64);
+        if let Some(n) = snap.machines_provisioned {
+            s.machines_provisioned.set(n as f64);
         }
 
         for (i, c) in s.orders.iter().enumerate() {
             c.absolute(self.orders.outcome(i));
         }
-        let o = &gw.orders.stats;
-        let events = [
-            &o.placed,
-            &o.accepted,
-            &o.refused,
-            &o.not_accepted,
-            &o.busy,
-            &o.unknown,
-            &o.results_applied,
-            &o.duplicate_device_messages,
-            &o.rejected_device_messages,
-            &o.malformed_device_messages,
-            &o.go_sent,
-            &o.go_withheld,
-            &o.caller_gone,
-            &o.dispensed_after_rejection,
-            &o.uplinks_overloaded,
-        ];
-        for (c, a) in s.order_events.iter().zip(events) {
-            c.absolute(l(a));
+        for (c, n) in s.order_events.iter().zip(snap.order_events) {
+            c.absolute(n);
         }
         for (c, a) in s.order_requests.iter().zip(&self.order_requests) {
             c.absolute(l(a));
         }
 
-        let n = &gw.notifier.stats;
+        let n = snap.notifier;
         for d in webhooks::DeliveryResult::ALL {
             s.webhook_deliveries[d as usize].absolute(d.count(n));
         }
@@ -803,7 +767,7 @@ impl Metrics {
         s.previous_secret_used[1].absolute(l(&prev.merchant));
         // On a storage error the gauges keep their last value; /readyz
         // reports the storage problem.
-        if let Ok(b) = gw.notifier.backlog().await {
+        if let Some(b) = &snap.outbox {
             s.outbox_backlog.set(b.pending as f64);
             s.outbox_oldest_age
                 .set(oldest_age_seconds(b.oldest_pending));
@@ -817,7 +781,7 @@ impl Metrics {
 
         let mut out = self.handle.render();
         process::ProcessStats::read().render(&mut out);
-        if let Some(c) = &gw.cluster {
+        if let Some(c) = &snap.cluster {
             render_cluster(&mut out, c);
         }
         out
@@ -826,11 +790,11 @@ impl Metrics {
 
 /// Cluster series, written directly: the member label's values are the
 /// nodes alive now, not a set fixed at start.
-fn render_cluster(out: &mut String, c: &crate::cluster::Cluster) {
+fn render_cluster(out: &mut String, c: &ClusterFigures) {
     use std::fmt::Write;
-    let node = c.node();
-    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let st = &c.stats;
+    let node = &c.node;
+    let st = &c.counts;
+    let l = |n: &u64| *n;
     let counters: [(&str, &str, u64); 10] = [
         ("vendgate_cluster_forwarded_total", "Orders, payments, commands and pings sent to the node holding the machine.", l(&st.forwarded)),
         ("vendgate_cluster_forward_lost_total", "Forwarded orders whose owner never answered (settled from the database like a missing ack).", l(&st.forward_lost)),
@@ -849,10 +813,10 @@ fn render_cluster(out: &mut String, c: &crate::cluster::Cluster) {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node}\"}} {v}"
         );
     }
-    let members = c.node_machines();
+    let members = &c.members;
     let _ = writeln!(out, "# HELP vendgate_cluster_nodes Nodes heard from within node_dead_after.\n# TYPE vendgate_cluster_nodes gauge\nvendgate_cluster_nodes{{node=\"{node}\"}} {}", members.len());
     let _ = writeln!(out, "# HELP vendgate_cluster_member_machines Machines connected to each live node, as its heartbeat says.\n# TYPE vendgate_cluster_member_machines gauge");
-    let mut members: Vec<_> = members.into_iter().collect();
+    let mut members: Vec<_> = members.iter().collect();
     members.sort();
     for (member, machines) in members {
         let _ = writeln!(

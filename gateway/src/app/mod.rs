@@ -1,15 +1,22 @@
-//! Start-up and shutdown: `Gateway::build` opens storage and binds every
-//! listener (port 0 allowed, bound addresses reported); `Gateway::run` drives
-//! the gateway until its cancellation token fires, then stops intake, closes
-//! machine connections, flushes presence to storage, lets in-flight webhook
-//! deliveries finish and returns.
+//! The gateway assembled: the one module that knows every part.
+//! `Gateway::build` opens storage, builds the parts in dependency order and
+//! binds every listener (port 0 allowed, bound addresses reported);
+//! `Gateway::run` supervises the long-lived tasks until the cancellation
+//! token fires, then stops intake, closes machine connections, flushes
+//! presence to storage, lets in-flight webhook deliveries finish and returns.
+//!
+//! - [`probe`]: readiness and the metrics exposition, which need every part.
+//! - [`supervise`]: a long-lived task that ends early fails readiness.
+
+mod probe;
+pub mod supervise;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -17,17 +24,17 @@ use tracing::{error, info, warn};
 use crate::cluster::Cluster;
 use crate::commands::{CommandBus, LocalCommands, PingTable};
 use crate::config::Settings;
-use crate::domain::webhook::machine_event;
 use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub, UplinkForwarder};
+use crate::fleet::Fleet;
 use crate::notifier::Notifier;
 use crate::orders::{OrderService, OrderUplinks};
 use crate::passwords::{Argon2Queue, ConfigPassword, Lane};
-use crate::presence::{MachinePresence, PresenceRegistry};
+use crate::presence::PresenceRegistry;
 use crate::secrets::WebhookKey;
-use crate::storage::{self, PresenceChange, PresenceWrite, Storage};
+use crate::storage::{self, Storage};
 use crate::uplink::DeviceUplinks;
-use vendgate_proto::machine::MachineNo;
+use supervise::Supervisor;
 
 /// Longest a shutdown step may take before we give up on it.
 const SHUTDOWN_STEP: Duration = Duration::from_secs(10);
@@ -39,6 +46,8 @@ pub struct GatewayHandle {
     pub store: Arc<dyn Storage>,
     pub hub: Arc<Hub>,
     pub presence: Arc<PresenceRegistry>,
+    /// Presence across the cluster, machine records, pings.
+    pub fleet: Arc<Fleet>,
     pub commands: Arc<dyn CommandBus>,
     pub uplinks: Arc<DeviceUplinks>,
     pub orders: Arc<OrderService>,
@@ -49,48 +58,38 @@ pub struct GatewayHandle {
     pub webhook_key: Arc<WebhookKey>,
     /// Cluster mode: this node's view of and link to the others.
     pub cluster: Option<Arc<Cluster>>,
+    /// Watches the long-lived tasks `run` spawns.
+    pub supervisor: Arc<Supervisor>,
     pub shutdown: CancellationToken,
 }
 
 impl GatewayHandle {
-    /// Machine `m` as the API shows it: this node's registry, or in a
-    /// cluster the view of the node holding it (online there).
-    pub fn machine_presence(&self, m: &MachineNo) -> Option<MachinePresence> {
-        let local = self.presence.get(m);
-        if local.as_ref().is_some_and(|p| p.online) {
-            return local;
-        }
-        let remote = self.cluster.as_ref().and_then(|c| c.remote(m));
-        match remote {
-            Some(r) => Some(MachinePresence {
-                machine_no: *m,
-                online: true,
-                epoch: r.epoch,
-                online_since: Some(r.since),
-                last_seen: local.as_ref().and_then(|p| p.last_seen).max(Some(r.since)),
-                firmware: local.as_ref().and_then(|p| p.firmware.clone()),
-                last_rtt_ms: None,
-                flaps: local.as_ref().map(|p| p.flaps).unwrap_or(0),
-                last_offline_reason: None,
-            }),
-            None => local,
+    fn probe(&self) -> probe::GatewayProbe {
+        probe::GatewayProbe {
+            gw: self.clone(),
+            supervisor: self.supervisor.clone(),
         }
     }
 
-    /// Online on this node or, in a cluster, on any node.
-    pub fn machine_online(&self, m: &MachineNo) -> bool {
-        self.presence.is_online(m) || self.cluster.as_ref().is_some_and(|c| c.remote(m).is_some())
+    /// The Prometheus exposition, as `GET /metrics` serves it.
+    pub async fn exposition(&self) -> String {
+        crate::http::ops::Probe::exposition(&self.probe()).await
     }
 
-    /// Every machine online anywhere, in machine number order.
-    pub fn online_machines(&self) -> Vec<MachineNo> {
-        let mut v = self.presence.online_machines();
-        if let Some(c) = &self.cluster {
-            v.extend(c.remote_online().into_iter().map(|(m, _)| m));
-            v.sort_unstable();
-            v.dedup();
+    /// What the HTTP layer serves from.
+    pub fn http_parts(&self) -> crate::http::Parts {
+        crate::http::Parts {
+            settings: self.settings.clone(),
+            orders: self.orders.clone(),
+            fleet: self.fleet.clone(),
+            store: self.store.clone(),
+            hub: self.hub.clone(),
+            notifier: self.notifier.clone(),
+            metrics: self.metrics.clone(),
+            probe: Arc::new(self.probe()),
+            cluster: self.cluster.clone(),
+            shutdown: self.shutdown.clone(),
         }
-        v
     }
 }
 
@@ -202,9 +201,9 @@ impl Gateway {
             presence.clone(),
             auth,
             uplinks.clone(),
+            metrics.edge_timings(),
             shutdown.clone(),
         ));
-        metrics.instrument_edge(&hub);
         let edge = Edge::bind(settings.mqtt.addr, hub.clone(), None)
             .await
             .with_context(|| format!("binding the MQTT listener on {}", settings.mqtt.addr))?;
@@ -269,11 +268,18 @@ impl Gateway {
         }
         orders.recover().await.context("recovering open orders")?;
         uplinks.set_order_handler(Arc::new(OrderUplinks(orders.clone())));
+        let fleet = Arc::new(Fleet::new(
+            presence.clone(),
+            cluster.clone(),
+            commands.clone(),
+            store.clone(),
+        ));
         let handle = GatewayHandle {
             settings: Arc::new(settings),
             store,
             hub,
             presence,
+            fleet,
             commands,
             uplinks,
             orders,
@@ -281,6 +287,7 @@ impl Gateway {
             notifier,
             webhook_key,
             cluster,
+            supervisor: Supervisor::new(shutdown.clone()),
             shutdown,
         };
         Ok(Self {
@@ -321,53 +328,91 @@ impl Gateway {
     pub async fn run(self) -> anyhow::Result<()> {
         let h = self.handle;
         info!(mqtt = %self.mqtt_addr, mqtt_tls = ?self.mqtt_tls_addr, http = %self.http_addr, https = matches!(self.http, HttpListener::Tls(..)), "vendgate running");
+        let sup = h.supervisor.clone();
 
         let persist_stop = CancellationToken::new();
-        let persister = spawn_presence_persister(h.clone(), persist_stop.clone());
+        let persister = sup.spawn(
+            "presence persister",
+            crate::fleet::persister::spawn_persister(
+                h.presence.clone(),
+                h.store.clone(),
+                h.notifier.clone(),
+                persist_stop.clone(),
+            )
+            .map(|_| ()),
+        );
         // Stops claiming at shutdown, then waits for its in-flight deliveries.
         // Observed so /readyz can tell whether it is still running.
-        let notifier_task = tokio::spawn(
+        let notifier_task = sup.spawn(
+            "webhook notifier",
             h.metrics
                 .webhooks
                 .clone()
                 .observe(h.notifier.clone().run(h.shutdown.clone())),
         );
-        let cluster_tasks = h.cluster.as_ref().map(|c| c.spawn()).unwrap_or_default();
-        let edge_task = tokio::spawn(self.edge.run());
-        let edge_tls_task = self.edge_tls.map(|e| tokio::spawn(e.run()));
-        let expiry = h.orders.spawn_sweeps();
-        let cancels = h.orders.spawn_owed_delivery();
-        let _metrics_upkeep = h.metrics.spawn_upkeep(h.shutdown.clone());
+        let cluster_tasks: Vec<JoinHandle<()>> = h
+            .cluster
+            .as_ref()
+            .map(|c| c.spawn())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| sup.spawn("cluster loop", t.map(|_| ())))
+            .collect();
+        let edge_task = sup.spawn("MQTT listener", self.edge.run());
+        let edge_tls_task = self
+            .edge_tls
+            .map(|e| sup.spawn("MQTT TLS listener", e.run()));
+        let expiry = sup.spawn("order deadline sweeps", h.orders.spawn_sweeps().map(|_| ()));
+        let cancels = sup.spawn(
+            "owed cancel delivery",
+            h.orders.spawn_owed_delivery().map(|_| ()),
+        );
+        let _metrics_upkeep = sup.spawn(
+            "metrics upkeep",
+            h.metrics.spawn_upkeep(h.shutdown.clone()).map(|_| ()),
+        );
         // Closes connections of accounts the CLI disabled or removed.
-        let enforce = tokio::spawn(crate::edge::enforce::run(
-            h.hub.clone(),
-            h.store.clone(),
-            h.settings
-                .services
-                .iter()
-                .map(|c| c.username.clone())
-                .collect(),
-            h.shutdown.clone(),
-        ));
-        let retention = tokio::spawn(crate::retention::run(
-            h.store.clone(),
-            h.settings.retention.clone(),
-            h.metrics.retention.clone(),
-            h.shutdown.clone(),
-        ));
-        let admin_task = self.admin.map(|a| a.spawn(h.clone()));
+        let enforce = sup.spawn(
+            "account enforcement",
+            crate::edge::enforce::run(
+                h.hub.clone(),
+                h.store.clone(),
+                h.settings
+                    .services
+                    .iter()
+                    .map(|c| c.username.clone())
+                    .collect(),
+                h.shutdown.clone(),
+            ),
+        );
+        let retention = sup.spawn(
+            "retention purge",
+            crate::retention::run(
+                h.store.clone(),
+                h.settings.retention.clone(),
+                h.metrics.retention.clone(),
+                h.shutdown.clone(),
+            ),
+        );
+        let parts = h.http_parts();
+        let admin_task = self
+            .admin
+            .map(|a| sup.spawn("metrics listener", a.spawn(parts.clone()).map(|_| ())));
         let http_task = {
             let shutdown = h.shutdown.clone();
-            let app = crate::http::router(h.clone(), h.orders.clone());
-            let listener = self.http;
-            let (l, tls) = match listener {
+            let app = crate::http::router(parts);
+            let (l, tls) = match self.http {
                 HttpListener::Plain(l) => (l, None),
                 HttpListener::Tls(l, config) => (l, Some(config)),
             };
             let settings = h.settings.clone();
             let stats = h.metrics.http.clone();
-            tokio::spawn(async move {
-                crate::http::serve::serve(l, app, &settings.http, tls, stats, shutdown).await
+            sup.spawn("HTTP listener", async move {
+                let served =
+                    crate::http::serve::serve(l, app, &settings.http, tls, stats, shutdown).await;
+                if let Err(e) = served {
+                    error!(error = %e, "HTTP server failed");
+                }
             })
         };
 
@@ -386,10 +431,11 @@ impl Gateway {
                 warn!("MQTT TLS edge did not stop in time");
             }
         }
-        match tokio::time::timeout(SHUTDOWN_STEP, http_task).await {
-            Ok(Ok(Err(e))) => error!(error = %e, "HTTP server failed"),
-            Err(_) => warn!("HTTP server did not stop in time"),
-            _ => {}
+        if tokio::time::timeout(SHUTDOWN_STEP, http_task)
+            .await
+            .is_err()
+        {
+            warn!("HTTP server did not stop in time");
         }
         if let Some(t) = admin_task {
             let _ = tokio::time::timeout(SHUTDOWN_STEP, t).await;
@@ -439,101 +485,4 @@ async fn open_storage(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>> {
             Some(path) => format!("opening the database {}", path.display()),
             None => "opening the database".to_string(),
         })
-}
-
-/// Writes presence changes to storage so other processes (the CLI, later other
-/// nodes) see who is online, with their `machine.online` / `machine.offline`
-/// webhook events in the same transaction (storage keeps only those that
-/// flip the stored flag, for merchants with a notify_url). Whatever has
-/// queued up is written in one transaction, so a reconnect storm costs a few
-/// commits. Storage lags the registry by one batch; the registry stays the
-/// source of truth for this process.
-fn spawn_presence_persister(h: GatewayHandle, stop: CancellationToken) -> JoinHandle<()> {
-    /// Most changes written in one transaction.
-    const BATCH: usize = 1024;
-    let mut rx = h.presence.subscribe();
-    tokio::spawn(async move {
-        loop {
-            let first = tokio::select! {
-                biased;
-                ev = rx.recv() => ev,
-                _ = stop.cancelled() => match rx.try_recv() {
-                    // Drain what is already queued, then stop.
-                    Ok(ev) => Ok(ev),
-                    Err(_) => return,
-                },
-            };
-            let mut batch = Vec::new();
-            let mut lagged = false;
-            let mut next = Some(first);
-            while let Some(ev) = next.take() {
-                match ev {
-                    Ok(ev) => batch.push(PresenceChange {
-                        write: PresenceWrite {
-                            machine_no: ev.machine_no,
-                            online: ev.online,
-                            epoch: ev.epoch,
-                            at: ev.at,
-                        },
-                        event: Some(machine_event(
-                            ev.machine_no,
-                            ev.online,
-                            ev.reason.map(|r| r.as_str()),
-                            ev.at,
-                            chrono::Utc::now(),
-                        )),
-                    }),
-                    Err(RecvError::Lagged(n)) => {
-                        warn!(missed = n, "presence writer lagged; resynchronising");
-                        lagged = true;
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-                if batch.len() < BATCH {
-                    next = match rx.try_recv() {
-                        Ok(ev) => Some(Ok(ev)),
-                        Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                        Err(_) => None,
-                    };
-                }
-            }
-            if lagged {
-                // Changes were missed: write the current state; storage
-                // still emits an event wherever its stored flag flips.
-                batch = h
-                    .presence
-                    .snapshot()
-                    .into_iter()
-                    .map(|p| {
-                        let at = p.last_seen.unwrap_or_else(chrono::Utc::now);
-                        let reason = (!p.online)
-                            .then_some(p.last_offline_reason)
-                            .flatten()
-                            .map(|r| r.as_str());
-                        PresenceChange {
-                            write: PresenceWrite {
-                                machine_no: p.machine_no,
-                                online: p.online,
-                                epoch: p.epoch,
-                                at,
-                            },
-                            event: Some(machine_event(
-                                p.machine_no,
-                                p.online,
-                                reason,
-                                at,
-                                chrono::Utc::now(),
-                            )),
-                        }
-                    })
-                    .collect();
-            }
-            for chunk in batch.chunks(BATCH) {
-                match h.store.record_presence_batch_with_events(chunk).await {
-                    Ok(()) => h.notifier.wake(),
-                    Err(e) => warn!(error = %e, changes = chunk.len(), "presence write failed"),
-                }
-            }
-        }
-    })
 }

@@ -5,7 +5,6 @@
 //! metrics module copies them into the exposition at scrape time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::Histogram;
@@ -274,15 +273,24 @@ impl ConnectionStats {
     }
 }
 
-/// Histograms of the dispense round trip as seen on the wire, set by the
-/// metrics module when the gateway is built (`OnceLock` so the edge can be
-/// built and tested without metrics).
-#[derive(Debug, Default)]
+/// Histograms of the dispense round trip as seen on the wire, handed to the
+/// hub when it is built (the default records nothing, for an edge built
+/// without metrics).
+#[derive(Debug, Clone)]
 pub struct Timings {
     /// `cmd/dispense` written → the machine's `ack` for that order.
-    pub accept: OnceLock<Histogram>,
+    pub accept: Histogram,
     /// Accepting `ack` → the machine's `result` for that order.
-    pub dispense: OnceLock<Histogram>,
+    pub dispense: Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            accept: Histogram::noop(),
+            dispense: Histogram::noop(),
+        }
+    }
 }
 
 /// The fields of `cmd/dispense`, `ack` and `result` that the timings need;
@@ -345,10 +353,8 @@ impl DispenseClock {
     }
 }
 
-fn record(h: &OnceLock<Histogram>, d: Duration) {
-    if let Some(h) = h.get() {
-        h.record(d.as_secs_f64());
-    }
+fn record(h: &Histogram, d: Duration) {
+    h.record(d.as_secs_f64());
 }
 
 #[cfg(test)]
@@ -390,7 +396,6 @@ mod tests {
         // Samples go nowhere: the clock's bookkeeping is under test here;
         // recording is covered end to end.
         let timings = Timings::default();
-        let _ = timings.accept.set(Histogram::noop());
         let m: vendgate_proto::machine::MachineNo = "12345678".parse().unwrap();
         let cmd = topic::parse(&topic::command(&m, Command::Dispense));
         let ack = topic::parse(&topic::uplink(&m, Uplink::Ack));

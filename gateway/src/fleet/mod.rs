@@ -1,0 +1,176 @@
+//! The fleet: which machines exist and which are online, on this node or, in
+//! a cluster, on any node. It joins the local presence registry with the
+//! cluster's view of the other nodes, so the HTTP layer and the exposition
+//! ask one place "is this machine online, and since when?".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use vendgate_proto::machine::MachineNo;
+
+pub mod persister;
+
+use crate::cluster::Cluster;
+use crate::commands::{CommandBus, DeliveryError};
+use crate::presence::{MachinePresence, PresenceRegistry};
+use crate::storage::{Machine, Storage, StorageError};
+
+pub use crate::metrics::PresenceCounts;
+/// Flaps (connection changes) in the window that mark a machine as flapping.
+pub use crate::metrics::FLAP_THRESHOLD;
+
+/// The machines, as the API and the operators see them.
+pub struct Fleet {
+    presence: Arc<PresenceRegistry>,
+    cluster: Option<Arc<Cluster>>,
+    commands: Arc<dyn CommandBus>,
+    store: Arc<dyn Storage>,
+    directory: Directory,
+}
+
+impl Fleet {
+    pub fn new(
+        presence: Arc<PresenceRegistry>,
+        cluster: Option<Arc<Cluster>>,
+        commands: Arc<dyn CommandBus>,
+        store: Arc<dyn Storage>,
+    ) -> Self {
+        Self {
+            presence,
+            cluster,
+            commands,
+            store,
+            directory: Directory::default(),
+        }
+    }
+
+    /// This node's registry (connections held here).
+    pub fn local(&self) -> &Arc<PresenceRegistry> {
+        &self.presence
+    }
+
+    /// Machine `m` as the API shows it: this node's registry, or in a
+    /// cluster the view of the node holding it (online there).
+    pub fn machine_presence(&self, m: &MachineNo) -> Option<MachinePresence> {
+        let local = self.presence.get(m);
+        if local.as_ref().is_some_and(|p| p.online) {
+            return local;
+        }
+        let remote = self.cluster.as_ref().and_then(|c| c.remote(m));
+        match remote {
+            Some(r) => Some(MachinePresence {
+                machine_no: *m,
+                online: true,
+                epoch: r.epoch,
+                online_since: Some(r.since),
+                last_seen: local.as_ref().and_then(|p| p.last_seen).max(Some(r.since)),
+                firmware: local.as_ref().and_then(|p| p.firmware.clone()),
+                last_rtt_ms: None,
+                flaps: local.as_ref().map(|p| p.flaps).unwrap_or(0),
+                last_offline_reason: None,
+            }),
+            None => local,
+        }
+    }
+
+    /// Online on this node or, in a cluster, on any node.
+    pub fn machine_online(&self, m: &MachineNo) -> bool {
+        self.presence.is_online(m) || self.cluster.as_ref().is_some_and(|c| c.remote(m).is_some())
+    }
+
+    /// Every machine online anywhere, in machine number order.
+    pub fn online_machines(&self) -> Vec<MachineNo> {
+        let mut v = self.presence.online_machines();
+        if let Some(c) = &self.cluster {
+            v.extend(c.remote_online().into_iter().map(|(m, _)| m));
+            v.sort_unstable();
+            v.dedup();
+        }
+        v
+    }
+
+    /// One pass over the registry (plus, in a cluster, the machines online
+    /// on the other nodes); `queued` gives a machine's queued orders.
+    pub fn counts(&self, queued: impl Fn(&MachineNo) -> usize) -> PresenceCounts {
+        let mut c = PresenceCounts::default();
+        for p in self.presence.snapshot() {
+            if p.online {
+                c.online += 1;
+            }
+            if p.flaps >= FLAP_THRESHOLD {
+                c.flapping += 1;
+            }
+            c.queued_orders += queued(&p.machine_no) as u64;
+        }
+        if let Some(cl) = &self.cluster {
+            c.online += cl.remote_online().len() as u64;
+        }
+        c
+    }
+
+    /// Ping machine `m` wherever it is connected.
+    pub async fn ping(&self, m: &MachineNo, timeout: Duration) -> Result<Duration, DeliveryError> {
+        self.commands.ping(m, timeout).await
+    }
+
+    /// The stored record of machine `m`.
+    pub async fn machine(&self, m: &MachineNo) -> Result<Option<Machine>, StorageError> {
+        self.store.machine(m).await
+    }
+
+    /// The stored machines, all or one merchant's.
+    pub async fn list(&self, merchant: Option<&str>) -> Result<Vec<Machine>, StorageError> {
+        self.store.list_machines(merchant).await
+    }
+
+    /// Every provisioned machine (cached for [`DIRECTORY_TTL`]).
+    pub async fn directory(&self) -> Result<Arc<Vec<DirectoryEntry>>, StorageError> {
+        self.directory.list(self.store.as_ref()).await
+    }
+}
+
+/// How long the provisioned-machine list is reused.
+pub const DIRECTORY_TTL: Duration = Duration::from_secs(5);
+
+/// The provisioned machines (storage), cached for [`DIRECTORY_TTL`]: the
+/// dashboard's machine list and the `machines_provisioned` gauge read it.
+#[derive(Default)]
+struct Directory {
+    cached: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Vec<DirectoryEntry>>)>>,
+}
+
+/// One provisioned machine as storage last recorded it.
+#[derive(Debug, Clone)]
+pub struct DirectoryEntry {
+    pub machine_no: MachineNo,
+    /// Persisted last-seen time (for machines not seen by this process).
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+impl Directory {
+    /// Every provisioned machine, ordered by machine_no.
+    async fn list(&self, store: &dyn Storage) -> Result<Arc<Vec<DirectoryEntry>>, StorageError> {
+        // One refresh at a time: concurrent polls wait for it instead of each
+        // reading 10,000 rows.
+        let mut cached = self.cached.lock().await;
+        if let Some((at, list)) = cached.as_ref() {
+            if at.elapsed() < DIRECTORY_TTL {
+                return Ok(list.clone());
+            }
+        }
+        let list: Arc<Vec<DirectoryEntry>> = Arc::new(
+            store
+                .list_machines(None)
+                .await?
+                .into_iter()
+                .map(|m| DirectoryEntry {
+                    machine_no: m.machine_no,
+                    last_seen: m.last_seen,
+                })
+                .collect(),
+        );
+        *cached = Some((tokio::time::Instant::now(), list.clone()));
+        Ok(list)
+    }
+}
