@@ -7,6 +7,12 @@
 #
 #   bench/compare.sh            # full run (~2 minutes on 2 cores)
 #   MACHINES=2000 bench/compare.sh
+#
+# Before/after a change, in one session: build the old revision in a
+# worktree, then run both back to back on a quiet machine:
+#   BIN_DIR=/old/target/release HUB_BENCH=/old/target/release/deps/hub-<hash> bench/compare.sh
+# BIN_DIR: prebuilt `vendgate` and `vendgate-sim` (nothing is built);
+# HUB_BENCH: a prebuilt `hub` bench executable for row (b).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +22,12 @@ DURATION=${DURATION:-10s}
 export RUST_LOG=${RUST_LOG:-warn}
 
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
-cargo build --release -q -p vendgate -p vendgate-sim
-B=$PWD/target/release
+if [ -n "${BIN_DIR:-}" ]; then
+  B=$BIN_DIR
+else
+  cargo build --release -q -p vendgate -p vendgate-sim
+  B=$PWD/target/release
+fi
 W=$(mktemp -d -t vendgate-compare-XXXXXX)
 PIDS=()
 cleanup() {
@@ -85,7 +95,11 @@ for c in 1 64; do
 done
 
 # (b) the hub's own command round trip (cmd/ping → pong), in-process bench
-cargo bench -q -p vendgate-e2e --bench hub 2>/dev/null | grep -E "ping round trip|connect -> online" >"$W/hub.txt" || true
+if [ -n "${HUB_BENCH:-}" ]; then
+  "$HUB_BENCH" --bench 2>/dev/null | grep -E "ping round trip|connect -> online" >"$W/hub.txt" || true
+else
+  cargo bench -q -p vendgate-e2e --bench hub 2>/dev/null | grep -E "ping round trip|connect -> online" >"$W/hub.txt" || true
+fi
 while read -r line; do
   name=$(echo "$line" | sed -E 's/ +n=.*//'); rate=$(echo "$line" | sed -E 's/.*rate= *([0-9]+).*/\1/')
   p99=$(echo "$line" | sed -E 's/.*p99= *([0-9.]+)ms.*/\1/')

@@ -24,12 +24,13 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, AckMsg, InventoryItem, ResultItem, ResultMsg};
 use vendgate_proto::topic::Uplink;
 
+use crate::app::{Gateway, GatewayHandle};
+use crate::config::Settings;
 use crate::domain::order::Status;
 use crate::edge::UplinkHandler;
 use crate::orders::PlaceRequest;
 use crate::secrets::{generate_appid, generate_secret, SecretHash};
 use crate::storage::{NewMachine, NewMerchant, NewService};
-use crate::{Gateway, GatewayHandle, Settings};
 
 /// The edge's default `mqtt.max_packet_size`, the bound the decoder runs with.
 pub const MAX_PACKET: usize = 64 * 1024;

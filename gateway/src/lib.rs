@@ -28,14 +28,11 @@
 //! - `fuzzing` (hidden): bodies of the fuzz targets and hostile-input tests (docs/fuzzing.md).
 
 pub mod app;
-pub mod cli;
 pub mod cluster;
 pub mod commands;
 pub mod config;
-pub mod demo;
 pub mod domain;
 pub mod edge;
-pub mod export;
 pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -46,13 +43,12 @@ pub mod orders;
 pub mod passwords;
 pub mod presence;
 pub mod private_fs;
-pub mod provision;
 pub mod retention;
 pub mod secrets;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;
-pub mod top;
+pub mod tools;
 pub mod uplink;
 
 pub use app::{Gateway, GatewayHandle};

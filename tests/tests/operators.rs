@@ -1608,7 +1608,7 @@ async fn top_prints_one_frame() {
     let (appid, _) = gw.merchant("shop").await;
     let secret = gw.machine(&appid, "60000001").await;
     let _sim = ready_sim(&gw, sim_config(&gw, "60000001", &secret)).await;
-    let frame = vendgate::top::frame(&format!("http://{}/metrics", gw.http_addr))
+    let frame = vendgate::tools::top::frame(&format!("http://{}/metrics", gw.http_addr))
         .await
         .expect("frame");
     assert!(frame.contains("machines online"), "{frame}");

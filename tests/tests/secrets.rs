@@ -45,7 +45,7 @@ fn field(out: &[u8], key: &str) -> String {
 
 async fn rotate_machine(store: &dyn Storage, m: &str, grace: Duration) -> String {
     let mut out = Vec::new();
-    vendgate::provision::machine_rotate_secret(
+    vendgate::tools::provision::machine_rotate_secret(
         store,
         m.parse().expect("machine_no"),
         grace,
@@ -63,7 +63,7 @@ async fn rotate_merchant(
     grace: Duration,
 ) -> String {
     let mut out = Vec::new();
-    vendgate::provision::merchant_rotate_secret(store, key, appid, grace, &mut out)
+    vendgate::tools::provision::merchant_rotate_secret(store, key, appid, grace, &mut out)
         .await
         .expect("rotate merchant secret");
     assert_eq!(field(&out, "appid"), appid);
@@ -347,7 +347,7 @@ async fn webhooks_are_signed_with_the_new_appsecret_from_the_rotation_on() {
 #[tokio::test]
 async fn a_service_password_configured_as_an_argon2_hash() {
     let mut phc = Vec::new();
-    vendgate::cli::hash_password(&b"correct horse battery\n"[..], &mut phc).expect("hash");
+    vendgate::tools::cli::hash_password(&b"correct horse battery\n"[..], &mut phc).expect("hash");
     let phc = String::from_utf8(phc).expect("utf-8").trim_end().to_owned();
     assert!(phc.starts_with("$argon2id$"), "{phc}");
     let gw = TestGateway::start_with(|s| {
@@ -388,7 +388,7 @@ async fn a_service_password_configured_as_an_argon2_hash() {
 #[tokio::test]
 async fn the_dashboard_accepts_an_argon2_operator_password() {
     let mut phc = Vec::new();
-    vendgate::cli::hash_password(&b"operator password 1\n"[..], &mut phc).expect("hash");
+    vendgate::tools::cli::hash_password(&b"operator password 1\n"[..], &mut phc).expect("hash");
     let phc = String::from_utf8(phc).expect("utf-8").trim_end().to_owned();
     let gw = TestGateway::start_with(|s| {
         s.operator.username = "ops".into();

@@ -1,8 +1,8 @@
-//! The `vendgate` binary: a thin shell over [`vendgate::cli`].
+//! The `vendgate` binary: a thin shell over [`vendgate::tools::cli`].
 
 fn main() -> std::process::ExitCode {
     cap_malloc_arenas();
-    vendgate::cli::main()
+    vendgate::tools::cli::main()
 }
 
 /// glibc gives each thread that allocates its own arena (up to 8 × cores);

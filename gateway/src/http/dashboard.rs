@@ -877,7 +877,7 @@ mod tests {
 
     #[test]
     fn operator_password_is_redacted() {
-        let mut s = crate::Settings::default();
+        let mut s = crate::config::Settings::default();
         s.operator.username = "ops".into();
         s.operator.password = "correct horse battery".into();
         let shown = s.redacted_toml();

@@ -105,7 +105,7 @@ pub struct AdminListener {
 
 impl AdminListener {
     /// Bind `[metrics] addr`; None when unset (metrics go on the HTTP listener).
-    pub async fn bind(settings: &crate::Settings) -> anyhow::Result<Option<Self>> {
+    pub async fn bind(settings: &crate::config::Settings) -> anyhow::Result<Option<Self>> {
         let Some(addr) = settings.metrics.addr else {
             return Ok(None);
         };

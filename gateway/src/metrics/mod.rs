@@ -445,7 +445,7 @@ impl Metrics {
                 "Open HTTP connections (API and admin listeners, TLS handshakes included).",
                 &[],
             ),
-            http_rejected: crate::http::limits::ConnRejection::ALL.map(|why| {
+            http_rejected: http::ConnRejection::ALL.map(|why| {
                 r.counter(
                     "vendgate_http_connections_rejected_total",
                     "New HTTP connections closed at once by a connection cap, by reason.",

@@ -391,7 +391,7 @@ pub async fn run(url: &str, interval: Duration) -> anyhow::Result<()> {
 /// The `/metrics` URL of the gateway these settings describe: the admin
 /// listener when configured, else the HTTP listener; an unspecified bind
 /// address (0.0.0.0 / ::) is reached on loopback.
-pub fn default_url(settings: &crate::Settings) -> String {
+pub fn default_url(settings: &crate::config::Settings) -> String {
     let mut addr = settings.metrics.addr.unwrap_or(settings.http.addr);
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
@@ -445,7 +445,7 @@ garbage line
 
     #[test]
     fn default_url_reaches_loopback() {
-        let mut s = crate::Settings::default();
+        let mut s = crate::config::Settings::default();
         assert_eq!(default_url(&s), "http://127.0.0.1:8080/metrics");
         s.metrics.addr = Some("[::]:9100".parse().unwrap());
         assert_eq!(default_url(&s), "http://[::1]:9100/metrics");

@@ -12,10 +12,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vendgate_proto::machine::MachineNo;
 
+use super::provision;
 use crate::app::Gateway;
 use crate::config::{Overrides, Settings};
 use crate::secrets::WebhookKey;
-use crate::{provision, storage, telemetry};
+use crate::{storage, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,7 +97,7 @@ pub enum ExportCmd {
         #[arg(long)]
         to: chrono::DateTime<chrono::FixedOffset>,
         #[arg(long, value_enum, default_value = "csv")]
-        format: crate::export::Format,
+        format: crate::tools::export::Format,
         /// Only this merchant's orders.
         #[arg(long)]
         merchant: Option<String>,
@@ -277,7 +278,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Serve { .. } => serve(settings).await,
         Cmd::Demo { .. } => {
             telemetry::init(&settings.log);
-            crate::demo::run(settings, wait_for_signal()).await
+            crate::tools::demo::run(settings, wait_for_signal()).await
         }
         Cmd::Config => {
             print!("{}", settings.redacted_toml());
@@ -288,12 +289,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             interval,
             once,
         } => {
-            let url = url.unwrap_or_else(|| crate::top::default_url(&settings));
+            let url = url.unwrap_or_else(|| crate::tools::top::default_url(&settings));
             if once {
-                print!("{}", crate::top::frame(&url).await?);
+                print!("{}", crate::tools::top::frame(&url).await?);
                 Ok(())
             } else {
-                crate::top::run(&url, interval).await
+                crate::tools::top::run(&url, interval).await
             }
         }
         Cmd::Merchant(MerchantCmd::Add { name, notify_url }) => {
@@ -436,7 +437,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // flushed before the next is read.
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let n = crate::export::orders(
+            let n = crate::tools::export::orders(
                 store.as_ref(),
                 from.with_timezone(&chrono::Utc),
                 to.with_timezone(&chrono::Utc),
