@@ -14,12 +14,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, OwnerServer};
 use crate::commands::{CommandBus, LocalCommands, PingTable};
 use crate::config::Settings;
 use crate::domain::webhook::machine_event;
 use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub, UplinkForwarder};
+use crate::front::Front;
 use crate::notifier::Notifier;
 use crate::orders::{OrderService, OrderUplinks};
 use crate::passwords::{Argon2Queue, ConfigPassword, Lane};
@@ -42,6 +43,8 @@ pub struct GatewayHandle {
     pub commands: Arc<dyn CommandBus>,
     pub uplinks: Arc<DeviceUplinks>,
     pub orders: Arc<OrderService>,
+    /// Places and pays orders here or on the machine's node.
+    pub front: Arc<Front>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Webhook delivery; call `notifier.wake()` after writing outbox events.
     pub notifier: Arc<Notifier>,
@@ -259,15 +262,18 @@ impl Gateway {
             commands.clone(),
             settings.orders.clone(),
             notifier.clone(),
+            cluster.as_ref().map(|c| c.other_nodes()),
             shutdown.clone(),
         );
         // Before recovery, so orders given up at restart are counted too.
         let _ = orders.stats.observer.set(metrics.orders.clone());
         if let Some(c) = &cluster {
-            orders.set_remote(c.clone());
-            c.attach_orders(orders.clone());
+            // Answers the other nodes for the machines held here; its tasks
+            // end at shutdown.
+            OwnerServer::new(c.clone(), orders.clone()).spawn();
         }
         orders.recover().await.context("recovering open orders")?;
+        let front = Front::new(orders.clone(), cluster.clone());
         uplinks.set_order_handler(Arc::new(OrderUplinks(orders.clone())));
         let handle = GatewayHandle {
             settings: Arc::new(settings),
@@ -277,6 +283,7 @@ impl Gateway {
             commands,
             uplinks,
             orders,
+            front,
             metrics,
             notifier,
             webhook_key,
@@ -335,7 +342,7 @@ impl Gateway {
         let cluster_tasks = h.cluster.as_ref().map(|c| c.spawn()).unwrap_or_default();
         let edge_task = tokio::spawn(self.edge.run());
         let edge_tls_task = self.edge_tls.map(|e| tokio::spawn(e.run()));
-        let expiry = h.orders.spawn_sweeps();
+        let expiry = h.orders.spawn_deadline_sweeps();
         let cancels = h.orders.spawn_owed_delivery();
         let _metrics_upkeep = h.metrics.spawn_upkeep(h.shutdown.clone());
         // Closes connections of accounts the CLI disabled or removed.
@@ -396,7 +403,7 @@ impl Gateway {
         }
         let _ = expiry.await;
         let _ = cancels.await;
-        h.orders.flush().await;
+        h.orders.finish_inventory_writes().await;
         persist_stop.cancel();
         if tokio::time::timeout(SHUTDOWN_STEP, persister)
             .await
