@@ -379,10 +379,9 @@ impl Harness {
             out_trade_no: Some(otn.clone()),
             pay_later: false,
             answer_by: crate::orders::answer_by(&self.handle.settings.orders),
-            forwarded: None,
         };
         let svc = orders.clone();
-        let placing = tokio::spawn(async move { svc.place(req).await });
+        let placing = tokio::spawn(async move { svc.place_here(req).await });
 
         // The order, once its command is out and its ack awaited.
         let deadline = tokio::time::Instant::now() + STEP;

@@ -9,6 +9,7 @@
 //! - [`presence`]: who is online, with connection epochs.
 //! - [`uplink`]: what the gateway does with each machine uplink.
 //! - [`orders`]: the order service around a pure state machine, inventory and reservations.
+//! - [`front`]: placing and paying here, or on the node holding the machine (cluster mode).
 //! - [`commands`]: the command-delivery seam (local connection now, NATS later).
 //! - [`storage`]: the storage trait and its SQLite implementation.
 //! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
@@ -34,6 +35,7 @@ pub mod config;
 pub mod domain;
 pub mod edge;
 pub mod fleet;
+pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

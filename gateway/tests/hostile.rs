@@ -159,14 +159,13 @@ fn repeated_product_lines_complete_on_a_real_machine() {
         let id = h
             .handle
             .orders
-            .place(PlaceRequest {
+            .place_here(PlaceRequest {
                 merchant: h.merchant().to_owned(),
                 machine_no: h.shop_machine(),
                 lines: vec![(1, 1), (1, 2)],
                 out_trade_no: None,
                 pay_later: false,
                 answer_by: vendgate::orders::answer_by(&h.handle.settings.orders),
-                forwarded: None,
             })
             .await
             .expect("order accepted");

@@ -21,12 +21,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, OwnerServer};
 use crate::commands::{CommandBus, LocalCommands, PingTable};
 use crate::config::Settings;
 use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub, UplinkForwarder};
 use crate::fleet::Fleet;
+use crate::front::Front;
 use crate::notifier::Notifier;
 use crate::orders::{OrderService, OrderUplinks};
 use crate::passwords::{Argon2Queue, ConfigPassword, Lane};
@@ -51,6 +52,8 @@ pub struct GatewayHandle {
     pub commands: Arc<dyn CommandBus>,
     pub uplinks: Arc<DeviceUplinks>,
     pub orders: Arc<OrderService>,
+    /// Places and pays orders here or on the machine's node.
+    pub front: Arc<Front>,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Webhook delivery; call `notifier.wake()` after writing outbox events.
     pub notifier: Arc<Notifier>,
@@ -80,6 +83,7 @@ impl GatewayHandle {
     pub fn http_parts(&self) -> crate::http::Parts {
         crate::http::Parts {
             settings: self.settings.clone(),
+            front: self.front.clone(),
             orders: self.orders.clone(),
             fleet: self.fleet.clone(),
             store: self.store.clone(),
@@ -258,15 +262,18 @@ impl Gateway {
             commands.clone(),
             settings.orders.clone(),
             notifier.clone(),
+            cluster.as_ref().map(|c| c.other_nodes()),
             shutdown.clone(),
         );
         // Before recovery, so orders given up at restart are counted too.
         let _ = orders.stats.observer.set(metrics.orders.clone());
         if let Some(c) = &cluster {
-            orders.set_remote(c.clone());
-            c.attach_orders(orders.clone());
+            // Answers the other nodes for the machines held here; its tasks
+            // end at shutdown.
+            OwnerServer::new(c.clone(), orders.clone()).spawn();
         }
         orders.recover().await.context("recovering open orders")?;
+        let front = Front::new(orders.clone(), cluster.clone());
         uplinks.set_order_handler(Arc::new(OrderUplinks(orders.clone())));
         let fleet = Arc::new(Fleet::new(
             presence.clone(),
@@ -283,6 +290,7 @@ impl Gateway {
             commands,
             uplinks,
             orders,
+            front,
             metrics,
             notifier,
             webhook_key,
@@ -362,7 +370,10 @@ impl Gateway {
         let edge_tls_task = self
             .edge_tls
             .map(|e| sup.spawn("MQTT TLS listener", e.run()));
-        let expiry = sup.spawn("order deadline sweeps", h.orders.spawn_sweeps().map(|_| ()));
+        let expiry = sup.spawn(
+            "order deadline sweeps",
+            h.orders.spawn_deadline_sweeps().map(|_| ()),
+        );
         let cancels = sup.spawn(
             "owed cancel delivery",
             h.orders.spawn_owed_delivery().map(|_| ()),
@@ -442,7 +453,7 @@ impl Gateway {
         }
         let _ = expiry.await;
         let _ = cancels.await;
-        h.orders.flush().await;
+        h.orders.finish_inventory_writes().await;
         persist_stop.cancel();
         if tokio::time::timeout(SHUTDOWN_STEP, persister)
             .await

@@ -5,10 +5,10 @@
 use serde::{Deserialize, Serialize};
 use vendgate_proto::machine::MachineNo;
 
+use crate::commands::DeliveryError;
 use crate::domain::order::Line;
 use crate::orders::inventory::StockView;
 use crate::orders::OrderError;
-use vendgate_proto::codes::ErrorCode;
 
 /// Subject builders for one prefix.
 #[derive(Debug, Clone)]
@@ -150,18 +150,26 @@ impl OwnerReply {
 
 /// The order error a [`OwnerReply::Failed`] carries (unknown codes: 50000).
 pub fn order_error(code: i32, reason: Option<String>) -> OrderError {
-    match ErrorCode::from_code(code) {
-        Some(ErrorCode::MachineNotFound) => OrderError::MachineNotFound,
-        Some(ErrorCode::MachineOffline) => OrderError::NotAccepted,
-        Some(ErrorCode::MachineBusy) => OrderError::Busy,
-        Some(ErrorCode::InsufficientStock) => OrderError::InsufficientStock,
-        Some(ErrorCode::MachineRefused) => {
-            OrderError::Refused(reason.unwrap_or_else(|| "refused".into()))
-        }
-        Some(ErrorCode::OrderNotFound) => OrderError::OrderNotFound,
-        Some(ErrorCode::OrderStateConflict) => OrderError::StateConflict,
-        Some(ErrorCode::DuplicateOutTradeNo) => OrderError::DuplicateOutTradeNo,
-        _ => OrderError::Internal,
+    OrderError::from_code(code, reason)
+}
+
+/// The wire name of a command's delivery error ([`OwnerReply::NotDelivered`]).
+pub fn delivery_name(e: DeliveryError) -> &'static str {
+    match e {
+        DeliveryError::NotConnected => "not_connected",
+        DeliveryError::NotSubscribed => "not_subscribed",
+        DeliveryError::Backpressure => "backpressure",
+        DeliveryError::Timeout => "timeout",
+    }
+}
+
+/// The delivery error a wire name stands for (unknown names: not connected).
+pub fn delivery_from(name: &str) -> DeliveryError {
+    match name {
+        "not_subscribed" => DeliveryError::NotSubscribed,
+        "backpressure" => DeliveryError::Backpressure,
+        "timeout" => DeliveryError::Timeout,
+        _ => DeliveryError::NotConnected,
     }
 }
 
@@ -188,6 +196,61 @@ mod tests {
                 panic!("not a failure: {json}");
             };
             assert_eq!(order_error(code, reason), e, "{json}");
+        }
+    }
+
+    /// The JSON an owner answers for each order error: API codes (and a
+    /// refusal's reason), never Rust names, so renaming a variant cannot
+    /// break a rolling upgrade. A new variant fails to compile here until
+    /// its wire form is pinned.
+    #[test]
+    fn order_error_wire_form_is_pinned() {
+        let pinned = |e: &OrderError| match e {
+            OrderError::MachineNotFound => r#"{"answer":"failed","code":30001}"#,
+            OrderError::Offline | OrderError::NotAccepted => r#"{"answer":"failed","code":30002}"#,
+            OrderError::Busy => r#"{"answer":"failed","code":30003}"#,
+            OrderError::InsufficientStock => r#"{"answer":"failed","code":30004}"#,
+            OrderError::Refused(_) => r#"{"answer":"failed","code":30005,"reason":"door_open"}"#,
+            OrderError::OrderNotFound => r#"{"answer":"failed","code":40001}"#,
+            OrderError::StateConflict => r#"{"answer":"failed","code":40002}"#,
+            OrderError::DuplicateOutTradeNo => r#"{"answer":"failed","code":40003}"#,
+            OrderError::RepeatOf(_) | OrderError::Internal => r#"{"answer":"failed","code":50000}"#,
+        };
+        for e in [
+            OrderError::MachineNotFound,
+            OrderError::Offline,
+            OrderError::NotAccepted,
+            OrderError::Busy,
+            OrderError::InsufficientStock,
+            OrderError::Refused("door_open".into()),
+            OrderError::OrderNotFound,
+            OrderError::StateConflict,
+            OrderError::DuplicateOutTradeNo,
+            OrderError::RepeatOf(7),
+            OrderError::Internal,
+        ] {
+            let json = serde_json::to_string(&OwnerReply::failed(&e)).unwrap();
+            assert_eq!(json, pinned(&e), "{e:?}");
+        }
+        // Read back as the requester reads them.
+        assert_eq!(order_error(30002, None), OrderError::NotAccepted);
+        assert_eq!(
+            order_error(30005, None),
+            OrderError::Refused("refused".into())
+        );
+        assert_eq!(order_error(12345, None), OrderError::Internal);
+    }
+
+    #[test]
+    fn delivery_error_wire_names_are_pinned() {
+        for (e, name) in [
+            (DeliveryError::NotConnected, "not_connected"),
+            (DeliveryError::NotSubscribed, "not_subscribed"),
+            (DeliveryError::Backpressure, "backpressure"),
+            (DeliveryError::Timeout, "timeout"),
+        ] {
+            assert_eq!(delivery_name(e), name);
+            assert_eq!(delivery_from(name), e);
         }
     }
 }

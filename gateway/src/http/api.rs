@@ -305,11 +305,10 @@ async fn place_order(
         out_trade_no: parsed.out_trade_no,
         pay_later: parsed.pay_later,
         answer_by: crate::orders::answer_by(orders),
-        forwarded: None,
     };
     let m = req.machine_no;
     let pay_later = req.pay_later;
-    match s.orders.place(req).await {
+    match s.gw.front.place(req).await {
         Ok(order_id) if pay_later => {
             info!(appid = %merchant, machine_no = %m, order_id, "order reserved, awaiting payment");
             ok(
@@ -456,7 +455,7 @@ async fn pay_order(
         Err(a) => return a,
     };
     let answer_by = crate::orders::answer_by(&s.gw.settings.orders);
-    match s.orders.pay(&merchant, order_id, answer_by).await {
+    match s.gw.front.pay(&merchant, order_id, answer_by).await {
         Ok(order_id) => {
             info!(appid = %merchant, order_id, "paid order accepted by the machine");
             ok(&s, json!({ "order_id": order_id }))

@@ -39,6 +39,7 @@ use crate::cluster::Cluster;
 use crate::config::Settings;
 use crate::edge::Hub;
 use crate::fleet::Fleet;
+use crate::front::Front;
 use crate::metrics::Metrics;
 use crate::notifier::Notifier;
 use crate::orders::OrderService;
@@ -49,6 +50,9 @@ use crate::storage::Storage;
 #[derive(Clone)]
 pub struct Parts {
     pub settings: Arc<Settings>,
+    /// Places and pays orders wherever their machine is connected.
+    pub front: Arc<Front>,
+    /// Reads, cancels and refunds of stored orders; stock figures.
     pub orders: Arc<OrderService>,
     pub fleet: Arc<Fleet>,
     /// Reads: merchants, stored orders, webhook attempts, cluster nodes.

@@ -1,7 +1,6 @@
-//! The per-machine queue, the worker that sends one order at a time, and the
-//! [`Ticket`] on which the dispense decision is made exactly once: either an
-//! ack's recorded acceptance (then `cmd/go` follows) or a give-up (accept
-//! deadline, caller gone, shutdown), never both.
+//! The per-machine queue and the worker that sends one order at a time:
+//! stored first, then `cmd/dispense`, then the wait for the decision on the
+//! order's [`Ticket`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,21 +8,23 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::Utc;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::warn;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, DispenseCmd, OrderLine};
 use vendgate_proto::topic::Command;
 
-use super::{event, fingerprint, outcome, OrderError, OrderService, PlaceRequest, ANSWER_MARGIN};
-use crate::domain::order::{Event, GiveUp, Line, Order, Status};
-use crate::storage::{NewOrder, StorageError, StoredOrder};
+use super::place::{outcome, NewId};
+use super::ticket::{Abandon, CallerGuard, Decision, Ticket};
+use super::{OrderError, OrderService, PlaceRequest};
+use crate::config::ANSWER_MARGIN;
+use crate::domain::order::{Event, GiveUp, Line, Status};
+use crate::storage::StoredOrder;
 
 /// One order waiting for its machine.
 pub(crate) struct Job {
-    order_id: u64,
+    id: NewId,
     req: PlaceRequest,
     lines: Vec<Line>,
     /// A paid `pay_later` order (stored `awaiting_payment`, paid only when
@@ -45,212 +46,12 @@ enum Answered {
     Failed(OrderError),
 }
 
-/// What was decided about an order whose command left.
-#[derive(Debug, Clone)]
-pub(crate) enum Decision {
-    /// The acceptance was recorded and `go` is sent: 0.
-    Accepted,
-    /// The machine refused: 30005.
-    Refused(String),
-    /// No acceptance recorded (none in time, or storage failed): 30002, and
-    /// no `go` is ever sent for it.
-    NotAccepted,
-    /// The stored record answers (the order was settled elsewhere: another
-    /// node took the ack, or a result gave it up).
-    Stored(Box<StoredOrder>),
-}
-
-#[derive(Debug)]
-enum Phase {
-    /// In the machine's queue.
-    Queued,
-    /// Taken by the worker: being stored.
-    Storing,
-    /// The command may have left; no ack is being recorded.
-    AwaitingAck,
-    /// An ack's acceptance is being recorded on this node.
-    Deciding,
-    Decided(Decision),
-    /// Given up before a decision: no `go` is ever sent for it from here.
-    Abandoned,
-}
-
-/// How [`Ticket::begin_decision`] found the order.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Begin {
-    /// This ack decides.
-    Deciding,
-    /// Another ack decides or decided: this one is a repeat.
-    Repeat,
-    /// Given up here: no `go` from this node.
-    Abandoned,
-}
-
-/// How [`Ticket::abandon`] found the order.
-#[derive(Debug)]
-pub(crate) enum Abandon {
-    /// It never left the queue: nothing stored, nothing sent.
-    NotSent,
-    /// Taken, no ack being recorded here: storage holds the decision.
-    Pending,
-    /// An ack's acceptance was being recorded here; if it commits it gets
-    /// no `go` (the ack's handler gives the order up again).
-    Withheld,
-    Decided(Decision),
-}
-
-/// The one place an order's dispense decision is made on this node.
-#[derive(Debug)]
-pub(crate) struct Ticket {
-    pub machine: MachineNo,
-    phase: std::sync::Mutex<Phase>,
-    decided: Notify,
-    /// Cancelled when the merchant's request goes away (its connection
-    /// closed) before the answer.
-    gone: CancellationToken,
-    /// When the command left and its TTL: written with the decision's
-    /// event rather than as a row of its own (one commit fewer per order).
-    sent: std::sync::OnceLock<serde_json::Value>,
-}
-
-impl Ticket {
-    fn new(machine: MachineNo) -> Arc<Self> {
-        Arc::new(Self {
-            machine,
-            phase: std::sync::Mutex::new(Phase::Queued),
-            decided: Notify::new(),
-            gone: CancellationToken::new(),
-            sent: std::sync::OnceLock::new(),
-        })
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut Phase) -> R) -> R {
-        // A poisoned lock means a panic while holding it, which the code
-        // below cannot do (plain assignments); keep going with the value.
-        let mut p = self.phase.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut p)
-    }
-
-    /// The worker takes the job from the queue. False when the caller
-    /// stopped waiting (30003 answered, or its connection closed).
-    fn take(&self) -> bool {
-        let gone = self.gone.is_cancelled();
-        self.with(|p| match p {
-            Phase::Queued if !gone => {
-                *p = Phase::Storing;
-                true
-            }
-            Phase::Queued => {
-                *p = Phase::Abandoned;
-                false
-            }
-            _ => false,
-        })
-    }
-
-    /// The caller's deadline to be sent passed while queued: true if the
-    /// job is now abandoned before the worker took it.
-    fn abandon_queued(&self) -> bool {
-        self.with(|p| match p {
-            Phase::Queued => {
-                *p = Phase::Abandoned;
-                true
-            }
-            _ => false,
-        })
-    }
-
-    /// Stored; the command is about to leave. False if the order was
-    /// abandoned meanwhile (then it must not leave).
-    fn leaving(&self) -> bool {
-        self.with(|p| match p {
-            Phase::Storing => {
-                *p = Phase::AwaitingAck;
-                true
-            }
-            _ => false,
-        })
-    }
-
-    /// An ack arrived: start recording it, unless another ack is being
-    /// recorded (a repeat), the order is decided, or it was abandoned here.
-    pub(crate) fn begin_decision(&self) -> Begin {
-        self.with(|p| match p {
-            Phase::AwaitingAck => {
-                *p = Phase::Deciding;
-                Begin::Deciding
-            }
-            Phase::Deciding | Phase::Decided(_) => Begin::Repeat,
-            Phase::Queued | Phase::Storing | Phase::Abandoned => Begin::Abandoned,
-        })
-    }
-
-    /// The ack's outcome. False when the order was abandoned while it was
-    /// being recorded: an acceptance then gets no `go`.
-    pub(crate) fn decide(&self, d: Decision) -> bool {
-        let done = self.with(|p| match p {
-            Phase::Deciding | Phase::AwaitingAck => {
-                *p = Phase::Decided(d);
-                true
-            }
-            _ => false,
-        });
-        if done {
-            self.decided.notify_one();
-        }
-        done
-    }
-
-    /// The timeline detail of the decision: when the command left.
-    pub(crate) fn sent_detail(&self) -> serde_json::Value {
-        self.sent.get().cloned().unwrap_or_else(|| json!({}))
-    }
-
-    fn decision(&self) -> Option<Decision> {
-        self.with(|p| match p {
-            Phase::Decided(d) => Some(d.clone()),
-            _ => None,
-        })
-    }
-
-    fn deciding(&self) -> bool {
-        self.with(|p| matches!(p, Phase::Deciding))
-    }
-
-    /// Give the order up unless it is decided: from here on no `go` is
-    /// sent for it by this node.
-    pub(crate) fn abandon(&self) -> Abandon {
-        self.with(|p| {
-            let how = match p {
-                Phase::Queued => Abandon::NotSent,
-                Phase::Storing | Phase::AwaitingAck | Phase::Abandoned => Abandon::Pending,
-                Phase::Deciding => Abandon::Withheld,
-                Phase::Decided(d) => return Abandon::Decided(d.clone()),
-            };
-            *p = Phase::Abandoned;
-            how
-        })
-    }
-}
-
-/// Marks the ticket's caller gone if the request future is dropped before
-/// its answer (hyper drops it when the client closes the connection).
-struct CallerGuard(Option<Arc<Ticket>>);
-
-impl Drop for CallerGuard {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.gone.cancel();
-        }
-    }
-}
-
 impl OrderService {
     /// Queue an order for its machine and wait for its answer, within the
     /// request's `answer_by` (see the module doc for each bound).
     pub(super) async fn place_local(
         &self,
-        order_id: u64,
+        id: NewId,
         req: PlaceRequest,
         lines: Vec<Line>,
         paid: Option<StoredOrder>,
@@ -277,8 +78,9 @@ impl OrderService {
         let (reply, mut answer) = oneshot::channel();
         // Released here if the job is abandoned in its queue.
         let held = if new { lines.clone() } else { Vec::new() };
+        let order_id = id.id;
         let job = Job {
-            order_id,
+            id,
             req,
             lines,
             paid,
@@ -354,7 +156,7 @@ impl OrderService {
 
     async fn dispatch(&self, job: Job) {
         let Job {
-            order_id,
+            id,
             req,
             lines,
             paid,
@@ -387,9 +189,9 @@ impl OrderService {
             let _ = reply.send(Err(refuse(OrderError::Offline)));
             return;
         }
-        let stored = match self.store_for_dispatch(order_id, &req, &lines, paid).await {
+        let stored = match self.store_for_dispatch(id, &req, &lines, paid).await {
             Ok(o) => o,
-            Err((_, e)) => {
+            Err(e) => {
                 let _ = reply.send(Err(refuse(e)));
                 return;
             }
@@ -440,11 +242,11 @@ impl OrderService {
     /// Either way the order is `dispatching` with its `accept_by` set.
     async fn store_for_dispatch(
         &self,
-        order_id: u64,
+        id: NewId,
         req: &PlaceRequest,
         lines: &[Line],
         paid: Option<StoredOrder>,
-    ) -> Result<StoredOrder, (u64, OrderError)> {
+    ) -> Result<StoredOrder, OrderError> {
         let accept_by = self.accept_by_for(req.answer_by);
         match paid {
             Some(mut o) => match self.pay_transition(&o, accept_by).await {
@@ -454,9 +256,9 @@ impl OrderService {
                     o.updated_at = Utc::now();
                     Ok(o)
                 }
-                Ok(false) | Err(_) => Err((order_id, OrderError::StateConflict)),
+                Ok(false) | Err(_) => Err(OrderError::StateConflict),
             },
-            None => self.persist_new(order_id, req, lines, false, None).await,
+            None => self.persist_new(id, req, lines, false, None).await,
         }
     }
 
@@ -586,7 +388,7 @@ impl OrderService {
             }
             // Storage failed: the order's `accept_by` has passed, so no
             // acceptance can be recorded any more; the sweep records the
-            // give-up once storage is back (`dispatch_lost`).
+            // give-up once storage is back (`GiveUp::DispatchLost`).
             Err(e) => {
                 warn!(order_id = stored.order_id, error = %e, "give-up not recorded; the sweep will");
                 self.stats.not_accepted.fetch_add(1, Ordering::Relaxed);
@@ -598,75 +400,12 @@ impl OrderService {
     /// The `accept_by` of an order stored now: `accept_timeout` from now,
     /// but never past the request's `answer_by` (an order taken from its
     /// queue at the last moment gets the time that is left).
-    fn accept_by_for(&self, answer_by: Instant) -> chrono::DateTime<Utc> {
+    pub(super) fn accept_by_for(&self, answer_by: Instant) -> chrono::DateTime<Utc> {
         let left = self
             .settings
             .accept_timeout
             .min(answer_by.saturating_duration_since(Instant::now()));
         Utc::now() + chrono::Duration::from_std(left).unwrap_or(chrono::Duration::MAX)
-    }
-
-    /// Insert a new order (retrying on an id collision); `dispatching`
-    /// orders get their `accept_by`.
-    pub(super) async fn persist_new(
-        &self,
-        mut order_id: u64,
-        req: &PlaceRequest,
-        lines: &[Line],
-        pay_later: bool,
-        pay_deadline: Option<chrono::DateTime<Utc>>,
-    ) -> Result<StoredOrder, (u64, OrderError)> {
-        let m = req.machine_no;
-        let order = Order::new(lines.to_vec(), pay_later);
-        let mut attempts = 0;
-        loop {
-            let now = Utc::now();
-            let accept_by = (!pay_later).then(|| self.accept_by_for(req.answer_by));
-            let new = NewOrder {
-                order_id,
-                merchant_appid: req.merchant.clone(),
-                machine_no: m,
-                out_trade_no: req.out_trade_no.clone(),
-                request_fingerprint: req.out_trade_no.as_ref().map(|_| fingerprint(req)),
-                pay_later,
-                status: order.status,
-                lines: lines.to_vec(),
-                amount: order.amount(),
-                created_at: now,
-                pay_deadline,
-                accept_by,
-            };
-            let ev = event(
-                "created",
-                json!({ "amount": order.amount(), "lines": lines, "pay_later": pay_later }),
-            );
-            match self.store.insert_order(&new, &ev).await {
-                // The row just inserted, without reading it back.
-                Ok(()) => return Ok(StoredOrder::from_new(new)),
-                // A forwarded order keeps the id its requester chose: taken,
-                // it is the requester's record that it gave up (see
-                // `record_lost`), so this order must not start.
-                Err(StorageError::Duplicate("order")) if req.forwarded.is_some() => {
-                    return Err((order_id, OrderError::Offline));
-                }
-                Err(StorageError::Duplicate("order")) if attempts < 5 => {
-                    attempts += 1;
-                    order_id = self.ids.next();
-                }
-                Err(StorageError::Duplicate("out_trade_no")) => {
-                    // A concurrent repeat inserted first; answer as its repeat.
-                    let otn = req.out_trade_no.as_deref().unwrap_or("");
-                    return match self.store.order_by_out_trade_no(&req.merchant, otn).await {
-                        Ok(Some(o)) => Err((order_id, OrderError::RepeatOf(o.order_id))),
-                        _ => Err((order_id, OrderError::Internal)),
-                    };
-                }
-                Err(e) => {
-                    error!(machine_no = %m, error = %e, "could not persist order");
-                    return Err((order_id, OrderError::Internal));
-                }
-            }
-        }
     }
 }
 
@@ -677,33 +416,5 @@ fn answer_of(order_id: u64, d: &Decision) -> Result<u64, OrderError> {
         Decision::Refused(r) => Err(OrderError::Refused(r.clone())),
         Decision::NotAccepted => Err(OrderError::NotAccepted),
         Decision::Stored(o) => outcome(o),
-    }
-}
-
-impl StoredOrder {
-    /// The row [`OrderService::persist_new`] just inserted.
-    fn from_new(new: NewOrder) -> Self {
-        Self {
-            order_id: new.order_id,
-            merchant_appid: new.merchant_appid,
-            machine_no: new.machine_no,
-            out_trade_no: new.out_trade_no,
-            request_fingerprint: new.request_fingerprint,
-            pay_later: new.pay_later,
-            status: new.status,
-            lines: new.lines,
-            amount: new.amount,
-            refund_amount: 0,
-            error: None,
-            result_applied: false,
-            created_at: new.created_at,
-            updated_at: new.created_at,
-            dispense_deadline: None,
-            pay_deadline: new.pay_deadline,
-            refunded_at: None,
-            refunded_amount: 0,
-            accept_by: new.accept_by,
-            events_dropped: 0,
-        }
     }
 }

@@ -95,7 +95,7 @@ impl Inventory {
     }
 
     /// Replace the machine's reservations with those of `lines` (a node
-    /// adopting a machine rebuilds them from its open orders).
+    /// a machine arriving from another node has them rebuilt from its open orders).
     pub fn set_reserved(&self, m: MachineNo, lines: &[Line]) {
         let mut e = self.machines.entry(m).or_default();
         e.reserved.clear();

@@ -17,8 +17,8 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, AckMsg, GoCmd, InventoryMsg, ResultMsg};
 use vendgate_proto::topic::{Command, Uplink};
 
-use super::dispatch::{Begin, Decision};
-use super::settle::{Cas, ChangeOpts};
+use super::ticket::{Begin, Decision};
+use super::transition::{Cas, ChangeOpts};
 use super::{OrderError, OrderService};
 use crate::domain::order::{check_result, Event, GiveUp, Status};
 use crate::edge::UplinkHandler;
