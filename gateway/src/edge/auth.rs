@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Login};
 use vendgate_proto::machine::MachineNo;
 
-use super::router::ClientClass;
+use super::acl::ClientClass;
 use crate::passwords::ConfigPassword;
 use crate::secrets::{
     verify_or_dummy, verify_rotating, AccountKind, PreviousSecretUses, SecretMatch,

@@ -54,13 +54,14 @@ impl Rejection {
     }
 }
 
+/// Tokens refilled at a steady rate up to a burst; each paced event takes some.
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+struct TokenBucket {
     tokens: f64,
     last: Instant,
 }
 
-impl Bucket {
+impl TokenBucket {
     fn full(burst: f64, now: Instant) -> Self {
         Self {
             tokens: burst,
@@ -108,7 +109,7 @@ pub struct AddressLimits {
 #[derive(Debug)]
 struct AddressEntry {
     live: usize,
-    bucket: Bucket,
+    bucket: TokenBucket,
 }
 
 /// Admission of new connections: per source address (IPv6: per /64) first,
@@ -120,7 +121,7 @@ pub struct AcceptGate {
     live: AtomicUsize,
     per_sec: f64,
     burst: f64,
-    bucket: Mutex<Bucket>,
+    bucket: Mutex<TokenBucket>,
     address: AddressLimits,
     addresses: Mutex<HashMap<IpAddr, AddressEntry>>,
 }
@@ -163,7 +164,7 @@ impl AcceptGate {
             live: AtomicUsize::new(0),
             per_sec: f64::from(per_sec),
             burst,
-            bucket: Mutex::new(Bucket::full(burst, Instant::now())),
+            bucket: Mutex::new(TokenBucket::full(burst, Instant::now())),
             address,
             addresses: Mutex::new(HashMap::new()),
         }
@@ -206,7 +207,7 @@ impl AcceptGate {
             if map.contains_key(&key) || map.len() < a.max_tracked {
                 let e = map.entry(key).or_insert_with(|| AddressEntry {
                     live: 0,
-                    bucket: Bucket::full(burst, now),
+                    bucket: TokenBucket::full(burst, now),
                 });
                 if a.max_connections > 0 && e.live >= a.max_connections {
                     return Err(Rejection::AddressConnections);
@@ -254,7 +255,7 @@ struct KeyedBuckets<K> {
     burst: f64,
     max_tracked: usize,
     when_full: bool,
-    map: Mutex<HashMap<K, Bucket>>,
+    map: Mutex<HashMap<K, TokenBucket>>,
 }
 
 impl<K: std::hash::Hash + Eq> KeyedBuckets<K> {
@@ -278,7 +279,7 @@ impl<K: std::hash::Hash + Eq> KeyedBuckets<K> {
             }
         }
         map.entry(key)
-            .or_insert_with(|| Bucket::full(self.burst, now))
+            .or_insert_with(|| TokenBucket::full(self.burst, now))
             .take(self.per_sec, self.burst, 1.0, now)
     }
 }
@@ -322,7 +323,7 @@ impl LogGate {
 pub struct MachineBucket {
     per_sec: f64,
     burst: f64,
-    state: Mutex<Bucket>,
+    state: Mutex<TokenBucket>,
 }
 
 impl MachineBucket {
@@ -373,7 +374,7 @@ impl MachineRates {
         let b = Arc::new(MachineBucket {
             per_sec: self.per_sec,
             burst: self.burst,
-            state: Mutex::new(Bucket::full(self.burst, now)),
+            state: Mutex::new(TokenBucket::full(self.burst, now)),
         });
         if map.len() < self.max_tracked {
             map.insert(m, b.clone());
@@ -400,8 +401,9 @@ impl ThrottleScope {
     }
 }
 
+/// One key's failed CONNECTs in the current window, and its block.
 #[derive(Debug, Clone)]
-struct Entry {
+struct FailureRecord {
     failures: u32,
     window_start: Instant,
     last_failure: Instant,
@@ -410,7 +412,7 @@ struct Entry {
     strikes: u32,
 }
 
-impl Entry {
+impl FailureRecord {
     fn new(now: Instant) -> Self {
         Self {
             failures: 0,
@@ -428,12 +430,12 @@ impl Entry {
 
 /// Failure counts of one kind of key.
 #[derive(Debug)]
-struct Table<K> {
+struct FailureTable<K> {
     max_failures: u32,
-    entries: Mutex<HashMap<K, Entry>>,
+    entries: Mutex<HashMap<K, FailureRecord>>,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Table<K> {
+impl<K: std::hash::Hash + Eq + Clone> FailureTable<K> {
     fn new(max_failures: u32) -> Self {
         Self {
             max_failures,
@@ -460,7 +462,9 @@ impl<K: std::hash::Hash + Eq + Clone> Table<K> {
                 return;
             }
         }
-        let e = map.entry(key.clone()).or_insert_with(|| Entry::new(now));
+        let e = map
+            .entry(key.clone())
+            .or_insert_with(|| FailureRecord::new(now));
         if now.duration_since(e.last_failure) >= s.window + s.max_cooldown {
             // Quiet for long enough: earlier blocks are forgiven.
             e.strikes = 0;
@@ -504,9 +508,9 @@ impl<K: std::hash::Hash + Eq + Clone> Table<K> {
 #[derive(Debug)]
 pub struct AuthThrottle {
     settings: AuthThrottleSettings,
-    addresses: Table<IpAddr>,
-    usernames: Table<String>,
-    pairs: Table<(IpAddr, String)>,
+    addresses: FailureTable<IpAddr>,
+    usernames: FailureTable<String>,
+    pairs: FailureTable<(IpAddr, String)>,
     /// Last address each username authenticated from. Written on success
     /// only, so bounded by the provisioned accounts.
     last_good: Mutex<HashMap<String, IpAddr>>,
@@ -535,9 +539,9 @@ fn username_key(u: &str) -> Option<String> {
 impl AuthThrottle {
     pub fn new(settings: AuthThrottleSettings) -> Self {
         Self {
-            addresses: Table::new(settings.max_failures_per_address),
-            usernames: Table::new(settings.max_failures_per_username),
-            pairs: Table::new(settings.max_failures_per_username),
+            addresses: FailureTable::new(settings.max_failures_per_address),
+            usernames: FailureTable::new(settings.max_failures_per_username),
+            pairs: FailureTable::new(settings.max_failures_per_username),
             settings,
             last_good: Mutex::new(HashMap::new()),
         }

@@ -1,11 +1,17 @@
 //! The device edge: the gateway's own MQTT 3.1.1 server for machines and
-//! service clients. It owns the listener, authentication, the topic ACL,
+//! service clients. It owns the listeners, authentication, the topic ACL,
 //! keep alive and routing, and hands machine uplinks to the gateway's
-//! handlers. See ARCHITECTURE.md for why the edge is ours rather than
-//! rumqttd's network layer.
+//! handlers. docs/decisions/rumqttd.md says why the edge is ours rather
+//! than rumqttd's; docs/edge.md what it conforms to and its bounds.
 //!
-//! - `conn`: one connection's protocol state machine.
+//! Three words name its parts: an [`Edge`] is one bound listener; the
+//! [`Hub`] is the broker state every listener feeds (settings, limits,
+//! presence, counters); the [`Router`] is the routing table inside the hub
+//! (sessions, subscriptions, retained messages).
+//!
+//! - `conn`: one connection's task: handshake, session loop, close.
 //! - `router`: sessions, subscriptions, retained messages, fan-out.
+//! - `acl`: who a client is and which topics it may touch.
 //! - `auth`: CONNECT credentials (password or client certificate).
 //! - `enforce`: closes live connections of disabled or removed accounts.
 //! - `limits`: connection caps and accept rates (per source address, then
@@ -13,6 +19,7 @@
 //!   rate.
 //! - `stream`: plain or TLS byte stream, read on readiness.
 
+mod acl;
 pub mod auth;
 mod conn;
 pub mod enforce;
@@ -143,7 +150,9 @@ pub struct EdgeStatsSnapshot {
     pub sessions: u64,
 }
 
-/// State shared by every connection of the edge.
+/// The broker state that every listener ([`Edge`]) feeds and every
+/// connection shares: settings, authentication, limits, presence, counters,
+/// and the [`Router`] that routes between sessions.
 pub struct Hub {
     pub(crate) settings: MqttSettings,
     pub router: Router,
@@ -317,7 +326,8 @@ impl Hub {
     }
 }
 
-/// A bound listener (plain, or TLS with `tls`); `run` accepts until shutdown.
+/// One bound listener (plain, or TLS with `tls`) feeding the shared [`Hub`];
+/// `run` accepts until shutdown. The gateway binds one or two (plain, TLS).
 pub struct Edge {
     listener: TcpListener,
     hub: Arc<Hub>,
@@ -367,11 +377,7 @@ impl Edge {
                         let hub = self.hub.clone();
                         let tasks = self.tasks.clone();
                         let tls = self.tls.clone();
-                        self.tasks.spawn(async move {
-                            if let Some(session) = conn::handshake(hub, stream, peer, tls, slot).await {
-                                tasks.spawn(session.run());
-                            }
-                        });
+                        self.tasks.spawn(conn::serve(hub, stream, peer, tls, slot, tasks));
                     }
                     Err(e) => {
                         // EMFILE and friends: back off briefly instead of spinning.
