@@ -263,10 +263,10 @@ impl Gateway {
             settings.orders.clone(),
             notifier.clone(),
             cluster.as_ref().map(|c| c.other_nodes()),
+            // Given before recovery, so orders given up at restart count too.
+            metrics.orders.clone(),
             shutdown.clone(),
         );
-        // Before recovery, so orders given up at restart are counted too.
-        let _ = orders.stats.observer.set(metrics.orders.clone());
         if let Some(c) = &cluster {
             // Answers the other nodes for the machines held here; its tasks
             // end at shutdown.

@@ -142,9 +142,6 @@ pub struct OrderStats {
     pub dispensed_after_rejection: AtomicU64,
     /// Acks and results dropped because the uplink work queue was full.
     pub uplinks_overloaded: AtomicU64,
-    /// Where committed status changes are reported for metrics and the
-    /// dashboard (set once at start-up).
-    pub observer: std::sync::OnceLock<Arc<crate::metrics::OrderObserver>>,
 }
 
 /// The order service. Build with [`OrderService::new`], then [`OrderService::recover`].
@@ -182,6 +179,9 @@ pub struct OrderService {
     /// Cluster mode: the other nodes (see [`OtherNodes`]).
     other_nodes: Option<OtherNodes>,
     pub stats: OrderStats,
+    /// Where committed status changes are reported for metrics and the
+    /// dashboard.
+    observer: Arc<crate::metrics::OrderObserver>,
     /// Woken after a change wrote a webhook event, so delivery starts at once.
     notifier: Arc<crate::notifier::Notifier>,
     shutdown: CancellationToken,
@@ -204,6 +204,7 @@ impl OrderService {
         settings: OrderSettings,
         notifier: Arc<crate::notifier::Notifier>,
         other_nodes: Option<OtherNodes>,
+        observer: Arc<crate::metrics::OrderObserver>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let inventory_writes = Arc::new(stock::PendingSnapshots::default());
@@ -226,6 +227,7 @@ impl OrderService {
             owners: DashMap::new(),
             other_nodes,
             stats: OrderStats::default(),
+            observer,
             notifier,
             shutdown,
             me: me.clone(),

@@ -117,15 +117,13 @@ impl OrderService {
         if !outbox.is_empty() {
             self.notifier.wake();
         }
-        if let Some(o) = self.stats.observer.get() {
-            o.transition(
-                current.order_id,
-                current.machine_no,
-                current.status,
-                next.status,
-                next.error.as_deref(),
-            );
-        }
+        self.observer.transition(
+            current.order_id,
+            current.machine_no,
+            current.status,
+            next.status,
+            next.error.as_deref(),
+        );
         Ok(Cas::Changed(next))
     }
 
