@@ -1,36 +1,29 @@
 //! Vendgate: a device gateway for vending machines.
 //!
-//! # Layout
+//! # Layout, from the top down (a module imports only those below it)
 //!
-//! - [`config`]: typed settings (defaults ← file ← `VENDGATE_*` env ← flags).
-//! - [`telemetry`]: tracing set-up.
-//! - [`startup`]: `Gateway::build` binds everything, `Gateway::run` until shutdown.
-//! - [`edge`]: the machine-facing MQTT 3.1.1 server (auth, ACL, keep alive, routing).
-//! - [`presence`]: who is online, with connection epochs.
-//! - [`uplink`]: what the gateway does with each machine uplink.
-//! - [`orders`]: the order service around a pure state machine, inventory and reservations.
-//! - [`front`]: placing and paying here, or on the node holding the machine (cluster mode).
-//! - [`commands`]: the command-delivery seam (local connection now, NATS later).
-//! - [`storage`]: the storage trait and its SQLite implementation.
-//! - [`secrets`]: generation and hashing of machine, merchant and service secrets.
-//! - [`passwords`]: argon2id verification of the human-chosen passwords in the configuration.
-//! - [`private_fs`]: owner-only modes for the data directory, database and key files.
-//! - [`provision`]: the `vendgate merchant|machine|service` commands (add, list,
-//!   rotate-secret, disable, enable, remove, transfer, set).
-//! - [`http`]: the HTTP listener (plain or HTTPS).
-//! - [`tls`]: rustls server configurations from PEM files, client-certificate identity.
+//! - [`tools`]: the `vendgate` command line, provisioning, `top`, `demo`, export.
+//! - [`app`]: builds every part in order, supervises the long-lived tasks,
+//!   shuts down in order; readiness and the metrics exposition.
+//! - [`http`]: the merchant open API, the dashboard, operator endpoints.
+//! - [`front`]: placing and paying here, or on the node holding the machine.
+//! - [`orders`]: the order service around the pure state machine.
+//! - [`cluster`]: cluster mode: the NATS client, the owner server, liveness.
+//! - [`fleet`]: presence (this node and the cluster view), its persister.
+//! - [`link`]: commands down to machines and uplinks up from them.
 //! - [`notifier`]: webhook delivery from the outbox.
 //! - [`retention`]: the background purge of old orders and webhook rows.
-//! - [`export`]: `vendgate export orders`, paged CSV or JSON lines.
-//! - [`metrics`]: Prometheus exposition, operator counters and observers.
-//! - [`top`]: `vendgate top`, a terminal view of a running gateway's metrics.
-//! - [`cli`]: the `vendgate` command line.
-//! - [`demo`]: `vendgate demo`, the gateway with simulated machines in one process.
+//! - [`metrics`]: counters, observers and the Prometheus exposition.
+//! - [`edge`]: the machine-facing MQTT 3.1.1 server (auth, ACL, keep alive, routing).
+//! - [`storage`]: the storage trait, SQLite and PostgreSQL.
+//! - [`domain`]: the order state machine and webhook bodies (pure).
+//! - [`config`], [`secrets`], [`passwords`], [`tls`], [`private_fs`],
+//!   [`telemetry`]: settings, secret hashing and encryption, argon2 for
+//!   configured passwords, rustls, owner-only files, tracing.
 //! - `fuzzing` (hidden): bodies of the fuzz targets and hostile-input tests (docs/fuzzing.md).
 
 pub mod app;
 pub mod cluster;
-pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod edge;
@@ -39,11 +32,11 @@ pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod link;
 pub mod metrics;
 pub mod notifier;
 pub mod orders;
 pub mod passwords;
-pub mod presence;
 pub mod private_fs;
 pub mod retention;
 pub mod secrets;
@@ -51,7 +44,6 @@ pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod tools;
-pub mod uplink;
 
 pub use app::{Gateway, GatewayHandle};
 pub use config::Settings;

@@ -22,19 +22,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::cluster::{Cluster, OwnerServer};
-use crate::commands::{CommandBus, LocalCommands, PingTable};
 use crate::config::Settings;
 use crate::edge::auth::Authenticator;
 use crate::edge::{Edge, Hub, UplinkForwarder};
+use crate::fleet::presence::PresenceRegistry;
 use crate::fleet::Fleet;
 use crate::front::Front;
+use crate::link::commands::{CommandBus, LocalCommands, PingTable};
+use crate::link::uplinks::DeviceUplinks;
 use crate::notifier::Notifier;
 use crate::orders::{OrderService, OrderUplinks};
 use crate::passwords::{Argon2Queue, ConfigPassword, Lane};
-use crate::presence::PresenceRegistry;
 use crate::secrets::WebhookKey;
 use crate::storage::{self, Storage};
-use crate::uplink::DeviceUplinks;
 use supervise::Supervisor;
 
 /// Longest a shutdown step may take before we give up on it.

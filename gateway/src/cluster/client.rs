@@ -27,14 +27,14 @@ use super::copies::{UplinkCopy, UPLINK_QUEUE};
 use super::view::{self, ClusterView};
 use super::wire::{self, OwnerReply, OwnerRequest, PlaceOnOwner, Released, Subjects};
 use super::{node_id, ClusterStats};
-use crate::commands::{CommandBus, DeliveryError, LocalCommands};
 use crate::config::Settings;
 use crate::domain::order::Line;
 use crate::edge::{EpochSource, Hub};
+use crate::fleet::presence::PresenceRegistry;
+use crate::link::commands::{CommandBus, DeliveryError, LocalCommands};
 use crate::notifier::Notifier;
 use crate::orders::inventory::StockView;
 use crate::orders::{OrderError, OtherNodes, PlaceRequest, StockElsewhere};
-use crate::presence::PresenceRegistry;
 use crate::storage::Storage;
 
 /// What asking the node that holds a machine came to.

@@ -24,9 +24,9 @@ use vendgate_proto::topic::Command;
 use super::view::PresenceNote;
 use super::wire::{self, OwnerReply, OwnerRequest, Released};
 use super::Cluster;
-use crate::commands::CommandBus;
+use crate::fleet::presence::PresenceEvent;
+use crate::link::commands::CommandBus;
 use crate::orders::{Admission, OrderError, OrderService, PlaceRequest};
-use crate::presence::PresenceEvent;
 
 /// Answers requests for the machines connected to this node.
 pub struct OwnerServer {

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 use vendgate_proto::machine::MachineNo;
 
-use crate::commands::DeliveryError;
 use crate::domain::order::Line;
+use crate::link::commands::DeliveryError;
 use crate::orders::inventory::StockView;
 use crate::orders::OrderError;
 

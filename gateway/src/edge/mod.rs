@@ -43,7 +43,7 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic::{self, Command, Uplink};
 
 use crate::config::MqttSettings;
-use crate::presence::PresenceRegistry;
+use crate::fleet::presence::PresenceRegistry;
 use auth::Authenticator;
 use limits::{
     AcceptGate, AddressLimits, AuthThrottle, LogGate, MachineRates, Rejection, ThrottleScope,

@@ -2,6 +2,12 @@
 //! a cluster, on any node. It joins the local presence registry with the
 //! cluster's view of the other nodes, so the HTTP layer and the exposition
 //! ask one place "is this machine online, and since when?".
+//!
+//! - [`presence`]: this node's registry of connections, with epochs.
+//! - [`persister`]: copies presence changes to storage with their webhooks.
+
+pub mod persister;
+pub mod presence;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,11 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 
-pub mod persister;
-
 use crate::cluster::Cluster;
-use crate::commands::{CommandBus, DeliveryError};
-use crate::presence::{MachinePresence, PresenceRegistry};
+use crate::fleet::presence::{MachinePresence, PresenceRegistry};
+use crate::link::commands::{CommandBus, DeliveryError};
 use crate::storage::{Machine, Storage, StorageError};
 
 pub use crate::metrics::PresenceCounts;

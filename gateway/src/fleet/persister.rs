@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::domain::webhook::machine_event;
+use crate::fleet::presence::PresenceRegistry;
 use crate::notifier::Notifier;
-use crate::presence::PresenceRegistry;
 use crate::storage::{PresenceChange, PresenceWrite, Storage};
 
 /// Writes presence changes to storage so other processes (the CLI, later other

@@ -22,7 +22,7 @@ use super::openapi::{
     PlaceOrderRequest, PlacedAnswer, PongAnswer, RefundAnswer,
 };
 use super::AppState;
-use crate::commands::DeliveryError;
+use crate::link::commands::DeliveryError;
 use crate::orders::PlaceRequest;
 use crate::secrets::{verify_rotating, AccountKind, SecretMatch};
 
@@ -677,7 +677,7 @@ async fn ping_machine(
     match s.gw.fleet.ping(&m, PING_TIMEOUT).await {
         Ok(rtt) => ok(
             &s,
-            json!({ "machine_no": m.as_str(), "rtt_ms": crate::presence::rtt_ms(rtt) }),
+            json!({ "machine_no": m.as_str(), "rtt_ms": crate::fleet::presence::rtt_ms(rtt) }),
         ),
         // Connected but too slow to take a command: as for orders.
         Err(DeliveryError::Backpressure) => err(&s, ErrorCode::MachineBusy),

@@ -52,10 +52,10 @@ use vendgate_proto::machine::MachineNo;
 
 use super::limits::HttpStats;
 use super::Parts;
-use crate::commands::DeliveryError;
 use crate::domain::order::Status;
 use crate::edge::limits::AuthThrottle;
 use crate::edge::stats::{Direction, PATTERNS};
+use crate::link::commands::DeliveryError;
 use crate::metrics::orders::OUTCOMES;
 use crate::metrics::webhooks::DeliveryResult;
 use crate::metrics::FLAP_THRESHOLD;
@@ -733,7 +733,7 @@ async fn ping(
         ("offline", None)
     } else {
         match gw.fleet.ping(&m, PING_TIMEOUT).await {
-            Ok(rtt) => ("ok", Some(crate::presence::rtt_ms(rtt))),
+            Ok(rtt) => ("ok", Some(crate::fleet::presence::rtt_ms(rtt))),
             Err(DeliveryError::Backpressure) => ("busy", None),
             Err(DeliveryError::Timeout) => ("no_answer", None),
             Err(DeliveryError::NotConnected | DeliveryError::NotSubscribed) => ("offline", None),

@@ -45,7 +45,7 @@ impl OrderService {
         &self,
         m: MachineNo,
         order_id: u64,
-    ) -> Result<(), crate::commands::DeliveryError> {
+    ) -> Result<(), crate::link::commands::DeliveryError> {
         let r = self
             .commands
             .send_confirmed(

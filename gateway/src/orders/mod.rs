@@ -83,10 +83,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use vendgate_proto::machine::MachineNo;
 
-use crate::commands::CommandBus;
 use crate::config::OrderSettings;
 use crate::domain::order::{Line, Order, Status};
-use crate::presence::PresenceRegistry;
+use crate::fleet::presence::PresenceRegistry;
+use crate::link::commands::CommandBus;
 use crate::storage::{OrderEvent, Storage, StoredOrder};
 use dispatch::Job;
 use ids::OrderIds;

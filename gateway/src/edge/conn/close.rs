@@ -6,7 +6,7 @@
 use tokio_util::sync::CancellationToken;
 
 use crate::edge::stats::DisconnectReason;
-use crate::presence::OfflineReason;
+use crate::fleet::presence::OfflineReason;
 
 /// Why a connection closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

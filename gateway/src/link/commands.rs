@@ -18,7 +18,7 @@ use vendgate_proto::topic::Command;
 
 use crate::edge::router::MachineDelivery;
 use crate::edge::Hub;
-use crate::presence::PresenceRegistry;
+use crate::fleet::presence::PresenceRegistry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {

@@ -13,9 +13,9 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, PongMsg, StateMsg};
 use vendgate_proto::topic::Uplink;
 
-use crate::commands::PingTable;
 use crate::edge::UplinkHandler;
-use crate::presence::{OfflineReason, PresenceRegistry};
+use crate::fleet::presence::{OfflineReason, PresenceRegistry};
+use crate::link::commands::PingTable;
 
 /// Counters of uplink payload handling.
 #[derive(Debug, Default)]
