@@ -197,6 +197,8 @@ fn event(kind: &str, detail: serde_json::Value) -> OrderEvent {
 }
 
 impl OrderService {
+    // The parts it is built from, each given once by the builder (`app`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Storage>,
         presence: Arc<PresenceRegistry>,
