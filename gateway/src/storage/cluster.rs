@@ -7,7 +7,7 @@
 //!
 //! The single-node gateway uses the sweeps and the pending cancels too; only
 //! [`ClusterStorage::take_ownership`] and the node rows are cluster-only.
-//! It is written once for every [`Backend`], so the contract tests cover
+//! It is written once for every `Backend`, so the contract tests cover
 //! both.
 
 use chrono::{DateTime, Utc};

@@ -6,7 +6,7 @@
 //! write in one transaction that holds the machine row, so an order being
 //! inserted for the machine either committed before (and is counted) or
 //! commits after the change; each backend does that its own way, the rest
-//! is written once for every [`Backend`].
+//! is written once for every `Backend`.
 
 use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;

@@ -1,6 +1,6 @@
 //! The order half of the storage contract: orders with their lines, the
 //! order timeline, and machines' inventory snapshots, and their operations
-//! written once for every [`Backend`]. Every status change is a
+//! written once for every `Backend`. Every status change is a
 //! compare-and-set on the stored status, which is what makes duplicate and
 //! racing device messages (and concurrent nodes) apply at most once.
 

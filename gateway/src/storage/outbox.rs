@@ -2,7 +2,7 @@
 //! merchants (written with the change that causes them), its delivery
 //! bookkeeping (claims, attempts, dead letters, replays) and presence writes
 //! that emit `machine.online` / `machine.offline` events; the operations
-//! written once for every [`Backend`] (claims and machine events are each
+//! written once for every `Backend` (claims and machine events are each
 //! backend's own).
 //!
 //! # Ordering

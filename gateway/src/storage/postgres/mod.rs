@@ -1,9 +1,9 @@
 //! The PostgreSQL backend: one database shared by every gateway node of a
 //! cluster and the `vendgate` CLI. This module opens and migrates the
 //! database and gives the shared storage operations what they run on
-//! ([`Backend`]); `bind` binds values and maps errors, `locks` holds the
+//! (`Backend`); `bind` binds values and maps errors, `locks` holds the
 //! locks it takes, `outbox` and `lifecycle` the operations it does its own
-//! way. The statements are in [`crate::storage::sql`].
+//! way. The statements are in `storage::sql`.
 //!
 //! - A bounded pool (`[database]` settings). Every operation first waits at
 //!   most `acquire_timeout` for a connection, and that deadline also bounds

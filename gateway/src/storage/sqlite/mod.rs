@@ -1,9 +1,9 @@
 //! The SQLite backend: one database file shared by the running gateway and
 //! the `vendgate` CLI processes. This module opens and migrates the file and
-//! gives the shared storage operations what they run on ([`Backend`]);
+//! gives the shared storage operations what they run on (`Backend`);
 //! `bind` binds values and maps errors, `writer` is the group-commit
 //! writer, `outbox` and `lifecycle` hold the operations SQLite does its own
-//! way. The statements are in [`crate::storage::sql`].
+//! way. The statements are in `storage::sql`.
 //!
 //! - WAL journal, so readers never block the writer and several processes can
 //!   open the file at once; a 5 s busy timeout lets a writer wait for another
@@ -14,7 +14,7 @@
 //!   have answered "ok", so every commit waits for the fsync.
 //! - Foreign keys on: a machine cannot point at a missing merchant.
 //! - Writes on the order path go through one group-commit writer
-//!   ([`writer`]): one connection of its own, concurrent writes batched
+//!   (`writer`): one connection of its own, concurrent writes batched
 //!   into one transaction and one fsync, each in a savepoint. Reads and the
 //!   rarer writes (provisioning, presence, outbox) use the pool; those whose
 //!   reads decide their writes take the write lock at BEGIN (`BEGIN
