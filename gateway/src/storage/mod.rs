@@ -22,6 +22,27 @@
 //! SQLite ([`sqlite`], one file, single node) and PostgreSQL ([`postgres`],
 //! shared by the nodes of a cluster); [`open`] picks one by
 //! `database_url`.
+//!
+//! # Layout
+//!
+//! Imports point one way: the backends use the shared files, never the
+//! other way round.
+//!
+//! - this file: the [`Storage`] trait, its account types and errors, [`open`];
+//! - [`orders`], [`outbox`], [`cluster`], [`lifecycle`]: the trait's other
+//!   parts and their types, and with `accounts` the operations of them all,
+//!   written once for every backend;
+//! - `backend`: what a backend gives those operations (where statements
+//!   run, its locks, and the few operations it does its own way);
+//! - `sql`: every statement, written once for both engines (variants side
+//!   by side where the engines differ); `run`: a statement with its values,
+//!   and how it is run;
+//! - `rows`: the rows both engines read and their conversion to the types
+//!   above (milliseconds, hashes, machine numbers), and the error helpers;
+//! - `cached`: the merchant credential cache;
+//! - [`sqlite`], [`postgres`]: the backends: opening, migrating, binding
+//!   values, mapping errors, and what each does its own way (SQLite's
+//!   group-commit writer, PostgreSQL's locks).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,21 +52,18 @@ use vendgate_proto::machine::MachineNo;
 
 use crate::secrets::{PreviousSecret, SecretHash};
 
+mod accounts;
+mod backend;
+mod cached;
 pub mod cluster;
 pub mod lifecycle;
 pub mod orders;
 pub mod outbox;
 pub mod postgres;
-mod postgres_cluster;
-mod postgres_lifecycle;
-mod postgres_orders;
-mod postgres_outbox;
+mod rows;
+mod run;
+mod sql;
 pub mod sqlite;
-mod sqlite_cluster;
-mod sqlite_lifecycle;
-mod sqlite_orders;
-mod sqlite_outbox;
-mod sqlite_writer;
 
 pub use cluster::{ClusterStorage, Due, NodeRow, Ownership};
 pub use lifecycle::{LifecycleStorage, MachineChange, OrderPage, OrderPurge, Purged};

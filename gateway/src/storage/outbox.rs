@@ -1,7 +1,9 @@
 //! The webhook half of the storage contract: the outbox of events for
 //! merchants (written with the change that causes them), its delivery
 //! bookkeeping (claims, attempts, dead letters, replays) and presence writes
-//! that emit `machine.online` / `machine.offline` events.
+//! that emit `machine.online` / `machine.offline` events; the operations
+//! written once for every `Backend` (claims and machine events are each
+//! backend's own).
 //!
 //! # Ordering
 //!
@@ -18,7 +20,10 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 
-use super::{PresenceWrite, StorageError};
+use super::backend::Backend;
+use super::rows::{attempt_effect, to_i64, to_u64, BacklogRow, EntryRow, WebhookAttemptRow};
+use super::run::{Run, Stmt, Transaction};
+use super::{sql, PresenceWrite, StorageError};
 
 /// Where an event is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,6 +67,23 @@ pub struct ClaimRequest<'a> {
     pub per_merchant: usize,
     /// Deliveries this claimer has in flight, by merchant appid.
     pub in_flight: &'a HashMap<String, usize>,
+}
+
+impl ClaimRequest<'_> {
+    /// Candidates to read: each merchant contributes at most `per_merchant`
+    /// rows, of which at most its in-flight count are skipped; reading that
+    /// many more than `limit` still fills the batch when enough is due.
+    pub(super) fn scan(&self) -> usize {
+        let skipped_at_most: usize = self.in_flight.values().sum();
+        self.limit.saturating_add(skipped_at_most)
+    }
+
+    /// Whether `merchant`, with `taken` events claimed so far in this call,
+    /// has no room left under `per_merchant`.
+    pub(super) fn at_cap(&self, merchant: &str, taken: usize) -> bool {
+        let busy = self.in_flight.get(merchant).copied().unwrap_or(0);
+        busy + taken >= self.per_merchant
+    }
 }
 
 /// A claimed event with what delivering it needs from its merchant.
@@ -130,6 +152,19 @@ pub enum ReplayOutcome {
     NotFound,
     /// The event is pending or delivered.
     NotDead,
+}
+
+impl ReplayOutcome {
+    /// What a replay that changed nothing answers, by whether the merchant
+    /// has such an event: another merchant's event answers exactly like an
+    /// absent one.
+    pub(super) fn not_replayed(exists: bool) -> Self {
+        if exists {
+            ReplayOutcome::NotDead
+        } else {
+            ReplayOutcome::NotFound
+        }
+    }
 }
 
 /// The outbox's backlog, for metrics.
@@ -205,4 +240,114 @@ pub trait OutboxStorage: Send + Sync + 'static {
         &self,
         batch: &[PresenceChange],
     ) -> Result<(), StorageError>;
+}
+
+/// The candidates a claim picks from ([`super::sql::OUTBOX_CANDIDATES`]).
+pub(super) fn candidates<'a>(req: &ClaimRequest<'_>) -> Result<Stmt<'a>, StorageError> {
+    Ok(Stmt::new(sql::OUTBOX_CANDIDATES)
+        .bind(req.now.timestamp_millis())
+        .bind(to_i64(req.per_merchant, "per_merchant")?)
+        .bind(to_i64(req.scan(), "claim limit")?))
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> OutboxStorage for B {
+    async fn claim_outbox(
+        &self,
+        req: &ClaimRequest<'_>,
+    ) -> Result<Vec<ClaimedEvent>, StorageError> {
+        self.claim_events(req).await
+    }
+
+    async fn record_attempt(&self, a: &Attempt) -> Result<(), StorageError> {
+        let mut tx = self.begin(false).await?;
+        let insert = Stmt::new(sql::INSERT_ATTEMPT)
+            .bind(&a.event_id)
+            .bind(a.at.timestamp_millis())
+            .bind(a.http_status.map(i32::from))
+            .bind(&a.error);
+        tx.execute(insert).await?;
+        let (status, next_ms, delivered_ms) = attempt_effect(a);
+        let apply = Stmt::new(sql::APPLY_ATTEMPT)
+            .bind(status.as_str())
+            .bind(next_ms)
+            .bind(delivered_ms)
+            .bind(&a.error)
+            .bind(&a.event_id);
+        tx.execute(apply).await?;
+        tx.commit().await
+    }
+
+    async fn list_outbox(
+        &self,
+        merchant: &str,
+        status: Option<OutboxStatus>,
+        offset: u64,
+        limit: u64,
+    ) -> Result<(Vec<OutboxEntry>, u64), StorageError> {
+        let offset = to_i64(offset, "offset")?;
+        let limit = to_i64(limit, "limit")?;
+        let (count, page) = match status {
+            Some(st) => (
+                Stmt::new(sql::OUTBOX_COUNT_IN_STATUS)
+                    .bind(merchant)
+                    .bind(st.as_str()),
+                Stmt::new(sql::OUTBOX_PAGE_IN_STATUS)
+                    .bind(merchant)
+                    .bind(st.as_str()),
+            ),
+            None => (
+                Stmt::new(sql::OUTBOX_COUNT).bind(merchant),
+                Stmt::new(sql::OUTBOX_PAGE).bind(merchant),
+            ),
+        };
+        let (total,): (i64,) = self.pooled().fetch_one(count).await?;
+        let rows = self
+            .pooled()
+            .fetch_all::<EntryRow>(page.bind(limit).bind(offset))
+            .await?;
+        let entries = rows
+            .into_iter()
+            .map(EntryRow::into_entry)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((entries, to_u64(total, "outbox count")?))
+    }
+
+    async fn replay_outbox(
+        &self,
+        merchant: &str,
+        event_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ReplayOutcome, StorageError> {
+        self.replay_event(merchant, event_id, now).await
+    }
+
+    async fn outbox_backlog(&self) -> Result<OutboxBacklog, StorageError> {
+        self.pooled()
+            .fetch_one::<BacklogRow>(Stmt::new(sql::OUTBOX_BACKLOG))
+            .await?
+            .into_backlog()
+    }
+
+    async fn order_webhook_attempts(
+        &self,
+        order_id: u64,
+    ) -> Result<Vec<WebhookAttempt>, StorageError> {
+        let Ok(id) = i64::try_from(order_id) else {
+            return Ok(Vec::new());
+        };
+        self.pooled()
+            .fetch_all::<WebhookAttemptRow>(Stmt::new(sql::ORDER_WEBHOOK_ATTEMPTS).bind(id))
+            .await?
+            .into_iter()
+            .map(WebhookAttemptRow::into_attempt)
+            .collect()
+    }
+
+    async fn record_presence_batch_with_events(
+        &self,
+        batch: &[PresenceChange],
+    ) -> Result<(), StorageError> {
+        self.presence_with_events(batch).await
+    }
 }

@@ -22,7 +22,7 @@
 //! stays a plain "one call, one transaction" contract that a pooled database
 //! implements directly.
 //!
-//! [`Storage`]: super::Storage
+//! [`Storage`]: crate::storage::Storage
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,8 +33,8 @@ use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
-use super::sqlite::backend;
-use super::StorageError;
+use crate::storage::rows::backend;
+use crate::storage::StorageError;
 
 /// Most jobs in one transaction: bounds how long one commit holds SQLite's
 /// write lock (other processes, readers' checkpoints) and the batch's memory.
