@@ -16,8 +16,8 @@ use super::cached::MerchantCache;
 use super::lifecycle::{MachineChange, MachineUpdate};
 use super::outbox::{ClaimRequest, ClaimedEvent, PresenceChange, ReplayOutcome};
 use super::rows::LineRow;
+use super::run::Dialect;
 use super::run::Engine;
-use super::sql::Dialect;
 use super::{NewMachine, PresenceWrite, StorageError};
 
 /// What every backend holds: its pool and the merchant cache.

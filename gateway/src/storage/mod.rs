@@ -52,11 +52,11 @@ use vendgate_proto::machine::MachineNo;
 
 use crate::secrets::{PreviousSecret, SecretHash};
 
-mod accounts;
 mod backend;
 mod cached;
 pub mod cluster;
 pub mod lifecycle;
+mod ops;
 pub mod orders;
 pub mod outbox;
 pub mod postgres;

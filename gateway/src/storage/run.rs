@@ -10,8 +10,34 @@ use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 use sqlx::FromRow;
 
-use super::sql::Dialect;
 use super::StorageError;
+
+/// The SQL an engine speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// A flag's true value as a literal.
+    pub fn yes(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "1",
+            Dialect::Postgres => "true",
+        }
+    }
+
+    /// Most values one set test ([`set_of`]) holds: an SQLite `IN` list
+    /// binds a variable per value, far below its limit of 32,766 at this
+    /// size; a PostgreSQL array is one value.
+    pub fn set_limit(self) -> usize {
+        match self {
+            Dialect::Sqlite => 500,
+            Dialect::Postgres => usize::MAX,
+        }
+    }
+}
 
 /// One value bound to a statement. Each engine binds it as its schema
 /// stores it (a flag: SQLite's INTEGER 0/1, PostgreSQL's BOOLEAN).
@@ -197,7 +223,7 @@ pub trait Engine: sqlx::Database {
 macro_rules! impl_run {
     ($db:ty, $conn:ty, $dialect:expr, $bind:path, $error:path) => {
         impl $crate::storage::run::Engine for $db {
-            const DIALECT: $crate::storage::sql::Dialect = $dialect;
+            const DIALECT: $crate::storage::run::Dialect = $dialect;
             type Conn = $conn;
             type Tx = sqlx::Transaction<'static, $db>;
             type Pooled<'p> = $crate::storage::run::Pooled<'p, $db>;

@@ -12,35 +12,8 @@
 
 use super::cluster::Due;
 use super::orders::OrderQuery;
-use super::run::Value;
+use super::run::{Dialect, Value};
 use crate::domain::order::Status;
-
-/// The SQL an engine speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    Sqlite,
-    Postgres,
-}
-
-impl Dialect {
-    /// A flag's true value as a literal.
-    pub fn yes(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "1",
-            Dialect::Postgres => "true",
-        }
-    }
-
-    /// Most values one set test ([`set_of`]) holds: an SQLite `IN` list
-    /// binds a variable per value, far below its limit of 32,766 at this
-    /// size; a PostgreSQL array is one value.
-    pub fn set_limit(self) -> usize {
-        match self {
-            Dialect::Sqlite => 500,
-            Dialect::Postgres => usize::MAX,
-        }
-    }
-}
 
 /// A test against the set `values` (a [`Value::Ints`] or [`Value::Texts`])
 /// as the only parameters of its statement, and the values to bind: SQLite

@@ -7,8 +7,8 @@ use sqlx::postgres::PgArguments;
 use sqlx::{PgConnection, Postgres};
 
 use crate::storage::rows::backend;
+use crate::storage::run::Dialect;
 use crate::storage::run::{impl_run, Inserts, Value};
-use crate::storage::sql::Dialect;
 use crate::storage::StorageError;
 
 type Query<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;

@@ -8,7 +8,8 @@ use vendgate_proto::machine::MachineNo;
 
 use super::{locks, PgStorage};
 use crate::storage::backend::{Backend, OwnMachineChanges};
-use crate::storage::lifecycle::{in_flight, MachineChange, MachineUpdate};
+use crate::storage::lifecycle::{MachineChange, MachineUpdate};
+use crate::storage::ops::lifecycle::in_flight;
 use crate::storage::run::{Run, Transaction};
 use crate::storage::StorageError;
 

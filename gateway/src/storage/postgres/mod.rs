@@ -38,8 +38,8 @@ use vendgate_proto::machine::MachineNo;
 
 use self::bind::pg_error;
 use crate::config::DatabaseSettings;
-use crate::storage::accounts::write_presence;
 use crate::storage::backend::{Backend, Common, Job};
+use crate::storage::ops::accounts::write_presence;
 use crate::storage::rows::{backend, now_ms, LineRow};
 use crate::storage::run::{Run, Stmt, Value};
 use crate::storage::sql;

@@ -7,8 +7,8 @@ use sqlx::sqlite::SqliteArguments;
 use sqlx::{Sqlite, SqliteConnection};
 
 use crate::storage::rows::backend;
+use crate::storage::run::Dialect;
 use crate::storage::run::{impl_run, Inserts, Value};
-use crate::storage::sql::Dialect;
 use crate::storage::StorageError;
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;

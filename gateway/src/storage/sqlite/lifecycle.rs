@@ -7,7 +7,8 @@ use vendgate_proto::machine::MachineNo;
 
 use super::SqliteStorage;
 use crate::storage::backend::OwnMachineChanges;
-use crate::storage::lifecycle::{in_flight, MachineChange, MachineUpdate};
+use crate::storage::lifecycle::{MachineChange, MachineUpdate};
+use crate::storage::ops::lifecycle::in_flight;
 use crate::storage::run::{Run, Stmt, Transaction};
 use crate::storage::sql;
 use crate::storage::StorageError;

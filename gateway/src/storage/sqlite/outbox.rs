@@ -8,11 +8,10 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::SqliteStorage;
-use crate::storage::accounts::write_presence;
 use crate::storage::backend::{Backend, OwnOutbox};
-use crate::storage::outbox::{
-    candidates, ClaimRequest, ClaimedEvent, PresenceChange, ReplayOutcome,
-};
+use crate::storage::ops::accounts::write_presence;
+use crate::storage::ops::outbox::candidates;
+use crate::storage::outbox::{ClaimRequest, ClaimedEvent, PresenceChange, ReplayOutcome};
 use crate::storage::rows::{presence_epoch, CandidateRow};
 use crate::storage::run::{Run, Stmt, Transaction};
 use crate::storage::sql;

@@ -4,18 +4,20 @@
 use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 
-use super::backend::Backend;
-use super::rows::{from_ms, now_ms, opt_ms, presence_epoch, MachineRow, MerchantRow, ServiceRow};
-use super::run::{Inserts, Run, Stmt, Transaction};
-use super::{
+use crate::secrets::SecretHash;
+use crate::storage::backend::Backend;
+use crate::storage::rows::{
+    from_ms, now_ms, opt_ms, presence_epoch, MachineRow, MerchantRow, ServiceRow,
+};
+use crate::storage::run::{Inserts, Run, Stmt, Transaction};
+use crate::storage::{
     sql, Machine, Merchant, NewMachine, NewMerchant, NewService, PresenceWrite, ServiceAccount,
     Storage, StorageError,
 };
-use crate::secrets::SecretHash;
 
 /// One presence write on `conn`, with the epoch rule of
 /// [`Storage::record_presence`].
-pub(super) async fn write_presence(
+pub(crate) async fn write_presence(
     conn: &mut impl Run,
     w: &PresenceWrite,
 ) -> Result<(), StorageError> {
@@ -32,7 +34,7 @@ pub(super) async fn write_presence(
 /// Run `update` on merchant `appid`'s row, then drop the cached copy: this
 /// process sees the change at once, others within the cache's TTL. True if
 /// there was such a merchant.
-pub(super) async fn update_merchant<B: Backend>(
+pub(crate) async fn update_merchant<B: Backend>(
     b: &B,
     appid: &str,
     update: Stmt<'_>,
