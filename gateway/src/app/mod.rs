@@ -21,17 +21,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::cluster::{Cluster, OwnerServer};
+use crate::cluster::{Cluster, ClusterParts, OwnerServer, OwnershipEpochs};
 use crate::config::Settings;
 use crate::edge::auth::Authenticator;
-use crate::edge::{Edge, Hub, UplinkForwarder};
+use crate::edge::{ClusterHooks, Edge, Hub, UplinkForwarder};
 use crate::fleet::presence::PresenceRegistry;
-use crate::fleet::Fleet;
+use crate::fleet::view::ClusterView;
+use crate::fleet::{Fleet, OtherNodesView};
 use crate::front::Front;
 use crate::link::commands::{CommandBus, LocalCommands, PingTable};
 use crate::link::uplinks::DeviceUplinks;
 use crate::notifier::Notifier;
-use crate::orders::{OrderService, OrderUplinks};
+use crate::orders::{Connections, OrderService};
 use crate::passwords::{Argon2Queue, ConfigPassword, Lane};
 use crate::secrets::WebhookKey;
 use crate::storage::{self, Storage};
@@ -86,6 +87,7 @@ impl GatewayHandle {
             front: self.front.clone(),
             orders: self.orders.clone(),
             fleet: self.fleet.clone(),
+            commands: self.commands.clone(),
             store: self.store.clone(),
             hub: self.hub.clone(),
             notifier: self.notifier.clone(),
@@ -110,6 +112,8 @@ pub struct Gateway {
     /// `[mqtt.tls]`: MQTT over TLS.
     edge_tls: Option<Edge>,
     http: HttpListener,
+    /// Cluster mode: the owner side, started by `run`.
+    owner_server: Option<Arc<OwnerServer>>,
     /// `[metrics] addr`: `/metrics` on its own listener.
     admin: Option<crate::http::ops::AdminListener>,
     mqtt_addr: SocketAddr,
@@ -166,7 +170,14 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let presence = Arc::new(PresenceRegistry::new());
         let pings = Arc::new(PingTable::default());
-        let uplinks = Arc::new(DeviceUplinks::new(presence.clone(), pings.clone()));
+        // The order side's intake exists before the hub that delivers to it
+        // and the order service that drains it.
+        let (order_intake, intake_queue) = crate::orders::intake();
+        let uplinks = Arc::new(DeviceUplinks::new(
+            presence.clone(),
+            pings.clone(),
+            order_intake,
+        ));
         let node = settings
             .cluster
             .enabled()
@@ -200,12 +211,23 @@ impl Gateway {
         }
         let auth = Authenticator::new(store.clone(), services)
             .count_previous_secret_uses(metrics.previous_secrets.clone());
+        // Cluster mode: the hub takes epochs from the shared database and
+        // queues uplink copies for the cluster client, which starts later.
+        let (copier, copies) = crate::cluster::uplink_copies();
+        let hooks = node.as_ref().map(|node| ClusterHooks {
+            epochs: Arc::new(OwnershipEpochs::new(store.clone(), node.clone())),
+            forwarder: settings
+                .cluster
+                .forward_uplinks
+                .then(|| copier.clone() as Arc<dyn UplinkForwarder>),
+        });
         let hub = Arc::new(Hub::new(
             settings.mqtt.clone(),
             presence.clone(),
             auth,
             uplinks.clone(),
             metrics.edge_timings(),
+            hooks,
             shutdown.clone(),
         ));
         let edge = Edge::bind(settings.mqtt.addr, hub.clone(), None)
@@ -231,23 +253,22 @@ impl Gateway {
         };
         let admin = crate::http::ops::AdminListener::bind(&settings).await?;
         let local = Arc::new(LocalCommands::new(hub.clone(), presence.clone(), pings));
+        // Cluster mode: which machines are online on the other nodes; the
+        // cluster client writes it, the fleet reads it.
+        let view = Arc::new(ClusterView::default());
         let cluster = if settings.cluster.enabled() {
-            let c = Cluster::start(
-                &settings,
-                store.clone(),
-                hub.clone(),
-                presence.clone(),
-                local.clone(),
-                notifier.clone(),
-                shutdown.clone(),
-            )
-            .await
-            .context("joining the cluster")?;
-            let forwarder: Option<Arc<dyn UplinkForwarder>> = settings
-                .cluster
-                .forward_uplinks
-                .then(|| c.clone() as Arc<dyn UplinkForwarder>);
-            hub.join_cluster(c.clone(), forwarder);
+            let parts = ClusterParts {
+                store: store.clone(),
+                hub: hub.clone(),
+                presence: presence.clone(),
+                local: local.clone(),
+                notifier: notifier.clone(),
+                copies,
+                view: view.clone(),
+            };
+            let c = Cluster::start(&settings, parts, shutdown.clone())
+                .await
+                .context("joining the cluster")?;
             Some(c)
         } else {
             None
@@ -259,26 +280,28 @@ impl Gateway {
         let orders = OrderService::new(
             store.clone(),
             presence.clone(),
-            commands.clone(),
             settings.orders.clone(),
             notifier.clone(),
-            cluster.as_ref().map(|c| c.other_nodes()),
-            // Given before recovery, so orders given up at restart count too.
-            metrics.orders.clone(),
+            Connections {
+                commands: commands.clone(),
+                intake: intake_queue,
+                other_nodes: cluster.as_ref().map(|c| c.other_nodes()),
+                // Given before recovery, so orders given up at restart
+                // count too.
+                observer: metrics.orders.clone(),
+            },
             shutdown.clone(),
         );
-        if let Some(c) = &cluster {
-            // Answers the other nodes for the machines held here; its tasks
-            // end at shutdown.
-            OwnerServer::new(c.clone(), orders.clone()).spawn();
-        }
+        // Answers the other nodes for the machines held here; started by
+        // `run` with the other long-lived tasks.
+        let owner_server = cluster
+            .as_ref()
+            .map(|c| OwnerServer::new(c.clone(), orders.clone()));
         orders.recover().await.context("recovering open orders")?;
         let front = Front::new(orders.clone(), cluster.clone());
-        uplinks.set_order_handler(Arc::new(OrderUplinks(orders.clone())));
         let fleet = Arc::new(Fleet::new(
             presence.clone(),
-            cluster.clone(),
-            commands.clone(),
+            node.map(|node| OtherNodesView { view, node }),
             store.clone(),
         ));
         let handle = GatewayHandle {
@@ -303,6 +326,7 @@ impl Gateway {
             edge,
             edge_tls,
             http,
+            owner_server,
             admin,
             mqtt_addr,
             mqtt_tls_addr,
@@ -364,6 +388,7 @@ impl Gateway {
             .map(|c| c.spawn())
             .unwrap_or_default()
             .into_iter()
+            .chain(self.owner_server.map(|o| o.spawn()).unwrap_or_default())
             .map(|t| sup.spawn("cluster loop", t.map(|_| ())))
             .collect();
         let edge_task = sup.spawn("MQTT listener", self.edge.run());

@@ -13,7 +13,6 @@ use anyhow::Context;
 use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
-use chrono::Utc;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -23,14 +22,14 @@ use tracing::{debug, info, warn};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic::Command;
 
-use super::copies::{UplinkCopy, UPLINK_QUEUE};
-use super::view::{self, ClusterView};
+use super::copies::{UplinkCopies, UplinkCopy};
 use super::wire::{self, OwnerReply, OwnerRequest, PlaceOnOwner, Released, Subjects};
 use super::{node_id, ClusterStats};
 use crate::config::Settings;
 use crate::domain::order::Line;
-use crate::edge::{EpochSource, Hub};
+use crate::edge::Hub;
 use crate::fleet::presence::PresenceRegistry;
+use crate::fleet::view::{self, ClusterView};
 use crate::link::commands::{CommandBus, DeliveryError, LocalCommands};
 use crate::notifier::Notifier;
 use crate::orders::inventory::StockView;
@@ -50,6 +49,22 @@ pub enum OwnerAnswer<T> {
     NoAnswer,
 }
 
+/// What the cluster client is built from.
+pub struct ClusterParts {
+    pub store: Arc<dyn Storage>,
+    /// Where other nodes' uplink copies are published, and machines taken
+    /// over elsewhere are kicked.
+    pub hub: Arc<Hub>,
+    pub presence: Arc<PresenceRegistry>,
+    /// Commands for machines held here, asked for by other nodes.
+    pub local: Arc<LocalCommands>,
+    pub notifier: Arc<Notifier>,
+    /// The receiving end of the hub's uplink copies ([`super::uplink_copies`]).
+    pub copies: UplinkCopies,
+    /// The cluster view this client keeps up to date.
+    pub view: Arc<ClusterView>,
+}
+
 /// This node's link to the cluster.
 pub struct Cluster {
     pub(super) node: String,
@@ -62,13 +77,16 @@ pub struct Cluster {
     pub(super) presence: Arc<PresenceRegistry>,
     pub(super) local: Arc<LocalCommands>,
     pub(super) notifier: Arc<Notifier>,
-    pub view: ClusterView,
+    /// Which machines are online on which node (shared with `Fleet`).
+    pub view: Arc<ClusterView>,
     /// The connections held here, by epoch, as announced to the other
     /// nodes (see [`Self::leave`]).
     pub(super) held: DashMap<MachineNo, u64>,
-    pub(super) uplinks: mpsc::Sender<UplinkCopy>,
+    /// The copies the hub's `UplinkCopier` queued, until [`Self::spawn`]
+    /// starts publishing them.
     uplinks_rx: std::sync::Mutex<Option<mpsc::Receiver<UplinkCopy>>>,
-    pub stats: ClusterStats,
+    /// Shared with the hub's `UplinkCopier`, which counts dropped copies.
+    pub stats: Arc<ClusterStats>,
     pub(super) shutdown: CancellationToken,
     me: Weak<Cluster>,
 }
@@ -78,13 +96,18 @@ impl Cluster {
     /// says whether NATS is reachable) and register this node.
     pub async fn start(
         settings: &Settings,
-        store: Arc<dyn Storage>,
-        hub: Arc<Hub>,
-        presence: Arc<PresenceRegistry>,
-        local: Arc<LocalCommands>,
-        notifier: Arc<Notifier>,
+        parts: ClusterParts,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
+        let ClusterParts {
+            store,
+            hub,
+            presence,
+            local,
+            notifier,
+            copies,
+            view,
+        } = parts;
         let c = &settings.cluster;
         let node = node_id(&c.node_id);
         let incarnation = format!("{:016x}", rand::random::<u64>());
@@ -115,7 +138,10 @@ impl Cluster {
             .connect(c.nats_urls.as_slice())
             .await
             .context("configuring the NATS client ([cluster] nats_urls)")?;
-        let (uplinks, uplinks_rx) = mpsc::channel(UPLINK_QUEUE);
+        let UplinkCopies {
+            rx: uplinks_rx,
+            stats,
+        } = copies;
         let cluster = Arc::new_cyclic(|me| Self {
             node,
             incarnation,
@@ -127,11 +153,10 @@ impl Cluster {
             presence,
             local,
             notifier,
-            view: ClusterView::default(),
+            view,
             held: DashMap::new(),
-            uplinks,
             uplinks_rx: std::sync::Mutex::new(Some(uplinks_rx)),
-            stats: ClusterStats::default(),
+            stats,
             shutdown,
             me: me.clone(),
         });
@@ -382,23 +407,6 @@ fn order_answer(a: OwnerAnswer<OwnerReply>) -> OwnerAnswer<Result<u64, OrderErro
         OwnerAnswer::HeldHere => OwnerAnswer::HeldHere,
         OwnerAnswer::NotHeld => OwnerAnswer::NotHeld,
         OwnerAnswer::NoAnswer => OwnerAnswer::NoAnswer,
-    }
-}
-
-#[async_trait]
-impl EpochSource for Cluster {
-    async fn acquire(&self, machine_no: MachineNo) -> Option<u64> {
-        match self
-            .store
-            .take_ownership(&machine_no, &self.node, Utc::now())
-            .await
-        {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(%machine_no, error = %e, "cannot take the machine's epoch");
-                None
-            }
-        }
     }
 }
 

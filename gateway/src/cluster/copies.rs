@@ -10,7 +10,7 @@ use futures::StreamExt;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
-use super::{wire, Cluster};
+use super::{wire, Cluster, ClusterStats};
 use crate::edge::UplinkForwarder;
 
 /// Uplink copies waiting for NATS; beyond, copies are dropped and counted.
@@ -96,7 +96,34 @@ impl Cluster {
     }
 }
 
-impl UplinkForwarder for Cluster {
+/// The sending end of uplink copies: the hub is given it at construction
+/// (its `UplinkForwarder`), before the cluster client exists.
+pub struct UplinkCopier {
+    tx: mpsc::Sender<UplinkCopy>,
+    stats: Arc<ClusterStats>,
+}
+
+/// The receiving end, which the cluster client publishes to NATS.
+pub struct UplinkCopies {
+    pub(super) rx: mpsc::Receiver<UplinkCopy>,
+    pub(super) stats: Arc<ClusterStats>,
+}
+
+/// The two ends of the uplink copies' queue ([`UPLINK_QUEUE`] copies at
+/// most), sharing the cluster's counters.
+pub fn uplink_copies() -> (Arc<UplinkCopier>, UplinkCopies) {
+    let (tx, rx) = mpsc::channel(UPLINK_QUEUE);
+    let stats = Arc::new(ClusterStats::default());
+    (
+        Arc::new(UplinkCopier {
+            tx,
+            stats: stats.clone(),
+        }),
+        UplinkCopies { rx, stats },
+    )
+}
+
+impl UplinkForwarder for UplinkCopier {
     fn forward(&self, topic: &str, payload: &Bytes, qos: QoS, retain: bool) {
         let copy = UplinkCopy {
             topic: topic.to_string(),
@@ -104,7 +131,7 @@ impl UplinkForwarder for Cluster {
             qos,
             retain,
         };
-        if self.uplinks.try_send(copy).is_err() {
+        if self.tx.try_send(copy).is_err() {
             self.stats.uplinks_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

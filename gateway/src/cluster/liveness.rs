@@ -14,9 +14,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use vendgate_proto::machine::MachineNo;
 
-use super::view::{Heartbeat, PresenceNote};
 use super::Cluster;
 use crate::domain::webhook::machine_event;
+use crate::fleet::view::{Heartbeat, PresenceNote};
 use crate::storage::{PresenceChange, PresenceWrite};
 
 /// Re-read ownership from the database every this many heartbeats.

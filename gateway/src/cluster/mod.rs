@@ -15,7 +15,7 @@
 //!   it. "No responders" right after a move is retried briefly. A request
 //!   whose answer never comes is settled from the database like a missing
 //!   ack: never by sending the dispense again.
-//! - **The cluster view** ([`view`]): who is online on which node, from the
+//! - **The cluster view** (`crate::fleet::view`): who is online on which node, from the
 //!   nodes' presence notes and a periodic database re-read.
 //! - **Liveness.** Nodes heartbeat into the database and on NATS; a node
 //!   silent for `node_dead_after` is reaped by another, which writes its
@@ -26,19 +26,22 @@
 //! Layout: [`client`] (the [`Cluster`] link this node asks with, built
 //! before the order service), [`server`] (the [`OwnerServer`] answering
 //! other nodes for the machines held here, built after it, with it),
-//! [`liveness`], [`copies`], [`view`], [`wire`]. Which requests are
+//! [`liveness`], [`copies`] (the hub's [`UplinkCopier`] and its queue),
+//! [`epochs`] (built before the hub), [`wire`]. Which requests are
 //! forwarded is decided by `crate::front`.
 
 pub mod client;
 pub mod copies;
+pub mod epochs;
 pub mod liveness;
 pub mod server;
-pub mod view;
 pub mod wire;
 
 use std::sync::atomic::AtomicU64;
 
-pub use client::{Cluster, OwnerAnswer};
+pub use client::{Cluster, ClusterParts, OwnerAnswer};
+pub use copies::{uplink_copies, UplinkCopier, UplinkCopies};
+pub use epochs::OwnershipEpochs;
 pub use server::OwnerServer;
 
 /// Counters of cluster traffic (exported by the metrics module).

@@ -21,10 +21,10 @@ use tracing::warn;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic::Command;
 
-use super::view::PresenceNote;
 use super::wire::{self, OwnerReply, OwnerRequest, Released};
 use super::Cluster;
 use crate::fleet::presence::PresenceEvent;
+use crate::fleet::view::PresenceNote;
 use crate::link::commands::CommandBus;
 use crate::orders::{Admission, OrderError, OrderService, PlaceRequest};
 

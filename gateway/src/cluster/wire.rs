@@ -30,13 +30,13 @@ impl Subjects {
         format!("{}.own.{m}.{epoch}", self.prefix)
     }
 
-    /// Presence changes of every node ([`super::view::PresenceNote`]); an
+    /// Presence changes of every node ([`crate::fleet::view::PresenceNote`]); an
     /// online note is also the take-over announcement.
     pub fn presence(&self) -> String {
         format!("{}.presence", self.prefix)
     }
 
-    /// Node heartbeats ([`super::view::Heartbeat`]).
+    /// Node heartbeats ([`crate::fleet::view::Heartbeat`]).
     pub fn heartbeat(&self) -> String {
         format!("{}.node", self.prefix)
     }

@@ -30,7 +30,7 @@ mod stream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
@@ -65,6 +65,14 @@ pub trait EpochSource: Send + Sync + 'static {
     /// The machine's CONNECT was accepted here; None refuses it (the
     /// database cannot be reached: the machine retries, possibly elsewhere).
     async fn acquire(&self, machine_no: MachineNo) -> Option<u64>;
+}
+
+/// Cluster mode: where the hub takes machine epochs from and where it
+/// copies uplinks, given when the hub is built.
+pub struct ClusterHooks {
+    pub epochs: Arc<dyn EpochSource>,
+    /// None: uplinks stay on this node (`[cluster] forward_uplinks = false`).
+    pub forwarder: Option<Arc<dyn UplinkForwarder>>,
 }
 
 /// Receives every machine uplink the edge routed, to copy it to the other
@@ -170,8 +178,8 @@ pub struct Hub {
     conn_ids: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     /// Cluster mode: epochs from the cluster, uplinks copied to other nodes.
-    pub(crate) epochs: OnceLock<Arc<dyn EpochSource>>,
-    pub(crate) forwarder: OnceLock<Arc<dyn UplinkForwarder>>,
+    pub(crate) epochs: Option<Arc<dyn EpochSource>>,
+    pub(crate) forwarder: Option<Arc<dyn UplinkForwarder>>,
 }
 
 impl Hub {
@@ -181,8 +189,13 @@ impl Hub {
         auth: Authenticator,
         uplinks: Arc<dyn UplinkHandler>,
         timings: stats::Timings,
+        cluster: Option<ClusterHooks>,
         shutdown: CancellationToken,
     ) -> Self {
+        let (epochs, forwarder) = match cluster {
+            Some(c) => (Some(c.epochs), c.forwarder),
+            None => (None, None),
+        };
         Self {
             router: Router::with_limits(
                 settings.max_retained,
@@ -227,22 +240,8 @@ impl Hub {
             },
             conn_ids: AtomicU64::new(1),
             shutdown,
-            epochs: OnceLock::new(),
-            forwarder: OnceLock::new(),
-        }
-    }
-
-    /// Cluster mode: take machine epochs from `epochs` and copy uplinks to
-    /// `forwarder` (None: keep uplinks on this node). Set before the
-    /// listeners run.
-    pub fn join_cluster(
-        &self,
-        epochs: Arc<dyn EpochSource>,
-        forwarder: Option<Arc<dyn UplinkForwarder>>,
-    ) {
-        let _ = self.epochs.set(epochs);
-        if let Some(f) = forwarder {
-            let _ = self.forwarder.set(f);
+            epochs,
+            forwarder,
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod persister;
 pub mod presence;
+pub mod view;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,20 +16,31 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 
-use crate::cluster::Cluster;
-use crate::fleet::presence::{MachinePresence, PresenceRegistry};
-use crate::link::commands::{CommandBus, DeliveryError};
 use crate::storage::{Machine, Storage, StorageError};
+use presence::{MachinePresence, PresenceRegistry};
+use view::ClusterView;
 
-pub use crate::metrics::PresenceCounts;
-/// Flaps (connection changes) in the window that mark a machine as flapping.
-pub use crate::metrics::FLAP_THRESHOLD;
+pub use presence::FLAP_THRESHOLD;
+
+/// Presence figures computed in one pass over the registry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PresenceCounts {
+    pub online: u64,
+    pub flapping: u64,
+    pub queued_orders: u64,
+}
+
+/// Cluster mode: the view of the other nodes' machines, and this node's
+/// id (its own machines are in the registry, never taken from the view).
+pub struct OtherNodesView {
+    pub view: Arc<ClusterView>,
+    pub node: String,
+}
 
 /// The machines, as the API and the operators see them.
 pub struct Fleet {
     presence: Arc<PresenceRegistry>,
-    cluster: Option<Arc<Cluster>>,
-    commands: Arc<dyn CommandBus>,
+    others: Option<OtherNodesView>,
     store: Arc<dyn Storage>,
     directory: Directory,
 }
@@ -36,14 +48,12 @@ pub struct Fleet {
 impl Fleet {
     pub fn new(
         presence: Arc<PresenceRegistry>,
-        cluster: Option<Arc<Cluster>>,
-        commands: Arc<dyn CommandBus>,
+        others: Option<OtherNodesView>,
         store: Arc<dyn Storage>,
     ) -> Self {
         Self {
             presence,
-            cluster,
-            commands,
+            others,
             store,
             directory: Directory::default(),
         }
@@ -61,7 +71,7 @@ impl Fleet {
         if local.as_ref().is_some_and(|p| p.online) {
             return local;
         }
-        let remote = self.cluster.as_ref().and_then(|c| c.remote(m));
+        let remote = self.others.as_ref().and_then(|o| o.view.remote(m, &o.node));
         match remote {
             Some(r) => Some(MachinePresence {
                 machine_no: *m,
@@ -80,14 +90,18 @@ impl Fleet {
 
     /// Online on this node or, in a cluster, on any node.
     pub fn machine_online(&self, m: &MachineNo) -> bool {
-        self.presence.is_online(m) || self.cluster.as_ref().is_some_and(|c| c.remote(m).is_some())
+        self.presence.is_online(m)
+            || self
+                .others
+                .as_ref()
+                .is_some_and(|o| o.view.remote(m, &o.node).is_some())
     }
 
     /// Every machine online anywhere, in machine number order.
     pub fn online_machines(&self) -> Vec<MachineNo> {
         let mut v = self.presence.online_machines();
-        if let Some(c) = &self.cluster {
-            v.extend(c.remote_online().into_iter().map(|(m, _)| m));
+        if let Some(o) = &self.others {
+            v.extend(o.view.remote_online(&o.node).into_iter().map(|(m, _)| m));
             v.sort_unstable();
             v.dedup();
         }
@@ -107,15 +121,10 @@ impl Fleet {
             }
             c.queued_orders += queued(&p.machine_no) as u64;
         }
-        if let Some(cl) = &self.cluster {
-            c.online += cl.remote_online().len() as u64;
+        if let Some(o) = &self.others {
+            c.online += o.view.remote_online(&o.node).len() as u64;
         }
         c
-    }
-
-    /// Ping machine `m` wherever it is connected.
-    pub async fn ping(&self, m: &MachineNo, timeout: Duration) -> Result<Duration, DeliveryError> {
-        self.commands.ping(m, timeout).await
     }
 
     /// The stored record of machine `m`.

@@ -15,6 +15,9 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use vendgate_proto::machine::MachineNo;
 
+/// A machine counts as flapping with this many connects in the last hour.
+pub const FLAP_THRESHOLD: u32 = 3;
+
 /// How long a connect counts towards a machine's flap counter.
 const FLAP_WINDOW: Duration = Duration::from_secs(3600);
 /// Capacity of the change stream; a lagging reader resynchronises from

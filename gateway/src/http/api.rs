@@ -674,7 +674,7 @@ async fn ping_machine(
     if !s.gw.fleet.machine_online(&m) {
         return err(&s, ErrorCode::MachineOffline);
     }
-    match s.gw.fleet.ping(&m, PING_TIMEOUT).await {
+    match s.gw.commands.ping(&m, PING_TIMEOUT).await {
         Ok(rtt) => ok(
             &s,
             json!({ "machine_no": m.as_str(), "rtt_ms": crate::fleet::presence::rtt_ms(rtt) }),

@@ -55,10 +55,10 @@ use super::Parts;
 use crate::domain::order::Status;
 use crate::edge::limits::AuthThrottle;
 use crate::edge::stats::{Direction, PATTERNS};
+use crate::fleet::FLAP_THRESHOLD;
 use crate::link::commands::DeliveryError;
 use crate::metrics::orders::OUTCOMES;
 use crate::metrics::webhooks::DeliveryResult;
-use crate::metrics::FLAP_THRESHOLD;
 use crate::passwords::{Argon2Queue, Busy, ConfigPassword, Lane};
 use crate::storage::{OrderQuery, StoredOrder};
 
@@ -732,7 +732,7 @@ async fn ping(
     let (result, rtt) = if !gw.fleet.machine_online(&m) {
         ("offline", None)
     } else {
-        match gw.fleet.ping(&m, PING_TIMEOUT).await {
+        match gw.commands.ping(&m, PING_TIMEOUT).await {
             Ok(rtt) => ("ok", Some(crate::fleet::presence::rtt_ms(rtt))),
             Err(DeliveryError::Backpressure) => ("busy", None),
             Err(DeliveryError::Timeout) => ("no_answer", None),

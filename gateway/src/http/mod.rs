@@ -40,6 +40,7 @@ use crate::config::Settings;
 use crate::edge::Hub;
 use crate::fleet::Fleet;
 use crate::front::Front;
+use crate::link::commands::CommandBus;
 use crate::metrics::Metrics;
 use crate::notifier::Notifier;
 use crate::orders::OrderService;
@@ -55,6 +56,8 @@ pub struct Parts {
     /// Reads, cancels and refunds of stored orders; stock figures.
     pub orders: Arc<OrderService>,
     pub fleet: Arc<Fleet>,
+    /// Pings, wherever the machine is connected.
+    pub commands: Arc<dyn CommandBus>,
     /// Reads: merchants, stored orders, webhook attempts, cluster nodes.
     pub store: Arc<dyn Storage>,
     /// The edge's counters, for the dashboard.

@@ -5,7 +5,7 @@
 //! machine.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tracing::debug;
@@ -28,25 +28,23 @@ pub struct UplinkStats {
 pub struct DeviceUplinks {
     presence: Arc<PresenceRegistry>,
     pings: Arc<PingTable>,
-    /// The order side registers itself once it is built (it needs the hub,
-    /// which needs this dispatcher).
-    orders: OnceLock<Arc<dyn UplinkHandler>>,
+    /// The order side's intake (`orders::intake`), built before the hub.
+    orders: Arc<dyn UplinkHandler>,
     pub stats: UplinkStats,
 }
 
 impl DeviceUplinks {
-    pub fn new(presence: Arc<PresenceRegistry>, pings: Arc<PingTable>) -> Self {
+    pub fn new(
+        presence: Arc<PresenceRegistry>,
+        pings: Arc<PingTable>,
+        orders: Arc<dyn UplinkHandler>,
+    ) -> Self {
         Self {
             presence,
             pings,
-            orders: OnceLock::new(),
+            orders,
             stats: UplinkStats::default(),
         }
-    }
-
-    /// Route `inventory`, `ack` and `result` to `handler` from now on.
-    pub fn set_order_handler(&self, handler: Arc<dyn UplinkHandler>) {
-        let _ = self.orders.set(handler);
     }
 
     fn malformed(&self, machine_no: MachineNo, kind: Uplink) {
@@ -77,9 +75,7 @@ impl UplinkHandler for DeviceUplinks {
                 Err(_) => self.malformed(machine_no, kind),
             },
             Uplink::Inventory | Uplink::Ack | Uplink::Result => {
-                if let Some(h) = self.orders.get() {
-                    h.on_uplink(machine_no, epoch, kind, payload);
-                }
+                self.orders.on_uplink(machine_no, epoch, kind, payload)
             }
         }
     }

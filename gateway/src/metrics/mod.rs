@@ -37,6 +37,7 @@ use vendgate_proto::codes::ErrorCode;
 use crate::edge::router::RouterStats;
 use crate::edge::stats::{ClientKind, Direction, DisconnectReason, Timings, PATTERNS, REFUSALS};
 use crate::edge::EdgeStats;
+use crate::fleet::PresenceCounts;
 use crate::notifier::NotifierStats;
 use crate::secrets::PreviousSecretUses;
 use crate::storage::OutboxBacklog;
@@ -48,9 +49,6 @@ pub use webhooks::WebhookObserver;
 const BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
-
-/// A machine counts as flapping with this many connects in the last hour.
-pub const FLAP_THRESHOLD: u32 = 3;
 
 /// The gateway's version, for `vendgate_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -180,14 +178,6 @@ impl Registrar<'_> {
         );
         self.0.register_histogram(&Self::key(name, &[]), &META)
     }
-}
-
-/// Presence figures computed in one pass over the registry.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PresenceCounts {
-    pub online: u64,
-    pub flapping: u64,
-    pub queued_orders: u64,
 }
 
 /// What the exposition shows of the components: their counters (read in

@@ -98,7 +98,7 @@ use ticket::Ticket;
 pub use error::OrderError;
 pub use owners::OWNER_CACHE_TTL;
 pub use place::{answer_by, Admission, PlaceRequest, Placing, Unpaid};
-pub use uplinks::OrderUplinks;
+pub use uplinks::{intake, IntakeQueue, OrderIntake};
 
 pub use crate::config::ANSWER_MARGIN;
 
@@ -150,7 +150,7 @@ pub struct OrderService {
     store: Arc<dyn Storage>,
     presence: Arc<PresenceRegistry>,
     commands: Arc<dyn CommandBus>,
-    pub inventory: Inventory,
+    pub inventory: Arc<Inventory>,
     settings: OrderSettings,
     queues: DashMap<MachineNo, mpsc::Sender<Job>>,
     /// The ticket of each order this node sent and has not settled, by
@@ -164,9 +164,6 @@ pub struct OrderService {
     /// newer one replaces it), so bounded by the machines connected here.
     inventory_writes: Arc<stock::PendingSnapshots>,
     inventory_writer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Acks and results waiting for a task (see [`uplinks`]).
-    uplink_work: mpsc::Sender<uplinks::Work>,
-    uplink_rx: std::sync::Mutex<Option<mpsc::Receiver<uplinks::Work>>>,
     ids: OrderIds,
     idempotency_locks: IdempotencyLocks,
     /// Machine → owning merchant and whether it may take orders, filled on
@@ -178,7 +175,8 @@ pub struct OrderService {
     owners: DashMap<MachineNo, Owner>,
     /// Cluster mode: the other nodes (see [`OtherNodes`]).
     other_nodes: Option<OtherNodes>,
-    pub stats: OrderStats,
+    /// Shared with the uplink intake, which counts into it too.
+    pub stats: Arc<OrderStats>,
     /// Where committed status changes are reported for metrics and the
     /// dashboard.
     observer: Arc<crate::metrics::OrderObserver>,
@@ -196,39 +194,56 @@ fn event(kind: &str, detail: serde_json::Value) -> OrderEvent {
     }
 }
 
+/// What the order service is connected to, each given once by the
+/// builder (`app`).
+pub struct Connections {
+    /// How commands reach machines (this node's hub, or the cluster).
+    pub commands: Arc<dyn CommandBus>,
+    /// The receiving end of the uplink intake ([`uplinks::intake`]).
+    pub intake: IntakeQueue,
+    /// Cluster mode: the other nodes.
+    pub other_nodes: Option<OtherNodes>,
+    /// Where committed status changes are reported.
+    pub observer: Arc<crate::metrics::OrderObserver>,
+}
+
 impl OrderService {
-    // The parts it is built from, each given once by the builder (`app`).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Storage>,
         presence: Arc<PresenceRegistry>,
-        commands: Arc<dyn CommandBus>,
         settings: OrderSettings,
         notifier: Arc<crate::notifier::Notifier>,
-        other_nodes: Option<OtherNodes>,
-        observer: Arc<crate::metrics::OrderObserver>,
+        links: Connections,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let inventory_writes = Arc::new(stock::PendingSnapshots::default());
-        let (uplink_work, uplink_rx) = mpsc::channel(uplinks::WORK_QUEUE);
+        let Connections {
+            commands,
+            intake,
+            other_nodes,
+            observer,
+        } = links;
+        let IntakeQueue {
+            inventory,
+            writes: inventory_writes,
+            stats,
+            work,
+        } = intake;
         let svc = Arc::new_cyclic(|me| Self {
             store,
             presence,
             commands,
-            inventory: Inventory::default(),
+            inventory,
             settings,
             queues: DashMap::new(),
             inflight: DashMap::new(),
             settled: DashMap::new(),
             inventory_writes,
             inventory_writer: std::sync::Mutex::new(None),
-            uplink_work,
-            uplink_rx: std::sync::Mutex::new(Some(uplink_rx)),
             ids: OrderIds::default(),
             idempotency_locks: DashMap::new(),
             owners: DashMap::new(),
             other_nodes,
-            stats: OrderStats::default(),
+            stats,
             observer,
             notifier,
             shutdown,
@@ -242,7 +257,7 @@ impl OrderService {
         if let Ok(mut w) = svc.inventory_writer.lock() {
             *w = Some(writer);
         }
-        svc.spawn_uplink_workers();
+        svc.spawn_uplink_workers(work);
         svc
     }
 

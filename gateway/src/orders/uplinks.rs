@@ -11,15 +11,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::Utc;
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tracing::{info, warn};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::{self, AckMsg, GoCmd, InventoryMsg, ResultMsg};
 use vendgate_proto::topic::{Command, Uplink};
 
+use super::inventory::Inventory;
+use super::stock::PendingSnapshots;
 use super::ticket::{Begin, Decision};
 use super::transition::{Cas, ChangeOpts};
-use super::{OrderError, OrderService};
+use super::{OrderError, OrderService, OrderStats};
 use crate::domain::order::{check_result, Event, GiveUp, Status};
 use crate::edge::UplinkHandler;
 use crate::storage::StoredOrder;
@@ -31,7 +33,7 @@ pub(super) const WORK_QUEUE: usize = 4096;
 const WORKERS: usize = 256;
 
 /// One ack or result to handle.
-pub(super) struct Work {
+pub struct Work {
     machine: MachineNo,
     kind: Uplink,
     payload: Bytes,
@@ -55,12 +57,96 @@ static UNMATCHED_LOG: LogGate = LogGate {
     second: AtomicU64::new(0),
 };
 
+/// The order side's end of machine uplinks: built before the hub, which
+/// delivers to it, and before the order service, which drains it (so
+/// neither waits for the other to exist). Inventory snapshots are applied
+/// at once, on the edge's task; acks and results wait in a queue of
+/// [`WORK_QUEUE`] for the service's workers.
+pub struct OrderIntake {
+    inventory: Arc<Inventory>,
+    writes: Arc<PendingSnapshots>,
+    stats: Arc<OrderStats>,
+    work: mpsc::Sender<Work>,
+}
+
+/// What the order service takes over from [`intake`]: the queue's
+/// receiving end and the state the intake shares with it.
+pub struct IntakeQueue {
+    pub(super) inventory: Arc<Inventory>,
+    pub(super) writes: Arc<PendingSnapshots>,
+    pub(super) stats: Arc<OrderStats>,
+    pub(super) work: mpsc::Receiver<Work>,
+}
+
+/// The two ends of the order side's uplink intake.
+pub fn intake() -> (Arc<OrderIntake>, IntakeQueue) {
+    let inventory = Arc::new(Inventory::default());
+    let writes = Arc::new(PendingSnapshots::default());
+    let stats = Arc::new(OrderStats::default());
+    let (tx, rx) = mpsc::channel(WORK_QUEUE);
+    (
+        Arc::new(OrderIntake {
+            inventory: inventory.clone(),
+            writes: writes.clone(),
+            stats: stats.clone(),
+            work: tx,
+        }),
+        IntakeQueue {
+            inventory,
+            writes,
+            stats,
+            work: rx,
+        },
+    )
+}
+
+impl UplinkHandler for OrderIntake {
+    fn on_uplink(&self, machine: MachineNo, _epoch: u64, kind: Uplink, payload: &Bytes) {
+        match kind {
+            Uplink::Inventory => self.on_inventory(machine, payload),
+            Uplink::Ack | Uplink::Result => {
+                let work = Work {
+                    machine,
+                    kind,
+                    payload: payload.clone(),
+                };
+                if self.work.try_send(work).is_err() {
+                    self.stats
+                        .uplinks_overloaded
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Uplink::State | Uplink::Pong => {}
+        }
+    }
+}
+
+impl OrderIntake {
+    fn on_inventory(&self, m: MachineNo, payload: &Bytes) {
+        match msg::decode::<InventoryMsg>(payload) {
+            // A negative price would make amounts and refunds negative: the
+            // snapshot is malformed, and the last good one stays.
+            Ok(inv) if inv.items.iter().any(|i| i.price < 0) => {
+                self.stats
+                    .malformed_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(inv) => {
+                self.inventory.set_snapshot(m, &inv.items);
+                self.writes.put(m, inv.items);
+            }
+            Err(_) => {
+                self.stats
+                    .malformed_device_messages
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 impl OrderService {
-    /// Start the tasks that take acks and results off [`WORK_QUEUE`].
-    pub(super) fn spawn_uplink_workers(self: &Arc<Self>) {
-        let Some(mut rx) = self.uplink_rx.lock().ok().and_then(|mut r| r.take()) else {
-            return;
-        };
+    /// Start the task that takes acks and results off the intake's queue.
+    pub(super) fn spawn_uplink_workers(self: &Arc<Self>, mut rx: mpsc::Receiver<Work>) {
         let me = Arc::downgrade(self);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -80,19 +166,6 @@ impl OrderService {
                 });
             }
         });
-    }
-
-    fn enqueue(&self, machine: MachineNo, kind: Uplink, payload: &Bytes) {
-        let work = Work {
-            machine,
-            kind,
-            payload: payload.clone(),
-        };
-        if self.uplink_work.try_send(work).is_err() {
-            self.stats
-                .uplinks_overloaded
-                .fetch_add(1, Ordering::Relaxed);
-        }
     }
 
     async fn handle(&self, w: Work) {
@@ -420,43 +493,9 @@ impl OrderService {
         }
     }
 
-    fn on_inventory(&self, m: MachineNo, payload: &Bytes) {
-        match msg::decode::<InventoryMsg>(payload) {
-            // A negative price would make amounts and refunds negative: the
-            // snapshot is malformed, and the last good one stays.
-            Ok(inv) if inv.items.iter().any(|i| i.price < 0) => {
-                self.stats
-                    .malformed_device_messages
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(inv) => {
-                self.inventory.set_snapshot(m, &inv.items);
-                self.inventory_writes.put(m, inv.items);
-            }
-            Err(_) => {
-                self.stats
-                    .malformed_device_messages
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// Whether order `id` has been sent from here and waits for its
     /// machine's ack (the hostile-input harness plays the machine).
     pub(crate) fn awaiting_ack(&self, id: u64) -> bool {
         self.inflight.contains_key(&id)
-    }
-}
-
-/// Uplinks routed to the order side.
-pub struct OrderUplinks(pub Arc<OrderService>);
-
-impl UplinkHandler for OrderUplinks {
-    fn on_uplink(&self, machine_no: MachineNo, _epoch: u64, kind: Uplink, payload: &Bytes) {
-        match kind {
-            Uplink::Inventory => self.0.on_inventory(machine_no, payload),
-            Uplink::Ack | Uplink::Result => self.0.enqueue(machine_no, kind, payload),
-            Uplink::State | Uplink::Pong => {}
-        }
     }
 }

@@ -315,7 +315,7 @@ pub(super) async fn handshake(
     let session = Arc::new(session);
     // Cluster mode: the epoch comes from the cluster before anything local
     // changes, so a refused CONNECT leaves the old session alone.
-    let cluster_epoch = match (class, hub.epochs.get()) {
+    let cluster_epoch = match (class, hub.epochs.as_ref()) {
         (ClientClass::Machine(m), Some(source)) => match source.acquire(m).await {
             Some(e) => Some(e),
             None => {

@@ -501,7 +501,7 @@ impl SessionLoop {
         let payload: Bytes = p.payload;
         let retain = p.retain && retain_allowed(&self.hub, self.class, &payload);
         if self.epoch.is_some() {
-            if let Some(f) = self.hub.forwarder.get() {
+            if let Some(f) = self.hub.forwarder.as_ref() {
                 f.forward(&p.topic, &payload, p.qos, retain);
             }
         }
