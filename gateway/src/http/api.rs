@@ -661,16 +661,10 @@ async fn ping_machine(
     Merchant(merchant): Merchant,
     Segment(machine_no): Segment,
 ) -> Answer {
-    let Ok(m) = machine_no.parse::<MachineNo>() else {
-        return err(&s, ErrorCode::InvalidMachineNo);
+    let m = match callers_machine(&s, &merchant, &machine_no).await {
+        Ok(machine) => machine.machine_no,
+        Err(code) => return err(&s, code),
     };
-    // Read from storage like `GET /machines/{no}`: another merchant's
-    // machine answers exactly like an unknown one.
-    match s.gw.store.machine(&m).await {
-        Ok(Some(machine)) if machine.merchant_appid == merchant => {}
-        Ok(_) => return err(&s, ErrorCode::MachineNotFound),
-        Err(_) => return err(&s, ErrorCode::Internal),
-    }
     if !s.gw.fleet.machine_online(&m) {
         return err(&s, ErrorCode::MachineOffline);
     }
@@ -753,7 +747,7 @@ async fn list_machines(
     if online_filter == Some(true) {
         return list_online_machines(&s, &merchant, page, page_size).await;
     }
-    let machines = match s.gw.store.list_machines(Some(&merchant)).await {
+    let machines = match s.gw.fleet.list(Some(&merchant)).await {
         Ok(m) => m,
         Err(_) => return err(&s, ErrorCode::Internal),
     };
@@ -801,7 +795,7 @@ async fn list_online_machines(
         .skip((page - 1).saturating_mul(page_size))
         .take(page_size)
     {
-        match s.gw.store.machine(m).await {
+        match s.gw.fleet.machine(m).await {
             Ok(Some(machine)) => list.push(machine_json(s, &machine).await),
             // Owned a moment ago, and machine rows are never deleted (a
             // removed machine keeps its row): only a storage error gets here.
@@ -842,15 +836,27 @@ async fn get_machine(
     Merchant(merchant): Merchant,
     Segment(machine_no): Segment,
 ) -> Answer {
-    let Ok(m) = machine_no.parse::<MachineNo>() else {
-        return err(&s, ErrorCode::InvalidMachineNo);
-    };
-    match s.gw.store.machine(&m).await {
-        Ok(Some(machine)) if machine.merchant_appid == merchant => {
-            ok(&s, machine_json(&s, &machine).await)
-        }
-        Ok(_) => err(&s, ErrorCode::MachineNotFound),
-        Err(_) => err(&s, ErrorCode::Internal),
+    match callers_machine(&s, &merchant, &machine_no).await {
+        Ok(machine) => ok(&s, machine_json(&s, &machine).await),
+        Err(code) => err(&s, code),
+    }
+}
+
+/// The caller's machine `machine_no`, read from storage: 20002 when the
+/// number is malformed, 30001 when it is unknown or another merchant's
+/// (answered alike, so machine numbers cannot be probed).
+async fn callers_machine(
+    s: &AppState,
+    merchant: &str,
+    machine_no: &str,
+) -> Result<crate::storage::Machine, ErrorCode> {
+    let m = machine_no
+        .parse::<MachineNo>()
+        .map_err(|_| ErrorCode::InvalidMachineNo)?;
+    match s.gw.fleet.machine(&m).await {
+        Ok(Some(machine)) if machine.merchant_appid == merchant => Ok(machine),
+        Ok(_) => Err(ErrorCode::MachineNotFound),
+        Err(_) => Err(ErrorCode::Internal),
     }
 }
 

@@ -651,7 +651,7 @@ async fn machine(State(state): State<DashState>, Path(machine_no): Path<String>)
     let Ok(m) = machine_no.parse::<MachineNo>() else {
         return machine_not_found();
     };
-    let stored = match gw.store.machine(&m).await {
+    let stored = match gw.fleet.machine(&m).await {
         Ok(Some(s)) => s,
         Ok(None) => return machine_not_found(),
         Err(_) => return internal(),
@@ -724,7 +724,7 @@ async fn ping(
     let Ok(m) = machine_no.parse::<MachineNo>() else {
         return machine_not_found();
     };
-    match gw.store.machine(&m).await {
+    match gw.fleet.machine(&m).await {
         Ok(Some(_)) => {}
         Ok(None) => return machine_not_found(),
         Err(_) => return internal(),
