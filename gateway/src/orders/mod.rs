@@ -84,7 +84,7 @@ use tokio_util::sync::CancellationToken;
 use vendgate_proto::machine::MachineNo;
 
 use crate::config::OrderSettings;
-use crate::domain::order::{Line, Order, Status};
+use crate::domain::order::{Line, Order};
 use crate::fleet::presence::PresenceRegistry;
 use crate::link::commands::CommandBus;
 use crate::storage::{OrderEvent, Storage, StoredOrder};
@@ -269,6 +269,19 @@ impl OrderService {
             .unwrap_or(0)
     }
 
+    /// Order `order_id` if it is `merchant`'s; another merchant's order
+    /// is answered exactly like an absent one (40001).
+    async fn merchants_order(
+        &self,
+        merchant: &str,
+        order_id: u64,
+    ) -> Result<StoredOrder, OrderError> {
+        match self.store.order(order_id).await? {
+            Some(o) if o.merchant_appid == merchant => Ok(o),
+            _ => Err(OrderError::OrderNotFound),
+        }
+    }
+
     /// A merchant's view of one order: None when absent or another merchant's.
     pub async fn get(
         &self,
@@ -296,15 +309,7 @@ impl OrderService {
     /// see a state conflict, and only the winner releases the stock. A
     /// second cancel is a conflict too: the order is no longer unpaid.
     pub async fn cancel(&self, merchant: &str, order_id: u64) -> Result<StoredOrder, OrderError> {
-        let Some(o) = self.store.order(order_id).await? else {
-            return Err(OrderError::OrderNotFound);
-        };
-        if o.merchant_appid != merchant {
-            return Err(OrderError::OrderNotFound);
-        }
-        if o.status != Status::AwaitingPayment {
-            return Err(OrderError::StateConflict);
-        }
+        let Unpaid(o) = self.unpaid(merchant, order_id).await?;
         match self
             .transition(
                 &o,
@@ -324,12 +329,7 @@ impl OrderService {
     /// `POST /orders/{id}/refund`: the merchant records that it refunded
     /// `refund_amount`. Idempotent; 40002 when there is nothing to refund.
     pub async fn refund(&self, merchant: &str, order_id: u64) -> Result<StoredOrder, OrderError> {
-        let Some(o) = self.store.order(order_id).await? else {
-            return Err(OrderError::OrderNotFound);
-        };
-        if o.merchant_appid != merchant {
-            return Err(OrderError::OrderNotFound);
-        }
+        let o = self.merchants_order(merchant, order_id).await?;
         if o.refunded_at.is_some() {
             return Ok(o);
         }

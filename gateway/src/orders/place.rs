@@ -112,7 +112,7 @@ impl Placing<'_> {
 /// A `pay_later` order of the merchant, unpaid when [`OrderService::unpaid`]
 /// read it.
 #[derive(Debug)]
-pub struct Unpaid(StoredOrder);
+pub struct Unpaid(pub(super) StoredOrder);
 
 impl Unpaid {
     pub fn machine_no(&self) -> MachineNo {
@@ -278,12 +278,7 @@ impl OrderService {
     /// `POST /orders/{id}/pay`, first step: the merchant's order, still
     /// awaiting payment.
     pub async fn unpaid(&self, merchant: &str, order_id: u64) -> Result<Unpaid, OrderError> {
-        let Some(o) = self.store.order(order_id).await? else {
-            return Err(OrderError::OrderNotFound);
-        };
-        if o.merchant_appid != merchant {
-            return Err(OrderError::OrderNotFound);
-        }
+        let o = self.merchants_order(merchant, order_id).await?;
         if o.status != Status::AwaitingPayment {
             return Err(OrderError::StateConflict);
         }
