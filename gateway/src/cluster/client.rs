@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -230,6 +231,18 @@ impl Cluster {
             }
         }
         tasks
+    }
+
+    /// The next message of `sub`; None at shutdown or when the
+    /// subscription ends (the loops that read one stop there).
+    pub(super) async fn next_message(
+        &self,
+        sub: &mut async_nats::Subscriber,
+    ) -> Option<async_nats::Message> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            msg = sub.next() => msg,
+        }
     }
 
     pub(super) async fn subscribe(&self, subject: String) -> Option<async_nats::Subscriber> {

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
@@ -29,12 +28,7 @@ impl Cluster {
         let Some(mut sub) = self.subscribe(self.subjects.uplinks()).await else {
             return;
         };
-        loop {
-            let msg = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                msg = sub.next() => msg,
-            };
-            let Some(msg) = msg else { return };
+        while let Some(msg) = self.next_message(&mut sub).await {
             let Some(h) = msg.headers.as_ref() else {
                 continue;
             };

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use vendgate_proto::machine::MachineNo;
@@ -179,12 +178,7 @@ impl Cluster {
         let Some(mut sub) = self.subscribe(self.subjects.presence()).await else {
             return;
         };
-        loop {
-            let msg = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                msg = sub.next() => msg,
-            };
-            let Some(msg) = msg else { return };
+        while let Some(msg) = self.next_message(&mut sub).await {
             let Ok(note) = serde_json::from_slice::<PresenceNote>(&msg.payload) else {
                 continue;
             };
@@ -209,12 +203,7 @@ impl Cluster {
         let Some(mut sub) = self.subscribe(self.subjects.heartbeat()).await else {
             return;
         };
-        loop {
-            let msg = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                msg = sub.next() => msg,
-            };
-            let Some(msg) = msg else { return };
+        while let Some(msg) = self.next_message(&mut sub).await {
             if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
                 self.view.heard(hb);
             }

@@ -284,12 +284,7 @@ impl OwnerServer {
         else {
             return;
         };
-        loop {
-            let msg = tokio::select! {
-                _ = self.cluster.shutdown.cancelled() => return,
-                msg = sub.next() => msg,
-            };
-            let Some(msg) = msg else { return };
+        while let Some(msg) = self.cluster.next_message(&mut sub).await {
             let Ok(r) = serde_json::from_slice::<Released>(&msg.payload) else {
                 continue;
             };
