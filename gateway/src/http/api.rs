@@ -40,17 +40,15 @@ pub(super) fn routes(r: ApiRoutes) -> ApiRoutes {
         .add(__path_ping_machine, ping_machine)
 }
 
-pub(super) type Answer = Envelope;
-
-pub(super) fn err(s: &AppState, code: ErrorCode) -> Answer {
+pub(super) fn err(s: &AppState, code: ErrorCode) -> Envelope {
     Envelope::err(code, s.gw.settings.http.http_status)
 }
 
-pub(super) fn ok(s: &AppState, data: Value) -> Answer {
+pub(super) fn ok(s: &AppState, data: Value) -> Envelope {
     Envelope::ok(data, s.gw.settings.http.http_status)
 }
 
-pub async fn not_found(State(s): State<AppState>, method: Method, uri: Uri) -> Answer {
+pub async fn not_found(State(s): State<AppState>, method: Method, uri: Uri) -> Envelope {
     debug!(%method, %uri, "no such route");
     err(&s, ErrorCode::InvalidParams)
 }
@@ -280,7 +278,7 @@ async fn place_order(
     Merchant(merchant): Merchant,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Answer {
+) -> Envelope {
     let Ok(body) = body else {
         // Oversized or unreadable body.
         return err(&s, ErrorCode::InvalidParams);
@@ -347,7 +345,7 @@ async fn get_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Segment(order_id): Segment,
-) -> Answer {
+) -> Envelope {
     let order_id = match parse_order_id(&s, &order_id) {
         Ok(id) => id,
         Err(a) => return a,
@@ -428,7 +426,7 @@ pub(super) fn refund_status(o: &crate::storage::StoredOrder) -> Value {
     }
 }
 
-fn parse_order_id(s: &AppState, raw: &str) -> Result<u64, Answer> {
+fn parse_order_id(s: &AppState, raw: &str) -> Result<u64, Envelope> {
     raw.parse::<u64>()
         .map_err(|_| err(s, ErrorCode::OrderNotFound))
 }
@@ -449,7 +447,7 @@ async fn pay_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Segment(order_id): Segment,
-) -> Answer {
+) -> Envelope {
     let order_id = match parse_order_id(&s, &order_id) {
         Ok(id) => id,
         Err(a) => return a,
@@ -483,7 +481,7 @@ async fn refund_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Segment(order_id): Segment,
-) -> Answer {
+) -> Envelope {
     let order_id = match parse_order_id(&s, &order_id) {
         Ok(id) => id,
         Err(a) => return a,
@@ -551,7 +549,7 @@ async fn list_orders(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Query(q): Query<HashMap<String, String>>,
-) -> Answer {
+) -> Envelope {
     let Ok((page, page_size)) = paging(&q, DEFAULT_ORDERS_PAGE, MAX_ORDERS_PAGE) else {
         return err(&s, ErrorCode::InvalidParams);
     };
@@ -623,7 +621,7 @@ async fn cancel_order(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Segment(order_id): Segment,
-) -> Answer {
+) -> Envelope {
     let order_id = match parse_order_id(&s, &order_id) {
         Ok(id) => id,
         Err(a) => return a,
@@ -660,7 +658,7 @@ async fn ping_machine(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Segment(machine_no): Segment,
-) -> Answer {
+) -> Envelope {
     let m = match callers_machine(&s, &merchant, &machine_no).await {
         Ok(machine) => machine.machine_no,
         Err(code) => return err(&s, code),
@@ -731,7 +729,7 @@ async fn list_machines(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Query(q): Query<HashMap<String, String>>,
-) -> Answer {
+) -> Envelope {
     let Ok((page, page_size)) = paging(&q, 20, 100) else {
         return err(&s, ErrorCode::InvalidParams);
     };
@@ -779,7 +777,7 @@ async fn list_online_machines(
     merchant: &str,
     page: usize,
     page_size: usize,
-) -> Answer {
+) -> Envelope {
     let mut mine = Vec::new();
     for m in s.gw.fleet.online_machines() {
         match s.gw.orders.owned_by(&m, merchant).await {
@@ -812,7 +810,7 @@ fn machines_page(
     total: usize,
     page: usize,
     page_size: usize,
-) -> Answer {
+) -> Envelope {
     let mut data = Map::new();
     data.insert("machines".into(), Value::Array(list));
     data.insert("total".into(), json!(total));
@@ -835,7 +833,7 @@ async fn get_machine(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Segment(machine_no): Segment,
-) -> Answer {
+) -> Envelope {
     match callers_machine(&s, &merchant, &machine_no).await {
         Ok(machine) => ok(&s, machine_json(&s, &machine).await),
         Err(code) => err(&s, code),

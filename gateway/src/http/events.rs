@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use tracing::info;
 use vendgate_proto::codes::ErrorCode;
 
-use super::api::{err, ok, Answer, Merchant, Segment};
+use super::api::{err, ok, Merchant, Segment};
+use super::envelope::Envelope;
 use super::openapi::{ApiRoutes, EventPageAnswer, ReplayAnswer};
 use super::AppState;
 use crate::storage::{OutboxEntry, OutboxStatus, ReplayOutcome};
@@ -65,7 +66,7 @@ async fn list_events(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Query(q): Query<HashMap<String, String>>,
-) -> Answer {
+) -> Envelope {
     let status = match q.get("status").map(String::as_str) {
         None | Some("") => None,
         Some(st) => match OutboxStatus::parse(st) {
@@ -116,7 +117,7 @@ async fn replay_event(
     State(s): State<AppState>,
     Merchant(merchant): Merchant,
     Segment(event_id): Segment,
-) -> Answer {
+) -> Envelope {
     match s
         .gw
         .store

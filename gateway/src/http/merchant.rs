@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use tracing::info;
 use vendgate_proto::codes::ErrorCode;
 
-use super::api::{err, ok, Answer, Merchant};
+use super::api::{err, ok, Merchant};
+use super::envelope::Envelope;
 use super::openapi::{ApiRoutes, MerchantAnswer, MerchantUpdate};
 use super::AppState;
 use crate::notifier::target::check_url;
@@ -25,7 +26,7 @@ pub(super) fn routes(r: ApiRoutes) -> ApiRoutes {
         .add(__path_put_merchant, put_merchant)
 }
 
-async fn show(s: &AppState, appid: &str) -> Answer {
+async fn show(s: &AppState, appid: &str) -> Envelope {
     match s.gw.store.merchant(appid).await {
         Ok(Some(m)) => ok(
             s,
@@ -45,7 +46,7 @@ async fn show(s: &AppState, appid: &str) -> Answer {
     tag = "merchant",
     responses((status = 200, description = "The settings, or an error envelope.", body = MerchantAnswer))
 )]
-async fn get_merchant(State(s): State<AppState>, Merchant(appid): Merchant) -> Answer {
+async fn get_merchant(State(s): State<AppState>, Merchant(appid): Merchant) -> Envelope {
     show(&s, &appid).await
 }
 
@@ -79,7 +80,7 @@ async fn put_merchant(
     State(s): State<AppState>,
     Merchant(appid): Merchant,
     body: Result<Bytes, BytesRejection>,
-) -> Answer {
+) -> Envelope {
     let Ok(body) = body else {
         return err(&s, ErrorCode::InvalidParams);
     };
