@@ -812,10 +812,18 @@ async fn assert_dispenses_match_answers(
 
     let done = dispensed(sims);
     for id in &accepted {
-        assert!(
-            done.contains(id),
-            "order {id} was answered 0 but never dispensed"
-        );
+        if !done.contains(id) {
+            // The order's timeline and what the machine saw, so a failure
+            // says where the go was lost.
+            let v = c.dashboard_order(node, *id).await;
+            panic!(
+                "order {id} was answered 0 but never dispensed: {}\n  machine:\n{}",
+                v.as_ref()
+                    .map(timeline)
+                    .unwrap_or_else(|| "unreadable".into()),
+                machine_view(sims, *id)
+            );
+        }
     }
     let by_otn: HashMap<&str, &Answer> = answers
         .iter()
