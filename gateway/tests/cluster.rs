@@ -768,7 +768,8 @@ impl std::fmt::Display for DispenseAudit {
 /// request) may have gone either way and is counted as unanswered and
 /// dispensed. First every order a machine was commanded that was not
 /// answered 0 is waited out of `dispatching`/`dispensing` (bound:
-/// DEADLINE), so no `go` can follow the count.
+/// DEADLINE), so no `go` can follow the count; then every order answered
+/// 0 is waited until the machine dispensed it (same bound).
 async fn assert_dispenses_match_answers(
     c: &Cluster,
     node: usize,
@@ -810,7 +811,16 @@ async fn assert_dispenses_match_answers(
         }
     }
 
-    let done = dispensed(sims);
+    // An order answered 0 may be dispensed a little later: its `go` can
+    // follow the machine to its next connection (the retried go, or the
+    // go owed on reconnect). Wait for every one, bounded by DEADLINE.
+    let done = poll_value(
+        DEADLINE,
+        || async { dispensed(sims) },
+        |d| accepted.is_subset(d),
+    )
+    .await
+    .unwrap_or_else(|d| d);
     for id in &accepted {
         if !done.contains(id) {
             // The order's timeline and what the machine saw, so a failure
