@@ -73,8 +73,9 @@ pub async fn method_not_allowed(
 /// The caller's appid when `Appid`/`AppSecret` match (constant-time; an
 /// unknown appid costs the same as a wrong secret). During a rotation's grace
 /// period the previous AppSecret matches too, and is counted and logged.
-/// The merchant is read from storage on every call (no cache), so a rotation
-/// made by the CLI applies to the next request.
+/// The merchant row comes from the storage's credential cache (trusted for
+/// 1 s, `storage::cached`), so a rotation made by the CLI applies within a
+/// second; the check itself is one HMAC, not a password hash.
 pub(super) async fn authenticate(s: &AppState, headers: &HeaderMap) -> Result<String, ErrorCode> {
     let appid = headers
         .get("appid")

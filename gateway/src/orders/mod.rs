@@ -62,8 +62,10 @@ pub mod cancels;
 pub mod deadlines;
 pub mod dispatch;
 pub mod error;
+mod go;
 pub mod ids;
 pub mod inventory;
+mod open;
 pub mod owners;
 pub mod place;
 pub mod stock;
@@ -158,6 +160,9 @@ pub struct OrderService {
     /// At most one per machine (plus the ones being wound up), so bounded
     /// by the machines connected here.
     inflight: DashMap<u64, Arc<Ticket>>,
+    /// The orders in flight as this node last wrote them (acks and results
+    /// need no read).
+    open: open::OpenOrders,
     /// The in-flight order's "result applied" waiter, by order id.
     settled: DashMap<u64, tokio::sync::oneshot::Sender<()>>,
     /// Inventory snapshots not yet persisted: the latest per machine (a
@@ -236,6 +241,7 @@ impl OrderService {
             settings,
             queues: DashMap::new(),
             inflight: DashMap::new(),
+            open: open::OpenOrders::default(),
             settled: DashMap::new(),
             inventory_writes,
             inventory_writer: std::sync::Mutex::new(None),

@@ -347,7 +347,11 @@ impl OrderService {
             );
             match self.store.insert_order(&new, &ev).await {
                 // The row just inserted, without reading it back.
-                Ok(()) => return Ok(StoredOrder::from_new(new)),
+                Ok(()) => {
+                    let stored = StoredOrder::from_new(new);
+                    self.open.wrote(stored.clone());
+                    return Ok(stored);
+                }
                 // Taken: the forwarding node's record that it gave up.
                 Err(StorageError::Duplicate("order")) if id.fixed => {
                     return Err(OrderError::Offline);
@@ -426,7 +430,7 @@ impl Drop for KeyGuard<'_> {
 
 impl StoredOrder {
     /// The row [`OrderService::persist_new`] just inserted.
-    fn from_new(new: NewOrder) -> Self {
+    pub(super) fn from_new(new: NewOrder) -> Self {
         Self {
             order_id: new.order_id,
             merchant_appid: new.merchant_appid,

@@ -112,8 +112,20 @@ impl OrderService {
             )
             .await?
         {
+            self.open.forget(current.order_id);
             return Ok(Cas::Missed);
         }
+        self.open.wrote(StoredOrder {
+            status: change.status,
+            lines: change.lines,
+            error: change.error,
+            result_applied: change.result_applied,
+            refund_amount: change.refund_amount,
+            dispense_deadline: change.dispense_deadline,
+            accept_by: change.accept_by,
+            updated_at: now,
+            ..current.clone()
+        });
         if !outbox.is_empty() {
             self.notifier.wake();
         }

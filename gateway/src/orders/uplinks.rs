@@ -7,23 +7,22 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
 use serde_json::json;
 use tokio::sync::{mpsc, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use vendgate_proto::machine::MachineNo;
-use vendgate_proto::msg::{self, AckMsg, GoCmd, InventoryMsg, ResultMsg};
-use vendgate_proto::topic::{Command, Uplink};
+use vendgate_proto::msg::{self, AckMsg, InventoryMsg, ResultMsg};
+use vendgate_proto::topic::Uplink;
 
 use super::inventory::Inventory;
 use super::stock::PendingSnapshots;
 use super::ticket::{Begin, Decision};
 use super::transition::{Cas, ChangeOpts};
-use super::{event, OrderError, OrderService, OrderStats};
-use crate::domain::order::{check_result, Event, GiveUp, Status};
+use super::{OrderError, OrderService, OrderStats};
+use crate::domain::order::{check_result, Event, GiveUp, Order, Status};
 use crate::edge::UplinkHandler;
 use crate::storage::StoredOrder;
 
@@ -32,12 +31,6 @@ pub(super) const WORK_QUEUE: usize = 4096;
 
 /// Acks and results being handled at once, at most.
 const WORKERS: usize = 256;
-/// How long a `go` the machine's connection could not take is retried: half
-/// the machine's `go_timeout` (10 s, PROTOCOL.md machine rule 2), so a retry
-/// that gets through still arrives while the machine holds the order.
-const GO_RESEND_FOR: Duration = Duration::from_secs(5);
-/// Pause between those retries.
-const GO_RESEND_EVERY: Duration = Duration::from_millis(100);
 
 /// One ack or result to handle.
 pub struct Work {
@@ -228,7 +221,14 @@ impl OrderService {
         let sent = ticket
             .as_ref()
             .map_or_else(|| json!({}), |t| t.sent_detail());
-        let o = match self.store.order(id).await {
+        // A first ack finds its order cached as `dispatching` (module
+        // `open`: the CAS below proves the guess); anything else is read.
+        let cached = self.open.get(id, Status::Dispatching).map(Ok);
+        let found = match cached {
+            Some(o) => o.map(Some),
+            None => self.store.order(id).await,
+        };
+        let o = match found {
             Ok(Some(o)) if o.machine_no == m => o,
             // An ack for no order of this machine: a stray (late, repeated
             // or foreign) one, counted as such.
@@ -387,72 +387,6 @@ impl OrderService {
         );
     }
 
-    async fn send_go(&self, m: MachineNo, id: u64) {
-        let r = self
-            .commands
-            .send(
-                &m,
-                Command::Go,
-                Bytes::from(msg::encode(&GoCmd { order_id: id })),
-            )
-            .await;
-        match r {
-            Ok(()) => {
-                self.stats.go_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            // The machine is between connections (a take-over, a node
-            // being re-homed): keep handing the `go` over for a while, so
-            // the merchant's 0 is honoured whichever node the machine comes
-            // back to. A repeated `go` is never acted on twice (PROTOCOL.md
-            // machine rule 3); past the retries the machine drops the order
-            // after its go timeout and reports `no_go` (failed, full
-            // refund), and a later connection gets it from `deliver_owed`.
-            Err(e) => {
-                debug!(machine_no = %m, order_id = id, error = %e, "go not delivered; retrying");
-                self.resend_go(m, id);
-            }
-        }
-    }
-
-    /// Retry a `go` that could not be handed to the machine's connection,
-    /// every [`GO_RESEND_EVERY`] for at most [`GO_RESEND_FOR`], while the
-    /// order still waits for its result.
-    fn resend_go(&self, m: MachineNo, id: u64) {
-        let Some(me) = self.me.upgrade() else { return };
-        tokio::spawn(async move {
-            let payload = Bytes::from(msg::encode(&GoCmd { order_id: id }));
-            let give_up = tokio::time::Instant::now() + GO_RESEND_FOR;
-            loop {
-                tokio::select! {
-                    () = me.shutdown.cancelled() => return,
-                    () = tokio::time::sleep(GO_RESEND_EVERY) => {}
-                }
-                match me.store.order(id).await {
-                    Ok(Some(o)) if o.status == Status::Dispensing && !o.result_applied => {}
-                    // Settled meanwhile (its result came, or `deliver_owed`
-                    // delivered it and the machine answered).
-                    Ok(_) => return,
-                    Err(_) => {}
-                }
-                if me
-                    .commands
-                    .send(&m, Command::Go, payload.clone())
-                    .await
-                    .is_ok()
-                {
-                    me.stats.go_sent.fetch_add(1, Ordering::Relaxed);
-                    let ev = event("go_sent", json!({ "delivered": true, "after": "retry" }));
-                    let _ = me.store.append_order_event(id, &ev).await;
-                    return;
-                }
-                if tokio::time::Instant::now() >= give_up {
-                    warn!(machine_no = %m, order_id = id, "go not delivered; the machine will report no_go");
-                    return;
-                }
-            }
-        });
-    }
-
     /// A machine accepted an order we gave up on: repeat the cancel (no
     /// `go` was ever sent for a rejected order).
     fn late_accept(&self, m: MachineNo, o: &StoredOrder) {
@@ -470,6 +404,34 @@ impl OrderService {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
+        let items: Vec<(i64, u32, u32)> = r
+            .items
+            .iter()
+            .map(|i| (i.product_id, i.quantity, i.dispensed))
+            .collect();
+        let ev = Event::Result {
+            items: items.clone(),
+            error: r.error.clone(),
+        };
+        let detail = json!({ "items": r.items });
+        // A first result finds its order cached as `dispensing` (module
+        // `open`): applied with one compare-and-set and no read. Anything
+        // but a change written is decided again from the stored order.
+        if let Some(o) = self
+            .open
+            .get(r.order_id, Status::Dispensing)
+            .filter(|o| o.machine_no == m)
+        {
+            if check_result(&o.as_state(), &items).is_ok() {
+                if let Ok(Cas::Changed(next)) = self
+                    .change_once(&o, &ev, detail.clone(), ChangeOpts::default())
+                    .await
+                {
+                    self.result_applied(m, &o, next).await;
+                    return;
+                }
+            }
+        }
         let o = match self.store.order(r.order_id).await {
             Ok(Some(o)) if o.machine_no == m => o,
             _ => {
@@ -477,59 +439,53 @@ impl OrderService {
                 return;
             }
         };
-        let items: Vec<(i64, u32, u32)> = r
-            .items
-            .iter()
-            .map(|i| (i.product_id, i.quantity, i.dispensed))
-            .collect();
         // An ill-fitting result is counted and dropped (gateway rule 3),
         // and leaves the order as it is.
         if check_result(&o.as_state(), &items).is_err() {
             self.unmatched(m, o.order_id, "result that does not fit its order");
             return;
         }
-        let held = o.status.holds_reservation();
-        let ev = Event::Result {
-            items,
-            error: r.error.clone(),
-        };
-        match self.transition(&o, &ev, json!({ "items": r.items })).await {
-            Ok(Some(next)) => {
-                self.stats.results_applied.fetch_add(1, Ordering::Relaxed);
-                if next.status == Status::Rejected && next.dispensed_units() > 0 {
-                    self.stats
-                        .dispensed_after_rejection
-                        .fetch_add(1, Ordering::Relaxed);
-                    warn!(machine_no = %m, order_id = o.order_id, amount = next.dispensed_amount(), "goods out for an order that was given up");
-                } else {
-                    info!(machine_no = %m, order_id = o.order_id, status = next.status.as_str(), "order settled");
-                }
-                // An unknown order's reservation went at its deadline.
-                if held {
-                    self.inventory.release(m, &next.lines);
-                }
-                if o.status == Status::Dispatching {
-                    // Given up before any acceptance: a waiter here hears it now.
-                    if let Some(t) = self.inflight.get(&o.order_id).map(|t| t.clone()) {
-                        if t.begin_decision() == Begin::Deciding {
-                            if let Ok(Some(now)) = self.store.order(o.order_id).await {
-                                t.decide(Decision::Stored(Box::new(now)));
-                            } else {
-                                t.decide(Decision::NotAccepted);
-                            }
-                        }
-                    }
-                }
-                if let Some((_, tx)) = self.settled.remove(&o.order_id) {
-                    let _ = tx.send(());
-                }
-            }
+        match self.transition(&o, &ev, detail).await {
+            Ok(Some(next)) => self.result_applied(m, &o, next).await,
             Ok(None) => {
                 self.stats
                     .duplicate_device_messages
                     .fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => self.unmatched(m, o.order_id, "result that does not fit its order"),
+        }
+    }
+
+    /// A result changed order `o` (as stored before the change) to `next`:
+    /// counters, the reservation, and whoever waits on the order.
+    async fn result_applied(&self, m: MachineNo, o: &StoredOrder, next: Order) {
+        self.stats.results_applied.fetch_add(1, Ordering::Relaxed);
+        if next.status == Status::Rejected && next.dispensed_units() > 0 {
+            self.stats
+                .dispensed_after_rejection
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(machine_no = %m, order_id = o.order_id, amount = next.dispensed_amount(), "goods out for an order that was given up");
+        } else {
+            info!(machine_no = %m, order_id = o.order_id, status = next.status.as_str(), "order settled");
+        }
+        // An unknown order's reservation went at its deadline.
+        if o.status.holds_reservation() {
+            self.inventory.release(m, &next.lines);
+        }
+        if o.status == Status::Dispatching {
+            // Given up before any acceptance: a waiter here hears it now.
+            if let Some(t) = self.inflight.get(&o.order_id).map(|t| t.clone()) {
+                if t.begin_decision() == Begin::Deciding {
+                    if let Ok(Some(now)) = self.store.order(o.order_id).await {
+                        t.decide(Decision::Stored(Box::new(now)));
+                    } else {
+                        t.decide(Decision::NotAccepted);
+                    }
+                }
+            }
+        }
+        if let Some((_, tx)) = self.settled.remove(&o.order_id) {
+            let _ = tx.send(());
         }
     }
 
