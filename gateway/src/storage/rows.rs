@@ -71,7 +71,7 @@ pub(super) fn to_u64(v: i64, column: &str) -> Result<u64, StorageError> {
     u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{column} {v}")))
 }
 
-fn to_u32(v: i64, column: &str) -> Result<u32, StorageError> {
+pub(super) fn to_u32(v: i64, column: &str) -> Result<u32, StorageError> {
     u32::try_from(v).map_err(|_| StorageError::Corrupt(format!("{column} {v}")))
 }
 
