@@ -627,6 +627,13 @@ pub const OWNERSHIP: &str = concat!(
     " FROM machines ORDER BY machine_no"
 );
 
+/// [`OWNERSHIP`] with each row's presence time.
+pub const OWNERSHIP_SEEN: &str = concat!(
+    "SELECT ",
+    ownership_columns!(),
+    ", last_seen_ms FROM machines ORDER BY machine_no"
+);
+
 /// Ownership of the machines in `set` (`IN ($1, …)`, or `= ANY($1)`).
 pub fn ownership_of(set: &str) -> String {
     format!(
