@@ -157,7 +157,10 @@ for part in "$W"/many-part-*; do
   "$B/vendgate-sim" fleet --gateway "${NODE_MQTT[$i]}" --secrets "$part" --connect-rate 700 >"$part.out" 2>/dev/null &
   PIDS+=($!); i=$((i + 1))
 done
-for part in "$W"/many-part-*; do
+# The parts only (many-part-NN), not their .out files, which the glob would
+# also match: waiting for "….out.out" cost 60 s each and put t1 minutes
+# after the storm.
+for part in "$W"/many-part-[0-9][0-9]; do
   for _ in $(seq 600); do grep -q "connected in" "$part.out" 2>/dev/null && break; sleep 0.1; done
 done
 t1=$(date +%s%3N)
