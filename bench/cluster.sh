@@ -17,19 +17,29 @@
 #
 #   bench/cluster.sh                 # ~3 minutes on 2 cores
 #   MACHINES=2000 DURATION=5s bench/cluster.sh
+#   PARTS=h bench/cluster.sh         # only (h); PARTS is any of f, g, h
+#
+# Before/after a change: BIN_DIR names prebuilt `vendgate` and
+# `vendgate-sim` (nothing is built), e.g. an older revision's
+# target/release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MACHINES=${MACHINES:-10000}
 DURATION=${DURATION:-10s}
+PARTS=${PARTS:-fgh}
 export RUST_LOG=${RUST_LOG:-warn}
 # The load generator is the only merchant; 64 simulated machines answer far
 # more orders per second than a real machine would publish.
 export VENDGATE_HTTP__RATE_LIMIT=0 VENDGATE_MQTT__MACHINE_PUBLISH_RATE=0 VENDGATE_MQTT__MAX_CONNECTIONS_PER_ADDRESS=0 VENDGATE_MQTT__ACCEPT_RATE_PER_ADDRESS=0
 
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
-cargo build --release -q -p vendgate -p vendgate-sim
-B=$PWD/target/release
+if [ -n "${BIN_DIR:-}" ]; then
+  B=$BIN_DIR
+else
+  cargo build --release -q -p vendgate -p vendgate-sim
+  B=${CARGO_TARGET_DIR:-$PWD/target}/release
+fi
 W=$(mktemp -d -t vendgate-cluster-bench-XXXXXX)
 export VGCLUSTER_STATE=$W/cluster.state VGCLUSTER_BIN=$B/vendgate
 PIDS=()
@@ -84,6 +94,7 @@ fleet() { # gateway csv outfile [extra args]
 }
 
 # ------------------------------------------------ (f) the cross-node hop
+if [[ $PARTS == *f* ]]; then
 "$B/vendgate" machine add --merchant "$APPID" --count 64 --first 20000000 \
   --secrets-out "$W/s64.csv" --config "$CONF" >/dev/null
 fleet "${NODE_MQTT[0]}" "$W/s64.csv" "$W/fleet64.out" --products 1:1000000:100
@@ -102,6 +113,7 @@ for c in 1 64; do
     "$(awk -v a="$a1" -v b="$a2" 'BEGIN{ printf "hop adds %+.2f ms to p50", b-a }')"
 done
 kill "$F64" 2>/dev/null; wait "$F64" 2>/dev/null || true
+fi
 
 # ------------------------------------ (g) one node: SQLite vs PostgreSQL
 single() { # name database_url-or-empty
@@ -121,6 +133,7 @@ single() { # name database_url-or-empty
   APPID=$appid APPSECRET=$secret load "http://127.0.0.1:$hp" "$d/s64.csv" 64 "$pid"
   kill "$f" "$pid" 2>/dev/null; wait "$f" "$pid" 2>/dev/null || true
 }
+if [[ $PARTS == *g* ]]; then
 read -r st sa sb su < <(single sqlite "")
 PGDB=${VGCLUSTER_DATABASE_URL%/*}/bench_single
 psql "$VGCLUSTER_DATABASE_URL" -qc "CREATE DATABASE bench_single" >/dev/null
@@ -128,8 +141,10 @@ read -r pt pa pb pu < <(single postgres "$PGDB")
 row "(g) one node, SQLite, c=64: orders/s, p50/p99 ms, CPU µs/order" "$st, $sa/$sb, $su" ""
 row "(g) one node, PostgreSQL, c=64: orders/s, p50/p99 ms, CPU µs/order" "$pt, $pa/$pb, $pu" \
   "$(awk -v a="$pt" -v b="$st" 'BEGIN{ printf "%.2f× SQLite", a/b }')"
+fi
 
 # ------------------------------------ (h) 10,000 machines over 3 nodes
+if [[ $PARTS == *h* ]]; then
 # Straight to the nodes, a third each: through haproxy 10,000 machines need
 # ~20,000 descriptors in haproxy alone, this machine's hard limit (run.sh
 # keeps haproxy's maxconn at 4000 for that reason).
@@ -142,7 +157,10 @@ for part in "$W"/many-part-*; do
   "$B/vendgate-sim" fleet --gateway "${NODE_MQTT[$i]}" --secrets "$part" --connect-rate 700 >"$part.out" 2>/dev/null &
   PIDS+=($!); i=$((i + 1))
 done
-for part in "$W"/many-part-*; do
+# The parts only (many-part-NN), not their .out files, which the glob would
+# also match: waiting for "….out.out" cost 60 s each and put t1 minutes
+# after the storm.
+for part in "$W"/many-part-[0-9][0-9]; do
   for _ in $(seq 600); do grep -q "connected in" "$part.out" 2>/dev/null && break; sleep 0.1; done
 done
 t1=$(date +%s%3N)
@@ -160,8 +178,15 @@ done
 spread=$(curl -sf -u "$VGCLUSTER_OPERATOR_USER:$VGCLUSTER_OPERATOR_PASSWORD" "${NODE_HTTP[0]}/dashboard/api/cluster" \
   | jq -r '[.nodes[] | "\(.node_id) \(.machines)"] | join(", ")')
 rss=$(for p in "${NODE_PIDS[@]}"; do awk '/VmRSS/{print $2}' "/proc/$p/status"; done | awk '{s+=$1} END{print s+0}')
+# How the views got there: notes applied, and what the database re-read had
+# to correct (online: a note lost or late; offline: undone notes), all nodes.
+views=$(for h in "${NODE_HTTP[@]}"; do
+  curl -sf -u "$VGCLUSTER_OPERATOR_USER:$VGCLUSTER_OPERATOR_PASSWORD" "$h/dashboard/api/cluster" \
+    | jq -r '[.view.notes_applied // 0, .view.resync_online // 0, .view.resync_offline // 0] | @tsv'
+done | awk '{a+=$1; b+=$2; c+=$3} END{printf "notes %d, re-read online %d / offline %d", a, b, c}')
 row "(h) $MACHINES machines, a third to each node at 700/s each: all connected; every node's view complete" \
-  "$(awk -v a=$((t1 - t0)) 'BEGIN{printf "%.2f s", a/1000}'); +${conv:-?} ms" "per node: $spread; RSS of the 3 nodes $((rss / 1024)) MB"
+  "$(awk -v a=$((t1 - t0)) 'BEGIN{printf "%.2f s", a/1000}'); +${conv:-?} ms" "per node: $spread; views: $views; RSS of the 3 nodes $((rss / 1024)) MB"
+fi
 
 echo
 echo "vendgate cluster benchmark ($(date -u +%FT%TZ), $(nproc) cores, DURATION=$DURATION)"

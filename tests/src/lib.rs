@@ -50,9 +50,21 @@ impl TestGateway {
 
     /// Start on an existing data directory (a restart keeps the database).
     pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut Settings)) -> Self {
+        Self::start_on(on_postgres(), dir, tune).await
+    }
+
+    /// [`TestGateway::start_in`] on the backend given rather than the one
+    /// [`on_postgres`] picks for this process: the order benchmark runs
+    /// SQLite and PostgreSQL side by side in one run. On PostgreSQL the
+    /// database's URL is in `dir/postgres-url`.
+    pub async fn start_on(
+        postgres: bool,
+        dir: tempfile::TempDir,
+        tune: impl FnOnce(&mut Settings),
+    ) -> Self {
         init_logs();
         let mut settings = Settings::for_tests(dir.path());
-        if on_postgres() {
+        if postgres {
             settings.database_url = pg::database_for_dir(dir.path()).await;
         }
         tune(&mut settings);

@@ -137,7 +137,7 @@ impl Cluster {
                 self.reap(now, dead_after).await;
             }
             if n.is_multiple_of(RESYNC_EVERY) {
-                match self.store.ownership(None).await {
+                match self.store.ownership_seen().await {
                     Ok(rows) => self.view.resync(&rows),
                     Err(e) => debug!(error = %e, "ownership re-read failed"),
                 }

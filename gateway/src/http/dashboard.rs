@@ -418,6 +418,14 @@ async fn cluster(State(state): State<DashState>) -> Response {
         "nats": if c.nats_connected() { "connected" } else { "disconnected" },
         "nodes": nodes,
         "machines_online": gw.fleet.online_machines().len(),
+        // How the view of the other nodes' machines was kept: from their
+        // presence notes, or corrected by the database re-read (a note
+        // lost or late). bench/cluster.sh reports them after a storm.
+        "view": {
+            "notes_applied": c.view.stats.notes_applied.load(Ordering::Relaxed),
+            "resync_online": c.view.stats.resync_online.load(Ordering::Relaxed),
+            "resync_offline": c.view.stats.resync_offline.load(Ordering::Relaxed),
+        },
     }))
     .into_response()
 }

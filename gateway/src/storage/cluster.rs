@@ -61,6 +61,16 @@ pub struct Ownership {
     pub online: bool,
 }
 
+/// A machine's [`Ownership`] with the time of its row's latest presence
+/// write (or of the CONNECT that took the epoch, before the owner's
+/// presence write lands), in the owner's clock: it tells the cluster view
+/// an offline written after the online it holds from one written before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnershipSeen {
+    pub ownership: Ownership,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
 /// A live (or not yet reaped) gateway node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRow {
@@ -94,6 +104,10 @@ pub trait ClusterStorage: Send + Sync + 'static {
         &self,
         machines: Option<&[MachineNo]>,
     ) -> Result<Vec<Ownership>, StorageError>;
+
+    /// Every machine's ownership with its presence time (the cluster view's
+    /// periodic re-read), in machine_no order.
+    async fn ownership_seen(&self) -> Result<Vec<OwnershipSeen>, StorageError>;
 
     /// Insert or replace this node's row with a new incarnation (start-up,
     /// or after it found itself reaped). Returns the machines stored online

@@ -65,7 +65,7 @@ mod run;
 mod sql;
 pub mod sqlite;
 
-pub use cluster::{ClusterStorage, Due, NodeRow, Ownership};
+pub use cluster::{ClusterStorage, Due, NodeRow, Ownership, OwnershipSeen};
 pub use lifecycle::{LifecycleStorage, MachineChange, OrderPage, OrderPurge, Purged};
 pub use orders::{
     NewOrder, NewOutboxEvent, OrderChange, OrderEvent, OrderQuery, OrderStorage, StoredOrder,

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::msg::InventoryItem;
 
-use super::cluster::{NodeRow, Ownership};
+use super::cluster::{NodeRow, Ownership, OwnershipSeen};
 use super::outbox::{
     Attempt, AttemptResult, ClaimedEvent, OutboxBacklog, OutboxEntry, OutboxStatus, WebhookAttempt,
 };
@@ -71,7 +71,7 @@ pub(super) fn to_u64(v: i64, column: &str) -> Result<u64, StorageError> {
     u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("{column} {v}")))
 }
 
-fn to_u32(v: i64, column: &str) -> Result<u32, StorageError> {
+pub(super) fn to_u32(v: i64, column: &str) -> Result<u32, StorageError> {
     u32::try_from(v).map_err(|_| StorageError::Corrupt(format!("{column} {v}")))
 }
 
@@ -537,6 +537,9 @@ pub(super) struct OwnershipRow {
     presence_epoch: i64,
     owner_node: Option<String>,
     online: bool,
+    /// Only [`super::sql::OWNERSHIP_SEEN`] reads it.
+    #[sqlx(default)]
+    last_seen_ms: Option<i64>,
 }
 
 impl OwnershipRow {
@@ -546,6 +549,14 @@ impl OwnershipRow {
             epoch: epoch(self.presence_epoch)?,
             node: self.owner_node,
             online: self.online,
+        })
+    }
+
+    pub(super) fn into_seen(self) -> Result<OwnershipSeen, StorageError> {
+        let last_seen = self.last_seen_ms.and_then(DateTime::from_timestamp_millis);
+        Ok(OwnershipSeen {
+            ownership: self.into_ownership()?,
+            last_seen,
         })
     }
 }

@@ -314,6 +314,79 @@ pub const UPDATE_ORDER: &str = "UPDATE orders SET status = $1, error = $2, \
 pub const UPDATE_ORDER_LINE: &str =
     "UPDATE order_items SET dispensed = $1 WHERE order_id = $2 AND line = $3";
 
+// PostgreSQL only: the order path's writes, each one statement (so one
+// round trip and one commit) instead of a transaction of one statement per
+// row. The rows of the other tables join the order's own INSERT or UPDATE
+// (`FROM o`, `FROM u`), so they are written only if it wrote, and only after
+// it: an outbox row gets its `seq` after the UPDATE took the order's row
+// lock, so events of one key still get their seqs in commit order. Lines
+// and outbox rows come as arrays (SQLite has none: it keeps the statements
+// above, one per row, in its group-commit writer).
+
+/// PostgreSQL: [`INSERT_ORDER`] (`$1`…`$11`), its lines (`$12`…`$16`: line,
+/// product_id, quantity, dispensed, unit_price, as arrays) and its first
+/// event (`$17`…`$19`: at_ms, kind, detail). The foreign keys of the lines
+/// and the event on the order are checked at the end of the statement, when
+/// the order row is there.
+pub const PG_INSERT_ORDER_WHOLE: &str = "WITH o AS (INSERT INTO orders (order_id, \
+     merchant_appid, machine_no, out_trade_no, request_fingerprint, pay_later, status, amount, \
+     created_at_ms, updated_at_ms, pay_deadline_ms, accept_by_ms) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11) RETURNING order_id), \
+     l AS (INSERT INTO order_items (order_id, line, product_id, quantity, dispensed, unit_price) \
+     SELECT o.order_id, x.line::integer, x.product_id, x.quantity, x.dispensed, x.unit_price \
+     FROM o, UNNEST($12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[], $16::bigint[]) \
+     AS x (line, product_id, quantity, dispensed, unit_price)) \
+     INSERT INTO order_events (order_id, at_ms, kind, detail) SELECT order_id, $17, $18, $19 FROM o";
+
+/// PostgreSQL: [`UPDATE_ORDER`] (`$1`…`$11`, the same compare-and-set),
+/// then, only if it matched, the lines' `dispensed` (`$12`, `$13`: line and
+/// dispensed as arrays), its event (`$14`…`$16`: at_ms, kind, detail) and
+/// its outbox rows (`$17`…`$24` as arrays: event_id, merchant_appid,
+/// order_key, order_id, machine_no, type, body, created_at_ms), inserted in
+/// the arrays' order. Arrays carry no NULLs here: an outbox row's absent
+/// order_id is -1 and its absent machine_no '' (neither is a real one: ids
+/// fit in i64 as non-negative numbers, a machine_no is 8 digits). Answers
+/// the rows the compare-and-set changed (0 or 1).
+pub const PG_UPDATE_ORDER_WHOLE: &str = "WITH u AS (UPDATE orders SET status = $1, \
+     error = $2, result_applied = $3, refund_amount = $4, dispense_deadline_ms = $5, \
+     cancel_pending = $6, accept_by_ms = $10, sweep_lease_until_ms = NULL, updated_at_ms = $7 \
+     WHERE order_id = $8 AND status = $9 \
+     AND (CAST($11 AS BIGINT) IS NULL OR accept_by_ms > $11) RETURNING order_id), \
+     l AS (UPDATE order_items i SET dispensed = x.dispensed \
+     FROM u, UNNEST($12::bigint[], $13::bigint[]) AS x (line, dispensed) \
+     WHERE i.order_id = u.order_id AND i.line = x.line), \
+     e AS (INSERT INTO order_events (order_id, at_ms, kind, detail) \
+     SELECT order_id, $14, $15, $16 FROM u), \
+     b AS (INSERT INTO outbox (event_id, merchant_appid, order_key, order_id, machine_no, type, \
+     body, created_at_ms, next_attempt_at_ms) \
+     SELECT x.event_id, x.merchant_appid, x.order_key, NULLIF(x.order_id, -1), \
+     NULLIF(x.machine_no, ''), x.type, x.body, x.created_at_ms, x.created_at_ms \
+     FROM u, UNNEST($17::text[], $18::text[], $19::text[], $20::bigint[], $21::text[], \
+     $22::text[], $23::text[], $24::bigint[]) WITH ORDINALITY \
+     AS x (event_id, merchant_appid, order_key, order_id, machine_no, type, body, \
+     created_at_ms, n) ORDER BY x.n) \
+     SELECT count(*) FROM u";
+
+/// PostgreSQL: the advisory locks of the inventory snapshots of the
+/// machines `$2` (as numbers; class `$1`), taken in ascending order so two
+/// batches cannot deadlock on them.
+pub const PG_LOCK_INVENTORIES: &str = "SELECT pg_advisory_xact_lock($1, m) \
+     FROM (SELECT DISTINCT m FROM UNNEST($2::integer[]) AS t (m) ORDER BY m) AS s";
+
+/// PostgreSQL: [`DELETE_INVENTORY`] of every machine in `$1`.
+pub const PG_DELETE_INVENTORIES: &str = "DELETE FROM inventory WHERE machine_no = ANY($1)";
+
+/// PostgreSQL: the snapshots' rows (`$1`…`$4`: machine_no, product_id,
+/// stock, price as arrays; `$5` the time), at most one per machine and
+/// product (an INSERT cannot upsert a row twice), after
+/// [`PG_DELETE_INVENTORIES`] emptied their machines.
+pub const PG_INSERT_INVENTORIES: &str = "INSERT INTO inventory \
+     (machine_no, product_id, stock, price, updated_at_ms) \
+     SELECT m, p, s, c, $5 FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) \
+     AS t (m, p, s, c) \
+     ON CONFLICT (machine_no, product_id) DO UPDATE SET stock = excluded.stock, \
+     price = excluded.price, updated_at_ms = excluded.updated_at_ms";
+
 pub const MARK_REFUNDED: &str = "UPDATE orders SET refunded_at_ms = $1, updated_at_ms = $1, \
      refunded_amount = refund_amount \
      WHERE order_id = $2 AND refunded_at_ms IS NULL AND refund_amount > 0";
@@ -322,6 +395,21 @@ pub const ORDER: &str = concat!(
     "SELECT ",
     order_columns!(),
     " FROM orders WHERE order_id = $1"
+);
+
+/// PostgreSQL: [`ORDER`] with its lines in the same statement (one round
+/// trip instead of two: the order path reads an order at every machine
+/// message), as arrays in line order (NULL without lines).
+pub const PG_ORDER_WITH_LINES: &str = concat!(
+    "SELECT ",
+    order_columns!(),
+    ", l.products, l.quantities, l.dispensed_counts, l.unit_prices FROM orders o \
+     CROSS JOIN LATERAL (SELECT array_agg(product_id ORDER BY line) AS products, \
+     array_agg(quantity ORDER BY line) AS quantities, \
+     array_agg(dispensed ORDER BY line) AS dispensed_counts, \
+     array_agg(unit_price ORDER BY line) AS unit_prices \
+     FROM order_items i WHERE i.order_id = o.order_id) AS l \
+     WHERE o.order_id = $1"
 );
 
 pub const ORDER_BY_OUT_TRADE_NO: &str = concat!(
@@ -537,6 +625,13 @@ pub const OWNERSHIP: &str = concat!(
     "SELECT ",
     ownership_columns!(),
     " FROM machines ORDER BY machine_no"
+);
+
+/// [`OWNERSHIP`] with each row's presence time.
+pub const OWNERSHIP_SEEN: &str = concat!(
+    "SELECT ",
+    ownership_columns!(),
+    ", last_seen_ms FROM machines ORDER BY machine_no"
 );
 
 /// Ownership of the machines in `set` (`IN ($1, …)`, or `= ANY($1)`).

@@ -63,6 +63,15 @@ impl<B: Backend> ClusterStorage for B {
         Ok(out)
     }
 
+    async fn ownership_seen(&self) -> Result<Vec<OwnershipSeen>, StorageError> {
+        self.pooled()
+            .fetch_all::<OwnershipRow>(Stmt::new(sql::OWNERSHIP_SEEN))
+            .await?
+            .into_iter()
+            .map(OwnershipRow::into_seen)
+            .collect()
+    }
+
     async fn register_node(
         &self,
         node: &str,

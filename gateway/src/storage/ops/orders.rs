@@ -42,8 +42,9 @@ fn line_no(i: usize) -> i32 {
     i32::try_from(i).unwrap_or(i32::MAX)
 }
 
-/// The order row, its lines and its first event.
-async fn write_order(
+/// The order row, its lines and its first event, a statement per row (the
+/// default [`Backend::insert_order_rows`]).
+pub(in crate::storage) async fn write_order(
     conn: &mut impl Run,
     id: i64,
     o: &NewOrder,
@@ -79,8 +80,9 @@ async fn write_order(
 /// A status change compare-and-set on `from`, with its event and webhooks;
 /// Ok(false) when the stored status moved on (nothing written). On
 /// PostgreSQL a concurrent change holding the row's lock makes the UPDATE
-/// wait, then re-check `status` against its commit.
-async fn write_change(
+/// wait, then re-check `status` against its commit. A statement per row
+/// (the default [`Backend::change_order_rows`]).
+pub(in crate::storage) async fn write_change(
     conn: &mut impl Run,
     id: i64,
     from: Status,
@@ -117,8 +119,44 @@ async fn write_change(
     Ok(true)
 }
 
+/// Replace the inventory snapshots of `batch`'s machines, a statement per
+/// row (the default [`Backend::replace_inventories`]).
+pub(in crate::storage) async fn write_inventories<B: Backend + ?Sized>(
+    b: &B,
+    batch: &[(MachineNo, Vec<InventoryItem>)],
+    at: DateTime<Utc>,
+) -> Result<(), StorageError> {
+    // A machine's later snapshot in the batch still replaces its
+    // earlier one. On SQLite through the group-commit writer too:
+    // machines report stock after every dispense, and a pool transaction
+    // would wait on the write lock (seconds, in the busy handler's
+    // sleeps) while the writer keeps taking it.
+    let batch = B::lock_order(batch, |(m, _)| m).into_owned();
+    let at_ms = at.timestamp_millis();
+    b.write(move |conn| {
+        Box::pin(async move {
+            for (m, items) in &batch {
+                B::lock_inventory(conn, m).await?;
+                conn.execute(Stmt::new(sql::DELETE_INVENTORY).bind(m.as_str()))
+                    .await?;
+                for it in items {
+                    let upsert = Stmt::new(sql::UPSERT_INVENTORY)
+                        .bind(m.as_str())
+                        .bind(it.product_id)
+                        .bind(i64::from(it.stock))
+                        .bind(it.price)
+                        .bind(at_ms);
+                    conn.execute(upsert).await?;
+                }
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
 /// Orders with their lines, in the order of `rows`.
-pub(crate) async fn load_orders<B: Backend>(
+pub(crate) async fn load_orders<B: Backend + ?Sized>(
     b: &B,
     rows: Vec<OrderRow>,
 ) -> Result<Vec<StoredOrder>, StorageError> {
@@ -132,7 +170,7 @@ pub(crate) async fn load_orders<B: Backend>(
 
 /// The orders a statement of [`sql::ORDER_COLUMNS`] selects, with their
 /// lines.
-pub(crate) async fn orders<B: Backend>(
+pub(crate) async fn orders<B: Backend + ?Sized>(
     b: &B,
     select: Stmt<'_>,
 ) -> Result<Vec<StoredOrder>, StorageError> {
@@ -144,16 +182,14 @@ pub(crate) async fn orders<B: Backend>(
 impl<B: Backend> OrderStorage for B {
     async fn insert_order(&self, o: &NewOrder, ev: &OrderEvent) -> Result<(), StorageError> {
         let id = id_i64(o.order_id)?;
-        let (o, ev) = (o.clone(), ev.clone());
-        self.write(move |conn| Box::pin(async move { write_order(conn, id, &o, &ev).await }))
-            .await
+        self.insert_order_rows(id, o.clone(), ev.clone()).await
     }
 
     async fn order(&self, order_id: u64) -> Result<Option<StoredOrder>, StorageError> {
         let Ok(id) = i64::try_from(order_id) else {
             return Ok(None);
         };
-        Ok(orders(self, Stmt::new(sql::ORDER).bind(id)).await?.pop())
+        self.one_order(id).await
     }
 
     async fn order_by_out_trade_no(
@@ -176,11 +212,8 @@ impl<B: Backend> OrderStorage for B {
         outbox: &[NewOutboxEvent],
     ) -> Result<bool, StorageError> {
         let id = id_i64(order_id)?;
-        let (change, ev, outbox) = (change.clone(), ev.clone(), outbox.to_vec());
-        self.write(move |conn| {
-            Box::pin(async move { write_change(conn, id, from, &change, &ev, &outbox).await })
-        })
-        .await
+        self.change_order_rows(id, from, change.clone(), ev.clone(), outbox.to_vec())
+            .await
     }
 
     async fn mark_refunded(
@@ -279,33 +312,7 @@ impl<B: Backend> OrderStorage for B {
         batch: &[(MachineNo, Vec<InventoryItem>)],
         at: DateTime<Utc>,
     ) -> Result<(), StorageError> {
-        // A machine's later snapshot in the batch still replaces its
-        // earlier one. On SQLite through the group-commit writer too:
-        // machines report stock after every dispense, and a pool transaction
-        // would wait on the write lock (seconds, in the busy handler's
-        // sleeps) while the writer keeps taking it.
-        let batch = Self::lock_order(batch, |(m, _)| m).into_owned();
-        let at_ms = at.timestamp_millis();
-        self.write(move |conn| {
-            Box::pin(async move {
-                for (m, items) in &batch {
-                    Self::lock_inventory(conn, m).await?;
-                    conn.execute(Stmt::new(sql::DELETE_INVENTORY).bind(m.as_str()))
-                        .await?;
-                    for it in items {
-                        let upsert = Stmt::new(sql::UPSERT_INVENTORY)
-                            .bind(m.as_str())
-                            .bind(it.product_id)
-                            .bind(i64::from(it.stock))
-                            .bind(it.price)
-                            .bind(at_ms);
-                        conn.execute(upsert).await?;
-                    }
-                }
-                Ok(())
-            })
-        })
-        .await
+        self.replace_inventories(batch, at).await
     }
 
     async fn inventories(&self) -> Result<Vec<(MachineNo, Vec<InventoryItem>)>, StorageError> {

@@ -16,7 +16,7 @@ use crate::storage::StorageError;
 /// The class half of the two-key advisory lock that serialises inventory
 /// snapshots of one machine ("vg" and 1); the machine number is the other
 /// half. The two-key space is apart from sqlx's one-key migration lock.
-const INVENTORY_LOCK_CLASS: i32 = 0x7667_0001;
+pub(super) const INVENTORY_LOCK_CLASS: i32 = 0x7667_0001;
 
 /// `batch` in machine_no order, each machine's writes in their given order
 /// (a stable sort): the lock order that keeps concurrent batches from

@@ -2,8 +2,8 @@
 //! cluster and the `vendgate` CLI. This module opens and migrates the
 //! database and gives the shared storage operations what they run on
 //! (`Backend`); `bind` binds values and maps errors, `locks` holds the
-//! locks it takes, `outbox` and `lifecycle` the operations it does its own
-//! way. The statements are in `storage::sql`.
+//! locks it takes, `orders` (the order path's writes, a statement each),
+//! `outbox` and `lifecycle` the operations it does its own way. The statements are in `storage::sql`.
 //!
 //! - A bounded pool (`[database]` settings). Every operation first waits at
 //!   most `acquire_timeout` for a connection, and that deadline also bounds
@@ -26,6 +26,7 @@
 mod bind;
 mod lifecycle;
 mod locks;
+mod orders;
 mod outbox;
 
 use std::borrow::Cow;
@@ -38,12 +39,18 @@ use vendgate_proto::machine::MachineNo;
 
 use self::bind::pg_error;
 use crate::config::DatabaseSettings;
+use crate::domain::order::Status;
 use crate::storage::backend::{Backend, Common, Job};
 use crate::storage::ops::accounts::write_presence;
 use crate::storage::rows::{backend, now_ms, LineRow};
 use crate::storage::run::{Run, Stmt, Value};
 use crate::storage::sql;
-use crate::storage::{NewMachine, PresenceWrite, StorageError};
+use crate::storage::{
+    NewMachine, NewOrder, NewOutboxEvent, OrderChange, OrderEvent, PresenceWrite, StorageError,
+    StoredOrder,
+};
+use chrono::{DateTime, Utc};
+use vendgate_proto::msg::InventoryItem;
 
 /// Schema migrations, embedded at compile time.
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
@@ -134,6 +141,38 @@ impl Backend for PgStorage {
     {
         let mut conn = self.pool().acquire().await.map_err(pg_error)?;
         job(&mut conn).await
+    }
+
+    async fn insert_order_rows(
+        &self,
+        id: i64,
+        o: NewOrder,
+        ev: OrderEvent,
+    ) -> Result<(), StorageError> {
+        orders::insert_order(self, id, &o, &ev).await
+    }
+
+    async fn change_order_rows(
+        &self,
+        id: i64,
+        from: Status,
+        change: OrderChange,
+        ev: OrderEvent,
+        outbox: Vec<NewOutboxEvent>,
+    ) -> Result<bool, StorageError> {
+        orders::change_order(self, id, from, &change, &ev, &outbox).await
+    }
+
+    async fn one_order(&self, id: i64) -> Result<Option<StoredOrder>, StorageError> {
+        orders::one_order(self, id).await
+    }
+
+    async fn replace_inventories(
+        &self,
+        batch: &[(MachineNo, Vec<InventoryItem>)],
+        at: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        orders::replace_inventories(self, batch, at).await
     }
 
     fn lock_order<T: Clone>(batch: &[T], key: impl Fn(&T) -> &MachineNo) -> Cow<'_, [T]> {
