@@ -6,6 +6,7 @@ use sqlx::error::ErrorKind;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Sqlite, SqliteConnection};
 
+use super::lite::LiteConn;
 use crate::storage::rows::backend;
 use crate::storage::run::Dialect;
 use crate::storage::run::{impl_run, Inserts, Value};
@@ -55,4 +56,6 @@ pub(super) fn error(e: sqlx::Error, inserts: Option<Inserts>) -> StorageError {
     backend(e)
 }
 
-impl_run!(Sqlite, SqliteConnection, Dialect::Sqlite, bind, error);
+// The order path's write jobs run on the writer's rusqlite connection; the
+// pool and its transactions stay on sqlx.
+impl_run!(conn = LiteConn; Sqlite, SqliteConnection, Dialect::Sqlite, bind, error);

@@ -24,6 +24,7 @@
 
 mod bind;
 mod lifecycle;
+mod lite;
 mod outbox;
 mod writer;
 
@@ -35,8 +36,9 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
+use sqlx::{Connection, Sqlite};
 
+use self::lite::LiteConn;
 use self::writer::Writer;
 use crate::storage::backend::{Backend, Common, Job};
 use crate::storage::rows::{backend, now_ms, LineRow};
@@ -91,7 +93,7 @@ impl SqliteStorage {
                 Err(OpenError::Busy(_)) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(OpenError::Busy(e)) => return Err(backend(e)),
+                Err(OpenError::Busy(e)) => return Err(e),
                 Err(OpenError::Other(e)) => return Err(e),
                 Ok(s) => return Ok(s),
             }
@@ -116,10 +118,15 @@ impl SqliteStorage {
             .connect_with(options.clone())
             .await?;
         migrate(&pool).await?;
-        let writer_conn = options.connect().await?;
+        let owned = path.to_path_buf();
+        let writer_conn = tokio::task::spawn_blocking(move || lite::open(&owned, BUSY_TIMEOUT))
+            .await
+            .map_err(|e| OpenError::Other(backend(e)))?
+            .map_err(OpenError::from_lite)?;
+        let writer = Writer::spawn(writer_conn).map_err(|e| OpenError::Other(backend(e)))?;
         Ok(Self {
             common: Common::new(pool),
-            writer: Arc::new(Writer::spawn(writer_conn)),
+            writer: Arc::new(writer),
         })
     }
 
@@ -157,7 +164,7 @@ impl Backend for SqliteStorage {
     async fn write<T, F>(&self, job: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: Job<SqliteConnection, T>,
+        F: Job<LiteConn, T>,
     {
         self.writer.write_value(job).await
     }
@@ -165,7 +172,7 @@ impl Backend for SqliteStorage {
     async fn write_one<T, F>(&self, job: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: Job<SqliteConnection, T>,
+        F: Job<LiteConn, T>,
     {
         self.writer.write_value(job).await
     }
@@ -245,8 +252,22 @@ async fn migrate(pool: &SqlitePool) -> Result<(), OpenError> {
 
 /// Why one attempt to open the database failed: busy (retried) or not.
 enum OpenError {
-    Busy(sqlx::Error),
+    Busy(StorageError),
     Other(StorageError),
+}
+
+impl OpenError {
+    fn from_lite(e: rusqlite::Error) -> Self {
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        if busy {
+            Self::Busy(backend(e))
+        } else {
+            Self::Other(backend(e))
+        }
+    }
 }
 
 impl From<sqlx::Error> for OpenError {
@@ -254,7 +275,7 @@ impl From<sqlx::Error> for OpenError {
         let busy = matches!(&e, sqlx::Error::Database(db)
             if matches!(db.code().as_deref(), Some("5" | "6" | "517" | "261")));
         if busy {
-            Self::Busy(e)
+            Self::Busy(backend(e))
         } else {
             Self::Other(backend(e))
         }
