@@ -249,28 +249,31 @@ pub trait Engine: sqlx::Database {
 /// statement's error and its [`Inserts`] to a [`StorageError`]) functions:
 /// `impl_run!(Sqlite, SqliteConnection, Dialect::Sqlite, bind, error)`.
 ///
-/// `impl_run!(conn = C; …)` makes `C` the engine's [`Engine::Conn`] (the
-/// connection the order path's write jobs run on) instead of the sqlx
-/// connection: SQLite's writer runs them on a rusqlite connection, which
-/// implements [`Run`] itself.
+/// `impl_run!(conn = C, pooled = P; …)` makes `C` the engine's
+/// [`Engine::Conn`] (the connection the order path's write jobs run on)
+/// instead of the sqlx connection, and `P` (a `From<Pooled>`) its
+/// [`Engine::Pooled`]: SQLite's writer and readers run statements on
+/// rusqlite connections, which implement [`Run`] themselves.
 macro_rules! impl_run {
-    (conn = $engine_conn:ty; $db:ty, $conn:ty, $dialect:expr, $bind:path, $error:path) => {
-        impl_run!(@engine $db, $engine_conn, $dialect);
+    (conn = $engine_conn:ty, pooled = $pooled:ty; $db:ty, $conn:ty, $dialect:expr, $bind:path, $error:path) => {
+        impl_run!(@engine $db, $engine_conn, $pooled, $dialect);
         impl_run!(@sqlx $db, $conn, $bind, $error);
     };
     ($db:ty, $conn:ty, $dialect:expr, $bind:path, $error:path) => {
-        impl_run!(@engine $db, $conn, $dialect);
+        impl_run!(@engine $db, $conn, $crate::storage::run::Pooled<'p, $db>, $dialect);
         impl_run!(@sqlx $db, $conn, $bind, $error);
     };
-    (@engine $db:ty, $engine_conn:ty, $dialect:expr) => {
+    (@engine $db:ty, $engine_conn:ty, $pooled:ty, $dialect:expr) => {
         impl $crate::storage::run::Engine for $db {
             const DIALECT: $crate::storage::run::Dialect = $dialect;
             type Conn = $engine_conn;
             type Tx = sqlx::Transaction<'static, $db>;
-            type Pooled<'p> = $crate::storage::run::Pooled<'p, $db>;
+            type Pooled<'p> = $pooled;
 
+            // PostgreSQL's is the sqlx pool itself.
+            #[allow(clippy::useless_conversion)]
             fn pooled(pool: &sqlx::Pool<$db>) -> Self::Pooled<'_> {
-                $crate::storage::run::Pooled(pool)
+                $crate::storage::run::Pooled(pool).into()
             }
         }
     };

@@ -7,6 +7,7 @@ use sqlx::sqlite::SqliteArguments;
 use sqlx::{Sqlite, SqliteConnection};
 
 use super::lite::LiteConn;
+use super::readers::LitePooled;
 use crate::storage::rows::backend;
 use crate::storage::run::Dialect;
 use crate::storage::run::{impl_run, Inserts, Value};
@@ -56,6 +57,7 @@ pub(super) fn error(e: sqlx::Error, inserts: Option<Inserts>) -> StorageError {
     backend(e)
 }
 
-// The order path's write jobs run on the writer's rusqlite connection; the
-// pool and its transactions stay on sqlx.
-impl_run!(conn = LiteConn; Sqlite, SqliteConnection, Dialect::Sqlite, bind, error);
+// The order path's write jobs run on the writer's rusqlite connection,
+// pooled statements on the readers' (`SqliteStorage` hands them out);
+// transactions stay on the sqlx pool.
+impl_run!(conn = LiteConn, pooled = LitePooled<'p>; Sqlite, SqliteConnection, Dialect::Sqlite, bind, error);

@@ -26,6 +26,7 @@ mod bind;
 mod lifecycle;
 mod lite;
 mod outbox;
+mod readers;
 mod writer;
 
 use std::path::Path;
@@ -39,6 +40,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Sqlite};
 
 use self::lite::LiteConn;
+use self::readers::{LitePooled, Readers};
 use self::writer::Writer;
 use crate::storage::backend::{Backend, Common, Job};
 use crate::storage::rows::{backend, now_ms, LineRow};
@@ -69,6 +71,8 @@ pub struct SqliteStorage {
     common: Common<Sqlite>,
     /// The group-commit writer for the order path.
     writer: Arc<Writer>,
+    /// Pooled statements (reads, the rarer writes) on rusqlite.
+    readers: Arc<Readers>,
 }
 
 impl SqliteStorage {
@@ -124,9 +128,15 @@ impl SqliteStorage {
             .map_err(|e| OpenError::Other(backend(e)))?
             .map_err(OpenError::from_lite)?;
         let writer = Writer::spawn(writer_conn).map_err(|e| OpenError::Other(backend(e)))?;
+        let owned = path.to_path_buf();
+        let readers = tokio::task::spawn_blocking(move || Readers::spawn(&owned, BUSY_TIMEOUT))
+            .await
+            .map_err(|e| OpenError::Other(backend(e)))?
+            .map_err(OpenError::Other)?;
         Ok(Self {
             common: Common::new(pool),
             writer: Arc::new(writer),
+            readers: Arc::new(readers),
         })
     }
 
@@ -151,6 +161,11 @@ impl Backend for SqliteStorage {
 
     fn common(&self) -> &Common<Sqlite> {
         &self.common
+    }
+
+    /// The reader threads rather than the sqlx pool (see `readers`).
+    fn pooled(&self) -> LitePooled<'_> {
+        LitePooled::Readers(&self.readers)
     }
 
     async fn begin(&self, immediate: bool) -> Result<SqliteTx, StorageError> {
@@ -217,6 +232,7 @@ impl Backend for SqliteStorage {
     async fn shut_down(&self) {
         // Writes queued before the close still commit.
         self.writer.close().await;
+        self.readers.close().await;
         self.pool().close().await;
     }
 
