@@ -1,24 +1,35 @@
 //! The SQLite backend: one database file shared by the running gateway and
 //! the `vendgate` CLI processes. This module opens and migrates the file and
 //! gives the shared storage operations what they run on (`Backend`);
-//! `bind` binds values and maps errors, `writer` is the group-commit
-//! writer, `outbox` and `lifecycle` hold the operations SQLite does its own
-//! way. The statements are in `storage::sql`.
+//! `lite` runs statements on rusqlite connections, `writer` is the
+//! group-commit writer thread, `readers` the reader threads, `bind` binds
+//! values and maps errors for the sqlx pool, `outbox` and `lifecycle` hold
+//! the operations SQLite does its own way. The statements are in
+//! `storage::sql`.
 //!
 //! - WAL journal, so readers never block the writer and several processes can
 //!   open the file at once; a 5 s busy timeout lets a writer wait for another
 //!   process's write instead of failing with "database is locked".
-//! - `synchronous = FULL`: in WAL mode `NORMAL` may lose the last commits on a
-//!   power cut (the database stays consistent, but recent transactions roll
-//!   back). Provisioned secrets, orders and money must not vanish after we
-//!   have answered "ok", so every commit waits for the fsync.
+//! - `synchronous = FULL` on every connection (sqlx's and rusqlite's): in WAL
+//!   mode `NORMAL` may lose the last commits on a power cut (the database
+//!   stays consistent, but recent transactions roll back). Provisioned
+//!   secrets, orders and money must not vanish after we have answered "ok",
+//!   so every commit waits for the fsync.
 //! - Foreign keys on: a machine cannot point at a missing merchant.
 //! - Writes on the order path go through one group-commit writer
-//!   (`writer`): one connection of its own, concurrent writes batched
-//!   into one transaction and one fsync, each in a savepoint. Reads and the
-//!   rarer writes (provisioning, presence, outbox) use the pool; those whose
-//!   reads decide their writes take the write lock at BEGIN (`BEGIN
-//!   IMMEDIATE`), so they never fail half-way on the lock upgrade.
+//!   (`writer`): a thread of its own owning one rusqlite connection,
+//!   concurrent writes batched into one transaction and one fsync, each in
+//!   a savepoint, each caller answered after the COMMIT. Pooled statements
+//!   (reads, the rarer writes: provisioning, settings) run on a few reader
+//!   threads (`readers`), each with its own rusqlite connection. Both keep
+//!   their statements prepared, and a statement is never handed to another
+//!   thread on its own: a write job crosses once, a pooled statement once.
+//!   Every queue is bounded, every wait for it has a deadline.
+//! - Transactions outside the writer (outbox claims, guarded machine
+//!   changes, bulk provisioning, the readiness probe) and the migrations
+//!   still run on a small sqlx pool; those whose reads decide their writes
+//!   take the write lock at BEGIN (`BEGIN IMMEDIATE`), so they never fail
+//!   half-way on the lock upgrade.
 //! - Timestamps are INTEGER unix milliseconds, machine numbers TEXT (leading
 //!   zeros), flags INTEGER 0/1, so the schema ports to PostgreSQL as it is.
 
@@ -56,8 +67,9 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a free pooled connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-/// SQLite has one writer at a time anyway; a few connections serve concurrent
-/// readers (CONNECT authentication, API lookups).
+/// The sqlx pool serves transactions and migrations only (statements run on
+/// the writer and reader threads). Concurrent claims and probes wait for
+/// one another on the write lock, not for a connection.
 const MAX_CONNECTIONS: u32 = 8;
 /// Rows per multi-row INSERT in bulk provisioning: 4 bound values each, far
 /// below SQLite's limit of 32,766 variables per statement.
