@@ -14,6 +14,7 @@ use super::cluster::{NodeRow, Ownership, OwnershipSeen};
 use super::outbox::{
     Attempt, AttemptResult, ClaimedEvent, OutboxBacklog, OutboxEntry, OutboxStatus, WebhookAttempt,
 };
+use super::run::LiteRow;
 use super::{Machine, Merchant, PresenceWrite, ServiceAccount, StorageError, StoredOrder};
 use crate::domain::order::{Line, Status};
 use crate::secrets::{PreviousSecret, SecretHash};
@@ -630,4 +631,60 @@ impl ServiceAccount {
             created_at,
         }
     }
+}
+
+// ------------------------------------------------------------------ rusqlite
+
+/// [`LiteRow`] for a row type, reading each field from the column of its
+/// name (`field as "column"` where sqlx renames it), as sqlx's derived
+/// `FromRow` does. The struct literal names every field, so a field added
+/// to a row type and not here fails to compile.
+macro_rules! lite_row {
+    ($($row:ident { $($field:ident $(as $col:literal)?),+ $(,)? })+) => {
+        $(
+            impl LiteRow for $row {
+                fn from_lite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+                    Ok(Self {
+                        $($field: row.get(lite_row!(@col $field $($col)?))?,)+
+                    })
+                }
+            }
+        )+
+    };
+    (@col $field:ident $col:literal) => { $col };
+    (@col $field:ident) => { stringify!($field) };
+}
+
+lite_row! {
+    MerchantRow {
+        appid, name, notify_url, appsecret_hash, appsecret_enc, created_at_ms,
+        prev_appsecret_hash, prev_appsecret_expires_ms, disabled_at_ms,
+    }
+    MachineRow {
+        machine_no, merchant_appid, secret_hash, online, last_seen_ms, online_since_ms,
+        created_at_ms, prev_secret_hash, prev_secret_expires_ms, disabled_at_ms, removed_at_ms,
+    }
+    ServiceRow { username, name, password_hash, created_at_ms }
+    OrderRow {
+        order_id, merchant_appid, machine_no, out_trade_no, request_fingerprint, pay_later,
+        status, amount, refund_amount, error, result_applied, created_at_ms, updated_at_ms,
+        dispense_deadline_ms, pay_deadline_ms, refunded_at_ms, refunded_amount, accept_by_ms,
+        events_dropped,
+    }
+    LineRow { order_id, product_id, quantity, dispensed, unit_price }
+    OrderEventRow { at_ms, kind, detail }
+    InventoryRow { machine_no, product_id, stock, price }
+    CandidateRow {
+        seq, event_id, merchant_appid, order_key, kind as "type", body, attempts,
+        created_at_ms, pending_since_ms, notify_url, appsecret_enc,
+    }
+    EntryRow {
+        event_id, kind as "type", status, attempts, last_error, created_at_ms,
+        next_attempt_at_ms, delivered_at_ms, order_id, machine_no,
+    }
+    BacklogRow { n, oldest }
+    WebhookAttemptRow { event_id, kind as "type", at_ms, http_status, error }
+    MachineEpochRow { machine_no, presence_epoch }
+    OwnershipRow { machine_no, presence_epoch, owner_node, online }
+    NodeRowRaw { node_id, incarnation, started_at_ms, heartbeat_at_ms, online_machines }
 }

@@ -167,16 +167,44 @@ impl<'a> Stmt<'a> {
 }
 
 /// A row both engines decode (every row type of [`super::rows`], and
-/// tuples of plain values).
+/// tuples of plain values): sqlx's `FromRow` for PostgreSQL (and the sqlx
+/// SQLite pool), [`LiteRow`] for SQLite's rusqlite connections.
 pub trait Row:
-    for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin + 'static
+    for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + LiteRow + Send + Unpin + 'static
 {
 }
 
 impl<T> Row for T where
-    T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin + 'static
+    T: for<'r> FromRow<'r, SqliteRow>
+        + for<'r> FromRow<'r, PgRow>
+        + LiteRow
+        + Send
+        + Unpin
+        + 'static
 {
 }
+
+/// A row as rusqlite reads it: a row type by column name (as sqlx's derived
+/// `FromRow` does, see `lite_row!` in [`super::rows`]), a tuple by position.
+pub trait LiteRow: Sized {
+    fn from_lite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
+}
+
+/// Tuples of plain values, read by position like sqlx's tuple `FromRow`.
+macro_rules! lite_tuple {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: rusqlite::types::FromSql),+> LiteRow for ($($t,)+) {
+            fn from_lite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+                Ok(($(row.get::<_, $t>($i)?,)+))
+            }
+        }
+    };
+}
+
+lite_tuple!(A 0);
+lite_tuple!(A 0, B 1);
+lite_tuple!(A 0, B 1, C 2);
+lite_tuple!(A 0, B 1, C 2, D 3);
 
 /// Where statements run: a pool (each statement on its own), a connection
 /// or a transaction.
@@ -220,18 +248,36 @@ pub trait Engine: sqlx::Database {
 /// the engine's `bind` (one [`Value`], fallible) and `error` (a failed
 /// statement's error and its [`Inserts`] to a [`StorageError`]) functions:
 /// `impl_run!(Sqlite, SqliteConnection, Dialect::Sqlite, bind, error)`.
+///
+/// `impl_run!(conn = C, pooled = P; …)` makes `C` the engine's
+/// [`Engine::Conn`] (the connection the order path's write jobs run on)
+/// instead of the sqlx connection, and `P` (a `From<Pooled>`) its
+/// [`Engine::Pooled`]: SQLite's writer and readers run statements on
+/// rusqlite connections, which implement [`Run`] themselves.
 macro_rules! impl_run {
+    (conn = $engine_conn:ty, pooled = $pooled:ty; $db:ty, $conn:ty, $dialect:expr, $bind:path, $error:path) => {
+        impl_run!(@engine $db, $engine_conn, $pooled, $dialect);
+        impl_run!(@sqlx $db, $conn, $bind, $error);
+    };
     ($db:ty, $conn:ty, $dialect:expr, $bind:path, $error:path) => {
+        impl_run!(@engine $db, $conn, $crate::storage::run::Pooled<'p, $db>, $dialect);
+        impl_run!(@sqlx $db, $conn, $bind, $error);
+    };
+    (@engine $db:ty, $engine_conn:ty, $pooled:ty, $dialect:expr) => {
         impl $crate::storage::run::Engine for $db {
             const DIALECT: $crate::storage::run::Dialect = $dialect;
-            type Conn = $conn;
+            type Conn = $engine_conn;
             type Tx = sqlx::Transaction<'static, $db>;
-            type Pooled<'p> = $crate::storage::run::Pooled<'p, $db>;
+            type Pooled<'p> = $pooled;
 
+            // PostgreSQL's is the sqlx pool itself.
+            #[allow(clippy::useless_conversion)]
             fn pooled(pool: &sqlx::Pool<$db>) -> Self::Pooled<'_> {
-                $crate::storage::run::Pooled(pool)
+                $crate::storage::run::Pooled(pool).into()
             }
         }
+    };
+    (@sqlx $db:ty, $conn:ty, $bind:path, $error:path) => {
 
         /// A statement's text as a sqlx query with every value bound.
         fn bound_query<'q>(

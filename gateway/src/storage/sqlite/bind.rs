@@ -6,6 +6,8 @@ use sqlx::error::ErrorKind;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Sqlite, SqliteConnection};
 
+use super::lite::LiteConn;
+use super::readers::LitePooled;
 use crate::storage::rows::backend;
 use crate::storage::run::Dialect;
 use crate::storage::run::{impl_run, Inserts, Value};
@@ -55,4 +57,7 @@ pub(super) fn error(e: sqlx::Error, inserts: Option<Inserts>) -> StorageError {
     backend(e)
 }
 
-impl_run!(Sqlite, SqliteConnection, Dialect::Sqlite, bind, error);
+// The order path's write jobs run on the writer's rusqlite connection,
+// pooled statements on the readers' (`SqliteStorage` hands them out);
+// transactions stay on the sqlx pool.
+impl_run!(conn = LiteConn, pooled = LitePooled<'p>; Sqlite, SqliteConnection, Dialect::Sqlite, bind, error);

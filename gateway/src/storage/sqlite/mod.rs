@@ -1,30 +1,43 @@
 //! The SQLite backend: one database file shared by the running gateway and
 //! the `vendgate` CLI processes. This module opens and migrates the file and
 //! gives the shared storage operations what they run on (`Backend`);
-//! `bind` binds values and maps errors, `writer` is the group-commit
-//! writer, `outbox` and `lifecycle` hold the operations SQLite does its own
-//! way. The statements are in `storage::sql`.
+//! `lite` runs statements on rusqlite connections, `writer` is the
+//! group-commit writer thread, `readers` the reader threads, `bind` binds
+//! values and maps errors for the sqlx pool, `outbox` and `lifecycle` hold
+//! the operations SQLite does its own way. The statements are in
+//! `storage::sql`.
 //!
 //! - WAL journal, so readers never block the writer and several processes can
 //!   open the file at once; a 5 s busy timeout lets a writer wait for another
 //!   process's write instead of failing with "database is locked".
-//! - `synchronous = FULL`: in WAL mode `NORMAL` may lose the last commits on a
-//!   power cut (the database stays consistent, but recent transactions roll
-//!   back). Provisioned secrets, orders and money must not vanish after we
-//!   have answered "ok", so every commit waits for the fsync.
+//! - `synchronous = FULL` on every connection (sqlx's and rusqlite's): in WAL
+//!   mode `NORMAL` may lose the last commits on a power cut (the database
+//!   stays consistent, but recent transactions roll back). Provisioned
+//!   secrets, orders and money must not vanish after we have answered "ok",
+//!   so every commit waits for the fsync.
 //! - Foreign keys on: a machine cannot point at a missing merchant.
 //! - Writes on the order path go through one group-commit writer
-//!   (`writer`): one connection of its own, concurrent writes batched
-//!   into one transaction and one fsync, each in a savepoint. Reads and the
-//!   rarer writes (provisioning, presence, outbox) use the pool; those whose
-//!   reads decide their writes take the write lock at BEGIN (`BEGIN
-//!   IMMEDIATE`), so they never fail half-way on the lock upgrade.
+//!   (`writer`): a thread of its own owning one rusqlite connection,
+//!   concurrent writes batched into one transaction and one fsync, each in
+//!   a savepoint, each caller answered after the COMMIT. Pooled statements
+//!   (reads, the rarer writes: provisioning, settings) run on a few reader
+//!   threads (`readers`), each with its own rusqlite connection. Both keep
+//!   their statements prepared, and a statement is never handed to another
+//!   thread on its own: a write job crosses once, a pooled statement once.
+//!   Every queue is bounded, every wait for it has a deadline.
+//! - Transactions outside the writer (outbox claims, guarded machine
+//!   changes, bulk provisioning, the readiness probe) and the migrations
+//!   still run on a small sqlx pool; those whose reads decide their writes
+//!   take the write lock at BEGIN (`BEGIN IMMEDIATE`), so they never fail
+//!   half-way on the lock upgrade.
 //! - Timestamps are INTEGER unix milliseconds, machine numbers TEXT (leading
 //!   zeros), flags INTEGER 0/1, so the schema ports to PostgreSQL as it is.
 
 mod bind;
 mod lifecycle;
+mod lite;
 mod outbox;
+mod readers;
 mod writer;
 
 use std::path::Path;
@@ -35,8 +48,10 @@ use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Connection, Sqlite, SqliteConnection};
+use sqlx::{Connection, Sqlite};
 
+use self::lite::LiteConn;
+use self::readers::{LitePooled, Readers};
 use self::writer::Writer;
 use crate::storage::backend::{Backend, Common, Job};
 use crate::storage::rows::{backend, now_ms, LineRow};
@@ -52,8 +67,9 @@ static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a free pooled connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
-/// SQLite has one writer at a time anyway; a few connections serve concurrent
-/// readers (CONNECT authentication, API lookups).
+/// The sqlx pool serves transactions and migrations only (statements run on
+/// the writer and reader threads). Concurrent claims and probes wait for
+/// one another on the write lock, not for a connection.
 const MAX_CONNECTIONS: u32 = 8;
 /// Rows per multi-row INSERT in bulk provisioning: 4 bound values each, far
 /// below SQLite's limit of 32,766 variables per statement.
@@ -67,6 +83,8 @@ pub struct SqliteStorage {
     common: Common<Sqlite>,
     /// The group-commit writer for the order path.
     writer: Arc<Writer>,
+    /// Pooled statements (reads, the rarer writes) on rusqlite.
+    readers: Arc<Readers>,
 }
 
 impl SqliteStorage {
@@ -91,7 +109,7 @@ impl SqliteStorage {
                 Err(OpenError::Busy(_)) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(OpenError::Busy(e)) => return Err(backend(e)),
+                Err(OpenError::Busy(e)) => return Err(e),
                 Err(OpenError::Other(e)) => return Err(e),
                 Ok(s) => return Ok(s),
             }
@@ -116,10 +134,21 @@ impl SqliteStorage {
             .connect_with(options.clone())
             .await?;
         migrate(&pool).await?;
-        let writer_conn = options.connect().await?;
+        let owned = path.to_path_buf();
+        let writer_conn = tokio::task::spawn_blocking(move || lite::open(&owned, BUSY_TIMEOUT))
+            .await
+            .map_err(|e| OpenError::Other(backend(e)))?
+            .map_err(OpenError::from_lite)?;
+        let writer = Writer::spawn(writer_conn).map_err(|e| OpenError::Other(backend(e)))?;
+        let owned = path.to_path_buf();
+        let readers = tokio::task::spawn_blocking(move || Readers::spawn(&owned, BUSY_TIMEOUT))
+            .await
+            .map_err(|e| OpenError::Other(backend(e)))?
+            .map_err(OpenError::Other)?;
         Ok(Self {
             common: Common::new(pool),
-            writer: Arc::new(Writer::spawn(writer_conn)),
+            writer: Arc::new(writer),
+            readers: Arc::new(readers),
         })
     }
 
@@ -146,6 +175,11 @@ impl Backend for SqliteStorage {
         &self.common
     }
 
+    /// The reader threads rather than the sqlx pool (see `readers`).
+    fn pooled(&self) -> LitePooled<'_> {
+        LitePooled::Readers(&self.readers)
+    }
+
     async fn begin(&self, immediate: bool) -> Result<SqliteTx, StorageError> {
         if immediate {
             self.begin_immediate().await
@@ -157,7 +191,7 @@ impl Backend for SqliteStorage {
     async fn write<T, F>(&self, job: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: Job<SqliteConnection, T>,
+        F: Job<LiteConn, T>,
     {
         self.writer.write_value(job).await
     }
@@ -165,7 +199,7 @@ impl Backend for SqliteStorage {
     async fn write_one<T, F>(&self, job: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: Job<SqliteConnection, T>,
+        F: Job<LiteConn, T>,
     {
         self.writer.write_value(job).await
     }
@@ -210,6 +244,7 @@ impl Backend for SqliteStorage {
     async fn shut_down(&self) {
         // Writes queued before the close still commit.
         self.writer.close().await;
+        self.readers.close().await;
         self.pool().close().await;
     }
 
@@ -245,8 +280,22 @@ async fn migrate(pool: &SqlitePool) -> Result<(), OpenError> {
 
 /// Why one attempt to open the database failed: busy (retried) or not.
 enum OpenError {
-    Busy(sqlx::Error),
+    Busy(StorageError),
     Other(StorageError),
+}
+
+impl OpenError {
+    fn from_lite(e: rusqlite::Error) -> Self {
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        if busy {
+            Self::Busy(backend(e))
+        } else {
+            Self::Other(backend(e))
+        }
+    }
 }
 
 impl From<sqlx::Error> for OpenError {
@@ -254,7 +303,7 @@ impl From<sqlx::Error> for OpenError {
         let busy = matches!(&e, sqlx::Error::Database(db)
             if matches!(db.code().as_deref(), Some("5" | "6" | "517" | "261")));
         if busy {
-            Self::Busy(e)
+            Self::Busy(backend(e))
         } else {
             Self::Other(backend(e))
         }

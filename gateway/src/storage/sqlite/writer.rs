@@ -1,22 +1,40 @@
-//! The SQLite group-commit writer: one task owning one connection that runs
-//! concurrent write jobs in one transaction and one fsync, each job in its own
-//! SAVEPOINT, answering every caller only after the COMMIT has returned.
+//! The SQLite group-commit writer: one dedicated thread owning one rusqlite
+//! connection that runs concurrent write jobs in one transaction and one
+//! fsync, each job in its own SAVEPOINT, answering every caller only after
+//! the COMMIT has returned.
 //!
-//! Why: with `synchronous = FULL` every commit waits for an fsync, and SQLite
-//! has one writer at a time anyway. Under load, separate transactions queue
-//! on the write lock (and on the busy handler's sleeps) and each pays its own
-//! fsync; here they queue on a channel instead and share one. There is no
-//! timer: while one batch commits, the next one gathers, so at low load a job
-//! commits alone at once and at high load batches grow by themselves.
+//! Why group commit: with `synchronous = FULL` every commit waits for an
+//! fsync, and SQLite has one writer at a time anyway. Under load, separate
+//! transactions queue on the write lock (and on the busy handler's sleeps)
+//! and each pays its own fsync; here they queue on a channel instead and
+//! share one. There is no timer: while one batch commits, the next one
+//! gathers, so at low load a job commits alone at once and at high load
+//! batches grow by themselves.
+//!
+//! Why a thread of its own: a job's statements run on the thread that owns
+//! the connection, with statements prepared once (`prepare_cached`), and
+//! nothing is handed over per statement. (On sqlx each statement was a
+//! round trip to the connection's worker thread: two context switches and
+//! futex wake-ups per statement, some fifteen per order.) A caller hands
+//! over once (the job, on a bounded queue) and is woken once (its answer,
+//! on a oneshot).
 //!
 //! Guarantees:
 //! - a job's `Ok` reaches its caller only after the transaction holding its
 //!   writes has committed (and so been fsync'd): acknowledged means durable;
 //! - a job that fails is rolled back to its savepoint and only its caller
 //!   sees the error; the rest of the batch commits;
-//! - if the batch itself cannot commit, every caller of that batch gets the
-//!   error (nothing of it is on disk);
-//! - [`Writer::close`] lets every job queued before it finish and commit.
+//! - if the batch itself cannot commit (or SQLite rolled the transaction
+//!   back under a job), every caller of that batch gets the error (nothing
+//!   of it is on disk);
+//! - [`Writer::close`] lets every job queued before it finish and commit;
+//! - every wait is bounded: a caller waits at most [`SUBMIT_WAIT`] for room
+//!   in the queue (nothing written if it fails) and [`ANSWER_WAIT`] for its
+//!   answer (then the outcome is unknown, and the error says so).
+//!
+//! A job runs on the writer thread and holds it: it must await nothing but
+//! its connection (whose futures are ready at once, see `lite`), or every
+//! other writer waits with it.
 //!
 //! Group commit is a detail of the SQLite backend: the [`Storage`] trait
 //! stays a plain "one call, one transaction" contract that a pooled database
@@ -26,13 +44,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sqlx::sqlite::SqliteConnection;
-use sqlx::Connection;
+use rusqlite::Connection;
+use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
+use super::lite::LiteConn;
 use crate::storage::rows::backend;
 use crate::storage::StorageError;
 
@@ -41,14 +61,19 @@ use crate::storage::StorageError;
 pub(super) const MAX_BATCH: usize = 256;
 /// Jobs waiting for the writer before callers wait for room (backpressure).
 const QUEUE: usize = 4096;
+/// Longest a caller waits for room in a full queue; then its write fails
+/// with nothing written.
+pub(super) const SUBMIT_WAIT: Duration = Duration::from_secs(10);
+/// Longest a caller waits for its answer once queued: a full queue's worth
+/// of batches, each waiting out another process's lock (busy timeout),
+/// fits many times over. Past it the write may still commit later.
+pub(super) const ANSWER_WAIT: Duration = Duration::from_secs(60);
 
 /// A write job: runs on the writer's connection inside a savepoint. Returns
 /// the operation's answer (`update_order`'s compare-and-set, say; `true` for
 /// plain writes).
-type Work = Box<
-    dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<bool, StorageError>>
-        + Send,
->;
+type Work =
+    Box<dyn for<'c> FnOnce(&'c mut LiteConn) -> BoxFuture<'c, Result<bool, StorageError>> + Send>;
 
 struct Job {
     work: Work,
@@ -61,7 +86,7 @@ enum Msg {
     Close(oneshot::Sender<()>),
 }
 
-/// The handle: cheap to share; the task ends on [`Writer::close`] or when
+/// The handle: cheap to share; the thread ends on [`Writer::close`] or when
 /// every handle is dropped.
 #[derive(Debug)]
 pub(super) struct Writer {
@@ -90,13 +115,15 @@ fn closed() -> StorageError {
 }
 
 impl Writer {
-    /// Start the writer task on `conn` (a connection of its own, not one of
-    /// the read pool's).
-    pub(super) fn spawn(conn: SqliteConnection) -> Self {
+    /// Start the writer thread on `conn` (a connection of its own).
+    pub(super) fn spawn(conn: Connection) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(WriterStats::default());
-        tokio::spawn(run(conn, rx, stats.clone()));
-        Self { tx, stats }
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run(LiteConn(conn), rx, thread_stats))?;
+        Ok(Self { tx, stats })
     }
 
     /// Committed batches and jobs.
@@ -111,10 +138,27 @@ impl Writer {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
+    /// Queue `msg`, waiting at most [`SUBMIT_WAIT`] for room.
+    async fn submit(&self, msg: Msg) -> Result<(), StorageError> {
+        // No timer while there is room (the common case).
+        let msg = match self.tx.try_send(msg) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(closed()),
+            Err(TrySendError::Full(msg)) => msg,
+        };
+        match self.tx.send_timeout(msg, SUBMIT_WAIT).await {
+            Ok(()) => Ok(()),
+            Err(SendTimeoutError::Closed(_)) => Err(closed()),
+            Err(SendTimeoutError::Timeout(_)) => Err(StorageError::Backend(
+                format!("storage writer queue full for {SUBMIT_WAIT:?}; nothing written").into(),
+            )),
+        }
+    }
+
     /// Run `work` in the next group commit; answers after the commit.
     pub(super) async fn write<F>(&self, work: F) -> Result<bool, StorageError>
     where
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<bool, StorageError>>
+        F: for<'c> FnOnce(&'c mut LiteConn) -> BoxFuture<'c, Result<bool, StorageError>>
             + Send
             + 'static,
     {
@@ -123,20 +167,25 @@ impl Writer {
             work: Box::new(work),
             reply,
         };
-        self.tx.send(Msg::Job(job)).await.map_err(|_| closed())?;
-        // A dropped reply means the writer stopped before running the job:
-        // nothing of it was written.
-        answer.await.unwrap_or_else(|_| Err(closed()))
+        self.submit(Msg::Job(job)).await?;
+        match tokio::time::timeout(ANSWER_WAIT, answer).await {
+            Ok(Ok(r)) => r,
+            // A dropped reply means the writer stopped before running the
+            // job: nothing of it was written.
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(StorageError::Backend(
+                format!("storage writer did not answer within {ANSWER_WAIT:?}; the write may still commit").into(),
+            )),
+        }
     }
 
-    /// [`Writer::write`] for a job that answers with a value (rows of an
-    /// `UPDATE … RETURNING`, say). The value is handed over only after the
-    /// commit: if the batch fails, the caller gets the error, never a value
-    /// that was rolled back.
+    /// [`Writer::write`] for a job with an answer of its own: the answer
+    /// reaches the caller only if the job's writes committed, and an `Err`
+    /// from the job means it was rolled back.
     pub(super) async fn write_value<T, F>(&self, work: F) -> Result<T, StorageError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StorageError>>
+        F: for<'c> FnOnce(&'c mut LiteConn) -> BoxFuture<'c, Result<T, StorageError>>
             + Send
             + 'static,
     {
@@ -157,8 +206,12 @@ impl Writer {
     /// `Backend`. Idempotent.
     pub(super) async fn close(&self) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(Msg::Close(done)).await.is_ok() {
-            let _ = wait.await;
+        if self.submit(Msg::Close(done)).await.is_ok() {
+            // Bounded like a write's answer: what is queued commits first.
+            if tokio::time::timeout(ANSWER_WAIT, wait).await.is_err() {
+                error!("storage writer did not close within {ANSWER_WAIT:?}");
+                return;
+            }
             // How well batching worked over the process's life.
             debug!(
                 batches = self.stats.batches.load(Ordering::Relaxed),
@@ -169,11 +222,13 @@ impl Writer {
     }
 }
 
-async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>, stats: Arc<WriterStats>) {
+/// The writer thread: gather a batch, commit it, answer it, again.
+fn run(mut conn: LiteConn, mut rx: mpsc::Receiver<Msg>, stats: Arc<WriterStats>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     loop {
         let mut close = None;
-        match rx.recv().await {
+        // Not inside a runtime: this thread is the writer's own.
+        match rx.blocking_recv() {
             Some(Msg::Job(j)) => batch.push(j),
             Some(Msg::Close(done)) => close = Some(done),
             None => break,
@@ -188,30 +243,32 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>, stats: Arc
         }
         if !batch.is_empty() {
             let n = batch.len() as u64;
-            if commit_batch(&mut conn, &mut batch).await {
+            if commit_batch(&mut conn, &mut batch) {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(n, Ordering::Relaxed);
             }
         }
         if let Some(done) = close {
             // Refuse what comes after the close: senders see a closed
-            // channel, queued-after jobs are dropped unanswered (their
-            // callers get `Backend`, nothing of theirs was written).
+            // channel, queued-after jobs are dropped unanswered with the
+            // receiver (their callers get `Backend`, nothing of theirs was
+            // written). The connection closes before the answer, so the
+            // file is released when `close` returns.
             rx.close();
-            let _ = conn.close().await;
+            drop(rx);
+            drop(conn);
             let _ = done.send(());
             return;
         }
     }
-    let _ = conn.close().await;
 }
 
 /// One transaction for the whole batch; answers every job. True when it
 /// committed.
-async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) -> bool {
+fn commit_batch(conn: &mut LiteConn, batch: &mut Vec<Job>) -> bool {
     let (works, replies): (Vec<Work>, Vec<_>) = batch.drain(..).map(|j| (j.work, j.reply)).unzip();
     let n = works.len();
-    match run_batch(conn, works).await {
+    match run_batch(conn, works) {
         Ok(results) => {
             for (reply, r) in replies.into_iter().zip(results) {
                 let _ = reply.send(r);
@@ -219,9 +276,14 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) -> bool
             true
         }
         Err(e) => {
-            // The transaction rolled back (sqlx rolls back a dropped
-            // transaction): nothing of this batch is durable, so no job of
-            // it may be answered Ok, not even those that had succeeded.
+            // Whatever the batch wrote is undone: nothing of it is durable,
+            // so no job of it may be answered Ok, not even those that had
+            // succeeded.
+            if !conn.0.is_autocommit() {
+                if let Err(e) = conn.0.execute_batch("ROLLBACK") {
+                    error!(error = %e, "rolling back a failed group commit");
+                }
+            }
             error!(error = %e, jobs = n, "group commit failed");
             let why = e.to_string();
             for reply in replies {
@@ -234,86 +296,108 @@ async fn commit_batch(conn: &mut SqliteConnection, batch: &mut Vec<Job>) -> bool
     }
 }
 
+/// One of the writer's own statements (BEGIN, SAVEPOINT, …), prepared once.
+fn control(conn: &LiteConn, sql: &str) -> Result<(), StorageError> {
+    conn.0
+        .prepare_cached(sql)
+        .and_then(|mut st| st.raw_execute())
+        .map(drop)
+        .map_err(backend)
+}
+
+/// A job's work, run to its end on this thread. Its futures are ready at
+/// once (see the module doc); `block_on` only parks if a job awaits
+/// something else.
+fn run_job(conn: &mut LiteConn, work: Work) -> Result<bool, StorageError> {
+    futures::executor::block_on(work(conn))
+}
+
+/// SQLite rolls a whole transaction back by itself on some errors (a full
+/// disk, an I/O error, out of memory): then the batch is lost, and a later
+/// SAVEPOINT would silently open a new transaction.
+fn still_open(conn: &LiteConn) -> Result<(), StorageError> {
+    if conn.0.is_autocommit() {
+        return Err(StorageError::Backend(
+            "SQLite rolled the group-commit transaction back".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// BEGIN, one savepoint per job, COMMIT. Err only when the transaction as a
 /// whole failed; a job's own failure is in its slot of the Ok vector.
-async fn run_batch(
-    conn: &mut SqliteConnection,
+fn run_batch(
+    conn: &mut LiteConn,
     mut works: Vec<Work>,
 ) -> Result<Vec<Result<bool, StorageError>>, StorageError> {
     let mut results = Vec::with_capacity(works.len());
     // IMMEDIATE takes the write lock up front (waiting out another process's
     // writer under the busy timeout) instead of failing on the read-to-write
     // upgrade half-way through the batch.
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(backend)?;
+    control(conn, "BEGIN IMMEDIATE")?;
     if works.len() == 1 {
         // A job alone (the common case at low load) needs no savepoint: its
         // failure rolls back the transaction, which holds nothing else. Two
         // statements fewer per write.
         if let Some(work) = works.pop() {
-            let r = work(&mut tx).await;
+            let r = run_job(conn, work);
             if r.is_ok() {
-                tx.commit().await.map_err(backend)?;
-            } else {
-                tx.rollback().await.map_err(backend)?;
+                still_open(conn)?;
+                control(conn, "COMMIT")?;
+            } else if !conn.0.is_autocommit() {
+                control(conn, "ROLLBACK")?;
             }
             return Ok(vec![r]);
         }
     }
     for work in works {
-        // A nested sqlx transaction is a SAVEPOINT.
-        let mut sp = tx.begin().await.map_err(backend)?;
-        let r = work(&mut sp).await;
+        control(conn, "SAVEPOINT job")?;
+        let r = run_job(conn, work);
+        still_open(conn)?;
         if r.is_ok() {
-            sp.commit().await.map_err(backend)?;
+            control(conn, "RELEASE job")?;
         } else {
-            // If even the rollback to the savepoint fails, the transaction
-            // is unusable: the whole batch fails.
-            sp.rollback().await.map_err(backend)?;
+            // ROLLBACK TO keeps the savepoint open; RELEASE ends it. If
+            // either fails, the transaction is unusable: the whole batch
+            // fails.
+            control(conn, "ROLLBACK TO job")?;
+            control(conn, "RELEASE job")?;
         }
         results.push(r);
     }
-    tx.commit().await.map_err(backend)?;
+    control(conn, "COMMIT")?;
     Ok(results)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::str::FromStr;
-    use std::time::Duration;
-
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-    use sqlx::ConnectOptions;
+    use std::path::{Path, PathBuf};
 
     use super::*;
+    use crate::storage::run::{Run, Stmt};
 
     const DEADLINE: Duration = Duration::from_secs(10);
 
-    async fn setup() -> (tempfile::TempDir, SqliteConnectOptions, Arc<Writer>) {
+    fn connect(path: &Path) -> Connection {
+        super::super::lite::open(path, Duration::from_secs(5)).unwrap()
+    }
+
+    async fn setup() -> (tempfile::TempDir, PathBuf, Arc<Writer>) {
         let dir = tempfile::tempdir().unwrap();
-        let opts = SqliteConnectOptions::from_str("sqlite://w.db")
-            .unwrap()
-            .filename(dir.path().join("w.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
-        let mut c = opts.connect().await.unwrap();
-        sqlx::query("CREATE TABLE t (v INTEGER NOT NULL UNIQUE)")
-            .execute(&mut c)
-            .await
+        let path = dir.path().join("w.db");
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER NOT NULL UNIQUE)")
             .unwrap();
-        c.close().await.unwrap();
-        let w = Arc::new(Writer::spawn(opts.connect().await.unwrap()));
-        (dir, opts, w)
+        drop(c);
+        let w = Arc::new(Writer::spawn(connect(&path)).unwrap());
+        (dir, path, w)
     }
 
     async fn insert(w: &Writer, v: i64) -> Result<bool, StorageError> {
         w.write(move |c| {
             Box::pin(async move {
-                sqlx::query("INSERT INTO t (v) VALUES (?)")
-                    .bind(v)
-                    .execute(&mut *c)
-                    .await
-                    .map_err(backend)?;
+                c.execute(Stmt::new("INSERT INTO t (v) VALUES ($1)").bind(v))
+                    .await?;
                 Ok(true)
             })
         })
@@ -322,13 +406,14 @@ mod tests {
 
     /// Values in `t`, read through a connection of its own: only committed
     /// rows are visible there.
-    async fn committed(opts: &SqliteConnectOptions) -> Vec<i64> {
-        let mut c = opts.connect().await.unwrap();
-        let v = sqlx::query_scalar("SELECT v FROM t ORDER BY v")
-            .fetch_all(&mut c)
-            .await
+    async fn committed(path: &Path) -> Vec<i64> {
+        let c = connect(path);
+        let mut st = c.prepare("SELECT v FROM t ORDER BY v").unwrap();
+        let v = st
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<Vec<i64>, _>>()
             .unwrap();
-        c.close().await.unwrap();
         v
     }
 
@@ -376,7 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_writes_share_one_commit() {
-        let (_dir, opts, w) = setup().await;
+        let (_dir, path, w) = setup().await;
         let (go, held) = hold(&w).await;
         let calls: Vec<_> = (0..10).map(|v| spawn_insert(&w, v)).collect();
         wait_queued(&w, 10).await;
@@ -388,12 +473,12 @@ mod tests {
         // The held job alone, then the ten together.
         assert_eq!(w.stats().batches.load(Ordering::Relaxed), 2);
         assert_eq!(w.stats().jobs.load(Ordering::Relaxed), 11);
-        assert_eq!(committed(&opts).await, (0..10).collect::<Vec<_>>());
+        assert_eq!(committed(&path).await, (0..10).collect::<Vec<_>>());
     }
 
     #[tokio::test]
     async fn a_failing_job_rolls_back_alone() {
-        let (_dir, opts, w) = setup().await;
+        let (_dir, path, w) = setup().await;
         let (go, held) = hold(&w).await;
         let ok1 = spawn_insert(&w, 1);
         wait_queued(&w, 1).await;
@@ -403,10 +488,7 @@ mod tests {
             async move {
                 w.write(|c| {
                     Box::pin(async move {
-                        sqlx::query("INSERT INTO t (v) VALUES (2)")
-                            .execute(&mut *c)
-                            .await
-                            .map_err(backend)?;
+                        c.execute(Stmt::new("INSERT INTO t (v) VALUES (2)")).await?;
                         Err(StorageError::Duplicate("test"))
                     })
                 })
@@ -429,36 +511,36 @@ mod tests {
         assert!(matches!(dup.await.unwrap(), Err(StorageError::Backend(_))));
         assert!(ok3.await.unwrap().unwrap());
         assert_eq!(w.stats().batches.load(Ordering::Relaxed), 2);
-        assert_eq!(committed(&opts).await, vec![1, 3]);
+        assert_eq!(committed(&path).await, vec![1, 3]);
     }
 
     #[tokio::test]
     async fn a_failing_job_alone_leaves_nothing() {
-        let (_dir, opts, w) = setup().await;
+        let (_dir, path, w) = setup().await;
         assert!(insert(&w, 1).await.unwrap());
         // Alone in its batch (no savepoint): the whole transaction rolls back.
         assert!(matches!(insert(&w, 1).await, Err(StorageError::Backend(_))));
         assert!(insert(&w, 2).await.unwrap());
-        assert_eq!(committed(&opts).await, vec![1, 2]);
+        assert_eq!(committed(&path).await, vec![1, 2]);
     }
 
     #[tokio::test]
     async fn every_acknowledged_write_is_committed() {
-        let (_dir, opts, w) = setup().await;
+        let (_dir, path, w) = setup().await;
         for v in 0..5 {
             assert!(insert(&w, v).await.unwrap());
             // Seen by another connection: committed, not merely written
             // inside the writer's open transaction.
-            assert_eq!(committed(&opts).await, (0..=v).collect::<Vec<_>>());
+            assert_eq!(committed(&path).await, (0..=v).collect::<Vec<_>>());
         }
         // And still there after the writer is gone and the file reopened.
         w.close().await;
-        assert_eq!(committed(&opts).await, (0..5).collect::<Vec<_>>());
+        assert_eq!(committed(&path).await, (0..5).collect::<Vec<_>>());
     }
 
     #[tokio::test]
     async fn close_commits_what_was_queued_and_refuses_the_rest() {
-        let (_dir, opts, w) = setup().await;
+        let (_dir, path, w) = setup().await;
         let (go, held) = hold(&w).await;
         let calls: Vec<_> = (0..5).map(|v| spawn_insert(&w, v)).collect();
         wait_queued(&w, 5).await;
@@ -476,7 +558,7 @@ mod tests {
         for c in calls {
             assert!(c.await.unwrap().unwrap());
         }
-        assert_eq!(committed(&opts).await, (0..5).collect::<Vec<_>>());
+        assert_eq!(committed(&path).await, (0..5).collect::<Vec<_>>());
         assert!(matches!(insert(&w, 9).await, Err(StorageError::Backend(_))));
         // Closing twice is harmless.
         w.close().await;
