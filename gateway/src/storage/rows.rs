@@ -685,6 +685,23 @@ lite_row! {
     BacklogRow { n, oldest }
     WebhookAttemptRow { event_id, kind as "type", at_ms, http_status, error }
     MachineEpochRow { machine_no, presence_epoch }
-    OwnershipRow { machine_no, presence_epoch, owner_node, online }
     NodeRowRaw { node_id, incarnation, started_at_ms, heartbeat_at_ms, online_machines }
+}
+
+impl LiteRow for OwnershipRow {
+    fn from_lite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            machine_no: row.get("machine_no")?,
+            presence_epoch: row.get("presence_epoch")?,
+            owner_node: row.get("owner_node")?,
+            online: row.get("online")?,
+            // Only OWNERSHIP_SEEN selects it (`sqlx(default)` on the sqlx
+            // side): absent means None.
+            last_seen_ms: match row.get("last_seen_ms") {
+                Ok(v) => v,
+                Err(rusqlite::Error::InvalidColumnName(_)) => None,
+                Err(e) => return Err(e),
+            },
+        })
+    }
 }
