@@ -226,12 +226,7 @@ pub async fn rr(opts: RrOptions) -> anyhow::Result<RrReport> {
             topics.clone(),
             cancel.clone(),
         ));
-        tokio::spawn(echo(
-            client.clone(),
-            echo_rx,
-            qos,
-            cancel.clone(),
-        ));
+        tokio::spawn(echo(client.clone(), echo_rx, qos, cancel.clone()));
         // Queued before the first poll: rumqttc sends it after CONNACK.
         let filter = if opts.responders == 1 {
             topics.all_requests_filter()
@@ -766,15 +761,24 @@ mod tests {
         assert!(rr(opts.clone()).await.is_err());
         opts.concurrency = 4;
         opts.requesters = 8;
-        assert!(rr(opts.clone()).await.is_err(), "fewer outstanding than requesters");
+        assert!(
+            rr(opts.clone()).await.is_err(),
+            "fewer outstanding than requesters"
+        );
         opts.requesters = 4;
         opts.responders = 2;
-        assert!(rr(opts).await.is_err(), "responders neither 1 nor requesters");
+        assert!(
+            rr(opts).await.is_err(),
+            "responders neither 1 nor requesters"
+        );
     }
 
     #[test]
     fn shares_cover_the_total() {
-        assert_eq!((0..3).map(|i| share(10, 3, i)).collect::<Vec<_>>(), [4, 3, 3]);
+        assert_eq!(
+            (0..3).map(|i| share(10, 3, i)).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
         assert_eq!((0..64).map(|i| share(64, 64, i)).sum::<usize>(), 64);
     }
 
