@@ -65,6 +65,8 @@ pub(crate) async fn serve(
 
 /// The established session until it closes, then what its end means: the
 /// session parked or dropped, the will, presence, and the metrics.
+// Written out on purpose (the size test below shows why).
+#[allow(clippy::manual_async_fn)]
 fn run(mut established: Established) -> impl std::future::Future<Output = ()> + Send {
     // An async block, not an async fn: an async fn stores its argument in
     // its state twice (as the argument and as the local it is moved to),
