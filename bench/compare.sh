@@ -12,7 +12,8 @@
 # worktree, then run both back to back on a quiet machine:
 #   BIN_DIR=/old/target/release HUB_BENCH=/old/target/release/deps/hub-<hash> bench/compare.sh
 # BIN_DIR: prebuilt `vendgate` and `vendgate-sim` (nothing is built);
-# HUB_BENCH: a prebuilt `hub` bench executable for row (b).
+# HUB_BENCH: a prebuilt `hub` bench executable for row (b);
+# ONLY="a d": only the rows named (MACHINES=64 saves provisioning for a).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,18 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 now_ms() { date +%s%3N; }
 ROWS=()
 row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }
+report() {
+  echo
+  echo "vendgate vs Mosquitto — $(nproc) cores, $(uname -m), $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "| measure | vendgate | Mosquitto | vendgate/Mosquitto |"
+  echo "| --- | --- | --- | --- |"
+  printf '%s\n' "${ROWS[@]}"
+  exit 0
+}
+# ONLY="a d": just those rows (e.g. ONLY=a MACHINES=64 for a quick broker
+# comparison, ONLY=d for memory).
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0==0) print "–"; else printf "%.2f×", a/b }'; }
 
 # ---------------------------------------------------------------- vendgate
@@ -79,21 +92,43 @@ else
   echo "mosquitto not installed (apt-get install mosquitto): Mosquitto columns stay empty" >&2
 fi
 
-# (a) bare MQTT request/response, alternating brokers
-for c in 1 64; do
-  n=$([ $c = 1 ] && echo 5000 || echo 50000)
-  m_thr=""; m_p99=""
+if want a; then
+# (a) bare MQTT request/response, alternating brokers, with each broker's
+# CPU per round trip (utime+stime of its process over the run / round trips)
+HZ=$(getconf CLK_TCK)
+rr_on() { # broker pid, out json, rr args...: prints "rt/s p99 cpu_µs_per_rt"
+  local pid=$1 out=$2; shift 2
+  local t0 t1
+  t0=$(cpu_ticks "$pid")
+  "$B/vendgate-sim" rr "$@" --json >"$out"
+  t1=$(cpu_ticks "$pid")
+  awk -v thr="$(jq .throughput "$out")" -v p99="$(jq .p99_ms "$out")" -v n="$(jq .count "$out")" \
+      -v d=$((t1 - t0)) -v hz="$HZ" 'BEGIN{ printf "%.0f %.2f %s\n", thr, p99, (n==0 ? "–" : sprintf("%.1f", d/hz*1e6/n)) }'
+}
+rr_row() { # label, rr args...
+  local label=$1; shift
+  local v m="" cell_m="–" ratio_cpu="–"
   if [ -n "$MOSQ" ]; then
-    "$B/vendgate-sim" rr --broker 127.0.0.1:$MP --concurrency $c --count $n --json >"$W/rr-m-$c.json"
-    m_thr=$(jq .throughput "$W/rr-m-$c.json"); m_p99=$(jq .p99_ms "$W/rr-m-$c.json")
-    [ $c = 64 ] && MOSQ_RR64=$m_thr
+    m=$(rr_on "$MOSQ" "$W/rr-m.json" --broker 127.0.0.1:$MP "$@")
+    cell_m=$(echo "$m" | awk '{printf "%s (%s), %s µs", $1, $2, $3}')
   fi
-  "$B/vendgate-sim" rr --broker 127.0.0.1:$VM --username "$SU" --password "$SP" --concurrency $c --count $n --json >"$W/rr-v-$c.json"
-  v_thr=$(jq .throughput "$W/rr-v-$c.json"); v_p99=$(jq .p99_ms "$W/rr-v-$c.json")
-  row "(a) MQTT QoS 1 rr c=$c: rt/s (p99 ms)" "$(printf '%.0f (%.2f)' "$v_thr" "$v_p99")" \
-      "$([ -n "$m_thr" ] && printf '%.0f (%.2f)' "$m_thr" "$m_p99" || echo –)" "$(ratio "$v_thr" "${m_thr:-0}")"
-done
+  v=$(rr_on "$GW" "$W/rr-v.json" --broker 127.0.0.1:$VM --username "$SU" --password "$SP" "$@")
+  [ -n "$m" ] && ratio_cpu=$(ratio "$(echo "$v" | cut -d' ' -f3)" "$(echo "$m" | cut -d' ' -f3)")
+  row "$label: rt/s (p99 ms), broker CPU µs/rt" "$(echo "$v" | awk '{printf "%s (%s), %s µs", $1, $2, $3}')" "$cell_m" \
+      "$(ratio "$(echo "$v" | cut -d' ' -f1)" "$(echo "${m:-0}" | cut -d' ' -f1)") rt/s, $ratio_cpu CPU"
+  LAST_M_THR=$(echo "${m:-}" | cut -d' ' -f1)
+}
+rr_row "(a) MQTT QoS 1 rr c=1" --concurrency 1 --count 5000
+rr_row "(a) MQTT QoS 1 rr c=64" --concurrency 64 --count 50000
+MOSQ_RR64=${LAST_M_THR:-}
+# Many connections: 64 requesters (one request outstanding each) and one
+# responder for all of them, then one responder per requester, each
+# subscribed to its own topic (64 + 64 subscribed sessions).
+rr_row "(a) rr 64 requester conns + 1 responder" --requesters 64 --responders 1 --concurrency 64 --count 100000
+rr_row "(a) rr 64 requester conns + 64 responder conns" --requesters 64 --responders 64 --concurrency 64 --count 100000
+fi
 
+if want b; then
 # (b) the hub's own command round trip (cmd/ping → pong), in-process bench
 if [ -n "${HUB_BENCH:-}" ]; then
   "$HUB_BENCH" --bench 2>/dev/null | grep -E "ping round trip|connect -> online" >"$W/hub.txt" || true
@@ -105,7 +140,9 @@ while read -r line; do
   p99=$(echo "$line" | sed -E 's/.*p99= *([0-9.]+)ms.*/\1/')
   row "(b) $name: per s (p99 ms)" "$rate ($p99)" "–" "–"
 done <"$W/hub.txt"
+fi
 
+if want c; then
 # (c) full orders through vendgate: 64 machines, HTTP load c=1 and c=64
 head -64 "$W/secrets.csv" >"$W/s64.csv"
 "$B/vendgate-sim" fleet --gateway 127.0.0.1:$VM --secrets "$W/s64.csv" --products 1:1000000:100 >"$W/fleet64.out" 2>/dev/null &
@@ -123,7 +160,9 @@ for c in 1 64; do
       "$([ $c = 64 ] && ratio "$thr" "${MOSQ_RR64:-0}" || echo –) of Mosquitto rr"
 done
 kill $F64 2>/dev/null; wait $F64 2>/dev/null || true
+fi
 
+if want d; then
 # (d) many machines connecting, then a reconnect storm
 connect_fleet() { # broker port, out file; prints pid
   "$B/vendgate-sim" fleet --gateway 127.0.0.1:$1 --secrets "$W/secrets.csv" --machines "$MACHINES" --connect-rate "$2" >"$3" 2>/dev/null &
@@ -144,7 +183,9 @@ for target in vendgate mosquitto; do
   eval "D_$target='$t s, storm $ts s, $per KB/conn'"
 done
 row "(d) $MACHINES machines at 2,000/s: all connected, storm, RSS/conn" "${D_vendgate:-–}" "${D_mosquitto:-–}" "–"
+fi
 
+if want e; then
 # (e) offline detection: $OFFLINE sockets closed at once, then one silent machine
 online() { curl -s "http://127.0.0.1:$VH/api/openapi/v1/machines?online=true&page_size=1" -H "Appid: $APPID" -H "AppSecret: $APPSECRET" | jq '.data.total // 0'; }
 head -"$OFFLINE" "$W/secrets.csv" >"$W/off.csv"
@@ -170,11 +211,6 @@ t0=$(now_ms); kill -STOP $F
 for _ in $(seq 1000); do [ "$(online)" -eq 0 ] && break; sleep 0.02; done
 row "(e) silent machine (keep alive 2 s, process stopped): offline after" "$(( $(now_ms) - t0 )) ms" "–" "–"
 kill -CONT $F; kill $F 2>/dev/null || true
+fi
 
-echo
-echo "vendgate vs Mosquitto — $(nproc) cores, $(uname -m), $(date -u +%Y-%m-%dT%H:%MZ)"
-echo
-echo "| measure | vendgate | Mosquitto | vendgate/Mosquitto |"
-echo "| --- | --- | --- | --- |"
-printf '%s\n' "${ROWS[@]}"
-exit 0
+report

@@ -157,6 +157,14 @@ pub struct RrArgs {
     /// Requests outstanding at any time.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=65535))]
     pub concurrency: u64,
+    /// Requester connections; the concurrency is split over them (so it
+    /// must be at least this).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub requesters: u64,
+    /// Responder connections: 1 (subscribed to every request topic) or as
+    /// many as requesters (each subscribed to its own requester's topic).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub responders: u64,
     /// Requests in all.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
@@ -401,6 +409,9 @@ async fn run_rr(args: RrArgs) -> anyhow::Result<()> {
         password: args.password,
         // Bounded to 65,535 by the parser.
         concurrency: usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+        // Bounded to 1,024 by the parser.
+        requesters: usize::try_from(args.requesters).unwrap_or(usize::MAX),
+        responders: usize::try_from(args.responders).unwrap_or(usize::MAX),
         count: args.count,
         payload: args.payload,
         qos: args.qos,

@@ -2,12 +2,16 @@
 //! broker, to tell the broker's share of an order's latency from the
 //! gateway's.
 //!
-//! Two rumqttc clients (TCP_NODELAY on): a responder subscribed to
-//! `vendgate-rr/{run}/req/+` echoes each request to
-//! `vendgate-rr/{run}/resp/{id}`; a requester subscribed to the responses
-//! keeps `concurrency` requests outstanding until `count` have been sent,
-//! and records each round trip in an HdrHistogram. Topics stay outside
-//! `vend/v1/`, where service clients of the gateway may not publish.
+//! rumqttc clients (TCP_NODELAY on): `requesters` connections, requester
+//! `r` subscribed to `vendgate-rr/{run}/resp/{r}/+` and publishing requests
+//! to `vendgate-rr/{run}/req/{r}/{id}`, together keep `concurrency`
+//! requests outstanding (split evenly) until `count` have been sent; each
+//! round trip goes into one HdrHistogram. `responders` connections echo
+//! each request to the matching `resp/` topic: one responder subscribed to
+//! every request (`req/+/+`), or one per requester subscribed to its own
+//! (`req/{r}/+`), which is the many-subscriber shape a broker must route
+//! without scanning every session. Topics stay outside `vend/v1/`, where
+//! service clients of the gateway may not publish.
 //!
 //! The broker must set TCP_NODELAY on its sockets too, or every round trip
 //! at concurrency 1 waits ~40 ms for Nagle and delayed ACK (Mosquitto:
@@ -21,6 +25,7 @@
 //! and the echo task (responses).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +37,7 @@ use rumqttc::{
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +52,9 @@ const CONNECT_TIMEOUT_SECS: u64 = 5;
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// How long the clean DISCONNECTs at the end may take.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Requester (and responder) connections at most: each is a socket and a
+/// few tasks here and at the broker.
+pub const MAX_CONNECTIONS: usize = 1024;
 /// Room for topic and header beyond the payload in a packet.
 const PACKET_OVERHEAD: usize = 1024;
 
@@ -56,8 +65,13 @@ pub struct RrOptions {
     pub broker: String,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// Requests outstanding at any time (≥ 1).
+    /// Requests outstanding at any time, over all requesters (≥ requesters).
     pub concurrency: usize,
+    /// Requester connections (1 to [`MAX_CONNECTIONS`]).
+    pub requesters: usize,
+    /// Responder connections: 1 (subscribed to every request) or
+    /// `requesters` (one each, subscribed to its requester's topic).
+    pub responders: usize,
     /// Requests sent in all.
     pub count: u64,
     /// Payload bytes per request (echoed in the response).
@@ -78,6 +92,8 @@ impl RrOptions {
             username: None,
             password: None,
             concurrency: 1,
+            requesters: 1,
+            responders: 1,
             count: 10_000,
             payload: 64,
             qos: 1,
@@ -94,6 +110,8 @@ impl std::fmt::Debug for RrOptions {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("concurrency", &self.concurrency)
+            .field("requesters", &self.requesters)
+            .field("responders", &self.responders)
             .field("count", &self.count)
             .field("payload", &self.payload)
             .field("qos", &self.qos)
@@ -110,6 +128,9 @@ pub struct RrReport {
     /// Requests without a response: lost (QoS 0), or outstanding when the
     /// run stalled.
     pub errors: u64,
+    /// Requester and responder connections used.
+    pub requesters: usize,
+    pub responders: usize,
     /// From the first request to the last response.
     #[serde(rename = "elapsed_s", serialize_with = "stats::serialize_secs")]
     pub elapsed: Duration,
@@ -153,6 +174,15 @@ pub async fn rr(opts: RrOptions) -> anyhow::Result<RrReport> {
     if opts.concurrency == 0 || opts.count == 0 {
         bail!("concurrency and count must be at least 1");
     }
+    if opts.requesters == 0 || opts.requesters > MAX_CONNECTIONS {
+        bail!("requesters must be 1 to {MAX_CONNECTIONS}");
+    }
+    if opts.responders != 1 && opts.responders != opts.requesters {
+        bail!("responders must be 1 or the number of requesters");
+    }
+    if opts.concurrency < opts.requesters {
+        bail!("concurrency must be at least the number of requesters");
+    }
     let (host, port) = split_host_port(&opts.broker)?;
     let run = run_id();
     let topics = Topics::new(&run);
@@ -160,108 +190,151 @@ pub async fn rr(opts: RrOptions) -> anyhow::Result<RrReport> {
     // Stops every task of the run however this function returns.
     let _stop = cancel.clone().drop_guard();
 
-    let mqtt = |role: &str| {
+    let mqtt = |role: String, outstanding: usize| {
         let mut o = MqttOptions::new(format!("{TOPIC_ROOT}-{run}-{role}"), host.clone(), port);
         let max_packet = opts.payload.saturating_add(PACKET_OVERHEAD);
         o.set_keep_alive(KEEP_ALIVE)
             .set_clean_session(true)
             .set_max_packet_size(max_packet, max_packet)
             // A slot per outstanding message, so QoS 1/2 never throttles.
-            .set_inflight(u16::try_from(opts.concurrency.max(10)).unwrap_or(u16::MAX));
+            .set_inflight(u16::try_from(outstanding.max(10)).unwrap_or(u16::MAX));
         if let Some(user) = &opts.username {
             o.set_credentials(user.as_str(), opts.password.as_deref().unwrap_or(""));
         }
         o
     };
-    // Room for every outstanding request plus SUBSCRIBE and DISCONNECT.
-    let capacity = opts.concurrency.saturating_add(10);
 
-    let (resp_client, resp_loop) = AsyncClient::new(mqtt("resp"), capacity);
-    let (req_client, req_loop) = AsyncClient::new(mqtt("req"), capacity);
-    let (echo_tx, echo_rx) = mpsc::unbounded_channel();
-    let (resp_ready_tx, resp_ready) = oneshot::channel();
-    let (req_ready_tx, req_ready) = oneshot::channel();
+    let mut ready = Vec::new();
+    let mut clients = Vec::new();
+    // Responders: one for every request topic, or one per requester.
+    let mut responders = JoinSet::new();
+    for j in 0..opts.responders {
+        // A single responder may have every request outstanding at once.
+        let outstanding = if opts.responders == 1 {
+            opts.concurrency
+        } else {
+            share(opts.concurrency, opts.requesters, j)
+        };
+        let (client, eventloop) =
+            AsyncClient::new(mqtt(format!("resp{j}"), outstanding), outstanding + 10);
+        let (echo_tx, echo_rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        responders.spawn(poll_responder(
+            eventloop,
+            ready_tx,
+            echo_tx,
+            topics.clone(),
+            cancel.clone(),
+        ));
+        tokio::spawn(echo(client.clone(), echo_rx, qos, cancel.clone()));
+        // Queued before the first poll: rumqttc sends it after CONNACK.
+        let filter = if opts.responders == 1 {
+            topics.all_requests_filter()
+        } else {
+            topics.request_filter(j)
+        };
+        client
+            .try_subscribe(filter, qos)
+            .context("queueing a responder's SUBSCRIBE")?;
+        ready.push(ready_rx);
+        clients.push(client);
+    }
+
     let (done_tx, done_rx) = oneshot::channel();
+    let tally = Arc::new(Mutex::new(Tally {
+        done: Some(done_tx),
+        hist: LatencyHistogram::new(),
+        completed: 0,
+        last_response: None,
+    }));
     let starts: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
-    let permits = Arc::new(Semaphore::new(opts.concurrency));
+    let next_id = Arc::new(AtomicU64::new(0));
+    let mut requesters = JoinSet::new();
+    let mut senders = Vec::new();
+    for r in 0..opts.requesters {
+        let outstanding = share(opts.concurrency, opts.requesters, r);
+        let (client, eventloop) =
+            AsyncClient::new(mqtt(format!("req{r}"), outstanding), outstanding + 10);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let permits = Arc::new(Semaphore::new(outstanding));
+        requesters.spawn(poll_requester(
+            eventloop,
+            Requester {
+                ready: Some(ready_tx),
+                tally: Arc::clone(&tally),
+                starts: Arc::clone(&starts),
+                permits: Arc::clone(&permits),
+                topics: topics.clone(),
+                count: opts.count,
+                stall_timeout: opts.stall_timeout,
+            },
+            cancel.clone(),
+        ));
+        client
+            .try_subscribe(topics.response_filter(r), qos)
+            .context("queueing a requester's SUBSCRIBE")?;
+        ready.push(ready_rx);
+        senders.push((client.clone(), permits));
+        clients.push(client);
+    }
+    // The requesters' loops hold the tally now: when all of them are gone
+    // without finishing, `done_rx` hears it.
+    drop(tally);
 
-    let mut responder = tokio::spawn(poll_responder(
-        resp_loop,
-        resp_ready_tx,
-        echo_tx,
-        topics.clone(),
-        cancel.clone(),
-    ));
-    tokio::spawn(echo(
-        resp_client.clone(),
-        echo_rx,
-        topics.clone(),
-        qos,
-        cancel.clone(),
-    ));
-    let mut requester = tokio::spawn(poll_requester(
-        req_loop,
-        Requester {
-            ready: Some(req_ready_tx),
-            done: Some(done_tx),
-            starts: Arc::clone(&starts),
-            permits: Arc::clone(&permits),
-            topics: topics.clone(),
-            count: opts.count,
-            stall_timeout: opts.stall_timeout,
-            hist: LatencyHistogram::new(),
-            completed: 0,
-            last_response: None,
-        },
-        cancel.clone(),
-    ));
-    // Queued before the first poll: rumqttc sends them after CONNACK.
-    resp_client
-        .try_subscribe(topics.request_filter(), qos)
-        .context("queueing the responder's SUBSCRIBE")?;
-    req_client
-        .try_subscribe(topics.response_filter(), qos)
-        .context("queueing the requester's SUBSCRIBE")?;
-
-    let setup = async { (resp_ready.await, req_ready.await) };
+    let setup = async {
+        for r in ready {
+            match r.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(anyhow::anyhow!(e)),
+                // A task ended without saying why: it panicked.
+                Err(_) => bail!("a client task stopped during setup"),
+            }
+        }
+        Ok(())
+    };
     match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
-        Ok((Ok(Ok(())), Ok(Ok(())))) => {}
-        Ok((Ok(Err(e)), _)) => bail!("responder: {e}"),
-        Ok((_, Ok(Err(e)))) => bail!("requester: {e}"),
-        // A task ended without saying why: it panicked.
-        Ok(_) => bail!("a client task stopped during setup"),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
         Err(_) => bail!(
-            "broker {} did not accept and subscribe both clients within {SETUP_TIMEOUT:?}",
+            "broker {} did not accept and subscribe every client within {SETUP_TIMEOUT:?}",
             opts.broker
         ),
     }
 
     let started = Instant::now();
-    let sender = tokio::spawn(send_requests(
-        req_client.clone(),
-        topics,
-        Bytes::from(vec![b'x'; opts.payload]),
-        qos,
-        opts.count,
-        starts,
-        permits,
-    ));
+    let payload = Bytes::from(vec![b'x'; opts.payload]);
+    let mut sending = JoinSet::new();
+    for (r, (client, permits)) in senders.into_iter().enumerate() {
+        sending.spawn(send_requests(
+            client,
+            topics.clone(),
+            r,
+            payload.clone(),
+            qos,
+            opts.count,
+            Arc::clone(&next_id),
+            Arc::clone(&starts),
+            permits,
+        ));
+    }
     let done = tokio::select! {
         done = done_rx => match done {
             Ok(done) => done,
-            // The requester ended without a result: its error says why.
-            Err(_) => return Err(task_error("requester", requester.await)),
+            // Every requester ended without a result: the first error says why.
+            Err(_) => return Err(first_error("requester", &mut requesters).await),
         },
-        r = &mut responder => return Err(task_error("responder", r)),
+        Some(r) = requesters.join_next() => return Err(task_error("requester", r)),
+        Some(r) = responders.join_next() => return Err(task_error("responder", r)),
     };
-    sender.abort();
+    sending.abort_all();
 
     // Clean DISCONNECTs; the poll tasks end when theirs is written.
-    let _ = req_client.try_disconnect();
-    let _ = resp_client.try_disconnect();
+    for c in &clients {
+        let _ = c.try_disconnect();
+    }
     let _ = tokio::time::timeout(DISCONNECT_TIMEOUT, async {
-        let _ = (&mut requester).await;
-        let _ = (&mut responder).await;
+        while requesters.join_next().await.is_some() {}
+        while responders.join_next().await.is_some() {}
     })
     .await;
 
@@ -272,6 +345,8 @@ pub async fn rr(opts: RrOptions) -> anyhow::Result<RrReport> {
     Ok(RrReport {
         count: done.completed,
         errors: opts.count - done.completed,
+        requesters: opts.requesters,
+        responders: opts.responders,
         elapsed,
         throughput: stats::rate(done.completed, elapsed),
         p50_ms: s.p50_ms,
@@ -280,6 +355,12 @@ pub async fn rr(opts: RrOptions) -> anyhow::Result<RrReport> {
         p999_ms: s.p999_ms,
         max_ms: s.max_ms,
     })
+}
+
+/// Connection `i`'s part of `total` split over `n` (the first ones get
+/// the remainder).
+fn share(total: usize, n: usize, i: usize) -> usize {
+    total / n + usize::from(i < total % n)
 }
 
 /// The error a poll task ended with (ending with `Ok` is a clean
@@ -295,7 +376,16 @@ fn task_error(
     }
 }
 
-/// The topics of one run.
+/// The first of a set of ended poll tasks' errors.
+async fn first_error(role: &str, set: &mut JoinSet<anyhow::Result<()>>) -> anyhow::Error {
+    match set.join_next().await {
+        Some(r) => task_error(role, r),
+        None => anyhow::anyhow!("{role}s stopped"),
+    }
+}
+
+/// The topics of one run: requester `r` sends `req/{r}/{id}` and hears
+/// `resp/{r}/{id}`.
 #[derive(Debug, Clone)]
 struct Topics {
     request_prefix: String,
@@ -310,28 +400,38 @@ impl Topics {
         }
     }
 
-    fn request(&self, id: u64) -> String {
-        format!("{}{id}", self.request_prefix)
+    fn request(&self, r: usize, id: u64) -> String {
+        format!("{}{r}/{id}", self.request_prefix)
     }
 
-    fn response(&self, id: u64) -> String {
-        format!("{}{id}", self.response_prefix)
+    #[cfg(test)]
+    fn response(&self, r: usize, id: u64) -> String {
+        format!("{}{r}/{id}", self.response_prefix)
     }
 
-    fn request_filter(&self) -> String {
-        format!("{}+", self.request_prefix)
+    /// The response topic answering request topic `topic`.
+    fn response_to(&self, topic: &str) -> Option<String> {
+        let rest = topic.strip_prefix(&self.request_prefix)?;
+        Some(format!("{}{rest}", self.response_prefix))
     }
 
-    fn response_filter(&self) -> String {
-        format!("{}+", self.response_prefix)
+    /// What a single responder subscribes to.
+    fn all_requests_filter(&self) -> String {
+        format!("{}+/+", self.request_prefix)
     }
 
-    fn request_id(&self, topic: &str) -> Option<u64> {
-        topic.strip_prefix(&self.request_prefix)?.parse().ok()
+    /// Requester `r`'s requests, for its own responder.
+    fn request_filter(&self, r: usize) -> String {
+        format!("{}{r}/+", self.request_prefix)
+    }
+
+    fn response_filter(&self, r: usize) -> String {
+        format!("{}{r}/+", self.response_prefix)
     }
 
     fn response_id(&self, topic: &str) -> Option<u64> {
-        topic.strip_prefix(&self.response_prefix)?.parse().ok()
+        let rest = topic.strip_prefix(&self.response_prefix)?;
+        rest.split_once('/')?.1.parse().ok()
     }
 }
 
@@ -392,11 +492,11 @@ fn connection_lost(e: ConnectionError, ready: &mut Option<Ready>) -> anyhow::Err
     anyhow::Error::new(e).context("connection lost")
 }
 
-/// Polls the responder's event loop, handing each request to the echo task.
+/// Polls a responder's event loop, handing each request to its echo task.
 async fn poll_responder(
     mut eventloop: EventLoop,
     ready: Ready,
-    echo_tx: mpsc::UnboundedSender<(u64, Bytes)>,
+    echo_tx: mpsc::UnboundedSender<(String, Bytes)>,
     topics: Topics,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -410,9 +510,9 @@ async fn poll_responder(
         match event {
             Ok(Event::Incoming(Packet::SubAck(ack))) => on_suback(&mut ready, &ack.return_codes),
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if let Some(id) = topics.request_id(&p.topic) {
+                if let Some(topic) = topics.response_to(&p.topic) {
                     // The echo task outlives this loop except at the end.
-                    let _ = echo_tx.send((id, p.payload));
+                    let _ = echo_tx.send((topic, p.payload));
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
@@ -422,16 +522,17 @@ async fn poll_responder(
     }
 }
 
-/// Publishes the responder's answers, off the polling task.
+/// Publishes a responder's answers, off the polling task. The channel
+/// holds at most the requests outstanding (each requester waits for its
+/// answers before sending more).
 async fn echo(
     client: AsyncClient,
-    mut echo_rx: mpsc::UnboundedReceiver<(u64, Bytes)>,
-    topics: Topics,
+    mut echo_rx: mpsc::UnboundedReceiver<(String, Bytes)>,
     qos: QoS,
     cancel: CancellationToken,
 ) {
     loop {
-        let (id, payload) = tokio::select! {
+        let (topic, payload) = tokio::select! {
             () = cancel.cancelled() => return,
             next = echo_rx.recv() => match next {
                 Some(next) => next,
@@ -440,7 +541,7 @@ async fn echo(
         };
         let sent = tokio::select! {
             () = cancel.cancelled() => return,
-            sent = client.publish_bytes(topics.response(id), qos, false, payload) => sent,
+            sent = client.publish_bytes(topic, qos, false, payload) => sent,
         };
         // Fails only once the event loop is gone.
         if sent.is_err() {
@@ -449,46 +550,23 @@ async fn echo(
     }
 }
 
-/// What the requester's loop reports when the run is over.
+/// What the requesters report when the run is over.
 struct Done {
     hist: LatencyHistogram,
     completed: u64,
     last_response: Option<Instant>,
 }
 
-/// The requester's loop state.
-struct Requester {
-    ready: Option<Ready>,
+/// The run's results so far, shared by every requester's loop.
+struct Tally {
+    /// Taken by the first loop to finish the run.
     done: Option<oneshot::Sender<Done>>,
-    /// Send time of each outstanding request, by id; shared with the sender.
-    starts: Arc<Mutex<HashMap<u64, Instant>>>,
-    /// A permit per request that may be sent; one comes back per response.
-    permits: Arc<Semaphore>,
-    topics: Topics,
-    count: u64,
-    stall_timeout: Duration,
     hist: LatencyHistogram,
     completed: u64,
     last_response: Option<Instant>,
 }
 
-impl Requester {
-    /// Records one response; true when the run is complete.
-    fn on_response(&mut self, topic: &str, now: Instant) -> bool {
-        let Some(id) = self.topics.response_id(topic) else {
-            return false;
-        };
-        // A QoS 1 duplicate finds no start any more and is ignored.
-        let Some(sent) = lock(&self.starts).remove(&id) else {
-            return false;
-        };
-        self.hist.record(now.duration_since(sent));
-        self.completed += 1;
-        self.last_response = Some(now);
-        self.permits.add_permits(1);
-        self.completed == self.count
-    }
-
+impl Tally {
     /// Hands the result to `rr`; later calls do nothing.
     fn finish(&mut self) {
         if let Some(done) = self.done.take() {
@@ -501,23 +579,67 @@ impl Requester {
     }
 }
 
-/// Polls the requester's event loop: times responses, returns permits,
-/// and finishes the run when all are in or none came for `stall_timeout`.
-/// Keeps polling afterwards so the DISCONNECT goes out cleanly.
+/// One requester connection's loop state.
+struct Requester {
+    ready: Option<Ready>,
+    tally: Arc<Mutex<Tally>>,
+    /// Send time of each outstanding request, by id; shared with the senders.
+    starts: Arc<Mutex<HashMap<u64, Instant>>>,
+    /// A permit per request this connection may send; one comes back per
+    /// response.
+    permits: Arc<Semaphore>,
+    topics: Topics,
+    count: u64,
+    stall_timeout: Duration,
+}
+
+impl Requester {
+    /// Records one response; finishes the run when it is the last.
+    fn on_response(&mut self, topic: &str, now: Instant) {
+        let Some(id) = self.topics.response_id(topic) else {
+            return;
+        };
+        // A QoS 1 duplicate finds no start any more and is ignored.
+        let Some(sent) = lock(&self.starts).remove(&id) else {
+            return;
+        };
+        let mut tally = lock(&self.tally);
+        tally.hist.record(now.duration_since(sent));
+        tally.completed += 1;
+        tally.last_response = Some(now);
+        self.permits.add_permits(1);
+        if tally.completed == self.count {
+            tally.finish();
+        }
+    }
+
+    /// When the run counts as stalled: `stall_timeout` after the last
+    /// response on any connection (or after `from`, before the first).
+    fn stall_deadline(&self, from: Instant) -> Option<Instant> {
+        let tally = lock(&self.tally);
+        tally.done.as_ref()?;
+        Some(tally.last_response.unwrap_or(from).max(from) + self.stall_timeout)
+    }
+}
+
+/// Polls a requester's event loop: times responses, returns permits, and
+/// finishes the run when all are in or none came on any connection for
+/// `stall_timeout`. Keeps polling afterwards so the DISCONNECT goes out
+/// cleanly.
 async fn poll_requester(
     mut eventloop: EventLoop,
     mut state: Requester,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     set_network_options(&mut eventloop);
-    // Armed at SUBACK, re-armed by each response.
-    let mut stall_at: Option<Instant> = None;
+    // Armed at SUBACK.
+    let mut armed_at: Option<Instant> = None;
     loop {
-        // Only while the run is on: after `finish` the loop just waits for
-        // the DISCONNECT.
-        let armed = stall_at.filter(|_| state.done.is_some());
+        // Only while the run is on: after it finished the loop just waits
+        // for the DISCONNECT.
+        let deadline = armed_at.and_then(|from| state.stall_deadline(from));
         let stall = async move {
-            match armed {
+            match deadline {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
@@ -525,7 +647,13 @@ async fn poll_requester(
         let event = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             () = stall => {
-                state.finish();
+                // Another connection's response may have moved the deadline.
+                let now = Instant::now();
+                let mut tally = lock(&state.tally);
+                let last = tally.last_response.into_iter().chain(armed_at).max();
+                if last.is_some_and(|l| now >= l + state.stall_timeout) {
+                    tally.finish();
+                }
                 continue;
             }
             event = eventloop.poll() => event,
@@ -533,14 +661,10 @@ async fn poll_requester(
         match event {
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 on_suback(&mut state.ready, &ack.return_codes);
-                stall_at = Some(Instant::now() + state.stall_timeout);
+                armed_at = Some(Instant::now());
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let now = Instant::now();
-                if state.on_response(&p.topic, now) {
-                    state.finish();
-                }
-                stall_at = Some(now + state.stall_timeout);
+                state.on_response(&p.topic, Instant::now());
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(()),
             Ok(_) => {}
@@ -549,25 +673,33 @@ async fn poll_requester(
     }
 }
 
-/// Sends requests 0..count, each when a permit is free.
+/// Sends requests on requester `r`'s connection, each when one of its
+/// permits is free, taking ids from the run's counter until `count`.
+#[allow(clippy::too_many_arguments)]
 async fn send_requests(
     client: AsyncClient,
     topics: Topics,
+    r: usize,
     payload: Bytes,
     qos: QoS,
     count: u64,
+    next_id: Arc<AtomicU64>,
     starts: Arc<Mutex<HashMap<u64, Instant>>>,
     permits: Arc<Semaphore>,
 ) {
-    for id in 0..count {
+    loop {
         match permits.acquire().await {
             // Returned by the requester's loop when the response arrives.
             Ok(permit) => permit.forget(),
             Err(_) => return,
         }
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        if id >= count {
+            return;
+        }
         lock(&starts).insert(id, Instant::now());
         let sent = client
-            .publish_bytes(topics.request(id), qos, false, payload.clone())
+            .publish_bytes(topics.request(r, id), qos, false, payload.clone())
             .await;
         // Fails only once the event loop is gone.
         if sent.is_err() {
@@ -589,14 +721,19 @@ mod tests {
     #[test]
     fn topics_round_trip_ids_and_avoid_the_protocol_prefix() {
         let t = Topics::new("abc-1");
-        assert_eq!(t.request(7), "vendgate-rr/abc-1/req/7");
-        assert_eq!(t.request_filter(), "vendgate-rr/abc-1/req/+");
-        assert_eq!(t.request_id(&t.request(42)), Some(42));
-        assert_eq!(t.response_id(&t.response(42)), Some(42));
-        assert_eq!(t.response_id(&t.request(42)), None);
-        assert_eq!(t.request_id("vendgate-rr/other/req/1"), None);
-        assert_eq!(t.request_id("vendgate-rr/abc-1/req/x"), None);
-        assert!(!t.request(1).starts_with("vend/v1/"));
+        assert_eq!(t.request(3, 7), "vendgate-rr/abc-1/req/3/7");
+        assert_eq!(t.request_filter(3), "vendgate-rr/abc-1/req/3/+");
+        assert_eq!(t.all_requests_filter(), "vendgate-rr/abc-1/req/+/+");
+        assert_eq!(t.response_filter(3), "vendgate-rr/abc-1/resp/3/+");
+        assert_eq!(
+            t.response_to(&t.request(3, 42)).as_deref(),
+            Some(t.response(3, 42).as_str())
+        );
+        assert_eq!(t.response_id(&t.response(3, 42)), Some(42));
+        assert_eq!(t.response_id(&t.request(3, 42)), None);
+        assert_eq!(t.response_to("vendgate-rr/other/req/1/1"), None);
+        assert_eq!(t.response_id("vendgate-rr/abc-1/resp/1/x"), None);
+        assert!(!t.request(1, 1).starts_with("vend/v1/"));
     }
 
     #[test]
@@ -621,7 +758,28 @@ mod tests {
         assert!(rr(opts.clone()).await.is_err());
         opts.qos = 1;
         opts.concurrency = 0;
-        assert!(rr(opts).await.is_err());
+        assert!(rr(opts.clone()).await.is_err());
+        opts.concurrency = 4;
+        opts.requesters = 8;
+        assert!(
+            rr(opts.clone()).await.is_err(),
+            "fewer outstanding than requesters"
+        );
+        opts.requesters = 4;
+        opts.responders = 2;
+        assert!(
+            rr(opts).await.is_err(),
+            "responders neither 1 nor requesters"
+        );
+    }
+
+    #[test]
+    fn shares_cover_the_total() {
+        assert_eq!(
+            (0..3).map(|i| share(10, 3, i)).collect::<Vec<_>>(),
+            [4, 3, 3]
+        );
+        assert_eq!((0..64).map(|i| share(64, 64, i)).sum::<usize>(), 64);
     }
 
     #[test]
@@ -629,6 +787,8 @@ mod tests {
         let report = RrReport {
             count: 10,
             errors: 0,
+            requesters: 1,
+            responders: 1,
             elapsed: Duration::from_millis(1_500),
             throughput: 6.7,
             p50_ms: 0.3,

@@ -139,6 +139,20 @@ async fn rr_completes_every_round_trip() {
     assert!(report.p50_ms <= report.p99_ms && report.p99_ms <= report.max_ms);
     assert!(report.throughput > 0.0);
 
+    // Many connections: one responder for all, then one per requester.
+    for responders in [1, 4] {
+        let opts = RrOptions {
+            concurrency: 8,
+            requesters: 4,
+            responders,
+            count: 200,
+            ..RrOptions::new(broker.to_string())
+        };
+        let report = rr(opts).await.unwrap();
+        assert_eq!((report.count, report.errors), (200, 0));
+        assert_eq!((report.requesters, report.responders), (4, responders));
+    }
+
     // At QoS 0 anything lost counts as an error, never twice.
     let opts = RrOptions {
         concurrency: 4,

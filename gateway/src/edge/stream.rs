@@ -4,6 +4,7 @@
 //! what is there into a stack chunk).
 
 use std::io;
+use std::task::{Context, Poll};
 
 use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,6 +43,16 @@ impl Stream {
         }
     }
 
+    /// [`Stream::readable`] as a poll: no future to hold, so a connection
+    /// waiting for bytes keeps only the waker tokio stores for it.
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Plain(s) => s.poll_read_ready(cx),
+            Self::Tls { more: true, .. } => Poll::Ready(Ok(())),
+            Self::Tls { tls, .. } => tls.get_ref().0.poll_read_ready(cx),
+        }
+    }
+
     /// Non-blocking read: Ok(Some(n)) with n bytes (0 is end of stream),
     /// Ok(None) when nothing is available now.
     pub(crate) fn try_read(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
@@ -70,6 +81,25 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Non-blocking write of as much of `buf` as the socket takes now;
+    /// how many bytes that was. Plain TCP only (0 on TLS, whose records
+    /// `write_all` must frame and flush).
+    pub(crate) fn try_write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Self::Plain(s) = self else {
+            return Ok(0);
+        };
+        let mut done = 0;
+        while let Some(rest) = buf.get(done..).filter(|r| !r.is_empty()) {
+            match s.try_write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
     }
 
     /// Write everything and push it onto the wire (TLS buffers records).

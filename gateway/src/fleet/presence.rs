@@ -150,6 +150,11 @@ impl PresenceRegistry {
             e.online_since = Some(now);
             e.last_seen = Some(now);
             let t = Instant::now();
+            // One slot for a machine's first connect (the usual case: it
+            // stays connected): the default first growth is four.
+            if e.connects.capacity() == 0 {
+                e.connects.reserve_exact(1);
+            }
             e.connects.push_back(t);
             while e
                 .connects

@@ -33,6 +33,19 @@ pub(super) enum ReadError {
     TooLarge,
 }
 
+/// How far [`Framed::write_now`] got.
+enum WriteNow {
+    /// Everything, this many bytes.
+    Done(usize),
+    /// The socket's buffer is full: `written` bytes went out, `buf` is the
+    /// rest of the current chunk, `packets[rest..]` are not encoded yet.
+    Blocked {
+        written: usize,
+        buf: BytesMut,
+        rest: usize,
+    },
+}
+
 /// A byte stream framed into MQTT 3.1.1 packets.
 pub(super) struct Framed {
     pub(super) stream: Stream,
@@ -102,18 +115,94 @@ impl Framed {
         }
     }
 
+    /// Write `buf` once the socket takes it, within [`WRITE_TIMEOUT`],
+    /// unless a take-over or shutdown comes first.
+    async fn write_waiting(
+        &mut self,
+        buf: &[u8],
+        stop: &StopSignals<'_>,
+    ) -> Result<(), CloseReason> {
+        tokio::select! {
+            biased;
+            reason = stop.fired() => Err(reason),
+            r = timeout(WRITE_TIMEOUT, self.stream.write_all(buf)) => match r {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(CloseReason::SocketClosed),
+            },
+        }
+    }
+
+    /// Encode `packets` in chunks of about [`WRITE_CHUNK`] bytes and write
+    /// what the socket takes now, without waiting: `Done(bytes)`, or where
+    /// it stopped (`write_rest` finishes that).
+    fn write_now(&mut self, packets: &[Packet]) -> Result<WriteNow, CloseReason> {
+        let mut written = 0;
+        let mut rest = packets;
+        while !rest.is_empty() {
+            let mut buf = BytesMut::new();
+            while let Some((p, tail)) = rest.split_first() {
+                if buf.len() >= WRITE_CHUNK {
+                    break;
+                }
+                if p.write(&mut buf, MAX_OUTGOING).is_err() {
+                    return Err(CloseReason::Protocol("outgoing packet too large"));
+                }
+                rest = tail;
+            }
+            // Most writes fit the socket's send buffer: written at once,
+            // without arming the write timer or the stop signals' waiters.
+            let now = self
+                .stream
+                .try_write_now(&buf)
+                .map_err(|_| CloseReason::SocketClosed)?;
+            written += now;
+            if now < buf.len() {
+                let _ = buf.split_to(now);
+                return Ok(WriteNow::Blocked {
+                    written,
+                    buf,
+                    rest: packets.len() - rest.len(),
+                });
+            }
+        }
+        Ok(WriteNow::Done(written))
+    }
+
     /// Encode and write `packets` in chunks of about [`WRITE_CHUNK`] bytes,
-    /// so what is queued is never encoded into one buffer. Each chunk must
-    /// be written within [`WRITE_TIMEOUT`]; a take-over or shutdown ends
-    /// the write at once instead of waiting for a peer that does not read.
+    /// so what is queued is never encoded into one buffer. What the socket
+    /// does not take at once must be written within [`WRITE_TIMEOUT`] per
+    /// chunk; a take-over or shutdown ends the write at once instead of
+    /// waiting for a peer that does not read. The waiting part is boxed and
+    /// made only when needed: inline, its state (a timer, the stop
+    /// signals' waiters) would be part of every idle connection's task.
     pub(super) async fn write_packets(
         &mut self,
         packets: &[Packet],
         stop: &StopSignals<'_>,
     ) -> Result<usize, CloseReason> {
-        let mut buf = BytesMut::new();
-        let mut written = 0;
+        let waiting = match self.write_now(packets)? {
+            WriteNow::Done(n) => return Ok(n),
+            WriteNow::Blocked { written, buf, rest } => {
+                Box::pin(self.write_rest(written, buf, packets.get(rest..).unwrap_or(&[]), stop))
+            }
+        };
+        waiting.await
+    }
+
+    /// The rest of a write the socket did not take at once: `buf` (the
+    /// unwritten end of a chunk), then `packets`.
+    async fn write_rest(
+        &mut self,
+        mut written: usize,
+        buf: BytesMut,
+        packets: &[Packet],
+        stop: &StopSignals<'_>,
+    ) -> Result<usize, CloseReason> {
+        self.write_waiting(&buf, stop).await?;
+        written += buf.len();
+        drop(buf);
         let mut rest = packets;
+        let mut buf = BytesMut::new();
         while !rest.is_empty() {
             buf.clear();
             while let Some((p, tail)) = rest.split_first() {
@@ -125,14 +214,8 @@ impl Framed {
                 }
                 rest = tail;
             }
-            tokio::select! {
-                biased;
-                reason = stop.fired() => return Err(reason),
-                r = timeout(WRITE_TIMEOUT, self.stream.write_all(&buf)) => match r {
-                    Ok(Ok(())) => written += buf.len(),
-                    _ => return Err(CloseReason::SocketClosed),
-                },
-            }
+            self.write_waiting(&buf, stop).await?;
+            written += buf.len();
         }
         Ok(written)
     }

@@ -12,16 +12,14 @@ use std::time::Duration;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, LastWill, Packet};
 use rumqttc::mqttbytes::{Error as CodecError, Protocol};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic;
 
 use super::super::acl::{is_own_uplink, may_publish, ClientClass};
 use super::super::limits::ConnSlot;
-use super::super::router::{service_key, Outbound, Session, SessionBudget};
+use super::super::router::{outbox, service_key, Outbound, OutboxRx, Session, SessionBudget};
 use super::super::stream::Stream;
 use super::super::Hub;
 use super::close::StopSignals;
@@ -30,20 +28,17 @@ use super::labels::{client_kind, machine_label, shown};
 use super::session::{redelivery, SessionLoop};
 use crate::edge::stats::DispenseClock;
 
-/// A connection past CONNACK: what its session task needs.
+/// A connection past CONNACK: what its session task needs. It lives in
+/// the task for as long as the connection, so it holds nothing twice (the
+/// hub, the session, the peer and the epoch are in `state`) and the rarely
+/// present will is boxed.
 pub(super) struct Established {
-    pub(super) hub: Arc<Hub>,
     /// Frees the connection's place under `max_connections` when dropped.
     pub(super) slot: ConnSlot,
     pub(super) framed: Framed,
     pub(super) state: SessionLoop,
-    pub(super) rx: mpsc::Receiver<Box<Outbound>>,
-    pub(super) session: Arc<Session>,
-    pub(super) epoch: Option<(MachineNo, u64)>,
-    pub(super) last_will: Option<LastWill>,
-    pub(super) peer: SocketAddr,
-    pub(super) client_id: String,
-    pub(super) class: ClientClass,
+    pub(super) rx: OutboxRx,
+    pub(super) last_will: Option<Box<LastWill>>,
 }
 
 /// Why CONNECT did not arrive as a CONNECT the edge serves.
@@ -273,8 +268,8 @@ pub(super) async fn handshake(
 
     // Keep only the will: the rest of CONNECT (the password included) must
     // not live as long as the connection.
-    let last_will = connect.last_will;
-    let (tx, rx) = mpsc::channel(hub.settings.outbound_queue.max(1));
+    let last_will = connect.last_will.map(Box::new);
+    let (tx, rx) = outbox(hub.settings.outbound_queue.max(1));
     // clean_session = 0 asks for a session that outlives the connection
     // (§3.1.2.4); the router resumes a stored one or starts a new one. Not
     // for machines (PROTOCOL.md, gateway rule 8): a machine's unacknowledged
@@ -295,8 +290,9 @@ pub(super) async fn handshake(
             max_subscription_bytes: s.max_subscription_bytes,
         },
     };
-    let mut session =
-        Session::new(conn_id, client_id.clone(), class, persistent, tx).with_budget(budget);
+    let mut session = Session::new(conn_id, client_id.clone(), class, persistent, tx)
+        .with_budget(budget)
+        .with_stop_parent(&hub.shutdown);
     if class == ClientClass::Service {
         // A service's sessions are its own: another account using the same
         // client id gets a session of its own instead of taking this one.
@@ -386,17 +382,11 @@ pub(super) async fn handshake(
         state.inflight.push(f);
     }
     Some(Established {
-        hub,
         slot,
         framed,
         state,
         rx,
-        session,
-        epoch,
         last_will,
-        peer,
-        client_id,
-        class,
     })
 }
 

@@ -65,21 +65,33 @@ pub(crate) async fn serve(
 
 /// The established session until it closes, then what its end means: the
 /// session parked or dropped, the will, presence, and the metrics.
-async fn run(established: Established) {
+// Written out on purpose (the size test below shows why).
+#[allow(clippy::manual_async_fn)]
+fn run(mut established: Established) -> impl std::future::Future<Output = ()> + Send {
+    // An async block, not an async fn: an async fn stores its argument in
+    // its state twice (as the argument and as the local it is moved to),
+    // which would be every connection's task carrying two copies.
+    async move {
+        let e = &mut established;
+        let reason = e.state.run(&mut e.framed, &mut e.rx).await;
+        finish(established, reason);
+    }
+}
+
+/// What a closed connection means: the session parked or dropped, the
+/// will, presence, and the metrics.
+fn finish(established: Established, reason: CloseReason) {
     let Established {
-        hub,
         slot: _slot,
-        mut framed,
+        framed: _,
         mut state,
         mut rx,
-        session,
-        epoch,
         last_will,
-        peer,
-        client_id,
-        class,
     } = established;
-    let reason = state.run(&mut framed, &mut rx).await;
+    let hub = state.hub.clone();
+    let session = state.session.clone();
+    let (epoch, peer, class) = (state.epoch, state.peer, state.class);
+    let client_id = &session.client_id;
 
     // A persistent session keeps its state for the next connection; the
     // router parks it (or hands it to a connection that took over).
@@ -93,7 +105,7 @@ async fn run(established: Established) {
     hub.router.close(&session, &mut rx, kept);
     if reason.publishes_will() {
         if let Some(will) = last_will {
-            publish_will(&hub, will, class);
+            publish_will(&hub, *will, class);
         }
     }
     if let Some((m, e)) = epoch {
@@ -103,7 +115,7 @@ async fn run(established: Established) {
         .connections
         .disconnected(client_kind(class), reason.metric_reason());
     count_close(&hub, reason);
-    info!(%peer, client_id = ?shown(&client_id), machine_no = machine_label(class), end = ?reason, "MQTT client disconnected");
+    info!(%peer, client_id = ?shown(client_id), machine_no = machine_label(class), end = ?reason, "MQTT client disconnected");
 }
 
 /// The edge's counters of connections closed for a fault.
@@ -140,4 +152,46 @@ fn publish_will(hub: &Hub, will: LastWill, class: ClientClass) {
     let retain = will.retain && retain_allowed(hub, class, &will.message);
     hub.router
         .publish(&will.topic, will.message, will.qos, retain);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns: for an async fn, its future.
+    fn returned_size<A, R>(_: &impl FnOnce(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn returned_size3<A, B, C, R>(_: &impl FnOnce(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// What an idle connection's task holds inline (its future is the task's
+    /// state for as long as the connection lives). Not a timing: a size, so
+    /// a change that makes every idle machine larger shows up here.
+    #[test]
+    fn an_idle_connection_task_is_small() {
+        let task = returned_size(&run);
+        eprintln!(
+            "run future {task} B; Established {} B; SessionLoop {} B; Framed {} B",
+            std::mem::size_of::<Established>(),
+            std::mem::size_of::<session::SessionLoop>(),
+            std::mem::size_of::<framed::Framed>(),
+        );
+        eprintln!(
+            "SessionLoop::run {} B; flush {} B; write_packets {} B",
+            returned_size3(&session::SessionLoop::run),
+            returned_size3(&session::SessionLoop::flush),
+            returned_size3(&framed::Framed::write_packets),
+        );
+        eprintln!(
+            "Sleep {} B; WaitForCancellation {} B; Session {} B; SessionState {} B",
+            std::mem::size_of::<tokio::time::Sleep>(),
+            std::mem::size_of::<tokio_util::sync::WaitForCancellationFutureOwned>(),
+            std::mem::size_of::<crate::edge::router::Session>(),
+            std::mem::size_of::<SessionState>(),
+        );
+        assert!(task <= 1024, "run future is {task} bytes");
+    }
 }

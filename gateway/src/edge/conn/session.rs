@@ -5,6 +5,7 @@
 //! client *sends*.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,7 +17,6 @@ use rumqttc::mqttbytes::v4::{
     UnsubAck,
 };
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, warn};
 use vendgate_proto::machine::MachineNo;
@@ -24,7 +24,7 @@ use vendgate_proto::topic::{self, Topic};
 
 use super::super::acl::{may_publish, may_retain, may_subscribe, ClientClass};
 use super::super::limits::MachineBucket;
-use super::super::router::{filter_within, InflightOut, KickReason, Outbound, Session};
+use super::super::router::{filter_within, InflightOut, KickReason, Outbound, OutboxRx, Session};
 use super::super::Hub;
 use super::close::{CloseReason, StopSignals};
 use super::framed::{Framed, ReadError, WRITE_CHUNK};
@@ -91,11 +91,7 @@ pub(super) fn retain_allowed(hub: &Hub, class: ClientClass, payload: &[u8]) -> b
 }
 
 impl SessionLoop {
-    pub(super) async fn run(
-        &mut self,
-        framed: &mut Framed,
-        rx: &mut mpsc::Receiver<Box<Outbound>>,
-    ) -> CloseReason {
+    pub(super) async fn run(&mut self, framed: &mut Framed, rx: &mut OutboxRx) -> CloseReason {
         let shutdown = self.hub.shutdown.clone();
         let kicked = self.session.kicked().clone();
         let stop = StopSignals {
@@ -103,6 +99,21 @@ impl SessionLoop {
             kicked: &kicked,
         };
         let max_inflight = usize::from(self.hub.settings.max_inflight.max(1));
+        // Made once, not per turn: a fresh `cancelled()` registers (and on
+        // drop unregisters) a waiter under the token's lock, and a fresh
+        // sleep inserts (and removes) a timer entry, on every message. The
+        // kick is a child of the shutdown token (`Session::with_stop_parent`),
+        // so one waiter covers both. The socket and the queue are polled
+        // (`poll_fn`) rather than awaited through futures, so an idle
+        // connection's task holds no waiter state for them.
+        let kicked_wait = kicked.cancelled();
+        tokio::pin!(kicked_wait);
+        // Keep alive: armed at the deadline known now; when it fires, the
+        // deadline is measured again from the last packet received and the
+        // timer re-armed if that moved it. An active connection thus touches
+        // the timer once per keep-alive period, not once per packet.
+        let ka_timer = sleep_until(self.keep_alive.map_or(self.last_rx, |k| self.last_rx + k));
+        tokio::pin!(ka_timer);
         loop {
             // One chunk per turn, so reads (acks, PINGREQ) and kicks are
             // served between the chunks of a long backlog.
@@ -112,7 +123,6 @@ impl SessionLoop {
                     return self.stopped(reason);
                 }
             }
-            let ka_deadline = self.keep_alive.map(|k| self.last_rx + k);
             let window_open = self.inflight.len() < max_inflight;
             let more = self
                 .backlog
@@ -120,9 +130,13 @@ impl SessionLoop {
                 .is_some_and(|m| m.qos == QoS::AtMostOnce || window_open);
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return CloseReason::Shutdown,
-                _ = kicked.cancelled() => return self.stopped(CloseReason::TakeOver),
-                r = framed.stream.readable() => {
+                _ = &mut kicked_wait => {
+                    if shutdown.is_cancelled() {
+                        return CloseReason::Shutdown;
+                    }
+                    return self.stopped(CloseReason::TakeOver);
+                }
+                r = poll_fn(|cx| framed.stream.poll_read_ready(cx)) => {
                     if r.is_err() {
                         return CloseReason::SocketClosed;
                     }
@@ -134,29 +148,35 @@ impl SessionLoop {
                         Err(ReadError::TooLarge) => return CloseReason::TooLarge,
                     }
                     self.last_rx = Instant::now();
-                    loop {
+                    // Decided here, awaited below: a packet (or the read's
+                    // result) alive across the flush's await would be
+                    // stored in every connection's task.
+                    let closing = loop {
                         match framed.next_packet() {
                             Ok(Some(p)) => {
                                 if let Some(reason) = self.on_packet(p) {
-                                    // Flush acknowledgements already queued (e.g. a
-                                    // PUBACK before a clean DISCONNECT).
-                                    if !self.out.is_empty() {
-                                        let _ = self.flush(framed, &stop).await;
-                                    }
-                                    return reason;
+                                    break Some(reason);
                                 }
                             }
-                            Ok(None) => break,
+                            Ok(None) => break None,
                             Err(ReadError::Malformed(w)) => return CloseReason::Protocol(w),
                             Err(ReadError::TooLarge) => return CloseReason::TooLarge,
                             Err(ReadError::Eof) => return CloseReason::SocketClosed,
                         }
+                    };
+                    if let Some(reason) = closing {
+                        // Flush acknowledgements already queued (e.g. a
+                        // PUBACK before a clean DISCONNECT).
+                        if !self.out.is_empty() {
+                            let _ = self.flush(framed, &stop).await;
+                        }
+                        return reason;
                     }
                     if let Some((m, _)) = self.epoch {
                         self.hub.presence.touch(&m);
                     }
                 }
-                Some(msg) = rx.recv(), if window_open && self.backlog.is_empty() => {
+                Some(msg) = poll_fn(|cx| rx.poll_recv(cx)), if window_open && self.backlog.is_empty() => {
                     self.backlog.push_back(*msg);
                     // Batch what is already queued into one write.
                     while self.backlog.len() < max_inflight {
@@ -168,10 +188,13 @@ impl SessionLoop {
                 }
                 // More of the backlog can go out: next turn writes it.
                 _ = std::future::ready(()), if more => {}
-                _ = sleep_opt(ka_deadline) => {
-                    if ka_deadline.is_some_and(|d| Instant::now() >= d) {
+                _ = &mut ka_timer, if self.keep_alive.is_some() => {
+                    let Some(k) = self.keep_alive else { continue };
+                    let deadline = self.last_rx + k;
+                    if Instant::now() >= deadline {
                         return CloseReason::KeepAlive;
                     }
+                    ka_timer.as_mut().reset(deadline);
                 }
             }
         }
@@ -190,7 +213,7 @@ impl SessionLoop {
         }
     }
 
-    async fn flush(
+    pub(super) async fn flush(
         &mut self,
         framed: &mut Framed,
         stop: &StopSignals<'_>,
@@ -506,12 +529,5 @@ impl SessionLoop {
             }
         }
         self.hub.router.publish(&p.topic, payload, p.qos, retain);
-    }
-}
-
-async fn sleep_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

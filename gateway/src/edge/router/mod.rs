@@ -5,8 +5,10 @@
 //!
 //! Machines only ever subscribe under their own prefix, so a topic under
 //! `vend/v1/{m}/` reaches at most one machine session (looked up by key, O(1));
-//! service sessions are few and are scanned. A 10,000-machine fleet therefore
-//! costs nothing per publish beyond the service scan.
+//! service sessions are found through an index of their filters' levels
+//! (`index`), so a publish visits only the services whose filters can match
+//! it, however many services are subscribed. The common publish allocates
+//! only what it delivers (one shared topic, one queue entry per recipient).
 //!
 //! Everything a client can make the hub hold is bounded: subscriptions per
 //! session (count and bytes; an identical filter replaces the existing one),
@@ -17,22 +19,25 @@
 //! nobody, so a wide subscription that overlaps a denied filter is granted
 //! and simply never sees the denied topics.
 
+mod index;
+mod outbox;
 mod retained;
 mod session;
 mod sessions;
 #[cfg(test)]
 mod tests;
 
+use std::cell::OnceCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::mpsc;
 use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic;
 
 pub use super::acl::ClientClass;
+pub use outbox::{outbox, Receiver as OutboxRx, Sender as OutboxTx};
 pub use retained::RetainedLimits;
 pub use session::{
     message_cost, min_qos, service_key, KickReason, Outbound, Receipt, Session, SessionBudget,
@@ -43,6 +48,15 @@ pub use sessions::{InflightOut, Registered, RouterStats, SessionLimits, SessionS
 use retained::RetainedStore;
 use session::Offer;
 use sessions::{kick_over_budget, kick_slow, SessionTable};
+
+thread_local! {
+    /// The service candidates of a publish, reused so routing does not
+    /// allocate a list per publish.
+    static SCRATCH: std::cell::Cell<Vec<Arc<Session>>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The scratch list's capacity kept between publishes (pointers).
+const SCRATCH_KEEP: usize = 1024;
 
 /// The outcome of a publish for the one machine a command is addressed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,12 +161,7 @@ impl Router {
     /// A connection ended. A persistent session is parked with `state`
     /// (plus whatever is still in its channel); if a newer connection already
     /// took the client id over, the messages are handed to it instead.
-    pub fn close(
-        &self,
-        session: &Session,
-        rx: &mut mpsc::Receiver<Box<Outbound>>,
-        state: Option<SessionState>,
-    ) {
+    pub fn close(&self, session: &Session, rx: &mut OutboxRx, state: Option<SessionState>) {
         self.sessions.close(session, rx, state, &self.stats);
     }
 
@@ -203,9 +212,11 @@ impl Router {
         if retain && !self.retained.keep(topic_name, &payload, qos) {
             self.stats.retained_refused.fetch_add(1, Ordering::Relaxed);
         }
-        let topic_arc: Arc<str> = Arc::from(topic_name);
+        // Made on the first delivery: a publish nobody receives allocates
+        // nothing.
+        let topic_arc: OnceCell<Arc<str>> = OnceCell::new();
         let make = |granted: QoS| Outbound {
-            topic: topic_arc.clone(),
+            topic: topic_arc.get_or_init(|| Arc::from(topic_name)).clone(),
             payload: payload.clone(),
             qos: min_qos(qos, granted),
             // §3.3.1.3: messages forwarded to existing subscribers carry retain 0.
@@ -260,7 +271,9 @@ impl Router {
             },
         };
 
-        for s in self.sessions.service_subscribers() {
+        let mut services = SCRATCH.with(|c| c.take());
+        self.sessions.service_candidates(topic_name, &mut services);
+        for s in services.drain(..) {
             if let Some(g) = s.granted(topic_name) {
                 match s.offer(make(g)) {
                     Offer::Queued => {
@@ -276,6 +289,11 @@ impl Router {
                     Offer::OverBudget => kick_over_budget(&s, stats),
                 }
             }
+        }
+        // Kept for the next publish on this thread, unless a rare fan-out
+        // left it large.
+        if services.capacity() <= SCRATCH_KEEP {
+            SCRATCH.with(|c| c.replace(services));
         }
         if any_parked {
             self.sessions

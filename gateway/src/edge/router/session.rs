@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
+
+use super::outbox::Sender;
 use tokio_util::sync::CancellationToken;
 use vendgate_proto::topic;
 
@@ -113,7 +115,7 @@ pub struct Session {
     /// Few (bounded by `budget.max_subscriptions`), so scanned.
     subs: Mutex<Vec<(String, QoS)>>,
     sub_bytes: AtomicUsize,
-    tx: mpsc::Sender<Box<Outbound>>,
+    tx: Sender,
     kick: CancellationToken,
     kick_reason: Mutex<Option<KickReason>>,
     budget: SessionBudget,
@@ -139,7 +141,7 @@ impl Session {
         client_id: String,
         class: ClientClass,
         persistent: bool,
-        tx: mpsc::Sender<Box<Outbound>>,
+        tx: Sender,
     ) -> Self {
         Self {
             conn_id,
@@ -160,6 +162,14 @@ impl Session {
     /// Register under `key` instead of the client id.
     pub fn with_key(mut self, key: String) -> Self {
         self.key = key;
+        self
+    }
+
+    /// Make the kick a child of `stop` (the hub's shutdown): cancelling
+    /// `stop` kicks this session too, so its connection waits on one
+    /// signal instead of two.
+    pub fn with_stop_parent(mut self, stop: &CancellationToken) -> Self {
+        self.kick = stop.child_token();
         self
     }
 
@@ -247,6 +257,7 @@ impl Session {
                 None => {
                     self.sub_bytes.fetch_add(filter.len(), Ordering::Relaxed);
                     self.mem.fetch_add(filter.len(), Ordering::Relaxed);
+                    reserve_first(&mut subs);
                     subs.push((filter.to_owned(), qos));
                 }
             }
@@ -274,6 +285,7 @@ impl Session {
             return Err(SubscribeRefusal::Memory);
         }
         self.sub_bytes.fetch_add(filter.len(), Ordering::Relaxed);
+        reserve_first(&mut subs);
         subs.push((filter.to_owned(), qos));
         Ok(())
     }
@@ -323,8 +335,8 @@ impl Session {
         if !self.charge(cost) {
             return Offer::OverBudget;
         }
-        // Boxed: a channel allocates its slots in blocks of 32 up front, and
-        // 32 pointers cost an idle connection far less than 32 messages.
+        // Boxed: a queued message is one pointer in the queue's buffer, so
+        // a connection's queue stays small whatever a message holds.
         match self.tx.try_send(Box::new(msg)) {
             Ok(()) => Offer::Queued,
             Err(e) => {
@@ -335,6 +347,15 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// Room for exactly one subscription in an empty list: a machine holds one
+/// for as long as it is connected, and the default first growth (four
+/// slots) would triple that on every idle machine.
+fn reserve_first(subs: &mut Vec<(String, QoS)>) {
+    if subs.capacity() == 0 {
+        subs.reserve_exact(1);
     }
 }
 

@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use super::outbox::Receiver;
 use bytes::Bytes;
 use dashmap::DashMap;
 use rumqttc::mqttbytes::QoS;
-use tokio::sync::mpsc;
 use vendgate_proto::machine::MachineNo;
 
 use super::super::acl::ClientClass;
+use super::index::ServiceIndex;
 use super::session::{granted_in, service_account_of, KickReason, Offer, Outbound, Session};
 
 /// One outbound QoS 1/2 message not yet acknowledged by the client.
@@ -141,8 +142,9 @@ pub(super) fn kick_over_budget(s: &Session, stats: &RouterStats) {
 pub(super) struct SessionTable {
     /// Live sessions by [`Session::key`].
     live: DashMap<String, Arc<Session>>,
-    /// Service sessions that hold at least one subscription.
-    service_subscribers: RwLock<HashMap<u64, Arc<Session>>>,
+    /// Service sessions that hold at least one subscription, indexed by
+    /// their filters (`index`), so a publish visits only those that match.
+    service_subscribers: RwLock<ServiceIndex>,
     /// Persistent sessions whose client is away. This lock also orders
     /// `register` against `close`, so a session is always either live or
     /// parked, never both and never lost in between.
@@ -157,7 +159,7 @@ impl SessionTable {
     pub(super) fn new(limits: SessionLimits) -> Self {
         Self {
             live: DashMap::new(),
-            service_subscribers: RwLock::new(HashMap::new()),
+            service_subscribers: RwLock::new(ServiceIndex::default()),
             parked: Mutex::new(ParkedSessions::default()),
             parked_count: AtomicUsize::new(0),
             limits,
@@ -280,7 +282,7 @@ impl SessionTable {
     pub(super) fn close(
         &self,
         session: &Session,
-        rx: &mut mpsc::Receiver<Box<Outbound>>,
+        rx: &mut Receiver,
         state: Option<SessionState>,
         stats: &RouterStats,
     ) {
@@ -417,11 +419,25 @@ impl SessionTable {
         self.live.get(key).map(|s| s.clone())
     }
 
-    /// The service sessions holding a subscription, copied out of the lock.
-    pub(super) fn service_subscribers(&self) -> Vec<Arc<Session>> {
-        match self.service_subscribers.read() {
-            Ok(m) if !m.is_empty() => m.values().cloned().collect(),
-            _ => Vec::new(),
+    /// The service sessions with a filter that may match `topic_name`, each
+    /// once, appended to `out` (copied out of the lock: offering to them
+    /// may take the parked lock, which `register` holds while it updates
+    /// the index). The caller checks each with [`Session::granted`].
+    pub(super) fn service_candidates(&self, topic_name: &str, out: &mut Vec<Arc<Session>>) {
+        {
+            let index = match self.service_subscribers.read() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if index.is_empty() {
+                return;
+            }
+            index.candidates(topic_name, out);
+        }
+        // Overlapping filters list a session more than once; it gets one copy.
+        if out.len() > 1 {
+            out.sort_unstable_by_key(|s| s.conn_id);
+            out.dedup_by_key(|s| s.conn_id);
         }
     }
 
@@ -495,10 +511,17 @@ impl SessionTable {
         }
     }
 
-    fn forget_service(&self, conn_id: u64) {
-        if let Ok(mut m) = self.service_subscribers.write() {
-            m.remove(&conn_id);
+    fn index(&self) -> std::sync::RwLockWriteGuard<'_, ServiceIndex> {
+        // Every update replaces one session's entries whole; a panic midway
+        // leaves at worst stale candidates, which `granted` filters out.
+        match self.service_subscribers.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
         }
+    }
+
+    fn forget_service(&self, conn_id: u64) {
+        self.index().remove(conn_id);
     }
 
     /// A service session's subscription set changed.
@@ -511,13 +534,16 @@ impl SessionTable {
             .live
             .get(&session.key)
             .is_some_and(|s| s.conn_id == session.conn_id);
-        if let Ok(mut m) = self.service_subscribers.write() {
-            if current && session.has_subscriptions() {
-                m.insert(session.conn_id, session.clone());
-            } else {
-                m.remove(&session.conn_id);
-            }
-        }
+        let filters: Vec<String> = if current {
+            session
+                .subscriptions()
+                .into_iter()
+                .map(|(f, _)| f)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.index().set(session, filters);
     }
 
     pub(super) fn live_count(&self) -> usize {

@@ -1,13 +1,11 @@
+//! The router's unit tests: fan-out, take-over, persistent sessions, budgets, the deny list.
+
 use std::time::Duration;
 
 use super::*;
 
-fn session(
-    id: u64,
-    client: &str,
-    class: ClientClass,
-) -> (Arc<Session>, mpsc::Receiver<Box<Outbound>>) {
-    let (tx, rx) = mpsc::channel(4);
+fn session(id: u64, client: &str, class: ClientClass) -> (Arc<Session>, OutboxRx) {
+    let (tx, rx) = outbox(4);
     (
         Arc::new(Session::new(id, client.into(), class, false, tx)),
         rx,
@@ -109,8 +107,8 @@ fn full_queue_kicks_slow_service_consumer() {
     assert_eq!(s.kick_reason(), Some(KickReason::SlowConsumer));
 }
 
-fn persistent(id: u64, client: &str) -> (Arc<Session>, mpsc::Receiver<Box<Outbound>>) {
-    let (tx, rx) = mpsc::channel(8);
+fn persistent(id: u64, client: &str) -> (Arc<Session>, OutboxRx) {
+    let (tx, rx) = outbox(8);
     let s = Session::new(id, client.into(), ClientClass::Service, true, tx);
     (Arc::new(s), rx)
 }
@@ -173,7 +171,7 @@ fn clean_session_discards_and_expiry_forgets() {
     let (a, mut rxa) = persistent(1, "svc");
     r.register(a.clone());
     r.close(&a, &mut rxa, Some(SessionState::default()));
-    let (tx, _rx) = mpsc::channel(4);
+    let (tx, _rx) = outbox(4);
     let clean = Arc::new(Session::new(
         2,
         "svc".into(),
@@ -223,7 +221,7 @@ fn denied_topics_reach_nobody_and_are_not_retained() {
 
 #[test]
 fn subscriptions_are_capped_and_identical_filters_replace() {
-    let (tx, _rx) = mpsc::channel(4);
+    let (tx, _rx) = outbox(4);
     let s =
         Session::new(1, "svc".into(), ClientClass::Service, false, tx).with_budget(SessionBudget {
             memory: 1000,
@@ -276,7 +274,7 @@ fn retained_store_is_capped_in_bytes_and_replay_in_budget() {
 #[test]
 fn a_message_over_the_budget_kicks_the_connection() {
     let r = Router::new(10);
-    let (tx, _rx) = mpsc::channel(100);
+    let (tx, _rx) = outbox(100);
     let m: MachineNo = "12345678".parse().unwrap();
     let s = Arc::new(
         Session::new(1, "12345678".into(), ClientClass::Machine(m), false, tx).with_budget(
@@ -306,12 +304,12 @@ fn a_message_over_the_budget_kicks_the_connection() {
 #[test]
 fn service_sessions_are_keyed_by_account() {
     let r = Router::new(10);
-    let (tx, _rx) = mpsc::channel(4);
+    let (tx, _rx) = outbox(4);
     let a = Arc::new(
         Session::new(1, "dash".into(), ClientClass::Service, false, tx)
             .with_key(service_key("svc-a", "dash")),
     );
-    let (tx, _rx2) = mpsc::channel(4);
+    let (tx, _rx2) = outbox(4);
     let b = Arc::new(
         Session::new(2, "dash".into(), ClientClass::Service, false, tx)
             .with_key(service_key("svc-b", "dash")),
@@ -331,4 +329,75 @@ fn overlapping_filters() {
     assert!(!filters_overlap("a/b", "a/c"));
     assert!(!filters_overlap("#", "$SYS/#"));
     assert!(filters_overlap("$SYS/+", "$SYS/#"));
+}
+
+/// Service fan-out goes through the subscription index: each publish
+/// reaches exactly the services whose filters match, once each (at the
+/// highest granted QoS when filters overlap), and the index follows
+/// subscribe, unsubscribe, take-over and close.
+#[test]
+fn services_are_reached_through_the_index_exactly_once() {
+    let r = Router::new(10);
+    let mut rxs = Vec::new();
+    let mut sessions = Vec::new();
+    for i in 0..20u64 {
+        let (s, rx) = session(i + 1, &format!("svc{i}"), ClientClass::Service);
+        r.register(s.clone());
+        s.subscribe(&format!("rr/req/{i}/+"), QoS::AtLeastOnce);
+        r.service_subscriptions_changed(&s);
+        sessions.push(s);
+        rxs.push(rx);
+    }
+    // One more with overlapping filters: one copy, at the higher QoS.
+    let (wide, mut wide_rx) = session(100, "wide", ClientClass::Service);
+    r.register(wide.clone());
+    wide.subscribe("rr/#", QoS::AtMostOnce);
+    wide.subscribe("rr/req/7/+", QoS::AtLeastOnce);
+    r.service_subscriptions_changed(&wide);
+
+    r.publish(
+        "rr/req/7/42",
+        Bytes::from_static(b"x"),
+        QoS::AtLeastOnce,
+        false,
+    );
+    for (i, rx) in rxs.iter_mut().enumerate() {
+        assert_eq!(rx.try_recv().is_ok(), i == 7, "service {i}");
+    }
+    assert_eq!(wide_rx.try_recv().unwrap().qos, QoS::AtLeastOnce);
+    assert!(wide_rx.try_recv().is_err(), "one copy only");
+
+    // Unsubscribed: no longer reached.
+    sessions[3].unsubscribe("rr/req/3/+");
+    r.service_subscriptions_changed(&sessions[3]);
+    r.publish(
+        "rr/req/3/1",
+        Bytes::from_static(b"x"),
+        QoS::AtLeastOnce,
+        false,
+    );
+    assert!(rxs[3].try_recv().is_err());
+    assert_eq!(wide_rx.try_recv().unwrap().qos, QoS::AtMostOnce);
+
+    // Closed: forgotten by the index.
+    r.close(&sessions[5], &mut rxs[5], None);
+    r.publish(
+        "rr/req/5/1",
+        Bytes::from_static(b"x"),
+        QoS::AtLeastOnce,
+        false,
+    );
+    assert!(rxs[5].try_recv().is_err());
+    assert!(wide_rx.try_recv().is_ok(), "the wide filter still matches");
+
+    // A denied topic reaches nobody, indexed or not.
+    let r = r.with_deny_filters(vec!["rr/req/9/#".into()]);
+    r.publish(
+        "rr/req/9/1",
+        Bytes::from_static(b"x"),
+        QoS::AtLeastOnce,
+        false,
+    );
+    assert!(rxs[9].try_recv().is_err());
+    assert!(wide_rx.try_recv().is_err());
 }
