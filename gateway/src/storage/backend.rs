@@ -14,14 +14,12 @@ use vendgate_proto::machine::MachineNo;
 
 use super::cached::MerchantCache;
 use super::lifecycle::{MachineChange, MachineUpdate};
-use super::ops::orders::{orders, write_change, write_inventories, write_order};
 use super::orders::StoredOrder;
 use super::orders::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent};
 use super::outbox::{ClaimRequest, ClaimedEvent, PresenceChange, ReplayOutcome};
 use super::rows::LineRow;
 use super::run::Dialect;
 use super::run::Engine;
-use super::run::Stmt;
 use super::{NewMachine, PresenceWrite, StorageError};
 use crate::domain::order::Status;
 use vendgate_proto::msg::InventoryItem;
@@ -122,10 +120,10 @@ pub(super) trait Backend: OwnOutbox + OwnMachineChanges + Send + Sync + 'static 
         Ok(())
     }
 
-    // The order path's writes: by default a statement per row in
-    // `write` (`super::ops::orders`), which SQLite's group-commit writer
-    // batches; PostgreSQL overrides them to write each in one statement
-    // (one round trip, one commit: `postgres/orders.rs`).
+    // The order path's writes: a statement per row on SQLite, whose
+    // group-commit writer batches them (`super::ops::orders`); one
+    // statement each on PostgreSQL (one round trip, one commit:
+    // `postgres/orders.rs`).
 
     /// [`super::OrderStorage::insert_order`]'s write.
     async fn insert_order_rows(
@@ -133,10 +131,7 @@ pub(super) trait Backend: OwnOutbox + OwnMachineChanges + Send + Sync + 'static 
         id: i64,
         o: NewOrder,
         ev: OrderEvent,
-    ) -> Result<(), StorageError> {
-        self.write(move |conn| Box::pin(async move { write_order(conn, id, &o, &ev).await }))
-            .await
-    }
+    ) -> Result<(), StorageError>;
 
     /// [`super::OrderStorage::update_order`]'s write.
     async fn change_order_rows(
@@ -146,29 +141,17 @@ pub(super) trait Backend: OwnOutbox + OwnMachineChanges + Send + Sync + 'static 
         change: OrderChange,
         ev: OrderEvent,
         outbox: Vec<NewOutboxEvent>,
-    ) -> Result<bool, StorageError> {
-        self.write(move |conn| {
-            Box::pin(async move { write_change(conn, id, from, &change, &ev, &outbox).await })
-        })
-        .await
-    }
+    ) -> Result<bool, StorageError>;
 
-    /// [`super::OrderStorage::order`]'s read: by default the order, then
-    /// its lines; PostgreSQL reads both in one statement.
-    async fn one_order(&self, id: i64) -> Result<Option<StoredOrder>, StorageError> {
-        Ok(orders(self, Stmt::new(super::sql::ORDER).bind(id))
-            .await?
-            .pop())
-    }
+    /// [`super::OrderStorage::order`]'s read: the order with its lines.
+    async fn one_order(&self, id: i64) -> Result<Option<StoredOrder>, StorageError>;
 
     /// [`super::OrderStorage::put_inventories`]'s write.
     async fn replace_inventories(
         &self,
         batch: &[(MachineNo, Vec<InventoryItem>)],
         at: DateTime<Utc>,
-    ) -> Result<(), StorageError> {
-        write_inventories(self, batch, at).await
-    }
+    ) -> Result<(), StorageError>;
 
     // The operations each backend does its own way.
 

@@ -37,12 +37,11 @@ use vendgate_proto::machine::MachineNo;
 use vendgate_proto::topic;
 
 pub use super::acl::ClientClass;
-pub use outbox::{outbox, Receiver as OutboxRx, Sender as OutboxTx};
-pub use retained::RetainedLimits;
-pub use session::{
-    message_cost, min_qos, service_key, KickReason, Outbound, Receipt, Session, SessionBudget,
-    SubscribeRefusal,
+pub use outbox::{
+    message_cost, outbox, Outbound, Receipt, Receiver as OutboxRx, Sender as OutboxTx,
 };
+pub use retained::RetainedLimits;
+pub use session::{min_qos, service_key, KickReason, Session, SessionBudget, SubscribeRefusal};
 pub use sessions::{InflightOut, Registered, RouterStats, SessionLimits, SessionState};
 
 use retained::RetainedStore;

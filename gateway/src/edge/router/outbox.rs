@@ -1,5 +1,6 @@
 //! The queue that carries messages from the router to one connection's
-//! task: bounded, one consumer, and small when idle.
+//! task, and the message it carries: bounded, one consumer, and small
+//! when idle.
 //!
 //! Why not `tokio::sync::mpsc`: its channel state is cache-line padded and
 //! allocates a block of 32 slots up front, about 700 bytes per connection
@@ -16,12 +17,57 @@ use std::task::{Context, Poll, Waker};
 
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
-use super::session::Outbound;
+use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
 
 /// Slots a drained queue may keep (pointers), so a connection receiving a
 /// steady trickle does not reallocate per message while an idle one holds
 /// almost nothing.
 const KEEP_SLOTS: usize = 8;
+
+/// One message on its way to one client.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Fired when the client acknowledges this message (QoS 1 PUBACK).
+    pub receipt: Option<Receipt>,
+}
+
+/// Tells a sender that its QoS 1 message reached the client: the machine's
+/// PUBACK, not the moment it was queued.
+#[derive(Debug, Clone)]
+pub struct Receipt(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>);
+
+impl Receipt {
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(Arc::new(std::sync::Mutex::new(Some(tx)))), rx)
+    }
+
+    pub fn fire(&self) {
+        let tx = self.0.lock().ok().and_then(|mut t| t.take());
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Outbound {
+    /// What this message counts against its connection's memory budget.
+    pub fn cost(&self) -> usize {
+        message_cost(&self.topic, self.payload.len())
+    }
+}
+
+/// Bytes a queued message is charged: topic, payload and the bookkeeping
+/// around them (the box, the packet, the queue slot).
+pub fn message_cost(topic: &str, payload_len: usize) -> usize {
+    const OVERHEAD: usize = 64;
+    topic.len() + payload_len + OVERHEAD
+}
 
 #[derive(Debug)]
 struct Shared {

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use vendgate_proto::topic;
 
-use super::session::{message_cost, min_qos, Outbound};
+use super::outbox::{message_cost, Outbound};
+use super::session::min_qos;
 
 /// Caps of the retained store.
 #[derive(Debug, Clone, Copy)]

@@ -5,61 +5,17 @@
 //! in-flight window.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use bytes::Bytes;
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
+use super::outbox::Outbound;
 use super::outbox::Sender;
 use tokio_util::sync::CancellationToken;
 use vendgate_proto::topic;
 
 use super::super::acl::ClientClass;
-
-/// One message on its way to one client.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    pub topic: Arc<str>,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    /// Fired when the client acknowledges this message (QoS 1 PUBACK).
-    pub receipt: Option<Receipt>,
-}
-
-/// Tells a sender that its QoS 1 message reached the client: the machine's
-/// PUBACK, not the moment it was queued.
-#[derive(Debug, Clone)]
-pub struct Receipt(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>);
-
-impl Receipt {
-    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (Self(Arc::new(std::sync::Mutex::new(Some(tx)))), rx)
-    }
-
-    pub fn fire(&self) {
-        let tx = self.0.lock().ok().and_then(|mut t| t.take());
-        if let Some(tx) = tx {
-            let _ = tx.send(());
-        }
-    }
-}
-
-impl Outbound {
-    /// What this message counts against its connection's memory budget.
-    pub fn cost(&self) -> usize {
-        message_cost(&self.topic, self.payload.len())
-    }
-}
-
-/// Bytes a queued message is charged: topic, payload and the bookkeeping
-/// around them (the box, the packet, the queue slot).
-pub fn message_cost(topic: &str, payload_len: usize) -> usize {
-    const OVERHEAD: usize = 64;
-    topic.len() + payload_len + OVERHEAD
-}
 
 /// Why the hub closed a connection from the outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,8 @@ use vendgate_proto::machine::MachineNo;
 
 use super::super::acl::ClientClass;
 use super::index::ServiceIndex;
-use super::session::{granted_in, service_account_of, KickReason, Offer, Outbound, Session};
+use super::outbox::Outbound;
+use super::session::{granted_in, service_account_of, KickReason, Offer, Session};
 
 /// One outbound QoS 1/2 message not yet acknowledged by the client.
 #[derive(Debug, Clone)]

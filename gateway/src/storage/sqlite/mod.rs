@@ -44,6 +44,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use vendgate_proto::machine::MachineNo;
+use vendgate_proto::msg::InventoryItem;
+
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -53,11 +57,14 @@ use sqlx::{Connection, Sqlite};
 use self::lite::LiteConn;
 use self::readers::{LitePooled, Readers};
 use self::writer::Writer;
+use crate::domain::order::Status;
 use crate::storage::backend::{Backend, Common, Job};
+use crate::storage::ops::orders::{orders, write_change, write_inventories, write_order};
 use crate::storage::rows::{backend, now_ms, LineRow};
 use crate::storage::run::{Inserts, Run, Stmt};
 use crate::storage::sql;
 use crate::storage::{NewMachine, PresenceWrite, Storage, StorageError};
+use crate::storage::{NewOrder, NewOutboxEvent, OrderChange, OrderEvent, StoredOrder};
 
 /// Schema migrations, embedded at compile time.
 static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -246,6 +253,45 @@ impl Backend for SqliteStorage {
         self.writer.close().await;
         self.readers.close().await;
         self.pool().close().await;
+    }
+
+    // The order path's writes, a statement per row: the group-commit
+    // writer runs them on its own thread with no hand-off per statement.
+
+    async fn insert_order_rows(
+        &self,
+        id: i64,
+        o: NewOrder,
+        ev: OrderEvent,
+    ) -> Result<(), StorageError> {
+        self.write(move |conn| Box::pin(async move { write_order(conn, id, &o, &ev).await }))
+            .await
+    }
+
+    async fn change_order_rows(
+        &self,
+        id: i64,
+        from: Status,
+        change: OrderChange,
+        ev: OrderEvent,
+        outbox: Vec<NewOutboxEvent>,
+    ) -> Result<bool, StorageError> {
+        self.write(move |conn| {
+            Box::pin(async move { write_change(conn, id, from, &change, &ev, &outbox).await })
+        })
+        .await
+    }
+
+    async fn one_order(&self, id: i64) -> Result<Option<StoredOrder>, StorageError> {
+        Ok(orders(self, Stmt::new(sql::ORDER).bind(id)).await?.pop())
+    }
+
+    async fn replace_inventories(
+        &self,
+        batch: &[(MachineNo, Vec<InventoryItem>)],
+        at: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        write_inventories(self, batch, at).await
     }
 
     async fn order_lines(&self, ids: &[i64]) -> Result<Vec<LineRow>, StorageError> {
