@@ -242,11 +242,7 @@ fn run(mut conn: LiteConn, mut rx: mpsc::Receiver<Msg>, stats: Arc<WriterStats>)
             }
         }
         if !batch.is_empty() {
-            let n = batch.len() as u64;
-            if commit_batch(&mut conn, &mut batch) {
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats.jobs.fetch_add(n, Ordering::Relaxed);
-            }
+            commit_batch(&mut conn, &mut batch, &stats);
         }
         if let Some(done) = close {
             // Refuse what comes after the close: senders see a closed
@@ -263,17 +259,20 @@ fn run(mut conn: LiteConn, mut rx: mpsc::Receiver<Msg>, stats: Arc<WriterStats>)
     }
 }
 
-/// One transaction for the whole batch; answers every job. True when it
-/// committed.
-fn commit_batch(conn: &mut LiteConn, batch: &mut Vec<Job>) -> bool {
+/// One transaction for the whole batch; counts it if it committed, then
+/// answers every job.
+fn commit_batch(conn: &mut LiteConn, batch: &mut Vec<Job>, stats: &WriterStats) {
     let (works, replies): (Vec<Work>, Vec<_>) = batch.drain(..).map(|j| (j.work, j.reply)).unzip();
     let n = works.len();
     match run_batch(conn, works) {
         Ok(results) => {
+            // Counted before anyone is answered, so an answered caller
+            // sees its batch counted.
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats.jobs.fetch_add(n as u64, Ordering::Relaxed);
             for (reply, r) in replies.into_iter().zip(results) {
                 let _ = reply.send(r);
             }
-            true
         }
         Err(e) => {
             // Whatever the batch wrote is undone: nothing of it is durable,
@@ -291,7 +290,6 @@ fn commit_batch(conn: &mut LiteConn, batch: &mut Vec<Job>) -> bool {
                     format!("group commit failed: {why}").into(),
                 )));
             }
-            false
         }
     }
 }
@@ -307,9 +305,15 @@ fn control(conn: &LiteConn, sql: &str) -> Result<(), StorageError> {
 
 /// A job's work, run to its end on this thread. Its futures are ready at
 /// once (see the module doc); `block_on` only parks if a job awaits
-/// something else.
+/// something else. A job that panics fails alone, like a job that returns
+/// an error (rolled back to its savepoint): otherwise the panic would end
+/// this thread and every later write of the process would fail.
 fn run_job(conn: &mut LiteConn, work: Work) -> Result<bool, StorageError> {
-    futures::executor::block_on(work(conn))
+    let run = std::panic::AssertUnwindSafe(|| futures::executor::block_on(work(conn)));
+    std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        error!("a storage write job panicked; it is rolled back");
+        Err(StorageError::Backend("storage write job panicked".into()))
+    })
 }
 
 /// SQLite rolls a whole transaction back by itself on some errors (a full
@@ -415,6 +419,18 @@ mod tests {
             .collect::<Result<Vec<i64>, _>>()
             .unwrap();
         v
+    }
+
+    #[tokio::test]
+    async fn a_job_that_panics_fails_alone_and_the_writer_goes_on() {
+        let (_dir, path, w) = setup().await;
+        let panicking = w.write(|_c| Box::pin(async move { panic!("a bug in a job") }));
+        assert!(tokio::time::timeout(DEADLINE, panicking)
+            .await
+            .expect("answered")
+            .is_err());
+        assert!(insert(&w, 7).await.expect("the next write commits"));
+        assert_eq!(committed(&path).await, vec![7]);
     }
 
     /// Occupy the writer with a job that waits for the returned sender, so
