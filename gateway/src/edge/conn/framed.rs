@@ -140,15 +140,7 @@ impl Framed {
         let mut rest = packets;
         while !rest.is_empty() {
             let mut buf = BytesMut::new();
-            while let Some((p, tail)) = rest.split_first() {
-                if buf.len() >= WRITE_CHUNK {
-                    break;
-                }
-                if p.write(&mut buf, MAX_OUTGOING).is_err() {
-                    return Err(CloseReason::Protocol("outgoing packet too large"));
-                }
-                rest = tail;
-            }
+            encode_chunk(&mut buf, &mut rest)?;
             // Most writes fit the socket's send buffer: written at once,
             // without arming the write timer or the stop signals' waiters.
             let now = self
@@ -205,18 +197,25 @@ impl Framed {
         let mut buf = BytesMut::new();
         while !rest.is_empty() {
             buf.clear();
-            while let Some((p, tail)) = rest.split_first() {
-                if buf.len() >= WRITE_CHUNK {
-                    break;
-                }
-                if p.write(&mut buf, MAX_OUTGOING).is_err() {
-                    return Err(CloseReason::Protocol("outgoing packet too large"));
-                }
-                rest = tail;
-            }
+            encode_chunk(&mut buf, &mut rest)?;
             self.write_waiting(&buf, stop).await?;
             written += buf.len();
         }
         Ok(written)
     }
+}
+
+/// Encode packets from the front of `rest` into `buf` until it holds about
+/// [`WRITE_CHUNK`] bytes (or `rest` is empty), advancing `rest` past them.
+fn encode_chunk(buf: &mut BytesMut, rest: &mut &[Packet]) -> Result<(), CloseReason> {
+    while let Some((p, tail)) = rest.split_first() {
+        if buf.len() >= WRITE_CHUNK {
+            break;
+        }
+        if p.write(buf, MAX_OUTGOING).is_err() {
+            return Err(CloseReason::Protocol("outgoing packet too large"));
+        }
+        *rest = tail;
+    }
+    Ok(())
 }

@@ -42,15 +42,10 @@ fn line_no(i: usize) -> i32 {
     i32::try_from(i).unwrap_or(i32::MAX)
 }
 
-/// The order row, its lines and its first event, a statement per row (the
-/// default [`Backend::insert_order_rows`]).
-pub(in crate::storage) async fn write_order(
-    conn: &mut impl Run,
-    id: i64,
-    o: &NewOrder,
-    ev: &OrderEvent,
-) -> Result<(), StorageError> {
-    let insert = Stmt::new(sql::INSERT_ORDER)
+/// `sql` with the order row's values bound as `$1`..`$11`: every engine's
+/// insert of an order starts with them.
+pub(in crate::storage) fn order_row<'q>(sql: &'q str, id: i64, o: &'q NewOrder) -> Stmt<'q> {
+    Stmt::new(sql)
         .bind(id)
         .bind(&o.merchant_appid)
         .bind(o.machine_no.as_str())
@@ -62,7 +57,40 @@ pub(in crate::storage) async fn write_order(
         .bind(o.created_at.timestamp_millis())
         .bind(opt_ms(o.pay_deadline))
         .bind(opt_ms(o.accept_by))
-        .inserting(Inserts::Order);
+}
+
+/// `sql` with a status change's values bound as `$1`..`$11` (the new
+/// values, then the compare-and-set's conditions): every engine's update of
+/// an order starts with them.
+pub(in crate::storage) fn order_change<'q>(
+    sql: &'q str,
+    id: i64,
+    from: Status,
+    change: &'q OrderChange,
+) -> Stmt<'q> {
+    Stmt::new(sql)
+        .bind(change.status.as_str())
+        .bind(&change.error)
+        .bind(change.result_applied)
+        .bind(change.refund_amount)
+        .bind(opt_ms(change.dispense_deadline))
+        .bind(change.cancel_pending)
+        .bind(change.at.timestamp_millis())
+        .bind(id)
+        .bind(from.as_str())
+        .bind(opt_ms(change.accept_by))
+        .bind(opt_ms(change.only_before_accept_by))
+}
+
+/// The order row, its lines and its first event, a statement per row
+/// (SQLite's [`Backend::insert_order_rows`]).
+pub(in crate::storage) async fn write_order(
+    conn: &mut impl Run,
+    id: i64,
+    o: &NewOrder,
+    ev: &OrderEvent,
+) -> Result<(), StorageError> {
+    let insert = order_row(sql::INSERT_ORDER, id, o).inserting(Inserts::Order);
     conn.execute(insert).await?;
     for (i, l) in o.lines.iter().enumerate() {
         let line = Stmt::new(sql::INSERT_ORDER_LINE)
@@ -81,7 +109,7 @@ pub(in crate::storage) async fn write_order(
 /// Ok(false) when the stored status moved on (nothing written). On
 /// PostgreSQL a concurrent change holding the row's lock makes the UPDATE
 /// wait, then re-check `status` against its commit. A statement per row
-/// (the default [`Backend::change_order_rows`]).
+/// (SQLite's [`Backend::change_order_rows`]).
 pub(in crate::storage) async fn write_change(
     conn: &mut impl Run,
     id: i64,
@@ -90,18 +118,7 @@ pub(in crate::storage) async fn write_change(
     ev: &OrderEvent,
     outbox: &[NewOutboxEvent],
 ) -> Result<bool, StorageError> {
-    let update = Stmt::new(sql::UPDATE_ORDER)
-        .bind(change.status.as_str())
-        .bind(&change.error)
-        .bind(change.result_applied)
-        .bind(change.refund_amount)
-        .bind(opt_ms(change.dispense_deadline))
-        .bind(change.cancel_pending)
-        .bind(change.at.timestamp_millis())
-        .bind(id)
-        .bind(from.as_str())
-        .bind(opt_ms(change.accept_by))
-        .bind(opt_ms(change.only_before_accept_by));
+    let update = order_change(sql::UPDATE_ORDER, id, from, change);
     if conn.execute(update).await? != 1 {
         return Ok(false);
     }
@@ -120,7 +137,7 @@ pub(in crate::storage) async fn write_change(
 }
 
 /// Replace the inventory snapshots of `batch`'s machines, a statement per
-/// row (the default [`Backend::replace_inventories`]).
+/// row (SQLite's [`Backend::replace_inventories`]).
 pub(in crate::storage) async fn write_inventories<B: Backend + ?Sized>(
     b: &B,
     batch: &[(MachineNo, Vec<InventoryItem>)],

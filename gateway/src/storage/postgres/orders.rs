@@ -20,7 +20,8 @@ use super::locks::INVENTORY_LOCK_CLASS;
 use super::PgStorage;
 use crate::domain::order::{Line, Status};
 use crate::storage::backend::Backend;
-use crate::storage::rows::{id_i64, opt_ms, to_u32, OrderRow};
+use crate::storage::ops::orders::{order_change, order_row};
+use crate::storage::rows::{id_i64, to_u32, OrderRow};
 use crate::storage::run::{Run, Stmt, Transaction, Value};
 use crate::storage::sql;
 use crate::storage::{
@@ -41,18 +42,7 @@ pub(super) async fn insert_order(
     o: &NewOrder,
     ev: &OrderEvent,
 ) -> Result<(), StorageError> {
-    let insert = Stmt::new(sql::PG_INSERT_ORDER_WHOLE)
-        .bind(id)
-        .bind(&o.merchant_appid)
-        .bind(o.machine_no.as_str())
-        .bind(&o.out_trade_no)
-        .bind(&o.request_fingerprint)
-        .bind(o.pay_later)
-        .bind(o.status.as_str())
-        .bind(o.amount)
-        .bind(o.created_at.timestamp_millis())
-        .bind(opt_ms(o.pay_deadline))
-        .bind(opt_ms(o.accept_by))
+    let insert = order_row(sql::PG_INSERT_ORDER_WHOLE, id, o)
         .bind(Value::Ints(line_numbers(o.lines.len())))
         .bind(Value::Ints(o.lines.iter().map(|l| l.product_id).collect()))
         .bind(Value::Ints(
@@ -84,18 +74,7 @@ pub(super) async fn change_order(
         // -1: no order (see the statement).
         .map(|o| o.order_id.map(id_i64).transpose().map(|v| v.unwrap_or(-1)))
         .collect::<Result<Vec<i64>, _>>()?;
-    let update = Stmt::new(sql::PG_UPDATE_ORDER_WHOLE)
-        .bind(change.status.as_str())
-        .bind(&change.error)
-        .bind(change.result_applied)
-        .bind(change.refund_amount)
-        .bind(opt_ms(change.dispense_deadline))
-        .bind(change.cancel_pending)
-        .bind(change.at.timestamp_millis())
-        .bind(id)
-        .bind(from.as_str())
-        .bind(opt_ms(change.accept_by))
-        .bind(opt_ms(change.only_before_accept_by))
+    let update = order_change(sql::PG_UPDATE_ORDER_WHOLE, id, from, change)
         .bind(Value::Ints(line_numbers(change.lines.len())))
         .bind(Value::Ints(
             change
